@@ -1,0 +1,9 @@
+"""User-facing errors: one line, no traceback from the command-line tools."""
+
+
+class DensevitError(Exception):
+    """An error caused by the user's input (files, flags, weights); its message is one actionable line."""
+
+
+class WeightsNotFoundError(DensevitError):
+    """Pretrained weights could not be found locally nor downloaded."""

@@ -1,0 +1,306 @@
+"""Dense descriptors from a ViT: any facet of any layers in one forward pass, with a denser patch stride.
+
+Facets of block ``l`` (0-based):
+    ``key`` / ``query`` / ``value``: the attention projections, ``D = heads * head_dim`` with channel index
+    ``c * heads + h`` (head-minor, as the reference implementation lays them out);
+    ``token``: the block output; ``token_norm``: the block output through the model's final norm;
+    ``attn``: the attention probabilities, ``B x heads x T x T``.
+Descriptors are ``B x T x D`` with ``T = h * w`` patch tokens in row-major grid order (prefix tokens dropped
+unless ``include_cls``, which keeps the CLS token first; register tokens are always dropped).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import BackboneSpec
+from .binning import log_bin
+from .coords import TokenGrid, grid_shape
+from .device import DeviceLike, parse_dtype, select_device
+from .errors import DensevitError
+from .preprocess import ImageLike, preprocess
+from .weights import load_backbone
+
+FACETS = ("key", "query", "value", "token", "token_norm", "attn")
+_QKV_INDEX = {"query": 0, "key": 1, "value": 2}
+
+
+@dataclass
+class Features:
+    """Output of :meth:`ViTExtractor.extract`."""
+
+    descriptors: Dict[Tuple[int, str], torch.Tensor]  # (layer, facet) -> BxTxD (attn: BxheadsxTxT)
+    grid: TokenGrid
+    saliency: Optional[torch.Tensor] = None          # BxT in [0, 1]
+
+
+@dataclass
+class _Plan:
+    """What to record at each block during one forward pass."""
+
+    facets: Dict[int, set] = field(default_factory=dict)
+    saliency_layer: Optional[int] = None
+
+    @property
+    def last(self) -> int:
+        layers = list(self.facets) + ([self.saliency_layer] if self.saliency_layer is not None else [])
+        return max(layers)
+
+
+def interpolate_pos_embed(patch_pos: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
+    """Resample a square ``1xNxC`` patch position embedding to ``grid_hw`` tokens (``1x(h*w)xC``).
+
+    Exactly DINO's ``interpolate_pos_encoding`` (also DINOv2's): bicubic, with the scale factor taken from the
+    grid size plus 0.1 (not from the output size), which makes the sampling positions differ slightly from a
+    size-based resize. Computed in float32.
+    """
+    N, dim = patch_pos.shape[1], patch_pos.shape[2]
+    side = int(math.sqrt(N))
+    if side * side != N:
+        raise DensevitError(f"position embedding of {N} tokens is not a square grid")
+    h, w = grid_hw
+    if (h, w) == (side, side):
+        return patch_pos
+    src = patch_pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    out = F.interpolate(src, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
+                        align_corners=False, recompute_scale_factor=False)
+    if out.shape[-2:] != (h, w):  # cannot happen for the +0.1 offset, kept as a guard
+        raise DensevitError(f"position embedding interpolation gave {tuple(out.shape[-2:])}, expected {(h, w)}")
+    return out.permute(0, 2, 3, 1).reshape(1, h * w, dim)
+
+
+class ViTExtractor(nn.Module):
+    """Dense ViT descriptor extractor.
+
+    Args:
+        backbone: densevit backbone name (see :data:`densevit.backbones.BACKBONES`).
+        stride: patch-embedding stride; must divide the patch size (default: the patch size).
+        weights: checkpoint path, ``"random"``, or ``None`` to search ``$DENSEVIT_WEIGHTS`` then timm's hub.
+        device: where to run (``None``: CUDA when available).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+    """
+
+    def __init__(self, backbone: str = "dino_vits8", stride: Optional[int] = None,
+                 weights: Union[str, Path, None] = None, device: DeviceLike = None,
+                 dtype: Union[str, torch.dtype, None] = torch.float32) -> None:
+        super().__init__()
+        self.device = select_device(device)
+        self.dtype = parse_dtype(dtype)
+        model, spec = load_backbone(backbone, weights)
+        self.spec: BackboneSpec = spec
+        self.model = model
+        self.patch_size = spec.patch_size
+        self.stride = self.patch_size if stride is None else int(stride)
+        if self.stride < 1 or self.patch_size % self.stride != 0:
+            raise DensevitError(f"stride {stride} does not divide the patch size {self.patch_size} of {spec.name}")
+        proj = model.patch_embed.proj
+        proj.stride = (self.stride, self.stride)
+        self._check_structure()
+        # Keep a float32 copy of the patch position embedding: it is resampled per grid size in float32.
+        n_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        pos = model.pos_embed.detach().float()
+        self.register_buffer("_pos_prefix", pos[:, :n_prefix].clone(), persistent=False)
+        self.register_buffer("_pos_patch", pos[:, n_prefix:].clone(), persistent=False)
+        self._pos_cache: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.model.to(device=self.device, dtype=self.dtype)
+        self._pos_prefix = self._pos_prefix.to(self.device)
+        self._pos_patch = self._pos_patch.to(self.device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.blocks[0].attn.num_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    def grid(self, input_hw: Tuple[int, int], image_hw: Optional[Tuple[int, int]] = None) -> TokenGrid:
+        """Token grid of an input of ``input_hw`` pixels (resized from ``image_hw``)."""
+        grid_shape(input_hw, self.patch_size, self.stride)  # validates the size
+        return TokenGrid(self.patch_size, self.stride, tuple(input_hw), tuple(image_hw) if image_hw else None)
+
+    def preprocess(self, image: ImageLike, load_size: Optional[int] = 224) -> Tuple[torch.Tensor, TokenGrid]:
+        """Read/resize/normalise one image for this backbone: ``(x 1x3xHxW on self.device, grid)``."""
+        x, _, image_hw = preprocess(image, load_size, self.spec.mean, self.spec.std)
+        if min(image_hw) < self.patch_size:
+            name = image if isinstance(image, (str, Path)) else "image"
+            raise DensevitError(f"{name} is {image_hw[1]}x{image_hw[0]} pixels, smaller than the "
+                                f"{self.patch_size}-pixel patch of {self.spec.name}")
+        grid = self.grid(tuple(x.shape[-2:]), image_hw)
+        return x.unsqueeze(0).to(self.device), grid
+
+    # ------------------------------------------------------------------ internals
+    def _check_structure(self) -> None:
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+
+        for blk in self.model.blocks:
+            if type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None) is not None:
+                raise DensevitError(f"{self.spec.name}: unsupported block type {type(blk).__name__}")
+
+    def resolve_layer(self, layer: int) -> int:
+        """Block index ``0..depth-1`` of ``layer`` (negative counts from the end); out of range is an error."""
+        l = int(layer)
+        resolved = l + self.depth if l < 0 else l
+        if not 0 <= resolved < self.depth:
+            raise DensevitError(f"layer {layer} out of range for {self.spec.name} (0..{self.depth - 1}, or negative)")
+        return resolved
+
+    def _pos_embed(self, grid_hw: Tuple[int, int]) -> torch.Tensor:
+        key = tuple(grid_hw)
+        pos = self._pos_cache.get(key)
+        if pos is None:
+            patch = interpolate_pos_embed(self._pos_patch, key)
+            pos = torch.cat([self._pos_prefix, patch], dim=1).to(self.dtype)
+            self._pos_cache = {key: pos}  # one grid size kept: batches are usually of one size
+        return pos
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Patch embedding + prefix tokens + position embedding: ``Bx3xHxW -> Bx(P+h*w)xC``."""
+        m = self.model
+        feat = m.patch_embed.proj(x)                                   # BxCxhxw
+        grid_hw = (feat.shape[-2], feat.shape[-1])
+        tokens = m.patch_embed.norm(feat.flatten(2).transpose(1, 2))   # BxTxC
+        B = tokens.shape[0]
+        prefix = []
+        if m.cls_token is not None:
+            prefix.append(m.cls_token.expand(B, -1, -1))
+        if getattr(m, "reg_token", None) is not None:
+            prefix.append(m.reg_token.expand(B, -1, -1))
+        pos = self._pos_embed(grid_hw)
+        if getattr(m, "no_embed_class", False):
+            tokens = torch.cat(prefix + [tokens + pos], dim=1)
+        else:
+            tokens = torch.cat(prefix + [tokens], dim=1) + pos
+        return m.norm_pre(m.pos_drop(tokens)), grid_hw
+
+    def _block(self, blk: nn.Module, x: torch.Tensor, want: set, saliency: bool, out: Dict[str, torch.Tensor]
+               ) -> torch.Tensor:
+        """One transformer block, recording the facets in ``want`` (and the CLS attention row if ``saliency``)."""
+        attn = blk.attn
+        B, N, _ = x.shape
+        qkv = attn.qkv(blk.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                        # each BxheadsxNxd
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        for facet in want & _QKV_INDEX.keys():
+            out[facet] = (q, k, v)[_QKV_INDEX[facet]]
+        if "attn" in want:
+            probs = (q * attn.scale) @ k.transpose(-2, -1)
+            probs = probs.softmax(dim=-1)
+            out["attn"] = probs
+            y = probs @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        if saliency:
+            cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+            out["cls_attn"] = cls_row[:, :, 0]                        # BxheadsxN
+        y = attn.proj(attn.norm(y.transpose(1, 2).reshape(B, N, attn.attn_dim)))
+        x = x + blk.drop_path1(blk.ls1(y))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        if "token" in want:
+            out["token"] = x
+        if "token_norm" in want:
+            out["token_norm"] = self.model.norm(x)
+        return x
+
+    def _patch_tokens(self, t: torch.Tensor, include_cls: bool, dim: int = -2) -> torch.Tensor:
+        """Select CLS (optionally) and patch tokens along ``dim``, dropping register tokens."""
+        P = self.num_prefix_tokens
+        patches = t.narrow(dim, P, t.shape[dim] - P)
+        if include_cls and self.model.cls_token is not None:
+            return torch.cat([t.narrow(dim, 0, 1), patches], dim=dim)
+        return patches
+
+    def _layout(self, facet: str, raw: torch.Tensor, include_cls: bool) -> torch.Tensor:
+        if facet == "attn":
+            return self._patch_tokens(self._patch_tokens(raw, include_cls, -2), include_cls, -1)
+        if facet in _QKV_INDEX:                                        # BxheadsxNxd -> BxNx(d*heads)
+            raw = raw.permute(0, 2, 3, 1).flatten(2)
+        return self._patch_tokens(raw, include_cls)
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
+                bin: bool = False, include_cls: bool = False, saliency: bool = False,
+                image_hw: Optional[Tuple[int, int]] = None) -> Features:
+        """Every ``(layer, facet)`` combination asked for, and optionally saliency, in one forward pass that stops
+        after the deepest block needed.
+
+        Args:
+            x: ``Bx3xHxW`` preprocessed images of one size.
+            bin: log-bin the descriptors (17 bins; not with ``include_cls`` nor ``attn``).
+        Returns:
+            :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
+            the layer as given by the caller.
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise DensevitError(f"expected a Bx3xHxW batch, got shape {tuple(x.shape)}")
+        facets, layers = tuple(facets), tuple(layers)
+        for f in facets:
+            if f not in FACETS:
+                raise DensevitError(f"unknown facet {f!r}; choose from {', '.join(FACETS)}")
+        if bin and (include_cls or "attn" in facets):
+            raise DensevitError("log-binning applies to patch descriptors only (not with include_cls or attn)")
+        plan = _Plan()
+        for l in layers:
+            plan.facets.setdefault(self.resolve_layer(l), set()).update(facets)
+        if saliency:
+            plan.saliency_layer = self.resolve_layer(self.spec.saliency_layer)
+        grid = self.grid(tuple(x.shape[-2:]), image_hw)
+
+        tokens, grid_hw = self._embed(x.to(self.device, self.dtype))
+        recorded: Dict[int, Dict[str, torch.Tensor]] = {}
+        for i, blk in enumerate(self.model.blocks[: plan.last + 1]):
+            want = plan.facets.get(i, set())
+            sal = plan.saliency_layer == i
+            if want or sal:
+                recorded[i] = {}
+                tokens = self._block(blk, tokens, want, sal, recorded[i])
+            else:
+                tokens = blk(tokens)
+
+        descriptors = {}
+        for l in layers:
+            rec = recorded[self.resolve_layer(l)]
+            for f in facets:
+                d = self._layout(f, rec[f], include_cls)
+                if bin:
+                    B, T, D = d.shape
+                    d = log_bin(d.transpose(1, 2).reshape(B, D, *grid_hw))
+                descriptors[(l, f)] = d
+        sal_map = None
+        if saliency:
+            cls_attn = recorded[plan.saliency_layer]["cls_attn"]       # BxheadsxN (float32)
+            heads = list(self.spec.saliency_heads) if self.spec.saliency_heads else slice(None)
+            m = self._patch_tokens(cls_attn[:, heads], include_cls=False, dim=-1).mean(dim=1)
+            lo, hi = m.min(dim=1, keepdim=True).values, m.max(dim=1, keepdim=True).values
+            sal_map = (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
+        return Features(descriptors, grid, sal_map)
+
+    def extract_descriptors(self, x: torch.Tensor, layer: int = 11, facet: str = "key", bin: bool = False,
+                            include_cls: bool = False) -> torch.Tensor:
+        """Descriptors of one facet of one layer: ``BxTxD`` (reference-compatible signature)."""
+        return self.extract(x, (layer,), (facet,), bin=bin, include_cls=include_cls).descriptors[(layer, facet)]
+
+    def extract_saliency_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS-attention saliency of the last layer (the backbone's head subset, min-max normalised): ``BxT``."""
+        return self.extract(x, (self.spec.saliency_layer,), (), saliency=True).saliency
+
+    @torch.inference_mode()
+    def forward_until(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """The bare forward pass through block ``layer`` (no facet recording); for timing the overhead."""
+        tokens, _ = self._embed(x.to(self.device, self.dtype))
+        for blk in self.model.blocks[: self.resolve_layer(layer) + 1]:
+            tokens = blk(tokens)
+        return tokens

@@ -1,0 +1,83 @@
+"""Image reading and preprocessing: the one place images become model input."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DensevitError
+
+ImageLike = Union[str, Path, Image.Image]
+
+
+def _to_8bit_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (16-bit, palette, RGBA, greyscale, CMYK...) -> 8-bit RGB (alpha dropped, as the reference)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path: Union[str, Path]) -> Image.Image:
+    """Read an image file as 8-bit RGB, applying its EXIF orientation."""
+    path = Path(path)
+    if not path.is_file():
+        raise DensevitError(f"no such image file: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_8bit_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DensevitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def resized_hw(image_hw: Tuple[int, int], load_size: int | None) -> Tuple[int, int]:
+    """Size after resizing the shorter side to ``load_size`` (the longer side floored), as torchvision's Resize."""
+    h, w = image_hw
+    if load_size is None:
+        return h, w
+    if h <= w:
+        return load_size, int(load_size * w / h)
+    return int(load_size * h / w), load_size
+
+
+def resize_short_side(img: Image.Image, load_size: int | None) -> Image.Image:
+    """Resize so the shorter side is ``load_size`` with PIL's Lanczos filter (as the reference extractor)."""
+    if load_size is None:
+        return img
+    if load_size < 1:
+        raise DensevitError(f"load size must be positive, got {load_size}")
+    h, w = resized_hw((img.height, img.width), load_size)
+    if (h, w) == (img.height, img.width):
+        return img
+    return img.resize((w, h), Image.LANCZOS)
+
+
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB PIL image -> normalised float tensor ``3xHxW``."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def preprocess(image: ImageLike, load_size: int | None, mean: Sequence[float], std: Sequence[float]
+               ) -> Tuple[torch.Tensor, Image.Image, Tuple[int, int]]:
+    """Read (if a path), resize the shorter side and normalise.
+
+    Returns ``(x 3xHxW, resized PIL image, original (H0, W0))``.
+    """
+    img = load_image(image) if isinstance(image, (str, Path)) else _to_8bit_rgb(image)
+    original_hw = (img.height, img.width)
+    resized = resize_short_side(img, load_size)
+    return to_tensor(resized, mean, std), resized, original_hw

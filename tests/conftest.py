@@ -1,0 +1,51 @@
+"""Shared fixtures: the golden random-weight ViT-S/8 and the shared data folder (never downloaded)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from densevit.paths import golden_weights, shared_dir
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    d = shared_dir()
+    if not (d / "golden").is_dir():
+        raise RuntimeError(f"shared data not found at {d}: clone the project with ../shared beside it "
+                           f"or set DENSEVIT_SHARED")
+    return d
+
+
+@pytest.fixture(scope="session")
+def golden_path(shared) -> Path:
+    return golden_weights()
+
+
+@pytest.fixture(scope="session")
+def golden(shared):
+    return np.load(shared / "golden" / "extractor_golden.npz")
+
+
+@functools.lru_cache(maxsize=8)
+def _extractor(stride: int, dtype: str = "float32"):
+    from densevit import ViTExtractor
+
+    return ViTExtractor("dino_vits8", stride=stride, weights=str(golden_weights()), device="cpu", dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def make_extractor(shared):
+    """``make_extractor(stride, dtype='float32')`` -> a cached golden-weight ViT-S/8 extractor on the CPU."""
+    return _extractor
+
+
+@pytest.fixture(scope="session")
+def images(shared) -> list[Path]:
+    d = shared / "data" / "images"
+    return [d / "cat.jpg", d / "ibex.jpg"]

@@ -1,0 +1,108 @@
+"""Weight resolution: explicit files, $DENSEVIT_WEIGHTS, official layouts, random, and clear errors."""
+import os
+
+import pytest
+import torch
+
+from densevit import BACKBONES, DensevitError, ViTExtractor, WeightsNotFoundError, load_backbone
+from densevit.weights import create_model, read_state_dict
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+
+
+def test_weights_dir_conventional_name(tmp_path, monkeypatch, golden_path):
+    os.symlink(golden_path, tmp_path / "dino_deitsmall8_pretrain.pth")
+    monkeypatch.setenv("DENSEVIT_WEIGHTS", str(tmp_path))
+    from_dir, _ = load_backbone("dino_vits8")
+    explicit, _ = load_backbone("dino_vits8", golden_path)
+    assert same_weights(from_dir, explicit)
+
+
+def test_dino_full_checkpoint_and_safetensors(tmp_path, golden_path):
+    from safetensors.torch import save_file
+
+    sd = torch.load(golden_path, weights_only=True)
+    full = {"teacher": {f"backbone.{k}": v for k, v in sd.items()} | {"head.mlp.0.weight": torch.zeros(2, 2)},
+            "epoch": 100}
+    torch.save(full, tmp_path / "full.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    ref, _ = load_backbone("dino_vits8", golden_path)
+    assert same_weights(load_backbone("dino_vits8", tmp_path / "full.pth")[0], ref)
+    assert same_weights(load_backbone("dino_vits8", tmp_path / "w.safetensors")[0], ref)
+
+
+def test_dinov2_official_layout_with_registers(tmp_path):
+    """An official DINOv2 (+registers) checkpoint loads and gives the same features as the timm model it came from."""
+    spec = BACKBONES["dinov2_vits14_reg"]
+    torch.manual_seed(0)
+    timm_model = create_model(spec).eval()
+    sd = timm_model.state_dict()
+    official = {k: v for k, v in sd.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    pos0 = torch.randn(1, 1, 384) * 0.02
+    official["pos_embed"] = torch.cat([pos0, sd["pos_embed"]], dim=1)
+    official["cls_token"] = sd["cls_token"] - pos0
+    official["register_tokens"] = sd["reg_token"]
+    official["mask_token"] = torch.zeros(1, 384)
+    torch.save(official, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    ext = ViTExtractor("dinov2_vits14_reg", stride=7, weights=tmp_path / "dinov2_vits14_reg4_pretrain.pth", device="cpu")
+    for k, v in sd.items():
+        torch.testing.assert_close(ext.model.state_dict()[k], v, msg=k)
+    x = torch.randn(1, 3, 70, 84)
+    feats = ext.extract(x, (11,), ("token", "key"), saliency=True)
+    assert feats.descriptors[(11, "token")].shape == (1, 9 * 11, 384)  # registers and CLS dropped
+    assert feats.saliency.shape == (1, 99)
+
+
+def test_errors_name_the_problem(tmp_path, golden_path):
+    sd = torch.load(golden_path, weights_only=True)
+    bad_shape = dict(sd, **{"blocks.3.mlp.fc1.weight": torch.zeros(3, 3)})
+    torch.save(bad_shape, tmp_path / "shape.pth")
+    with pytest.raises(DensevitError, match=r"'blocks.3.mlp.fc1.weight' has shape \(3, 3\)"):
+        load_backbone("dino_vits8", tmp_path / "shape.pth")
+    missing = {k: v for k, v in sd.items() if k != "norm.bias"}
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(DensevitError, match="missing key 'norm.bias'"):
+        load_backbone("dino_vits8", tmp_path / "missing.pth")
+    with pytest.raises(DensevitError, match="do not fit dino_vits16"):
+        load_backbone("dino_vits16", golden_path)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(DensevitError, match="cannot read weights"):
+        load_backbone("dino_vits8", tmp_path / "junk.pth")
+    with pytest.raises(DensevitError, match="not found"):
+        load_backbone("dino_vits8", tmp_path / "nope.pth")
+    with pytest.raises(DensevitError, match="unknown backbone"):
+        load_backbone("dino_vitz8")
+
+
+def test_offline_without_weights_gives_actionable_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("DENSEVIT_WEIGHTS", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never download in a test
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match="--weights FILE.*DENSEVIT_WEIGHTS.*--weights random") as info:
+        load_backbone("dino_vits16")
+    assert "\n" not in str(info.value)
+
+
+def test_random_weights_are_seeded():
+    a, _ = load_backbone("dino_vits16", "random")
+    b, _ = load_backbone("dino_vits16", "random")
+    assert same_weights(a, b)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_builds_and_extracts(name):
+    spec = BACKBONES[name]
+    ext = ViTExtractor(name, stride=spec.patch_size // 2, weights="random", device="cpu")
+    assert (ext.depth, ext.num_heads, ext.model.embed_dim) == (spec.depth, spec.num_heads, spec.embed_dim)
+    p = spec.patch_size
+    x = torch.randn(1, 3, 3 * p, 4 * p)
+    feats = ext.extract(x, (0, -1), ("key", "token"), bin=True, saliency=True)
+    h, w = feats.grid.shape
+    assert (h, w) == (5, 7)
+    assert feats.descriptors[(0, "key")].shape == (1, 35, 17 * spec.embed_dim)
+    assert torch.isfinite(feats.saliency).all()
