@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -230,23 +230,10 @@ class ViTExtractor(nn.Module):
         return self._patch_tokens(raw, include_cls)
 
     # ------------------------------------------------------------------ public API
-    @torch.inference_mode()
-    def extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
-                bin: bool = False, include_cls: bool = False, saliency: bool = False,
-                image_hw: Optional[Tuple[int, int]] = None) -> Features:
-        """Every ``(layer, facet)`` combination asked for, and optionally saliency, in one forward pass that stops
-        after the deepest block needed.
-
-        Args:
-            x: ``Bx3xHxW`` preprocessed images of one size.
-            bin: log-bin the descriptors (17 bins; not with ``include_cls`` nor ``attn``).
-        Returns:
-            :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
-            the layer as given by the caller.
-        """
+    def _plan(self, x: torch.Tensor, layers: Sequence[int], facets: Sequence[str], bin: bool, include_cls: bool,
+              saliency: bool) -> _Plan:
         if x.dim() != 4 or x.shape[1] != 3:
             raise DensevitError(f"expected a Bx3xHxW batch, got shape {tuple(x.shape)}")
-        facets, layers = tuple(facets), tuple(layers)
         for f in facets:
             if f not in FACETS:
                 raise DensevitError(f"unknown facet {f!r}; choose from {', '.join(FACETS)}")
@@ -257,35 +244,74 @@ class ViTExtractor(nn.Module):
             plan.facets.setdefault(self.resolve_layer(l), set()).update(facets)
         if saliency:
             plan.saliency_layer = self.resolve_layer(self.spec.saliency_layer)
-        grid = self.grid(tuple(x.shape[-2:]), image_hw)
+        return plan
 
+    def _forward(self, x: torch.Tensor, plan: _Plan) -> Iterator[Tuple[int, Dict[str, torch.Tensor], Tuple[int, int]]]:
+        """Run the blocks up to ``plan.last``, yielding ``(block, recorded raw facets, grid_hw)`` at each block
+        where something is recorded; nothing recorded is kept after it has been yielded."""
         tokens, grid_hw = self._embed(x.to(self.device, self.dtype))
-        recorded: Dict[int, Dict[str, torch.Tensor]] = {}
         for i, blk in enumerate(self.model.blocks[: plan.last + 1]):
             want = plan.facets.get(i, set())
             sal = plan.saliency_layer == i
             if want or sal:
-                recorded[i] = {}
-                tokens = self._block(blk, tokens, want, sal, recorded[i])
+                recorded: Dict[str, torch.Tensor] = {}
+                tokens = self._block(blk, tokens, want, sal, recorded)
+                yield i, recorded, grid_hw
             else:
                 tokens = blk(tokens)
 
-        descriptors = {}
-        for l in layers:
-            rec = recorded[self.resolve_layer(l)]
-            for f in facets:
-                d = self._layout(f, rec[f], include_cls)
-                if bin:
-                    B, T, D = d.shape
-                    d = log_bin(d.transpose(1, 2).reshape(B, D, *grid_hw))
-                descriptors[(l, f)] = d
+    def _descriptor(self, facet: str, raw: torch.Tensor, bin: bool, include_cls: bool, grid_hw: Tuple[int, int]
+                    ) -> torch.Tensor:
+        d = self._layout(facet, raw, include_cls)
+        if bin:
+            B, T, D = d.shape
+            d = log_bin(d.transpose(1, 2).reshape(B, D, *grid_hw))
+        return d
+
+    def _saliency(self, cls_attn: torch.Tensor) -> torch.Tensor:
+        """``BxheadsxN`` CLS attention row -> ``BxT`` saliency (head subset mean, min-max per image)."""
+        heads = list(self.spec.saliency_heads) if self.spec.saliency_heads else slice(None)
+        m = self._patch_tokens(cls_attn[:, heads], include_cls=False, dim=-1).mean(dim=1)
+        lo, hi = m.min(dim=1, keepdim=True).values, m.max(dim=1, keepdim=True).values
+        return (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
+
+    @torch.inference_mode()
+    def iter_extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
+                     bin: bool = False, include_cls: bool = False
+                     ) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+        """Like :meth:`extract` but streaming: one forward pass that yields ``(layer, {facet: descriptors})`` as it
+        reaches each requested block (in depth order), so only one layer's outputs (e.g. ``attn``) are alive at a
+        time. ``layer`` is the resolved, non-negative block index."""
+        facets = tuple(facets)
+        plan = self._plan(x, tuple(layers), facets, bin, include_cls, saliency=False)
+        for i, rec, grid_hw in self._forward(x, plan):
+            yield i, {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in facets}
+
+    @torch.inference_mode()
+    def extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
+                bin: bool = False, include_cls: bool = False, saliency: bool = False,
+                image_hw: Optional[Tuple[int, int]] = None) -> Features:
+        """Every ``(layer, facet)`` combination asked for, and optionally saliency, in one forward pass that stops
+        after the deepest block needed.
+
+        Args:
+            x: ``Bx3xHxW`` preprocessed images of one size.
+            bin: log-bin the descriptors (17 bins; not with ``include_cls`` nor ``attn``).
+            image_hw: original image size, recorded in the returned grid for pixel mapping.
+        Returns:
+            :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
+            keyed by the layer as given by the caller.
+        """
+        facets, layers = tuple(facets), tuple(layers)
+        plan = self._plan(x, layers, facets, bin, include_cls, saliency)
+        grid = self.grid(tuple(x.shape[-2:]), image_hw)
+        by_block: Dict[int, Dict[str, torch.Tensor]] = {}
         sal_map = None
-        if saliency:
-            cls_attn = recorded[plan.saliency_layer]["cls_attn"]       # BxheadsxN (float32)
-            heads = list(self.spec.saliency_heads) if self.spec.saliency_heads else slice(None)
-            m = self._patch_tokens(cls_attn[:, heads], include_cls=False, dim=-1).mean(dim=1)
-            lo, hi = m.min(dim=1, keepdim=True).values, m.max(dim=1, keepdim=True).values
-            sal_map = (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
+        for i, rec, grid_hw in self._forward(x, plan):
+            by_block[i] = {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in plan.facets.get(i, ())}
+            if i == plan.saliency_layer:
+                sal_map = self._saliency(rec["cls_attn"])
+        descriptors = {(l, f): by_block[self.resolve_layer(l)][f] for l in layers for f in facets}
         return Features(descriptors, grid, sal_map)
 
     def extract_descriptors(self, x: torch.Tensor, layer: int = 11, facet: str = "key", bin: bool = False,

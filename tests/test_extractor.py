@@ -136,3 +136,13 @@ def test_pos_embed_native_grid_unchanged_and_interpolation_shape():
     assert interpolate_pos_embed(pos, (28, 28)) is pos
     out = interpolate_pos_embed(pos, (55, 73))
     assert out.shape == (1, 55 * 73, 16)
+
+
+def test_iter_extract_streams_the_same_descriptors(ext, x):
+    layers = (2, -1)
+    streamed = list(ext.iter_extract(x, layers, ("key", "attn")))
+    assert [l for l, _ in streamed] == [2, 11]
+    full = ext.extract(x, layers, ("key", "attn"))
+    for (l, out), given in zip(streamed, layers):
+        for f in ("key", "attn"):
+            torch.testing.assert_close(out[f], full.descriptors[(given, f)])
