@@ -1,0 +1,174 @@
+"""Semantic point correspondences between two images (Amir et al. 2021, Sec. 4.3; reference
+``correspondences.py``), and dense keypoint transfer.
+
+:func:`find_correspondences`:
+
+1. One forward pass per image: descriptors (default: key facet of layer 9, log-binned, ViT-S/8 at stride 4,
+   short side 224) and saliency (the last layer's CLS attention).
+2. Best buddies (mutual nearest neighbours, cosine) over ALL tokens of the two images, then kept only where
+   both tokens are salient (saliency > ``thresh`` = 0.05).
+3. k-means (``num_pairs`` = 10 clusters, FAISS through :func:`densevit.index.kmeans`, fixed seed) of the
+   buddies' joined descriptors ``[d_a, d_b]``, each joined vector L2-normalised.
+4. In each cluster the pair with the highest mean saliency ``(s_a + s_b) / 2``; pairs come back ordered by
+   that score, at most ``num_pairs`` (all buddies when there are fewer).
+
+Points are token centres in each image's ORIGINAL pixels (``(x, y)``, via :class:`~densevit.coords.TokenGrid`).
+Differences from the reference, deliberate: a buddy is kept when ``fg_a[i] and fg_b[j]`` (the reference's
+second test checks that *some* salient token of B has ``i`` as its nearest neighbour, which lets a few
+background B tokens through); k-means is FAISS with ``n_redo`` restarts rather than scikit-learn's; points are
+``(x, y)`` in original pixels rather than ``(y, x)`` in resized pixels.
+
+:func:`transfer_keypoints`: each given point of image A goes to the position of its nearest-neighbour token in B
+(:func:`densevit.transfer.transfer_points`, the same code the SPair-71k benchmark scores).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from densevit.errors import DensevitError
+from densevit.index import best_buddies, kmeans
+from densevit.transfer import transfer_points
+
+from .common import ImageFeatures, ImageInput, extract_features, image_name, l2_normalize
+
+__all__ = ["CorrespondenceConfig", "Correspondences", "find_correspondences", "find_correspondences_features",
+           "transfer_keypoints", "transfer_keypoints_features", "pair_features"]
+
+
+@dataclass(frozen=True)
+class CorrespondenceConfig:
+    """Correspondence parameters (defaults: the paper's / reference's)."""
+
+    load_size: Optional[int] = 224
+    layer: int = 9
+    facet: str = "key"
+    bin: bool = True
+    thresh: float = 0.05                # saliency threshold (both tokens of a buddy pair)
+    num_pairs: int = 10
+    n_iter: int = 300
+    n_redo: int = 10
+    seed: int = 0
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        if self.num_pairs < 1:
+            raise DensevitError(f"number of pairs must be >= 1, got {self.num_pairs}")
+        if self.n_iter < 1 or self.n_redo < 1:
+            raise DensevitError("k-means iterations and restarts must be >= 1")
+
+
+@dataclass
+class Correspondences:
+    """Point pairs between images A and B (row i of ``points_a`` matches row i of ``points_b``).
+
+    Attributes:
+        points_a, points_b: ``Nx2`` float64 ``(x, y)`` in each image's ORIGINAL pixels (token centres).
+        tokens_a, tokens_b: ``N`` flat token indices.
+        saliency: ``N`` mean saliency of each pair (the ranking score, descending).
+        similarity: ``N`` cosine similarity of each pair's descriptors.
+        num_buddies: salient best-buddy pairs found (before the k-means pick).
+        image_hw_a, image_hw_b: original sizes ``(H, W)``.
+    """
+
+    names: Tuple[str, str]
+    points_a: np.ndarray
+    points_b: np.ndarray
+    tokens_a: np.ndarray
+    tokens_b: np.ndarray
+    saliency: np.ndarray
+    similarity: np.ndarray
+    num_buddies: int
+    image_hw_a: Tuple[int, int]
+    image_hw_b: Tuple[int, int]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def find_correspondences_features(fa: ImageFeatures, fb: ImageFeatures,
+                                  cfg: CorrespondenceConfig = CorrespondenceConfig()) -> Correspondences:
+    """Correspondences from two images' features (descriptors ``TxD`` and saliency ``T``)."""
+    cfg.validate()
+    if fa.saliency is None or fb.saliency is None:
+        raise DensevitError("correspondences need saliency maps (extract with saliency=True)")
+    timings: Dict[str, float] = {}
+    t = time.perf_counter()
+    ia, ib = best_buddies(fa.descriptors, fb.descriptors, metric="cosine", backend=cfg.backend)
+    keep = (fa.saliency[ia] > cfg.thresh) & (fb.saliency[ib] > cfg.thresh)
+    ia, ib = ia[keep], ib[keep]
+    timings["best_buddies"] = time.perf_counter() - t
+    n_bb = int(ia.numel())
+
+    t = time.perf_counter()
+    if n_bb == 0:
+        pick = np.zeros(0, np.int64)
+    else:
+        joined = torch.cat([fa.descriptors[ia], fb.descriptors[ib]], dim=1)
+        k = min(cfg.num_pairs, n_bb)
+        if k == n_bb:
+            labels = np.arange(n_bb)
+        else:
+            labels = kmeans(l2_normalize(joined), k, n_iter=cfg.n_iter, n_redo=cfg.n_redo, seed=cfg.seed,
+                            backend=cfg.backend)[0].cpu().numpy()
+        rank = ((fa.saliency[ia] + fb.saliency[ib]) / 2).numpy()
+        order = np.lexsort((np.arange(n_bb), -rank, labels))             # by cluster, best rank first
+        first = np.ones(n_bb, bool)
+        first[1:] = labels[order][1:] != labels[order][:-1]
+        pick = order[first]
+        pick = pick[np.argsort(-rank[pick], kind="stable")]
+    timings["clustering"] = time.perf_counter() - t
+
+    ta, tb = ia[pick], ib[pick]
+    sal = ((fa.saliency[ta] + fb.saliency[tb]) / 2).numpy().astype(np.float64)
+    sim = (l2_normalize(fa.descriptors[ta]) * l2_normalize(fb.descriptors[tb])).sum(1).numpy().astype(np.float64)
+    return Correspondences((fa.name, fb.name), fa.grid.tokens_to_pixels(ta).numpy(),
+                           fb.grid.tokens_to_pixels(tb).numpy(), ta.numpy(), tb.numpy(), sal, sim, n_bb,
+                           fa.image_hw, fb.image_hw, timings)
+
+
+def pair_features(extractor, image_a: ImageInput, image_b: ImageInput, load_size: Optional[int], layer: int,
+                  facet: str, bin: bool, saliency: bool = True) -> Tuple[ImageFeatures, ImageFeatures]:
+    """Both images' features, one pass each (names suffixed _a/_b when they share a stem)."""
+    na, nb = image_name(image_a, 0), image_name(image_b, 1)
+    if na == nb:
+        na, nb = f"{na}_a", f"{nb}_b"
+    return (extract_features(extractor, image_a, load_size, layer, facet, bin, saliency, False, na),
+            extract_features(extractor, image_b, load_size, layer, facet, bin, saliency, False, nb))
+
+
+def find_correspondences(extractor, image_a: ImageInput, image_b: ImageInput,
+                         cfg: Optional[CorrespondenceConfig] = None, **overrides) -> Correspondences:
+    """Up to ``num_pairs`` semantic point pairs between two images (paths or PIL images);
+    ``overrides`` replace fields of ``cfg``."""
+    cfg = replace(cfg or CorrespondenceConfig(), **overrides)
+    cfg.validate()
+    t = time.perf_counter()
+    fa, fb = pair_features(extractor, image_a, image_b, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True)
+    t_extract = time.perf_counter() - t
+    out = find_correspondences_features(fa, fb, cfg)
+    out.timings = {"extraction": t_extract, **out.timings}
+    return out
+
+
+def transfer_keypoints_features(fa: ImageFeatures, fb: ImageFeatures, points: np.ndarray, refine: str = "none",
+                                window: int = 5, temperature: float = 0.02, backend: str = "auto"
+                                ) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`transfer_keypoints` on already extracted features."""
+    pts = torch.from_numpy(np.asarray(points, dtype=np.float64).reshape(-1, 2))
+    out, scores = transfer_points(fa.descriptors, fb.descriptors, fa.grid, fb.grid, pts, refine=refine,
+                                  window=window, temperature=temperature, backend=backend)
+    return out.numpy(), scores.numpy()
+
+
+def transfer_keypoints(extractor, image_a: ImageInput, image_b: ImageInput, points: np.ndarray,
+                       load_size: Optional[int] = 224, layer: int = 9, facet: str = "key", bin: bool = True,
+                       refine: str = "none", window: int = 5, temperature: float = 0.02, backend: str = "auto",
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """Dense keypoint transfer: points ``Nx2 (x, y)`` in A's original pixels -> their nearest-neighbour positions
+    in B's original pixels. Returns ``(points_b Nx2 float64, cosine similarity N float32)``; ``refine`` as
+    :func:`densevit.transfer.transfer_points`."""
+    fa, fb = pair_features(extractor, image_a, image_b, load_size, layer, facet, bin, False)
+    return transfer_keypoints_features(fa, fb, points, refine, window, temperature, backend)

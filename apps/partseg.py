@@ -1,0 +1,356 @@
+"""Part co-segmentation of a set of images (Amir et al. 2021, Sec. 4.2; reference ``part_cosegmentation.py``).
+
+1. Foreground, as in co-segmentation (:mod:`densevit.apps.coseg` steps 1-3, no GrabCut): elbow k-means of all
+   descriptors (key facet, layer 11, unbinned; k = 1..14, ``elbow`` 0.975) and saliency voting
+   (``thresh`` 0.065, ``votes_percentage`` 75 %; only the original images vote).
+2. Parts: k-means with ``num_parts`` (4) clusters of the foreground descriptors (L2-normalised, trained on every
+   100th of each image's), or with the three-stage variant (``three_stages``) an elbow k-means
+   (``elbow_second_stage`` 0.94) whose clusters present in every original image after smoothing are the common
+   parts, whose descriptors are clustered again into ``num_parts`` parts (stage 3).
+3. Smoothing: per image, the unary energy of each pixel is its token's squared distance to every part centroid
+   and, for background, the smallest squared distance to a background centroid (stage-1 non-salient clusters,
+   plus stage-2 non-common ones in three stages), minus the per-pixel maximum; a dense CRF on the resized
+   image (Gaussian kernel sxy 3, compat 50; bilateral sxy 5, srgb 13, compat 15; 10 mean-field iterations, as
+   the reference) gives the label map.
+4. Optional augmentations (``num_crop_augmentations`` > 0): for each image, that many random 95 % crops of it
+   and of its horizontal flip join the clustering (not the voting) and are dropped from the output.
+
+Dense CRF backends (``crf``): ``"dense"`` uses pydensecrf (the ``crf`` extra: ``pip install pydensecrf2``,
+built from source, needs a C++ compiler); ``"approx"`` is the documented fallback used by ``"auto"`` when
+pydensecrf is not importable: the same mean-field updates of the same Potts model, where the Gaussian kernel's
+message is an exact Gaussian blur (OpenCV) and the bilateral kernel's message is approximated by an edge-aware
+colour guided filter (He et al. 2010; radius = bilateral sxy, eps = (srgb / 255)^2) instead of the permutohedral
+lattice; ``"none"`` takes the unary argmax (nearest token). Results of the two CRF backends are close but not
+identical.
+
+Output label maps are at the ORIGINAL image resolution: -1 background, parts ``0..P-1``, the same part id
+meaning the same part across the set.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from densevit.errors import DensevitError
+
+from .coseg import cluster_descriptors, vote_salient_clusters
+from .common import ImageFeatures, ImageInput, extract_features, image_name, input_to_image, input_to_tokens, \
+    l2_normalize, tokens_to_image
+
+__all__ = ["PartsegConfig", "PartsegResult", "part_cosegment", "part_cosegment_features", "extract_partseg_features",
+           "dense_crf",
+           "crf_backend", "augment_image"]
+
+CRF_BACKENDS = ("auto", "dense", "approx", "none")
+
+
+@dataclass(frozen=True)
+class PartsegConfig:
+    """Part co-segmentation parameters (defaults: the reference's)."""
+
+    load_size: Optional[int] = 224
+    layer: int = 11
+    facet: str = "key"
+    bin: bool = False
+    thresh: float = 0.065
+    elbow: float = 0.975
+    k_range: Tuple[int, ...] = tuple(range(1, 15))
+    votes_percentage: float = 75.0
+    sample_interval: int = 100
+    n_iter: int = 300
+    n_redo: int = 10
+    num_parts: int = 4
+    num_crop_augmentations: int = 0
+    crop_fraction: float = 0.95
+    three_stages: bool = False
+    elbow_second_stage: float = 0.94
+    crf: str = "auto"
+    crf_iters: int = 10
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 50.0
+    bilateral_sxy: float = 5.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 15.0
+    seed: int = 0
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        if self.num_parts < 1:
+            raise DensevitError(f"number of parts must be >= 1, got {self.num_parts}")
+        if self.num_crop_augmentations < 0 or not 0 < self.crop_fraction <= 1:
+            raise DensevitError("crop augmentations must be >= 0 and the crop fraction in (0, 1]")
+        if self.crf not in CRF_BACKENDS:
+            raise DensevitError(f"unknown CRF backend {self.crf!r}; choose from {', '.join(CRF_BACKENDS)}")
+        if not 0 < self.votes_percentage <= 100 or self.sample_interval < 1 or self.crf_iters < 0:
+            raise DensevitError("votes percentage must be in (0, 100], sample interval >= 1, CRF iterations >= 0")
+
+
+@dataclass
+class PartsegResult:
+    """Part co-segmentation of a set (original images only, input order).
+
+    Attributes:
+        parts: per image ``H0xW0`` int16 label map at the ORIGINAL resolution: -1 background, 0..P-1 parts.
+        token_parts: per image ``hxw`` int labels sampled at the token centres (after smoothing).
+        num_parts: P; k_fg: stage-1 cluster count; salient: stage-1 foreground clusters.
+        common: three stages only: the stage-2 clusters kept as common parts (else None).
+        crf: the smoothing backend actually used ("dense", "approx" or "none").
+        timings: seconds per stage.
+    """
+
+    names: List[str]
+    parts: List[np.ndarray]
+    token_parts: List[np.ndarray]
+    num_parts: int
+    k_fg: int
+    salient: np.ndarray
+    common: Optional[np.ndarray]
+    crf: str
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ dense CRF
+def crf_backend(requested: str = "auto") -> str:
+    """The CRF backend that will run: ``"dense"`` if pydensecrf imports (or is required), else ``"approx"``."""
+    if requested not in CRF_BACKENDS:
+        raise DensevitError(f"unknown CRF backend {requested!r}; choose from {', '.join(CRF_BACKENDS)}")
+    if requested in ("approx", "none"):
+        return requested
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        if requested == "dense":
+            raise DensevitError("dense CRF requested but pydensecrf is not installed "
+                                "(pip install 'densevit[crf]' or pydensecrf2; or use --crf approx)") from None
+        return "approx"
+    return "dense"
+
+
+def _softmax_neg(energy: np.ndarray) -> np.ndarray:
+    e = -energy - (-energy).max(axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def _box(x: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window (borders: reflected), any number of channels (last axis)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    chans = [cv2.boxFilter(np.ascontiguousarray(flat[..., s:s + 256]), -1, (2 * r + 1, 2 * r + 1),
+                           borderType=cv2.BORDER_REFLECT) for s in range(0, flat.shape[-1], 256)]
+    out = np.concatenate([c.reshape(x.shape[0], x.shape[1], -1) for c in chans], axis=-1)
+    return out.reshape(x.shape)
+
+
+class _GuidedFilter:
+    """Colour guided filter (He et al. 2010) with a fixed RGB guide: ``filter(p HxWxC) -> HxWxC``."""
+
+    def __init__(self, guide: np.ndarray, radius: int, eps: float) -> None:
+        I = guide.astype(np.float32) / 255.0                                   # HxWx3
+        self.I, self.r = I, max(1, int(round(radius)))
+        self.mean_I = _box(I, self.r)
+        corr = _box(I[..., :, None] * I[..., None, :], self.r)               # HxWx3x3
+        cov = corr - self.mean_I[..., :, None] * self.mean_I[..., None, :]
+        self.inv = np.linalg.inv(cov + eps * np.eye(3, dtype=np.float32)).astype(np.float32)
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        mean_p = _box(p, self.r)                                               # HxWxC
+        corr_Ip = _box(self.I[..., :, None] * p[..., None, :], self.r)        # HxWx3xC
+        cov_Ip = corr_Ip - self.mean_I[..., :, None] * mean_p[..., None, :]
+        a = np.einsum("hwij,hwjc->hwic", self.inv, cov_Ip)                    # HxWx3xC
+        b = mean_p - np.einsum("hwic,hwi->hwc", a, self.mean_I)
+        return np.einsum("hwic,hwi->hwc", _box(a, self.r), self.I) + _box(b, self.r)
+
+
+def dense_crf(image_rgb: np.ndarray, unary: np.ndarray, backend: str = "auto", iters: int = 10,
+              gaussian_sxy: float = 3.0, gaussian_compat: float = 50.0, bilateral_sxy: float = 5.0,
+              bilateral_srgb: float = 13.0, bilateral_compat: float = 15.0) -> Tuple[np.ndarray, str]:
+    """Potts dense-CRF labelling of an image.
+
+    image_rgb: ``HxWx3`` uint8; unary: ``HxWxL`` energies (lower = more likely). Returns
+    ``(labels HxW int64, backend used)``; backends as in the module docstring.
+    """
+    kind = crf_backend(backend)
+    H, W, L = unary.shape
+    unary = np.ascontiguousarray(unary, dtype=np.float32)
+    if kind == "none" or iters == 0:
+        return unary.argmin(axis=-1), kind
+    if kind == "dense":
+        import pydensecrf.densecrf as dcrf
+
+        d = dcrf.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(-1, L).T))
+        d.addPairwiseGaussian(sxy=(gaussian_sxy, gaussian_sxy), compat=gaussian_compat, kernel=dcrf.DIAG_KERNEL,
+                              normalization=dcrf.NORMALIZE_SYMMETRIC)
+        d.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.array(image_rgb, np.uint8, order="C"),
+                               compat=bilateral_compat, kernel=dcrf.DIAG_KERNEL,
+                               normalization=dcrf.NORMALIZE_SYMMETRIC)
+        q = np.asarray(d.inference(int(iters)))
+        return q.argmax(axis=0).reshape(H, W), kind
+    # approx: mean field, Q <- softmax(-U + w_g * G(Q) + w_b * B(Q)) (Potts; messages are normalised averages)
+    guided = _GuidedFilter(image_rgb, bilateral_sxy, (bilateral_srgb / 255.0) ** 2)
+    q = _softmax_neg(unary)
+    for _ in range(int(iters)):
+        msg = gaussian_compat * cv2.GaussianBlur(q, (0, 0), gaussian_sxy, borderType=cv2.BORDER_REFLECT)
+        if q.ndim == 2:  # OpenCV drops a trailing singleton channel
+            msg = msg[..., None]
+        msg = msg.reshape(H, W, L) + bilateral_compat * guided(q)
+        q = _softmax_neg(unary - msg)
+    return q.argmax(axis=-1), kind
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def augment_image(image: Image.Image, load_size: Optional[int], n: int, fraction: float,
+                  rng: np.random.Generator) -> List[Image.Image]:
+    """The reference's augmentations: the image resized to ``load_size``, and for i < n a random crop of
+    ``fraction`` of each side of it and of its horizontal flip (2n images; they are resized again on input)."""
+    from densevit.preprocess import resize_short_side
+
+    base = resize_short_side(image, load_size)
+    flipped = base.transpose(Image.FLIP_LEFT_RIGHT)
+    cw, ch = max(1, int(base.width * fraction)), max(1, int(base.height * fraction))
+    out = []
+    for _ in range(n):
+        for src in (base, flipped):
+            x0 = int(rng.integers(0, base.width - cw + 1))
+            y0 = int(rng.integers(0, base.height - ch + 1))
+            out.append(src.crop((x0, y0, x0 + cw, y0 + ch)))
+    return out
+
+
+def _sq_dists(x: torch.Tensor, c: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances ``T x K`` between rows of x (normalised) and centroids c (``K x D``)."""
+    if c.shape[0] == 0:
+        return np.zeros((x.shape[0], 0), np.float32)
+    return torch.cdist(x, torch.from_numpy(c).float()).pow(2).numpy()
+
+
+def _smooth(f: ImageFeatures, normed: torch.Tensor, part_c: np.ndarray, bg_c: np.ndarray,
+            cfg: PartsegConfig) -> Tuple[np.ndarray, str]:
+    """CRF label map of one image at the resized resolution: ``HixWi`` (parts 0..P-1, P = background)."""
+    d_parts = _sq_dists(normed, part_c)                                       # T x P
+    d_bg = _sq_dists(normed, bg_c)
+    if d_bg.shape[1]:
+        d_bg = d_bg.min(axis=1, keepdims=True)
+    else:  # every stage-1 cluster is foreground: background is never the closest
+        d_bg = np.full((normed.shape[0], 1), d_parts.max() + 1.0 if d_parts.size else 1.0, np.float32)
+    d = np.concatenate([d_parts, d_bg], axis=1)
+    d = d - d.max(axis=1, keepdims=True)
+    unary = tokens_to_image(d, f.grid, where="input")                         # Hi x Wi x (P+1)
+    return dense_crf(np.asarray(f.resized), unary, cfg.crf, cfg.crf_iters, cfg.gaussian_sxy, cfg.gaussian_compat,
+                     cfg.bilateral_sxy, cfg.bilateral_srgb, cfg.bilateral_compat)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
+                            cfg: PartsegConfig = PartsegConfig()) -> PartsegResult:
+    """Part co-segmentation from extracted features: the first ``n_original`` are the set's images, the rest
+    augmentations (used for clustering only)."""
+    cfg.validate()
+    if n_original < 2:
+        raise DensevitError(f"part co-segmentation needs at least two images, got {n_original}")
+    timings: Dict[str, float] = {}
+    t = time.perf_counter()
+    stage1 = cluster_descriptors([f.descriptors for f in features], cfg.elbow, cfg.k_range, cfg.sample_interval,
+                                 cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend)
+    salient, _ = vote_salient_clusters(stage1.labels[:n_original],
+                                       [f.saliency.numpy() for f in features[:n_original]], stage1.k, cfg.thresh,
+                                       cfg.votes_percentage)
+    bg1 = np.setdiff1d(np.arange(stage1.k), salient)
+    fg = [np.isin(lab, salient) for lab in stage1.labels]
+    n_fg = int(sum(m.sum() for m in fg))
+    if n_fg < cfg.num_parts:
+        raise DensevitError(f"the foreground has {n_fg} tokens, too few for {cfg.num_parts} parts "
+                            f"(try a lower --thresh or --votes-percentage)")
+    fg_desc = [f.descriptors[torch.from_numpy(m)] for f, m in zip(features, fg)]
+    if cfg.three_stages:
+        stage2 = cluster_descriptors(fg_desc, cfg.elbow_second_stage, cfg.k_range, cfg.sample_interval,
+                                     cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend)
+    else:
+        stage2 = cluster_descriptors(fg_desc, sample_interval=cfg.sample_interval, n_iter=cfg.n_iter,
+                                     n_redo=cfg.n_redo, seed=cfg.seed, backend=cfg.backend, fixed_k=cfg.num_parts)
+    timings["clustering"] = time.perf_counter() - t
+
+    normed = [l2_normalize(f.descriptors) for f in features]
+    t = time.perf_counter()
+    common = None
+    # Two stages: only the original images' maps are needed; three stages: every image's (stage-3 clustering).
+    todo = range(len(features)) if cfg.three_stages else range(n_original)
+    maps = {}
+    used = "none"
+    for i in todo:
+        maps[i], used = _smooth(features[i], normed[i], stage2.centroids, stage1.centroids[bg1], cfg)
+    timings["crf"] = time.perf_counter() - t
+    n_parts = stage2.k
+
+    if cfg.three_stages:
+        t = time.perf_counter()
+        tok = {i: input_to_tokens(maps[i], features[i].grid) for i in todo}   # smoothed label per token
+        votes = np.zeros(stage2.k, np.int64)
+        for i in range(n_original):
+            present = np.unique(tok[i])
+            votes[present[present < stage2.k]] += 1
+        common = np.flatnonzero(votes == n_original)
+        if common.size == 0:
+            raise DensevitError("three stages: no part cluster is present in every image")
+        keep = [np.isin(tok[i], common) for i in todo]
+        if int(sum(k.sum() for k in keep)) < cfg.num_parts:
+            raise DensevitError(f"three stages: too few common-part tokens for {cfg.num_parts} parts")
+        stage3 = cluster_descriptors([f.descriptors[torch.from_numpy(k)] for f, k in zip(features, keep)],
+                                     sample_interval=cfg.sample_interval, n_iter=cfg.n_iter, n_redo=cfg.n_redo,
+                                     seed=cfg.seed, backend=cfg.backend, fixed_k=cfg.num_parts)
+        bg = np.concatenate([stage1.centroids[bg1], stage2.centroids[np.setdiff1d(np.arange(stage2.k), common)]])
+        timings["clustering"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(n_original):
+            maps[i], used = _smooth(features[i], normed[i], stage3.centroids, bg, cfg)
+        timings["crf"] += time.perf_counter() - t
+        n_parts = stage3.k
+
+    parts, token_parts = [], []
+    for i in range(n_original):
+        m = maps[i].astype(np.int16)
+        m[m >= n_parts] = -1
+        parts.append(input_to_image(m, features[i].grid))
+        token_parts.append(input_to_tokens(m, features[i].grid).reshape(features[i].grid.shape))
+    return PartsegResult([f.name for f in features[:n_original]], parts, token_parts, int(n_parts), stage1.k,
+                         salient, common, used, timings)
+
+
+def extract_partseg_features(extractor, images: Sequence[ImageInput], cfg: PartsegConfig) -> List[ImageFeatures]:
+    """Features of the set's images (one pass each, with saliency), followed by those of the augmentations."""
+    names = [image_name(im, i) for i, im in enumerate(images)]
+    if len(set(names)) != len(names):
+        names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
+    feats = [extract_features(extractor, im, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True, False, n)
+             for im, n in zip(images, names)]
+    if cfg.num_crop_augmentations:
+        rng = np.random.default_rng(cfg.seed)
+        for f in list(feats):
+            for j, aug in enumerate(augment_image(f.image, cfg.load_size, cfg.num_crop_augmentations,
+                                                  cfg.crop_fraction, rng)):
+                feats.append(extract_features(extractor, aug, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True,
+                                              False, f"{f.name}_aug{j}"))
+    return feats
+
+
+def part_cosegment(extractor, images: Sequence[ImageInput], cfg: Optional[PartsegConfig] = None, **overrides
+                   ) -> PartsegResult:
+    """Part co-segment a set of images (paths or PIL images); ``overrides`` replace fields of ``cfg``."""
+    cfg = replace(cfg or PartsegConfig(), **overrides)
+    cfg.validate()
+    if len(images) < 2:
+        raise DensevitError(f"part co-segmentation needs at least two images, got {len(images)}")
+    crf_backend(cfg.crf)  # fail early when a missing backend is required
+    t = time.perf_counter()
+    feats = extract_partseg_features(extractor, images, cfg)
+    t_extract = time.perf_counter() - t
+    result = part_cosegment_features(feats, len(images), cfg)
+    result.timings = {"extraction": t_extract, **result.timings}
+    return result

@@ -1,0 +1,183 @@
+"""DAVIS semi-supervised benchmark: propagate every sequence's first mask and score J and F as the toolkit.
+
+    python benchmarks/davis.py --davis-root ROOT --year 2016|2017 --split val [--sequences a,b] [--out DIR]
+
+Writes ``OUT/<seq>/<frame>.png`` (indexed, DAVIS palette), ``OUT/global_results-<split>.csv`` and
+``OUT/per-sequence_results-<split>.csv`` (the toolkit's file names and columns) and prints the tables.
+Resumable: a sequence whose masks are complete is not propagated again unless ``--recompute``; the settings are
+stored in ``OUT/settings.json`` and a run with different settings is refused. ``--eval-only`` scores the masks
+already in ``OUT`` (any method's) without a model.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from densevit.apps.cli_vos import add_protocol_args, config_from_args
+from densevit.apps.vos import propagate
+from densevit.cli.common import add_backbone_args, build_extractor, run_cli
+from densevit.datasets.davis import DavisDataset, labels_for_year, read_mask, write_mask
+from densevit.errors import DensevitError
+from densevit.metrics.davis import GLOBAL_COLUMNS, SEQUENCE_COLUMNS, DavisScores, evaluate_semisupervised
+from densevit.paths import shared_dir
+
+PROG = "benchmarks/davis.py"
+DONE = ".done.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="DAVIS semi-supervised J&F of ViT label propagation.")
+    p.add_argument("--davis-root", default=str(shared_dir() / "data" / "davis2016"),
+                   help="DAVIS folder (JPEGImages, Annotations, ImageSets); default: the shared DAVIS-2016 subset")
+    p.add_argument("--year", default="2016", choices=["2016", "2017"])
+    p.add_argument("--split", default="val")
+    p.add_argument("--resolution", default="480p")
+    p.add_argument("--sequences", default=None, help="comma-separated subset of the split's sequences")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: davis_results/<backbone>_s<stride>_<year>_<split>)")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="only the first N frames of each sequence (smoke runs; not the benchmark protocol)")
+    p.add_argument("--recompute", action="store_true", help="propagate again even finished sequences")
+    p.add_argument("--eval-only", action="store_true", help="score the masks already in --out; run no model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_protocol_args(p)
+    add_backbone_args(p, stride=None, load_size=None, layer=-1, facet="token_norm")
+    return p
+
+
+def settings_of(args: argparse.Namespace) -> Dict[str, object]:
+    """Everything that changes the predicted masks."""
+    keys = ("backbone", "weights", "stride", "dtype", "layer", "facet", "short_side", "multiple", "n_last_frames",
+            "neighborhood", "topk", "temperature", "no_minmax_norm", "max_frames", "year")
+    s = {k: getattr(args, k) for k in keys}
+    if s["weights"] not in (None, "random"):
+        s["weights"] = str(Path(s["weights"]).resolve())
+    return s
+
+
+def check_settings(out: Path, settings: Dict[str, object], recompute: bool) -> None:
+    """Refuse to mix results of different settings in one folder (``recompute`` invalidates the old ones)."""
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff and not recompute:
+            raise DensevitError(f"{out} holds results made with other settings ({', '.join(diff)}); "
+                                f"use another --out or --recompute")
+        if diff:
+            for marker in out.glob(f"*/{DONE}"):
+                marker.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
+
+
+def run_sequence(extractor, ds: DavisDataset, seq: str, out: Path, cfg, max_frames: Optional[int],
+                 progress: bool) -> Dict[str, float]:
+    """Propagate one sequence's first mask and write its masks; returns timing."""
+    frames = ds.frames(seq)[:max_frames]
+    seq_dir = out / seq
+    seq_dir.mkdir(parents=True, exist_ok=True)
+    (seq_dir / DONE).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    for frame, mask in zip(frames, propagate(extractor, frames, ds.first_mask(seq), cfg, progress=progress)):
+        write_mask(seq_dir / f"{frame.stem}.png", mask)
+    seconds = time.perf_counter() - t0
+    info = {"frames": len(frames), "seconds": round(seconds, 3), "fps": round((len(frames) - 1) / seconds, 4)}
+    (seq_dir / DONE).write_text(json.dumps(info))
+    return info
+
+
+def evaluate_sequence(ds: DavisDataset, seq: str, out: Path, max_frames: Optional[int]):
+    """Per-object per-frame J and F of the masks in ``out/seq``."""
+    gt, names = ds.ground_truth(seq)
+    gt, names = gt[:max_frames], names[:max_frames]
+    n_obj = int(gt[0].max())
+    preds = []
+    for name in names:
+        path = out / seq / f"{name}.png"
+        if not path.is_file():
+            raise DensevitError(f"missing result mask {path}")
+        preds.append(labels_for_year(read_mask(path), ds.year) if ds.year == "2016" else read_mask(path))
+    return evaluate_semisupervised(gt, np.stack(preds), n_objects=n_obj)
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: List[Dict[str, object]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([f"{r[c]:.3f}" if isinstance(r[c], float) else r[c] for c in columns])
+
+
+def print_tables(split: str, g: Dict[str, float], rows: List[Dict[str, object]], timing: Dict[str, dict]) -> None:
+    print(f"--------------------------- Global results for {split} ---------------------------")
+    print(" ".join(f"{c:>9}" for c in GLOBAL_COLUMNS))
+    print(" ".join(f"{g[c]:9.3f}" for c in GLOBAL_COLUMNS))
+    print(f"\n---------- Per sequence results for {split} ----------")
+    width = max([len("Sequence")] + [len(str(r["Sequence"])) for r in rows])
+    print(f"{'Sequence':<{width}}  J-Mean  F-Mean   frames/s")
+    for r in rows:
+        t = timing.get(str(r["Sequence"]).rsplit("_", 1)[0], {})
+        fps = f"{t['fps']:9.3f}" if "fps" in t else f"{'-':>9}"
+        print(f"{r['Sequence']:<{width}}  {r['J-Mean']:6.3f}  {r['F-Mean']:6.3f}  {fps}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.max_frames is not None and args.max_frames < 3:
+        raise DensevitError("--max-frames must be at least 3 (the first and last frames are not scored)")
+    seqs = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
+    ds = DavisDataset(args.davis_root, args.year, args.split, args.resolution, seqs)
+    stride = args.stride if args.stride is not None else "p"
+    out = Path(args.out or f"davis_results/{args.backbone}_s{stride}_{args.year}_{args.split}")
+    progress = not args.quiet
+
+    timing: Dict[str, dict] = {}
+    if not args.eval_only:
+        check_settings(out, settings_of(args), args.recompute)
+        extractor = None
+        todo = [s for s in ds.sequences if args.recompute or not (out / s / DONE).is_file()]
+        for i, seq in enumerate(ds.sequences):
+            if seq not in todo:
+                continue
+            if extractor is None:
+                extractor = build_extractor(args)
+            if progress:
+                print(f"[{todo.index(seq) + 1}/{len(todo)}] {seq}", file=sys.stderr)
+            run_sequence(extractor, ds, seq, out, cfg, args.max_frames, progress)
+    elif not out.is_dir():
+        raise DensevitError(f"no results folder {out} to evaluate")
+    for seq in ds.sequences:
+        done = out / seq / DONE
+        if done.is_file():
+            timing[seq] = json.loads(done.read_text())
+
+    scores = DavisScores()
+    for seq in ds.sequences:
+        J, F = evaluate_sequence(ds, seq, out, args.max_frames)
+        scores.add_sequence(seq, J, F)
+    g = scores.global_row()
+    rows = scores.per_object_rows()
+    write_csv(out / f"global_results-{args.split}.csv", GLOBAL_COLUMNS, [g])
+    write_csv(out / f"per-sequence_results-{args.split}.csv", SEQUENCE_COLUMNS, rows)
+    print_tables(args.split, g, rows, timing)
+    total_frames = sum(t["frames"] - 1 for t in timing.values())
+    total_s = sum(t["seconds"] for t in timing.values())
+    if total_s > 0:
+        print(f"\npropagation: {total_frames} frames in {total_s:.1f} s ({total_frames / total_s:.3f} frames/s)")
+    print(f"results in {out}")
+    return 0
+
+
+entry = run_cli(main, PROG)
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,261 @@
+"""densevit-analyze: attention heads, layer similarity (CKA) and best layer per task, for one or more ViTs.
+
+Writes PNG plots plus CSV/JSON numbers into the output folder:
+  attention  <model>_attn_distance.png, <model>_attn_offset.png, <model>_attn_entropy.png,
+             <model>_attn_cls_share.png, attn_distance_by_layer.png, <model>_attention.csv/.json
+  cka        cka_<model>.png/.csv (all layers of one model), cka_<a>_vs_<b>.png/.csv (two models)
+  sweep      sweep_<task>.png (score per layer, one line per model), sweep.csv, sweep.json
+  summary.json  settings, offset local heads, best layers, and the list of files written.
+Models: the one chosen by --backbone/--weights, plus any --compare BACKBONE[=WEIGHTS] (same images, same flags).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import DensevitError
+from .common import add_backbone_args, ensure_writable, gather_images, run_cli
+
+ANALYSES = ("attention", "cka", "sweep")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..analysis.sweep import SWEEP_FACETS, known_tasks
+
+    p = argparse.ArgumentParser(prog="densevit-analyze", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files and/or folders of images (the analysis set)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--analyses", nargs="+", choices=ANALYSES, default=["attention", "cka"],
+                   help="what to run (default: attention cka; sweep needs task data)")
+    add_backbone_args(p, stride=None, load_size=224, layer=None, facet=None)
+    p.add_argument("--compare", action="append", default=[], metavar="BACKBONE[=WEIGHTS]",
+                   help="another model to analyse side by side (repeatable); WEIGHTS: file or 'random'")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="blocks to analyse (default: all)")
+    p.add_argument("--max-images", type=int, default=None, help="use at most this many images")
+    g = p.add_argument_group("attention")
+    g.add_argument("--radius", type=int, default=2, help="largest |dy|, |dx| of candidate offsets (tokens)")
+    g.add_argument("--threshold", type=float, default=0.5,
+                   help="offset local head: dominant offset fraction at least this")
+    g = p.add_argument_group("cka")
+    g.add_argument("--cka-facet", default="token", choices=list(SWEEP_FACETS), help="representation compared")
+    g.add_argument("--cka-max-tokens", type=int, default=1024, help="tokens sampled per image (one minibatch)")
+    g.add_argument("--biased", action="store_true", help="biased HSIC (default: unbiased HSIC_1)")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help=f"tasks to sweep (known: {', '.join(known_tasks()) or 'none'}; default: all available)")
+    g.add_argument("--sweep-facets", nargs="+", default=["key"], choices=list(SWEEP_FACETS))
+    g.add_argument("--warp-pairs", type=int, default=None,
+                   help="warp_pck: synthetic warp pairs of the input images (default: 2 per image)")
+    g.add_argument("--davis-root", default=None, help="DAVIS folder (default: <shared>/data/davis2016)")
+    g.add_argument("--davis-year", default="2016", choices=["2016", "2017"])
+    g.add_argument("--davis-sequences", nargs="+", default=None, help="DAVIS sequences (default: the first)")
+    g.add_argument("--davis-frames", type=int, default=6, help="frames per DAVIS sequence")
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "model"
+
+
+def _parse_models(args: argparse.Namespace) -> List[Tuple[str, str, Optional[str]]]:
+    """``[(label, backbone, weights)]``: the main model then every --compare."""
+    from ..backbones import BACKBONES
+
+    models = [(args.backbone, args.weights)]
+    for item in args.compare:
+        name, _, weights = item.partition("=")
+        models.append((name.strip(), weights.strip() or None))
+    out, seen = [], {}
+    for name, weights in models:
+        if name not in BACKBONES:
+            raise DensevitError(f"unknown backbone {name!r}; see `densevit-extract --list-backbones`")
+        label = name if weights in (None, "") else f"{name}-{'random' if weights == 'random' else Path(weights).stem}"
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            label = f"{label}-{seen[label]}"
+        out.append((label, name, weights))
+    return out
+
+
+def _planned_files(args, labels: List[str], tasks: List[str]) -> List[Path]:
+    out = Path(args.out)
+    files = [out / "summary.json"]
+    slugs = [_slug(l) for l in labels]
+    if "attention" in args.analyses:
+        for s in slugs:
+            files += [out / f"{s}_attn_{k}.png" for k in ("distance", "offset", "entropy", "cls_share")]
+            files += [out / f"{s}_attention.csv", out / f"{s}_attention.json"]
+        files.append(out / "attn_distance_by_layer.png")
+    if "cka" in args.analyses:
+        for i, a in enumerate(slugs):
+            files += [out / f"cka_{a}.png", out / f"cka_{a}.csv"]
+            for b in slugs[i + 1:]:
+                files += [out / f"cka_{a}_vs_{b}.png", out / f"cka_{a}_vs_{b}.csv"]
+    if "sweep" in args.analyses:
+        files += [out / "sweep.csv", out / "sweep.json"] + [out / f"sweep_{t}.png" for t in tasks]
+    return files
+
+
+def _json(obj) -> str:
+    """Strict JSON (NaN and infinities written as null)."""
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(obj), indent=1, allow_nan=False)
+
+
+def _write_csv(path: Path, rows: Sequence[Dict[str, object]]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _write_matrix_csv(path: Path, m, rows: Sequence[int], cols: Sequence[int], row_name: str, col_name: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"{row_name}\\{col_name}"] + [str(c) for c in cols])
+        for r, vals in zip(rows, m):
+            w.writerow([str(r)] + [f"{v:.6f}" for v in vals])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..analysis import attention as att
+    from ..analysis import cka as ck
+    from ..analysis import plots
+    from ..analysis import sweep as sw
+    from ..backbones import BACKBONES
+    from ..extractor import ViTExtractor
+    from ..paths import shared_dir
+
+    images = gather_images(args.images)
+    if args.max_images is not None:
+        if args.max_images < 1:
+            raise DensevitError("--max-images must be at least 1")
+        images = images[: args.max_images]
+    if args.radius < 1:
+        raise DensevitError("--radius must be at least 1")
+    if not 0.0 < args.threshold <= 1.0:
+        raise DensevitError("--threshold must be in (0, 1]")
+    models = _parse_models(args)
+    labels = [m[0] for m in models]
+    tasks: List[str] = []
+    if "sweep" in args.analyses:
+        avail = sw.available_tasks()
+        tasks = list(args.tasks) if args.tasks else avail
+        if not tasks:
+            raise DensevitError("no sweep task is available in this installation (needs "
+                                + ", ".join(sorted({m for m, _ in sw._task_builders().values()})) + ")")
+        for t in tasks:
+            if t not in sw.known_tasks():
+                raise DensevitError(f"unknown task {t!r}; choose from {', '.join(sw.known_tasks())}")
+            if t not in avail:
+                raise DensevitError(f"task {t} is not available in this installation")
+    for _, name, _ in models:                         # layer indices checked before any work
+        att.resolve_layers(BACKBONES[name].depth, args.layers)
+    task_objs = []
+    if tasks:                                         # tasks read their data now: bad paths fail early
+        if args.warp_pairs is not None and args.warp_pairs < 1:
+            raise DensevitError("--warp-pairs must be at least 1")
+        davis_root = Path(args.davis_root) if args.davis_root else shared_dir() / "data" / "davis2016"
+        options = dict(images=images, load_size=args.load_size, num_pairs=args.warp_pairs, davis_root=davis_root,
+                       davis_year=args.davis_year, davis_sequences=args.davis_sequences,
+                       davis_frames=args.davis_frames, seed=args.seed)
+        task_objs = [sw.build_task(t, **options) for t in tasks]
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DensevitError(f"{out_dir} exists and is not a folder")
+    for f in _planned_files(args, labels, tasks):
+        ensure_writable(f, args.overwrite)
+    # every model built once, before any output (bad weights/stride fail early); CKA needs them side by side
+    built: Dict[str, ViTExtractor] = {
+        label: ViTExtractor(name, stride=args.stride, weights=weights, device=args.device, dtype=args.dtype)
+        for label, name, weights in models}
+    build = built.__getitem__
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+
+    written: List[Path] = []
+    summary: Dict[str, object] = {
+        "images": [str(p) for p in images], "models": [{"label": l, "backbone": b, "weights": w} for l, b, w in models],
+        "load_size": args.load_size, "stride": args.stride, "analyses": list(args.analyses),
+    }
+
+    if "attention" in args.analyses:
+        all_stats = {}
+        summary["attention"] = {}
+        for label in labels:
+            ext = build(label)
+            st = att.attention_stats(ext, images, load_size=args.load_size, layers=args.layers, radius=args.radius,
+                                     threshold=args.threshold, progress=progress, desc=f"attention {label}")
+            all_stats[label] = st
+            s = _slug(label)
+            written += plots.plot_attention_stats(st, out_dir, prefix=f"{s}_").values()
+            _write_csv(out_dir / f"{s}_attention.csv", st.records())
+            (out_dir / f"{s}_attention.json").write_text(_json(st.to_json()))
+            written += [out_dir / f"{s}_attention.csv", out_dir / f"{s}_attention.json"]
+            heads = st.offset_head_list()
+            summary["attention"][label] = {"offset_heads": heads,
+                                           "mean_distance_per_layer": st.mean_distance.mean(1).round(4).tolist()}
+            msg = ", ".join(f"L{h['layer']}H{h['head']} ({h['dy']},{h['dx']}) {h['fraction']:.2f}" for h in heads)
+            print(f"{label}: {len(heads)} offset local head(s){': ' + msg if heads else ''}")
+        written.append(plots.plot_distance_by_layer(all_stats, out_dir / "attn_distance_by_layer.png"))
+
+    if "cka" in args.analyses:
+        exts = [build(label) for label in labels]
+        lay = [att.resolve_layers(e.depth, args.layers) for e in exts]
+        res = ck.model_cka(exts, images, load_size=args.load_size, facet=args.cka_facet, layers=lay,
+                           max_tokens=args.cka_max_tokens, unbiased=not args.biased, seed=args.seed,
+                           progress=progress)
+        summary["cka"] = {"facet": args.cka_facet, "unbiased": not args.biased, "matrices": {}}
+        for (i, j), m in res.items():
+            a, b = _slug(labels[i]), _slug(labels[j])
+            stem = f"cka_{a}" if i == j else f"cka_{a}_vs_{b}"
+            written.append(plots.plot_cka(m, lay[i], lay[j], out_dir / f"{stem}.png", label_a=labels[i],
+                                          label_b=labels[j]))
+            _write_matrix_csv(out_dir / f"{stem}.csv", m, lay[i], lay[j], labels[i], labels[j])
+            written.append(out_dir / f"{stem}.csv")
+            summary["cka"]["matrices"][stem] = m.round(6).tolist()
+
+    if "sweep" in args.analyses:
+        sources = [(label, (lambda l=label: build(l))) for label in labels]
+        records = sw.run_sweep(sources, task_objs, layers=args.layers, facets=args.sweep_facets, progress=progress)
+        _write_csv(out_dir / "sweep.csv", records)
+        best = sw.best_layers(records)
+        (out_dir / "sweep.json").write_text(_json({"records": records, "best": best}))
+        written += [out_dir / "sweep.csv", out_dir / "sweep.json"]
+        for t in tasks:
+            written.append(plots.plot_sweep(records, t, out_dir / f"sweep_{t}.png"))
+        summary["sweep"] = {"best": best}
+        for b in best:
+            print(f"{b['model']} {b['task']} ({b['facet']}): best layer {b['layer']} score {b['score']:.4f}")
+
+    summary["files"] = sorted(p.name for p in written) + ["summary.json"]
+    (out_dir / "summary.json").write_text(_json(summary))
+    print(f"densevit-analyze: wrote {len(written) + 1} files to {out_dir}", file=sys.stderr)
+    return 0
+
+
+entry = run_cli(main, "densevit-analyze")
+
+if __name__ == "__main__":
+    entry()
