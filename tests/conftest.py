@@ -10,7 +10,6 @@ import torch
 
 from densevit.paths import golden_weights, shared_dir
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +48,13 @@ def make_extractor(shared):
 def images(shared) -> list[Path]:
     d = shared / "data" / "images"
     return [d / "cat.jpg", d / "ibex.jpg"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module single-threaded, then restore. torch and FAISS share one OpenMP runtime whose spin-waiting
+    makes small ops several times slower with 2 threads when other processes compete for the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

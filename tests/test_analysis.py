@@ -15,14 +15,7 @@ from densevit.analysis.attention import offset_support
 from densevit.coords import TokenGrid
 from densevit.paths import golden_weights, shared_dir
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensor ops run much faster single-threaded on a shared, busy CPU; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 # ------------------------------------------------------------------------------------------- planted attention

@@ -10,14 +10,7 @@ from PIL import Image
 
 from densevit.apps import cli_coseg, cli_match, cli_partseg, cli_pca
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # OpenMP spin-waiting on the shared 2-core machine: 1 thread is several times faster (see test_coseg.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,14 @@ from densevit.apps.correspondence import (CorrespondenceConfig, find_corresponde
 from densevit.errors import DensevitError
 from densevit.index import best_buddies
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
 # Constructed pairs: crops of W x H "original" pixels fed at LOAD (= half the original size), so every point
 # goes through the token grid's original <-> input scaling. One token = the 8-pixel patch = 16 original pixels;
 # the token spacing (stride 4) is 8 original pixels.
 W, H, LOAD = 192, 144, 72
 X0, Y0 = 40, 40
 TOKEN = 16.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # OpenMP spin-waiting on the shared 2-core machine: 1 thread is several times faster (see test_coseg.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,10 @@ from densevit.apps.coseg import (CosegConfig, cosegment, cosegment_features, fin
 from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
 LOAD = 64
 FAST = dict(sample_interval=1, n_iter=20, n_redo=2)                          # k-means effort for tiny inputs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On the shared 2-core machine OpenMP spin-waiting (torch and FAISS share libgomp) makes 2 threads ~6x
-    # slower than 1 when other processes compete; restore the setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,11 @@ from densevit.apps.partseg import (PartsegConfig, crf_backend, dense_crf, extrac
 from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
 LOAD = 48
 FAST = dict(sample_interval=1, n_iter=20, n_redo=2)
 HAS_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # OpenMP spin-waiting on the shared 2-core machine: 1 thread is several times faster (see test_coseg.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _two_part_object(x0, y0, side, size=96, seed=0, name="syn"):

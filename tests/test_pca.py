@@ -10,14 +10,7 @@ from densevit.apps.pca import descriptor_pca, pca_features
 from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # OpenMP spin-waiting on the shared 2-core machine: 1 thread is several times faster (see test_coseg.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def test_real_images_components_rgb_and_determinism(make_extractor, images):
