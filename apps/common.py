@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densevit.binning import log_bin
 from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
-from densevit.preprocess import load_image, preprocess
+from densevit.preprocess import load_image
 
 ImageInput = Union[str, Path, Image.Image]
 
@@ -57,27 +56,14 @@ def image_name(image: ImageInput, index: int) -> str:
 def extract_features(extractor, image: ImageInput, load_size: Optional[int], layer: int, facet: str,
                      bin: bool = False, saliency: bool = True, include_cls: bool = False,
                      name: Optional[str] = None) -> ImageFeatures:
-    """Read one image and extract its descriptors (and saliency / CLS descriptor) in ONE forward pass.
-
-    With ``include_cls`` and ``bin`` both set, the unbinned patch descriptors are log-binned here (the extractor
-    bins patch descriptors only), so the CLS descriptor still comes from the same pass.
-    """
+    """Read one image and extract its descriptors (and saliency / CLS descriptor) in ONE forward pass."""
     if facet == "attn":
         raise DensevitError("facet 'attn' gives attention maps, not descriptors; use key, query, value or token")
     img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-    x, resized, image_hw = preprocess(img, load_size, extractor.spec.mean, extractor.spec.std)
-    if min(image_hw) < extractor.patch_size or min(x.shape[-2:]) < extractor.patch_size:
-        raise DensevitError(f"{name or image_name(image, 0)} is too small for the {extractor.patch_size}-pixel patch")
-    grid = extractor.grid(tuple(x.shape[-2:]), image_hw)
-    feats = extractor.extract(x[None].to(extractor.device), (layer,), (facet,), bin=bin and not include_cls,
-                              include_cls=include_cls, saliency=saliency, image_hw=image_hw)
+    x, grid, resized = extractor.preprocess_with_image(img, load_size)
+    feats = extractor.extract(x, (layer,), (facet,), bin=bin, saliency=saliency, image_hw=grid.image_hw)
     desc = feats.descriptors[(layer, facet)][0].float()
-    cls = None
-    if include_cls:
-        cls, desc = desc[0].cpu(), desc[1:]
-        if bin:
-            h, w = grid.shape
-            desc = log_bin(desc.T.reshape(1, -1, h, w))[0]
+    cls = feats.cls[(layer, facet)][0].float().cpu() if include_cls else None
     sal = feats.saliency[0].float().cpu() if feats.saliency is not None else None
     return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc.cpu(), sal, cls)
 

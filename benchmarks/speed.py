@@ -47,7 +47,7 @@ class Config:
     @property
     def name(self) -> str:
         if self.kind == "vos":
-            return f"vos {self.backbone} s{self.stride} 480p {self.dtype} b{self.batch}"
+            return f"vos {self.backbone} s{self.stride} 480p {self.dtype} b{self.batch} {self.frames}fr"
         if self.kind == "match":
             return f"match {self.backbone} s{self.stride} {self.load_size}px l{self.layer} bin {self.dtype}"
         extra = ("+bin" if self.bin else "") + ("+sal" if self.saliency else "")
@@ -76,6 +76,7 @@ def default_configs() -> List[Config]:
         Config("extract", load_size=224, layer=11, saliency=True),
         Config("extract", load_size=448, layer=11),
         Config("extract", load_size=448, layer=9, bin=True),
+        Config("vos", backbone="dino_vits16", stride=16),
         Config("vos", stride=8),
         Config("match", load_size=224, layer=9, bin=True),
     ]
@@ -143,6 +144,8 @@ def forward_flops(ext: ViTExtractor, input_hw, blocks: int, batch: int) -> float
 
 
 def _extractor(cfg: Config, weights: str, device: torch.device) -> ViTExtractor:
+    if cfg.backbone != "dino_vits8" and weights == str(golden_weights()):
+        weights = "random"  # the golden file holds ViT-S/8 weights; speed does not depend on the values
     return ViTExtractor(cfg.backbone, stride=cfg.stride, weights=weights, device=device, dtype=cfg.dtype)
 
 
@@ -228,6 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed runs")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--frames", type=int, default=None, help="frames propagated per VOS run (default 16, GPU set 64)")
     p.add_argument("--out", default="results/speed.json", help="JSON output file")
     args = p.parse_args(argv)
     device = select_device(args.device)
@@ -237,6 +241,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         else default_configs()
     if args.only:
         configs = [c for c in configs if args.only in c.name]
+    if args.frames:
+        for c in configs:
+            c.frames = args.frames
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "python": sys.version.split()[0]}

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from .backbones import BackboneSpec
@@ -38,6 +39,7 @@ class Features:
     descriptors: Dict[Tuple[int, str], torch.Tensor]  # (layer, facet) -> BxTxD (attn: BxheadsxTxT)
     grid: TokenGrid
     saliency: Optional[torch.Tensor] = None          # BxT in [0, 1]
+    cls: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, facet) -> BxD CLS descriptor
 
 
 @dataclass
@@ -132,13 +134,19 @@ class ViTExtractor(nn.Module):
 
     def preprocess(self, image: ImageLike, load_size: Optional[int] = 224) -> Tuple[torch.Tensor, TokenGrid]:
         """Read/resize/normalise one image for this backbone: ``(x 1x3xHxW on self.device, grid)``."""
-        x, _, image_hw = preprocess(image, load_size, self.spec.mean, self.spec.std)
+        x, grid, _ = self.preprocess_with_image(image, load_size)
+        return x, grid
+
+    def preprocess_with_image(self, image: ImageLike, load_size: Optional[int] = 224
+                              ) -> Tuple[torch.Tensor, TokenGrid, "Image.Image"]:
+        """:meth:`preprocess` that also returns the resized RGB image (for drawing or refinement at load size)."""
+        x, resized, image_hw = preprocess(image, load_size, self.spec.mean, self.spec.std)
         if min(image_hw) < self.patch_size:
             name = image if isinstance(image, (str, Path)) else "image"
             raise DensevitError(f"{name} is {image_hw[1]}x{image_hw[0]} pixels, smaller than the "
                                 f"{self.patch_size}-pixel patch of {self.spec.name}")
         grid = self.grid(tuple(x.shape[-2:]), image_hw)
-        return x.unsqueeze(0).to(self.device), grid
+        return x.unsqueeze(0).to(self.device), grid, resized
 
     # ------------------------------------------------------------------ internals
     def _check_structure(self) -> None:
@@ -300,19 +308,31 @@ class ViTExtractor(nn.Module):
             image_hw: original image size, recorded in the returned grid for pixel mapping.
         Returns:
             :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
-            keyed by the layer as given by the caller.
+            keyed by the layer as given by the caller, and ``cls[(layer, facet)]``: the CLS token's unbinned
+            descriptor ``BxD`` (not for ``attn``), whatever ``include_cls`` and ``bin``.
         """
         facets, layers = tuple(facets), tuple(layers)
         plan = self._plan(x, layers, facets, bin, include_cls, saliency)
         grid = self.grid(tuple(x.shape[-2:]), image_hw)
         by_block: Dict[int, Dict[str, torch.Tensor]] = {}
+        cls_block: Dict[int, Dict[str, torch.Tensor]] = {}
         sal_map = None
         for i, rec, grid_hw in self._forward(x, plan):
-            by_block[i] = {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in plan.facets.get(i, ())}
+            wanted = plan.facets.get(i, ())
+            by_block[i] = {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in wanted}
+            cls_block[i] = {f: self._cls_descriptor(f, rec[f]) for f in wanted if f != "attn"}
             if i == plan.saliency_layer:
                 sal_map = self._saliency(rec["cls_attn"])
         descriptors = {(l, f): by_block[self.resolve_layer(l)][f] for l in layers for f in facets}
-        return Features(descriptors, grid, sal_map)
+        cls = {(l, f): cls_block[self.resolve_layer(l)][f] for l in layers for f in facets
+               if f in cls_block[self.resolve_layer(l)] and self.model.cls_token is not None}
+        return Features(descriptors, grid, sal_map, cls)
+
+    def _cls_descriptor(self, facet: str, raw: torch.Tensor) -> torch.Tensor:
+        """The CLS token's descriptor ``BxD`` of a facet (same channel layout as the patch descriptors)."""
+        if facet in _QKV_INDEX:
+            raw = raw.permute(0, 2, 3, 1).flatten(2)
+        return raw[:, 0]
 
     def extract_descriptors(self, x: torch.Tensor, layer: int = 11, facet: str = "key", bin: bool = False,
                             include_cls: bool = False) -> torch.Tensor:

@@ -146,3 +146,11 @@ def test_iter_extract_streams_the_same_descriptors(ext, x):
     for (l, out), given in zip(streamed, layers):
         for f in ("key", "attn"):
             torch.testing.assert_close(out[f], full.descriptors[(given, f)])
+
+
+def test_cls_descriptor_comes_with_binned_patches(ext, x):
+    feats = ext.extract(x, (9,), ("key", "token"), bin=True)
+    with_cls = ext.extract(x, (9,), ("key", "token"), include_cls=True)
+    for f in ("key", "token"):
+        torch.testing.assert_close(feats.cls[(9, f)], with_cls.descriptors[(9, f)][:, 0])
+        assert feats.descriptors[(9, f)].shape[-1] == 17 * feats.cls[(9, f)].shape[-1]
