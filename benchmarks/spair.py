@@ -29,9 +29,7 @@ from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # n
 from densevit.datasets.spair import PAIR_FLAGS, SPLITS, SPair  # noqa: E402
 from densevit.errors import DensevitError  # noqa: E402
 from densevit.keypoint_eval import (EvalPair, ImageDescriber, ResultsLog, TransferSettings,  # noqa: E402
-                                    check_facet, evaluate_pair)
-from densevit.metrics.pck import ALPHAS, THRESHOLDS  # noqa: E402
-from densevit.transfer import REFINE  # noqa: E402
+                                    add_scoring_args, check_facet, evaluate_pair)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,15 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-images", type=int, default=32, help="descriptor sets kept in memory")
     add_backbone_args(p, stride=4, load_size=224, layer=9, facet="key")
     p.add_argument("--bin", action="store_true", help="log-binned descriptors")
-    e = p.add_argument_group("transfer and scoring")
-    e.add_argument("--refine", choices=REFINE, default="none")
-    e.add_argument("--window", type=int, default=5, help="soft-argmax window (tokens, odd)")
-    e.add_argument("--temperature", type=float, default=0.02, help="soft-argmax temperature (cosine units)")
-    e.add_argument("--threshold", choices=THRESHOLDS, default="bbox",
-                   help="PCK reference size: max side of the target box (SPair standard) or of the image")
-    e.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    e = add_scoring_args(p)
     e.add_argument("--no-breakdown", action="store_true", help="no rows per difficulty flag")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 

@@ -27,9 +27,7 @@ from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # n
 from densevit.datasets.warp import WarpConfig, default_sources, make_warp_pair  # noqa: E402
 from densevit.errors import DensevitError  # noqa: E402
 from densevit.keypoint_eval import (EvalPair, ImageDescriber, ResultsLog, TransferSettings,  # noqa: E402
-                                    check_facet, evaluate_pair)
-from densevit.metrics.pck import ALPHAS, THRESHOLDS  # noqa: E402
-from densevit.transfer import REFINE  # noqa: E402
+                                    add_scoring_args, check_facet, evaluate_pair)
 
 BREAKDOWN = ("mirror", "scale_variation", "rotation", "perspective")
 
@@ -56,14 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--flip-p", type=float, default=WarpConfig.flip_p)
     d.add_argument("--crop-scale", type=float, nargs=2, default=WarpConfig.crop_scale)
     d.add_argument("--no-photometric", action="store_true", help="geometric warps only")
-    e = p.add_argument_group("transfer and scoring")
-    e.add_argument("--refine", choices=REFINE, default="none")
-    e.add_argument("--window", type=int, default=5, help="soft-argmax window (tokens, odd)")
-    e.add_argument("--temperature", type=float, default=0.02, help="soft-argmax temperature (cosine units)")
-    e.add_argument("--threshold", choices=THRESHOLDS, default="bbox",
-                   help="PCK reference size: max side of the target object box (default) or of the image")
-    e.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_scoring_args(p)
     return p
 
 

@@ -21,7 +21,6 @@ from typing import Iterable, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 try:  # FAISS is optional (the GPU machine has torch but no FAISS).
     import faiss  # type: ignore

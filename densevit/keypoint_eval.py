@@ -33,6 +33,22 @@ from .transfer import transfer_points
 ImageSource = Union[str, Path, Image.Image, Callable[[], Union[str, Path, Image.Image]]]
 
 
+def add_scoring_args(parser) -> None:
+    """The transfer and PCK flags shared by the keypoint benchmarks (SPair-71k, warps)."""
+    from .metrics.pck import THRESHOLDS
+    from .transfer import REFINE
+
+    e = parser.add_argument_group("transfer and scoring")
+    e.add_argument("--refine", choices=REFINE, default="none")
+    e.add_argument("--window", type=int, default=5, help="soft-argmax window (tokens, odd)")
+    e.add_argument("--temperature", type=float, default=0.02, help="soft-argmax temperature (cosine units)")
+    e.add_argument("--threshold", choices=THRESHOLDS, default="bbox",
+                   help="PCK reference size: max side of the target object box (SPair standard) or of the image")
+    e.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    return e
+
+
 def check_facet(facet: str) -> None:
     """Keypoint transfer needs per-token descriptors: every facet but ``attn``."""
     if facet == "attn":

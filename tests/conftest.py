@@ -58,3 +58,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def load_benchmark(monkeypatch):
+    """``load_benchmark(name)`` -> the module ``benchmarks/<name>.py``, its extractor built once per stride (speed)."""
+    import importlib.util
+
+    from densevit.paths import repo_root
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", repo_root() / "benchmarks" / f"{name}.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        built, orig = {}, bench.build_extractor
+
+        def build(args):
+            if args.stride not in built:
+                built[args.stride] = orig(args)
+            return built[args.stride]
+
+        monkeypatch.setattr(bench, "build_extractor", build)
+        return bench
+
+    return load

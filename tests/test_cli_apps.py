@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from densevit.apps import cli_coseg, cli_match, cli_partseg, cli_pca

@@ -1,5 +1,4 @@
 """Extractor behaviour beyond the golden cases: one pass, early stop, layouts, batching, dtypes, binning."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

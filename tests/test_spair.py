@@ -6,7 +6,6 @@ written in exactly the released JSON format (key order, types, separators, final
 reference files in ../shared/data/spair-format.
 """
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from densevit.datasets.spair import (PAIR_FLAGS, SPair, image_json, pair_json, p
                                      parse_pair_name, write_annotation)
 from densevit.datasets.warp import WarpConfig, default_sources, make_warp_pair
 from densevit.errors import DensevitError
-from densevit.paths import golden_weights, repo_root, shared_dir
+from densevit.paths import golden_weights, shared_dir
 
 FORMAT_DIR = shared_dir() / "data" / "spair-format"
 REF_PAIR = FORMAT_DIR / "000001-2008_002719-2008_004100:aeroplane.json"
@@ -192,31 +191,10 @@ def test_reader_selection_and_errors(spair_root, tmp_path):
         parse_pair({"pair_id": 1}, "x", "test")
 
 
-def _build_once(bench, monkeypatch):
-    """Build the extractor through the benchmark's own flag handling once per stride, then reuse it (speed)."""
-    built, orig = {}, bench.build_extractor
-
-    def build(args):
-        if args.stride not in built:
-            built[args.stride] = orig(args)
-        return built[args.stride]
-
-    monkeypatch.setattr(bench, "build_extractor", build)
-
-
-def _load_benchmark(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", repo_root() / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.mark.skipif(not golden_weights().is_file(), reason="golden weights not available")
-def test_spair_benchmark_end_to_end(spair_root, tmp_path, capsys, monkeypatch):
+def test_spair_benchmark_end_to_end(spair_root, tmp_path, capsys, monkeypatch, load_benchmark):
     root, written = spair_root
-    bench = _load_benchmark("spair")
+    bench = load_benchmark("spair")
     entry = bench.run_cli(bench.main, "spair")
-    _build_once(bench, monkeypatch)
     out, cache = tmp_path / "run", tmp_path / "cache"
     base = ["--root", str(root), "--split", "test", "--weights", str(golden_weights()), "--stride", "8",
             "--load-size", "64", "--layer", "9", "--device", "cpu", "--quiet", "--out", str(out), "--cache", str(cache)]

@@ -1,6 +1,5 @@
 """Warp pairs (exact geometry) and the warp benchmark end to end with the golden random weights."""
 import csv
-import importlib.util
 import json
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.datasets.warp import WarpConfig, WarpSource, default_sources, make_warp_pair, make_warp_pairs
-from densevit.paths import golden_weights, repo_root
+from densevit.paths import golden_weights
 
 W, H = 96, 72
 
@@ -83,33 +82,12 @@ def test_default_sources():
     assert davis and all(s.mask is not None and s.mask.shape == (s.image.height, s.image.width) for s in davis)
 
 
-def _build_once(bench, monkeypatch):
-    """Build the extractor through the benchmark's own flag handling once per stride, then reuse it (speed)."""
-    built, orig = {}, bench.build_extractor
-
-    def build(args):
-        if args.stride not in built:
-            built[args.stride] = orig(args)
-        return built[args.stride]
-
-    monkeypatch.setattr(bench, "build_extractor", build)
-
-
-def _load_benchmark(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", repo_root() / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.mark.skipif(not golden_weights().is_file(), reason="golden weights not available")
-def test_warp_benchmark_end_to_end(tmp_path, capsys, monkeypatch):
-    bench = _load_benchmark("warp")
+def test_warp_benchmark_end_to_end(tmp_path, capsys, monkeypatch, load_benchmark):
+    bench = load_benchmark("warp")
     out = tmp_path / "run"
     base = ["--weights", str(golden_weights()), "--stride", "8", "--load-size", "64", "--image-size", "128",
             "--points", "8", "--device", "cpu", "--quiet"]
     entry = bench.run_cli(bench.main, "warp")
-    _build_once(bench, monkeypatch)
     assert entry(base + ["--layer", "9", "--out", str(out), "--pairs", "2"]) == 0
     assert entry(base + ["--layer", "9", "--out", str(out), "--pairs", "3"]) == 0    # resumes: only the third pair runs
     text = capsys.readouterr().out

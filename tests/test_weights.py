@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from densevit import BACKBONES, DensevitError, ViTExtractor, WeightsNotFoundError, load_backbone
-from densevit.weights import create_model, read_state_dict
+from densevit.weights import create_model
 
 
 def same_weights(a, b):
