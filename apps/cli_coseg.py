@@ -16,8 +16,7 @@ from densevit.cli.common import add_backbone_args, build_extractor, gather_sets,
 
 from . import draw
 from .cli_common import add_io_args, load_size_arg, run_sets, stems
-from .common import extract_set
-from .coseg import CosegConfig, cosegment_features
+from .coseg import CosegConfig, cosegment
 
 PROG = "densevit-coseg"
 
@@ -71,17 +70,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return [out / f"{s}_{kind}.png" for s in stems(images) for kind in ("mask", "overlay")]
 
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
-        t = time.perf_counter()
-        feats = extract_set(ext, images, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, saliency=True,
-                            include_cls=cfg.remove_outliers)
-        t_extract = time.perf_counter() - t
-        res = cosegment_features(feats, cfg)
-        res.timings = {"extraction": t_extract, **res.timings}
+        res = cosegment(ext, images, cfg)
         t = time.perf_counter()
         fractions = []
-        for stem, feat, mask in zip(stems(images), feats, res.masks):
+        for stem, image, mask in zip(stems(images), res.images, res.masks):
             draw.save_mask(out / f"{stem}_mask.png", mask)
-            draw.save_rgb(out / f"{stem}_overlay.png", draw.mask_overlay(feat.image, mask, max_side=args.max_side))
+            draw.save_rgb(out / f"{stem}_overlay.png", draw.mask_overlay(image, mask, max_side=args.max_side))
             fractions.append(float(mask.mean()))
         res.timings["drawing"] = time.perf_counter() - t
         outliers = [n for n, keep in zip(res.names, res.inliers) if not keep]

@@ -21,7 +21,7 @@ from densevit.cli.common import add_backbone_args, build_extractor, gather_sets,
 from . import draw
 from .cli_coseg import add_coseg_args
 from .cli_common import add_io_args, load_size_arg, run_sets, stems
-from .partseg import CRF_BACKENDS, PartsegConfig, crf_backend, extract_partseg_features, part_cosegment_features
+from .partseg import CRF_BACKENDS, PartsegConfig, crf_backend, part_cosegment
 
 PROG = "densevit-partseg"
 
@@ -71,16 +71,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return [out / f"{s}_{kind}.png" for s in stems(images) for kind in ("parts", "overlay")]
 
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
-        t = time.perf_counter()
-        feats = extract_partseg_features(ext, images, cfg)
-        t_extract = time.perf_counter() - t
-        res = part_cosegment_features(feats, len(images), cfg)
-        res.timings = {"extraction": t_extract, **res.timings}
+        res = part_cosegment(ext, images, cfg)
         t = time.perf_counter()
         coverage = []
-        for stem, feat, parts in zip(stems(images), feats, res.parts):
+        for stem, image, parts in zip(stems(images), res.images, res.parts):
             draw.save_labels(out / f"{stem}_parts.png", parts)
-            draw.save_rgb(out / f"{stem}_overlay.png", draw.parts_overlay(feat.image, parts, res.num_parts,
+            draw.save_rgb(out / f"{stem}_overlay.png", draw.parts_overlay(image, parts, res.num_parts,
                                                                           max_side=args.max_side))
             coverage.append(np.bincount(parts.ravel() + 1, minlength=res.num_parts + 1)[1:] / parts.size)
         res.timings["drawing"] = time.perf_counter() - t

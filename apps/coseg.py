@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.index import elbow_kmeans
@@ -98,6 +99,7 @@ class CosegResult:
         inliers: per image bool (all True without outlier removal).
         grabcut_applied: per image whether GrabCut refined the mask.
         timings: seconds spent per stage (extraction, clustering, voting, grabcut).
+        images: the original RGB images the masks belong to (for drawing).
     """
 
     names: List[str]
@@ -111,6 +113,7 @@ class CosegResult:
     grabcut_applied: List[bool]
     timings: Dict[str, float] = field(default_factory=dict)
     clustering: Optional[Clustering] = None
+    images: List[Image.Image] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -248,7 +251,7 @@ def cosegment_features(features: Sequence[ImageFeatures], cfg: CosegConfig = Cos
         masks.append(input_to_image(pix, f.grid))
     timings["grabcut" if cfg.grabcut else "masks"] = time.perf_counter() - t
     return CosegResult([f.name for f in features], masks, token_masks, labels, clus.k, salient, votes, inliers,
-                       applied, timings, clus)
+                       applied, timings, clus, [f.image for f in features])
 
 
 def cosegment(extractor, images: Sequence[ImageInput], cfg: Optional[CosegConfig] = None, **overrides

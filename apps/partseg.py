@@ -102,6 +102,7 @@ class PartsegResult:
         common: three stages only: the stage-2 clusters kept as common parts (else None).
         crf: the smoothing backend actually used ("dense", "approx" or "none").
         timings: seconds per stage.
+        images: the original RGB images the label maps belong to (for drawing).
     """
 
     names: List[str]
@@ -113,6 +114,7 @@ class PartsegResult:
     common: Optional[np.ndarray]
     crf: str
     timings: Dict[str, float] = field(default_factory=dict)
+    images: List[Image.Image] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ dense CRF
@@ -320,7 +322,7 @@ def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
         parts.append(input_to_image(m, features[i].grid))
         token_parts.append(input_to_tokens(m, features[i].grid).reshape(features[i].grid.shape))
     return PartsegResult([f.name for f in features[:n_original]], parts, token_parts, int(n_parts), stage1.k,
-                         salient, common, used, timings)
+                         salient, common, used, timings, [f.image for f in features[:n_original]])
 
 
 def extract_partseg_features(extractor, images: Sequence[ImageInput], cfg: PartsegConfig) -> List[ImageFeatures]:
