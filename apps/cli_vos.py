@@ -17,6 +17,7 @@ from PIL import Image
 from densevit.cli.common import add_backbone_args, build_extractor, ensure_writable, gather_images, run_cli
 from densevit.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.errors import DensevitError
+from densevit.pipeline import BackgroundWriter
 from densevit.preprocess import load_image
 
 from .vos import VOSConfig, propagate
@@ -138,11 +139,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.parent.mkdir(parents=True, exist_ok=True)
     sink = _VideoSink(Path(args.gif) if args.gif else None, Path(args.video) if args.video else None, args.fps)
     try:
-        for frame, target, mask in zip(frames, targets, propagate(extractor, frames, first_mask, cfg,
-                                                                   progress=not args.quiet)):
-            write_mask(target, mask)
-            if extra:
-                sink.add(overlay(load_image(frame), mask, args.alpha))
+        with BackgroundWriter() as writer:
+            for frame, target, mask in zip(frames, targets, propagate(extractor, frames, first_mask, cfg,
+                                                                       progress=not args.quiet)):
+                writer.submit(write_mask, target, mask)
+                if extra:
+                    sink.add(overlay(load_image(frame), mask, args.alpha))
     finally:
         sink.close()
     ids = [int(i) for i in np.unique(first_mask) if i != 0]

@@ -39,6 +39,7 @@ from PIL import Image
 
 from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
+from densevit.pipeline import prefetch_map
 from densevit.preprocess import load_image, to_tensor
 
 FrameLike = Union[str, Path, Image.Image, np.ndarray]
@@ -293,14 +294,15 @@ def propagate_labels(query: torch.Tensor, keys: Sequence[torch.Tensor], labels: 
 # ---------------------------------------------------------------------------------------------------- videos
 def _feature_batches(extractor, frames: Sequence[FrameLike], input_hw: Tuple[int, int],
                      image_hw: Tuple[int, int], cfg: VOSConfig) -> Iterator[torch.Tensor]:
-    """L2-normalised features ``TxD`` (float32, on the extractor's device) of each frame, computed in batches."""
+    """L2-normalised features ``TxD`` (float32, on the extractor's device) of each frame, computed in batches;
+    the next frames are decoded on worker threads while the current batch runs."""
     mean, std = extractor.spec.mean, extractor.spec.std
+    loaded = prefetch_map(lambda fr: load_frame(fr, input_hw, mean, std), frames, ahead=2 * cfg.batch_size)
     for s in range(0, len(frames), cfg.batch_size):
         xs = []
-        for j, fr in enumerate(frames[s:s + cfg.batch_size]):
-            x, hw = load_frame(fr, input_hw, mean, std)
+        for j, (x, hw) in zip(range(s, min(s + cfg.batch_size, len(frames))), loaded):
             if hw != tuple(image_hw):
-                raise DensevitError(f"frame {s + j} is {hw[1]}x{hw[0]} but the first frame is "
+                raise DensevitError(f"frame {j} is {hw[1]}x{hw[0]} but the first frame is "
                                     f"{image_hw[1]}x{image_hw[0]}; all frames of a video must have one size")
             xs.append(x)
         feats = extractor.extract(torch.stack(xs), layers=(cfg.layer,), facets=(cfg.facet,), image_hw=image_hw)

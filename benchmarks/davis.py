@@ -27,6 +27,7 @@ from densevit.datasets.davis import DavisDataset, labels_for_year, read_mask, wr
 from densevit.errors import DensevitError
 from densevit.metrics.davis import GLOBAL_COLUMNS, SEQUENCE_COLUMNS, DavisScores, evaluate_semisupervised
 from densevit.paths import shared_dir
+from densevit.pipeline import BackgroundWriter
 
 PROG = "benchmarks/davis.py"
 DONE = ".done.json"
@@ -86,8 +87,9 @@ def run_sequence(extractor, ds: DavisDataset, seq: str, out: Path, cfg, max_fram
     seq_dir.mkdir(parents=True, exist_ok=True)
     (seq_dir / DONE).unlink(missing_ok=True)
     t0 = time.perf_counter()
-    for frame, mask in zip(frames, propagate(extractor, frames, ds.first_mask(seq), cfg, progress=progress)):
-        write_mask(seq_dir / f"{frame.stem}.png", mask)
+    with BackgroundWriter() as writer:
+        for frame, mask in zip(frames, propagate(extractor, frames, ds.first_mask(seq), cfg, progress=progress)):
+            writer.submit(write_mask, seq_dir / f"{frame.stem}.png", mask)
     seconds = time.perf_counter() - t0
     info = {"frames": len(frames), "seconds": round(seconds, 3), "fps": round((len(frames) - 1) / seconds, 4)}
     (seq_dir / DONE).write_text(json.dumps(info))

@@ -2,8 +2,10 @@
 
 For each configuration it reports throughput (images/s, frames/s or pairs/s; median of repeated runs after a
 warm-up, CUDA synchronised), peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak
-RSS, reset before each configuration) and, for extraction, the FLOP count of the forward pass that ran and the
-achieved TFLOP/s, beside the bare forward pass through the same blocks so the extraction overhead is visible.
+RSS, reset before each configuration) and, for extraction and propagation, the FLOP count of the forward pass per
+image or frame (``GFLOP``) and the achieved TFLOP/s. Beside it runs the bare forward pass (extraction: through
+the same blocks; propagation: the features of the already-decoded frames in the same batches), so the overhead
+of everything else is visible; propagation also records the decoding time per frame on one thread.
 
     python benchmarks/speed.py                       # default configurations, on CUDA when available
     python benchmarks/speed.py --device cpu --quick  # fewer repeats
@@ -28,6 +30,7 @@ import torch
 from densevit import ViTExtractor
 from densevit.device import select_device, synchronize
 from densevit.paths import golden_weights, shared_dir
+from densevit.pipeline import BackgroundWriter
 
 
 @dataclass
@@ -165,12 +168,12 @@ def bench_extract(cfg: Config, weights: str, device: torch.device, warmup: int, 
                     device, warmup, repeats)
     flops = forward_flops(ext, tuple(x.shape[-2:]), deepest + 1, cfg.batch)
     return Result(cfg, "img/s", cfg.batch / t, t, peak_gib(device), forward_throughput=cfg.batch / fwd,
-                  overhead_pct=100 * (t / fwd - 1), gflop=flops / 1e9, tflops=flops / t / 1e12,
+                  overhead_pct=100 * (t / fwd - 1), gflop=flops / cfg.batch / 1e9, tflops=flops / t / 1e12,
                   extra={"tokens": ext.grid(tuple(x.shape[-2:])).num_tokens})
 
 
 def bench_vos(cfg: Config, weights: str, device: torch.device, warmup: int, repeats: int) -> Result:
-    from densevit.apps.vos import VOSConfig, segment_video
+    from densevit.apps.vos import VOSConfig, input_size, load_frame, propagate
     from densevit.datasets.davis import read_mask, write_mask
 
     seq = shared_dir() / "data" / "davis2016"
@@ -178,15 +181,30 @@ def bench_vos(cfg: Config, weights: str, device: torch.device, warmup: int, repe
     first = (read_mask(seq / "Annotations" / "480p" / "blackswan" / "00000.png") > 0).astype(np.uint8)
     ext = _extractor(cfg, weights, device)
     vcfg = VOSConfig(batch_size=cfg.batch)
+    n = len(frames)
 
     def run() -> None:  # decode -> features -> propagation -> written PNG masks
-        with tempfile.TemporaryDirectory() as tmp:
-            for i, m in enumerate(segment_video(ext, frames, first, vcfg)):
-                write_mask(Path(tmp) / f"{i:05d}.png", m)
+        with tempfile.TemporaryDirectory() as tmp, BackgroundWriter() as writer:
+            for i, m in enumerate(propagate(ext, frames, first, vcfg)):
+                writer.submit(write_mask, Path(tmp) / f"{i:05d}.png", m)
 
     reset_peak(device)
     t = median_time(run, device, min(warmup, 1), max(1, repeats // 3))
-    return Result(cfg, "frame/s", len(frames) / t, t, peak_gib(device), extra={"frames": len(frames)})
+    peak = peak_gib(device)
+    # where the time goes: decoding alone (one thread) and the features alone (decoded frames, same batches)
+    input_hw = input_size(first.shape, vcfg.short_side, vcfg.multiple)
+    t0 = time.perf_counter()
+    xs = [load_frame(f, input_hw, ext.spec.mean, ext.spec.std)[0] for f in frames]
+    decode = (time.perf_counter() - t0) / n
+    batches = [torch.stack(xs[s:s + vcfg.batch_size]) for s in range(0, n, vcfg.batch_size)]
+    layer = ext.resolve_layer(vcfg.layer)
+    fwd = median_time(lambda: [ext.extract(x, (layer,), (vcfg.facet,)) for x in batches], device,
+                      min(warmup, 1), max(1, repeats // 3))
+    flops = forward_flops(ext, input_hw, layer + 1, n)
+    return Result(cfg, "frame/s", n / t, t, peak, forward_throughput=n / fwd, overhead_pct=100 * (t / fwd - 1),
+                  gflop=flops / n / 1e9, tflops=flops / t / 1e12,
+                  extra={"frames": n, "tokens": ext.grid(input_hw).num_tokens, "decode_ms_per_frame": 1e3 * decode,
+                         "features_ms_per_frame": 1e3 * fwd / n, "end_to_end_ms_per_frame": 1e3 * t / n})
 
 
 def bench_match(cfg: Config, weights: str, device: torch.device, warmup: int, repeats: int) -> Result:

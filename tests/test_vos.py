@@ -104,6 +104,30 @@ def test_real_sequence_sizes_and_ids(extractor):
     assert db_eval_iou(gt[1] > 0, masks[1] > 0) > 0.3       # random weights: a sanity bound only
 
 
+@needs_golden
+@needs_davis
+def test_bfloat16_masks_agree_with_float32(extractor):
+    """The issue's precision check: propagation with a bfloat16 backbone labels >= 99% of pixels as float32."""
+    from densevit import ViTExtractor
+
+    ext16 = ViTExtractor("dino_vits8", weights=str(golden_weights()), device="cpu", dtype="bfloat16")
+    assert next(ext16.model.parameters()).dtype == torch.bfloat16
+    ds = DavisDataset(DAVIS, "2016", "val", sequences=["blackswan"])
+    frames, first = ds.frames("blackswan")[:6], ds.first_mask("blackswan")
+    cfg = VOSConfig(short_side=96, batch_size=3)
+    a = np.stack(list(propagate(extractor, frames, first, cfg))[1:])
+    b = np.stack(list(propagate(ext16, frames, first, cfg))[1:])
+    assert (a > 0).mean() > 0.01 and (a == 0).mean() > 0.5          # a real split, not an empty mask
+    assert (a == b).mean() >= 0.99
+
+
+def test_unreadable_frame_is_reported(tmp_path, extractor):
+    frames = [np.zeros((64, 64, 3), np.uint8), tmp_path / "broken.jpg", np.zeros((64, 64, 3), np.uint8)]
+    frames[1].write_bytes(b"not a jpeg")
+    with pytest.raises(DensevitError, match="broken.jpg"):
+        list(propagate(extractor, frames, np.zeros((64, 64), np.uint8), VOSConfig(short_side=64, batch_size=2)))
+
+
 # ------------------------------------------------------------------------------------------------ tracking
 def translating_video(n=6, H=128, W=192, step=(8, 8), seed=0):
     """A 40x40 blocky random texture moving over a smooth background by ``step`` pixels a frame.
@@ -178,8 +202,8 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("davis_benchmark", repo_root() / "benchmarks" / "davis.py")
+def _load_benchmark(name="davis"):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", repo_root() / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -235,3 +259,35 @@ def test_benchmark_on_constructed_davis2017(tmp_path, extractor, monkeypatch, ca
     assert [r.split(",")[0] for r in rows] == ["Sequence", "toy_1", "toy_2"]
     assert all(float(r.split(",")[1]) >= 0.8 for r in rows[1:]), rows
     assert set(np.unique(read_mask(out / "toy" / "00003.png"))) <= {0, 1, 2}
+
+
+def test_compare_masks_reports_agreement_and_score_difference(tmp_path, capsys):
+    cmp = _load_benchmark("compare_masks")
+    a, b = tmp_path / "fp32", tmp_path / "bf16"
+    for seq, n_diff in (("s1", 0), ("s2", 5)):
+        for f in range(3):
+            m = np.zeros((10, 20), np.uint8)
+            m[2:8, 4:12] = 1
+            write_mask(a / seq / f"{f:05d}.png", m)
+            if f == 2:
+                m.flat[:n_diff] = 1                         # frame 2 of s2 differs in 5 of 200 pixels
+            write_mask(b / seq / f"{f:05d}.png", m)
+    (a / "global_results-val.csv").write_text("J&F-Mean,J-Mean,F-Mean\n0.500,0.600,0.400\n")
+    (b / "global_results-val.csv").write_text("J&F-Mean,J-Mean,F-Mean\n0.497,0.601,0.393\n")
+    assert cmp.entry([str(a), str(b), "--out", str(tmp_path / "r.json")]) == 0
+    import json
+
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["sequences"]["s1"]["agree"] == 1.0 and res["sequences"]["s1"]["frames"] == 2
+    assert res["sequences"]["s2"]["agree"] == pytest.approx(395 / 400)
+    assert res["sequences"]["s2"]["worst_frame"] == pytest.approx(195 / 200)
+    assert res["agree"] == pytest.approx(795 / 800)
+    out = capsys.readouterr().out
+    assert "J&F-Mean" in out and "-0.003" in out
+    assert cmp.entry([str(a), str(b), "--out", str(tmp_path / "r.json"), "--require", "0.999"]) == 1
+    assert cmp.entry([str(a), str(b), "--out", str(tmp_path / "r.json"), "--require", "0.99"]) == 0
+    (b / "s2" / "00001.png").unlink()
+    assert cmp.entry([str(a), str(b), "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("benchmarks/compare_masks.py: error:") and "lacks 1 of the 3" in err[-1]
+    assert cmp.entry([str(a), str(tmp_path / "none")]) == 2
