@@ -2,7 +2,10 @@
 
 Facets of block ``l`` (0-based):
     ``key`` / ``query`` / ``value``: the attention projections, ``D = heads * head_dim`` with channel index
-    ``c * heads + h`` (head-minor, as the reference implementation lays them out);
+    ``c * heads + h`` (head-minor, as the reference implementation lays them out). For rotary backbones (DINOv3)
+    ``key`` and ``query`` are the projections *before* the rotary embedding (position-free: the natural choice
+    for matching across images); ``key_rope`` / ``query_rope`` are them *after* it, as the attention uses them
+    (for backbones with learned absolute positions the two are identical). ``value`` is never rotated;
     ``token``: the block output; ``token_norm``: the block output through the model's final norm;
     ``attn``: the attention probabilities, ``B x heads x T x T``.
 Descriptors are ``B x T x D`` with ``T = h * w`` patch tokens in row-major grid order (prefix tokens dropped
@@ -10,7 +13,6 @@ unless ``include_cls``, which keeps the CLS token first; register tokens are alw
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
@@ -20,16 +22,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .adapters import BlockFamily, make_adapter
 from .backbones import BackboneSpec
 from .binning import log_bin
 from .coords import TokenGrid, grid_shape
 from .device import DeviceLike, parse_dtype, select_device
 from .errors import DensevitError
+from .posenc import DINO, resample_pos_embed
 from .preprocess import ImageLike, preprocess
 from .weights import load_backbone
 
-FACETS = ("key", "query", "value", "token", "token_norm", "attn")
-_QKV_INDEX = {"query": 0, "key": 1, "value": 2}
+FACETS = ("key", "query", "value", "token", "token_norm", "attn", "key_rope", "query_rope")
+_QKV_INDEX = {"query": 0, "key": 1, "value": 2, "query_rope": 3, "key_rope": 4}
 
 
 @dataclass
@@ -56,25 +60,8 @@ class _Plan:
 
 
 def interpolate_pos_embed(patch_pos: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
-    """Resample a square ``1xNxC`` patch position embedding to ``grid_hw`` tokens (``1x(h*w)xC``).
-
-    Exactly DINO's ``interpolate_pos_encoding`` (also DINOv2's): bicubic, with the scale factor taken from the
-    grid size plus 0.1 (not from the output size), which makes the sampling positions differ slightly from a
-    size-based resize. Computed in float32.
-    """
-    N, dim = patch_pos.shape[1], patch_pos.shape[2]
-    side = int(math.sqrt(N))
-    if side * side != N:
-        raise DensevitError(f"position embedding of {N} tokens is not a square grid")
-    h, w = grid_hw
-    if (h, w) == (side, side):
-        return patch_pos
-    src = patch_pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    out = F.interpolate(src, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
-                        align_corners=False, recompute_scale_factor=False)
-    if out.shape[-2:] != (h, w):  # cannot happen for the +0.1 offset, kept as a guard
-        raise DensevitError(f"position embedding interpolation gave {tuple(out.shape[-2:])}, expected {(h, w)}")
-    return out.permute(0, 2, 3, 1).reshape(1, h * w, dim)
+    """DINO's resampling of a square ``1xNxC`` patch position embedding to ``grid_hw`` (see :mod:`densevit.posenc`)."""
+    return resample_pos_embed(patch_pos, grid_hw, DINO)
 
 
 class ViTExtractor(nn.Module):
@@ -101,18 +88,9 @@ class ViTExtractor(nn.Module):
         self.stride = self.patch_size if stride is None else int(stride)
         if self.stride < 1 or self.patch_size % self.stride != 0:
             raise DensevitError(f"stride {stride} does not divide the patch size {self.patch_size} of {spec.name}")
-        proj = model.patch_embed.proj
-        proj.stride = (self.stride, self.stride)
-        self._check_structure()
-        # Keep a float32 copy of the patch position embedding: it is resampled per grid size in float32.
-        n_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-        pos = model.pos_embed.detach().float()
-        self.register_buffer("_pos_prefix", pos[:, :n_prefix].clone(), persistent=False)
-        self.register_buffer("_pos_patch", pos[:, n_prefix:].clone(), persistent=False)
-        self._pos_cache: Dict[Tuple[int, int], torch.Tensor] = {}
-        self.model.to(device=self.device, dtype=self.dtype)
-        self._pos_prefix = self._pos_prefix.to(self.device)
-        self._pos_patch = self._pos_patch.to(self.device)
+        model.patch_embed.proj.stride = (self.stride, self.stride)
+        self.adapter: BlockFamily = make_adapter(spec.family, model, spec.pos, self.patch_size, self.stride)
+        self.adapter.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -125,7 +103,8 @@ class ViTExtractor(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.model.num_prefix_tokens)
+        """CLS and register / storage tokens before the patch tokens."""
+        return self.adapter.num_prefix_tokens
 
     def grid(self, input_hw: Tuple[int, int], image_hw: Optional[Tuple[int, int]] = None) -> TokenGrid:
         """Token grid of an input of ``input_hw`` pixels (resized from ``image_hw``)."""
@@ -149,14 +128,6 @@ class ViTExtractor(nn.Module):
         return x.unsqueeze(0).to(self.device), grid, resized
 
     # ------------------------------------------------------------------ internals
-    def _check_structure(self) -> None:
-        from timm.layers import Attention
-        from timm.models.vision_transformer import Block
-
-        for blk in self.model.blocks:
-            if type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None) is not None:
-                raise DensevitError(f"{self.spec.name}: unsupported block type {type(blk).__name__}")
-
     def resolve_layer(self, layer: int) -> int:
         """Block index ``0..depth-1`` of ``layer`` (negative counts from the end); out of range is an error."""
         l = int(layer)
@@ -165,57 +136,27 @@ class ViTExtractor(nn.Module):
             raise DensevitError(f"layer {layer} out of range for {self.spec.name} (0..{self.depth - 1}, or negative)")
         return resolved
 
-    def _pos_embed(self, grid_hw: Tuple[int, int]) -> torch.Tensor:
-        key = tuple(grid_hw)
-        pos = self._pos_cache.get(key)
-        if pos is None:
-            patch = interpolate_pos_embed(self._pos_patch, key)
-            pos = torch.cat([self._pos_prefix, patch], dim=1).to(self.dtype)
-            self._pos_cache = {key: pos}  # one grid size kept: batches are usually of one size
-        return pos
-
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Patch embedding + prefix tokens + position embedding: ``Bx3xHxW -> Bx(P+h*w)xC``."""
-        m = self.model
-        feat = m.patch_embed.proj(x)                                   # BxCxhxw
-        grid_hw = (feat.shape[-2], feat.shape[-1])
-        tokens = m.patch_embed.norm(feat.flatten(2).transpose(1, 2))   # BxTxC
-        B = tokens.shape[0]
-        prefix = []
-        if m.cls_token is not None:
-            prefix.append(m.cls_token.expand(B, -1, -1))
-        if getattr(m, "reg_token", None) is not None:
-            prefix.append(m.reg_token.expand(B, -1, -1))
-        pos = self._pos_embed(grid_hw)
-        if getattr(m, "no_embed_class", False):
-            tokens = torch.cat(prefix + [tokens + pos], dim=1)
-        else:
-            tokens = torch.cat(prefix + [tokens], dim=1) + pos
-        return m.norm_pre(m.pos_drop(tokens)), grid_hw
-
-    def _block(self, blk: nn.Module, x: torch.Tensor, want: set, saliency: bool, out: Dict[str, torch.Tensor]
-               ) -> torch.Tensor:
-        """One transformer block, recording the facets in ``want`` (and the CLS attention row if ``saliency``)."""
-        attn = blk.attn
-        B, N, _ = x.shape
-        qkv = attn.qkv(blk.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                        # each BxheadsxNxd
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        for facet in want & _QKV_INDEX.keys():
-            out[facet] = (q, k, v)[_QKV_INDEX[facet]]
+    def _block(self, blk: nn.Module, x: torch.Tensor, rope, want: set, saliency: bool,
+               out: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One transformer block through the family adapter, recording the facets in ``want`` (and the CLS
+        attention row if ``saliency``) into ``out``."""
+        ad = self.adapter
+        q0, k0, v = ad.qkv(blk, blk.norm1(x))                         # each B x heads x N x d, un-rotated
+        q, k = ad.position(q0, k0, rope)
+        if want:
+            for facet, t in zip(("query", "key", "value", "query_rope", "key_rope"), (q0, k0, v, q, k)):
+                if facet in want:
+                    out[facet] = t
         if "attn" in want:
-            probs = (q * attn.scale) @ k.transpose(-2, -1)
-            probs = probs.softmax(dim=-1)
+            probs = ((q * ad.scale(blk)) @ k.transpose(-2, -1)).softmax(dim=-1)
             out["attn"] = probs
             y = probs @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v)
         if saliency:
-            cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
-            out["cls_attn"] = cls_row[:, :, 0]                        # BxheadsxN
-        y = attn.proj(attn.norm(y.transpose(1, 2).reshape(B, N, attn.attn_dim)))
-        x = x + blk.drop_path1(blk.ls1(y))
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            cls_row = ((q[:, :, :1] * ad.scale(blk)) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+            out["cls_attn"] = cls_row[:, :, 0]                        # B x heads x N
+        x = ad.residual(blk, x, ad.attn_out(blk, y))
         if "token" in want:
             out["token"] = x
         if "token_norm" in want:
@@ -257,16 +198,16 @@ class ViTExtractor(nn.Module):
     def _forward(self, x: torch.Tensor, plan: _Plan) -> Iterator[Tuple[int, Dict[str, torch.Tensor], Tuple[int, int]]]:
         """Run the blocks up to ``plan.last``, yielding ``(block, recorded raw facets, grid_hw)`` at each block
         where something is recorded; nothing recorded is kept after it has been yielded."""
-        tokens, grid_hw = self._embed(x.to(self.device, self.dtype))
+        tokens, grid_hw, rope = self.adapter.embed(x.to(self.device, self.dtype))
         for i, blk in enumerate(self.model.blocks[: plan.last + 1]):
             want = plan.facets.get(i, set())
             sal = plan.saliency_layer == i
             if want or sal:
                 recorded: Dict[str, torch.Tensor] = {}
-                tokens = self._block(blk, tokens, want, sal, recorded)
+                tokens = self._block(blk, tokens, rope, want, sal, recorded)
                 yield i, recorded, grid_hw
             else:
-                tokens = blk(tokens)
+                tokens = self._block(blk, tokens, rope, set(), False, None)
 
     def _descriptor(self, facet: str, raw: torch.Tensor, bin: bool, include_cls: bool, grid_hw: Tuple[int, int]
                     ) -> torch.Tensor:
@@ -346,7 +287,7 @@ class ViTExtractor(nn.Module):
     @torch.inference_mode()
     def forward_until(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The bare forward pass through block ``layer`` (no facet recording); for timing the overhead."""
-        tokens, _ = self._embed(x.to(self.device, self.dtype))
+        tokens, _, rope = self.adapter.embed(x.to(self.device, self.dtype))
         for blk in self.model.blocks[: self.resolve_layer(layer) + 1]:
-            tokens = blk(tokens)
+            tokens = self._block(blk, tokens, rope, set(), False, None)
         return tokens

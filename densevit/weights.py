@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -55,33 +55,117 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _fit_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec, source: str) -> Dict[str, torch.Tensor]:
-    """Convert official layouts (DINOv2, CLIP) to timm's and check every key and shape, naming the first misfit."""
+Converted = Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
+
+
+def _convert_timm(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
+    """timm's own layout (and DINO's official one, which is the same): nothing to convert."""
+    return sd, {}
+
+
+def _convert_dinov2(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
+    """facebookresearch/dinov2 layout -> timm. With registers, timm's model keeps no position for the prefix
+    tokens, so the CLS position is folded into the CLS token (the official code adds it there)."""
+    if "register_tokens" not in sd and "mask_token" not in sd:
+        return sd, {}
+    sd = dict(sd)
+    sd.pop("mask_token", None)  # masked-image training only: the official inference never reads it
+    if "register_tokens" in sd:
+        sd["reg_token"] = sd.pop("register_tokens")
+        sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
+        sd["pos_embed"] = sd["pos_embed"][:, 1:]
+    return sd, {}
+
+
+_V3_RENAMES = (("storage_tokens", "reg_token"), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"),
+               (".mlp.w1.", ".mlp.fc1_g."), (".mlp.w2.", ".mlp.fc1_x."), (".mlp.w3.", ".mlp.fc2."))
+
+
+def _convert_dinov3(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
+    """facebookresearch/dinov3 layout -> timm ``Eva``: storage tokens are timm's register tokens, ``ls{1,2}.gamma``
+    its ``gamma_{1,2}``, the SwiGLU ``w1/w2/w3`` its ``fc1_g/fc1_x/fc2``; the fused qkv bias times its
+    ``bias_mask`` (which zeroes the key bias) is split into ``q_bias`` / ``v_bias`` after checking that the key
+    part is exactly zero. ``rope_embed.periods`` is returned as an extra (timm keeps it out of the state dict).
+    ``mask_token`` (masked training only; the official inference adds ``0 * mask_token``) and
+    ``local_cls_norm`` (local crops during training only) are not used by the official inference."""
+    if "storage_tokens" not in sd and "rope_embed.periods" not in sd:
+        return sd, {}
+    out: Dict[str, torch.Tensor] = {}
+    extras: Dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k == "mask_token" or k.startswith("local_cls_norm."):
+            continue
+        if k == "rope_embed.periods":
+            extras["rope.periods"] = v
+            continue
+        if k.endswith(".attn.qkv.bias_mask"):
+            continue
+        if k.endswith(".attn.qkv.bias"):
+            mask = sd.get(k + "_mask")
+            bias = v.float() * mask.float() if mask is not None else v.float()
+            q, kb, vb = bias.chunk(3)
+            if torch.count_nonzero(kb):
+                raise DensevitError(f"{k}: the key bias is not zero, which the DINOv3 model does not have")
+            pre = k[: -len("qkv.bias")]
+            out[pre + "q_bias"], out[pre + "v_bias"] = q, vb
+            continue
+        for a, b in _V3_RENAMES:
+            k = k.replace(a, b)
+        out[k] = v
+    return out, extras
+
+
+def _convert_clip(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
+    """OpenAI CLIP layout -> timm (timm's converter; only the image tower ``visual.*`` is the backbone)."""
+    if "visual.class_embedding" not in sd:
+        return sd, {}
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    return checkpoint_filter_fn(sd, model), {}
+
+
+CONVERTERS = {"timm": _convert_timm, "dino": _convert_timm, "dinov2": _convert_dinov2, "dinov3": _convert_dinov3,
+              "clip": _convert_clip}
+
+
+def _fit_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec, source: str) -> Converted:
+    """Convert an official layout to timm's and check every key and shape, naming the first misfit.
+
+    Nothing is dropped silently: a tensor of the file that the model has no place for is an error unless it is
+    exactly zero (or a classification head, which a backbone has not), and every tensor of the model must come
+    from the file."""
     expected = model.state_dict()
-    if "mask_token" in sd or "visual.class_embedding" in sd:
-        sd = checkpoint_filter_fn(sd, model)
-    for k in list(sd):
-        if k.startswith("head") and k not in expected:
-            del sd[k]
+    sd, extras = CONVERTERS[spec.layout](sd, model)
     for k, v in expected.items():
         if k not in sd:
             raise DensevitError(f"weights {source} do not fit {spec.name}: missing key {k!r}")
         if tuple(sd[k].shape) != tuple(v.shape):
             raise DensevitError(f"weights {source} do not fit {spec.name}: {k!r} has shape {tuple(sd[k].shape)}, "
                                 f"the model expects {tuple(v.shape)}")
-    extra = [k for k in sd if k not in expected]
+    extra = [k for k in sd if k not in expected and not k.startswith("head") and torch.count_nonzero(sd[k])]
     if extra:
         raise DensevitError(f"weights {source} do not fit {spec.name}: unexpected key {extra[0]!r}")
-    return sd
+    return {k: v for k, v in sd.items() if k in expected}, extras
+
+
+def _set_extras(model: nn.Module, extras: Dict[str, torch.Tensor], spec: BackboneSpec, source: str) -> None:
+    """Load tensors that timm keeps outside the state dict (DINOv3's RoPE periods), checking their shapes."""
+    for name, value in extras.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        current = getattr(owner, attr)
+        if tuple(value.shape) != tuple(current.shape):
+            raise DensevitError(f"weights {source} do not fit {spec.name}: {name!r} has shape {tuple(value.shape)}, "
+                                f"the model expects {tuple(current.shape)}")
+        setattr(owner, attr, value.detach().to(device=current.device, dtype=torch.float32).clone())
 
 
 def load_weights_file(model: nn.Module, spec: BackboneSpec, path: Union[str, Path]) -> None:
     """Load a checkpoint file into ``model`` (float32 model; fp16 files are upcast)."""
     path = Path(path)
-    sd = _fit_state_dict(read_state_dict(path), model, spec, str(path))
+    sd, extras = _fit_state_dict(read_state_dict(path), model, spec, str(path))
     model.load_state_dict(sd, strict=True)
+    _set_extras(model, extras, spec, str(path))
 
 
 def find_local_weights(spec: BackboneSpec) -> Optional[Path]:
