@@ -79,6 +79,8 @@ def default_configs() -> List[Config]:
         Config("extract", load_size=224, layer=11, saliency=True),
         Config("extract", load_size=448, layer=11),
         Config("extract", load_size=448, layer=9, bin=True),
+        Config("extract", backbone="dinov3_vits16", stride=16, load_size=448, layer=11),
+        Config("extract", backbone="dinov3_vits16", stride=8, load_size=448, layer=11),
         Config("vos", backbone="dino_vits16", stride=16),
         Config("vos", stride=8),
         Config("match", load_size=224, layer=9, bin=True),
@@ -93,6 +95,8 @@ def gpu_configs() -> List[Config]:
         out.append(Config("vos", stride=8, dtype=dtype, batch=8, frames=64))
     out += [Config("extract", load_size=448, layer=11, dtype="float32"), Config("extract", load_size=448, layer=9,
                                                                                  bin=True, dtype="bfloat16")]
+    out += [Config("extract", backbone=b, stride=s, load_size=448, layer=11, dtype="bfloat16")
+            for b in ("dinov3_vits16", "dinov3_vitb16") for s in (16, 8)]
     out.append(Config("match", layer=9, bin=True))
     return out
 
@@ -136,13 +140,15 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int, rep
 
 
 def forward_flops(ext: ViTExtractor, input_hw, blocks: int, batch: int) -> float:
-    """Multiply-adds x 2 of the patch embedding and ``blocks`` transformer blocks for this token count."""
+    """Multiply-adds x 2 of the patch embedding and ``blocks`` transformer blocks for this token count: every
+    linear layer of a block (q/k/v, projection, MLP of any kind) once per token, plus the two ``T x T``
+    attention products."""
     h, w = ext.grid(input_hw).shape
     T = h * w + ext.num_prefix_tokens
     C = ext.model.embed_dim
-    hidden = ext.model.blocks[0].mlp.fc1.out_features
+    linear = sum(m.weight.numel() for m in ext.model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
     embed = 2 * h * w * 3 * ext.patch_size ** 2 * C
-    per_block = 2 * T * C * 3 * C + 2 * 2 * T * T * C + 2 * T * C * C + 2 * 2 * T * C * hidden
+    per_block = 2 * T * linear + 2 * 2 * T * T * C
     return batch * (embed + blocks * per_block)
 
 

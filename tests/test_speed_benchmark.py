@@ -34,6 +34,16 @@ def test_flop_count_of_vits8_stride4(speed):
     assert speed.forward_flops(ext, (224, 224), 10, 2) == 2 * (embed + 10 * block)
 
 
+def test_flop_count_of_dinov3_vits16plus_swiglu(speed):
+    from densevit import ViTExtractor
+
+    ext = ViTExtractor("dinov3_vits16plus", stride=16, weights="random", device="cpu")
+    T, C, H = 14 * 14 + 5, 384, 1536                                 # CLS + 4 storage tokens; SwiGLU: 3 matrices
+    block = 2 * (T * C * 3 * C + T * C * C + 3 * T * C * H) + 2 * 2 * T * T * C
+    embed = 2 * 14 * 14 * 3 * 16 * 16 * C
+    assert speed.forward_flops(ext, (224, 224), 12, 1) == embed + 12 * block
+
+
 @needs_data
 def test_extraction_row_measures_overhead_and_memory(speed, one_thread):
     cfg = speed.Config("extract", load_size=64, layer=9, bin=True)

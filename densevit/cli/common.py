@@ -43,7 +43,10 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, stride: Optional[int] 
     if layer is not None:
         g.add_argument("--layer", type=int, default=layer, help="block index, 0-based (-1 = last)")
     if facet is not None:
-        g.add_argument("--facet", default=facet, choices=["key", "query", "value", "token", "token_norm", "attn"])
+        from ..extractor import FACETS
+
+        g.add_argument("--facet", default=facet, choices=list(FACETS),
+                       help="key/query: before RoPE on rotary backbones (key_rope/query_rope: after it)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 

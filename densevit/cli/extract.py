@@ -36,7 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_backbones:
         for name, spec in BACKBONES.items():
-            print(f"{name:20s} {spec.hub_name:45s} patch {spec.patch_size:2d}  {spec.supervision}")
+            print(f"{name:18s} {spec.hub_name:42s} patch {spec.patch_size:2d}  {spec.supervision:10s} "
+                  f"{spec.pos.describe()}")
         return 0
     if not args.images or not args.out:
         raise DensevitError("give at least one image and an output folder (-o OUT)")
