@@ -195,6 +195,32 @@ def test_cli_writes_indexed_pngs_and_gif(tmp_path, extractor, monkeypatch):
     assert vos_entry(args) == 2                                     # outputs exist: refused without --overwrite
 
 
+@needs_golden
+@needs_davis
+def test_cli_leaves_out_unreadable_frame(tmp_path, extractor, monkeypatch, capsys):
+    import densevit.apps.cli_vos as cli
+
+    monkeypatch.setattr(cli, "build_extractor", lambda args: extractor)
+    src = DAVIS / "JPEGImages" / "480p" / "dog"
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for p in sorted(src.glob("*.jpg"))[:3]:
+        (frames_dir / p.name).symlink_to(p)
+    (frames_dir / "00001b.jpg").write_bytes(b"not a frame")
+    first = DAVIS / "Annotations" / "480p" / "dog" / "00000.png"
+    out = tmp_path / "out"
+    args = ["--frames", str(frames_dir), "--first-mask", str(first), "--out", str(out), "--short-side", "64",
+            "--device", "cpu", "--quiet"]
+    assert vos_entry(args) == 1
+    err = capsys.readouterr().err
+    assert "skipping unreadable image" in err and "00001b.jpg" in err and "1 unreadable image(s) left out" in err
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+    (frames_dir / "00000.jpg").unlink()
+    (frames_dir / "00000.jpg").write_bytes(b"broken first frame")
+    assert vos_entry(args + ["--overwrite"]) == 2
+    assert "first frame 00000.jpg is unreadable" in capsys.readouterr().err
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert vos_entry(["--frames", str(tmp_path / "none"), "--first-mask", "x.png", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
