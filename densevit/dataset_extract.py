@@ -62,6 +62,7 @@ class ExtractionReport:
     failed: Dict[str, str] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=lambda: dict(decode=0.0, forward=0.0, write=0.0, wait=0.0,
                                                                      total=0.0))
+    per_rank: List[Dict[str, Any]] = field(default_factory=list)  # on rank 0: every rank's images and seconds
 
     def merge(self, other: "ExtractionReport") -> None:
         self.images += other.images
@@ -239,6 +240,9 @@ def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: P
         for r in reports:
             total.merge(r)
         total.seconds["total"] = max(r.seconds["total"] for r in reports)
+        total.per_rank = [{"rank": i, "images": r.images, "shards": r.computed_shards, "seconds": r.seconds,
+                           "device": str(extractor.device) if i == ctx.rank else None}
+                          for i, r in enumerate(reports)]
         writer.finalize([(s["name"], s["images"]) for s in shards], unreadable)
         return total
     return report

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--content-hash", action="store_true",
                    help="identify source images by SHA-256 of their bytes (default: path, size and mtime)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--stats", help="write the run's timing report (images, decode/forward/write/wait seconds per "
+                   "rank) to this JSON file")
     p.add_argument("--bin", action="store_true", help="log-binned descriptors (17 bins)")
     p.add_argument("--saliency", action="store_true", help="also write the CLS-attention saliency map")
     p.add_argument("--include-cls", action="store_true", help="keep the CLS token as the first descriptor")
@@ -137,6 +139,14 @@ def _store_main(args: argparse.Namespace) -> int:
               f"{report.reused_shards} shard(s) already complete, {len(report.failed)} failed; "
               f"{rate:.2f} img/s over {ctx.world_size} process(es) (decode {sec['decode']:.1f} s, forward "
               f"{sec['forward']:.1f} s, write {sec['write']:.1f} s, waiting {sec['wait']:.1f} s)")
+        if args.stats:
+            import json
+
+            Path(args.stats).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.stats).write_text(json.dumps(
+                {"world_size": ctx.world_size, "images": report.images, "computed_shards": report.computed_shards,
+                 "reused_shards": report.reused_shards, "failed": report.failed, "seconds": sec,
+                 "per_rank": report.per_rank}, indent=1) + "\n")
         if report.failed:
             print(f"densevit-extract: {len(report.failed)} image(s) could not be read", file=sys.stderr)
     return 1 if report.failed else 0
