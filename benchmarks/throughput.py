@@ -62,8 +62,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-decode", action="store_true")
     p.add_argument("--reference", default=None,
                    help="folder with dino-vit-features' extractor.py and DINO's vision_transformer.py")
+    p.add_argument("--decode-check", action="store_true",
+                   help="only compare --fast-decode with the exact decode on the photographs: time and cosine")
     p.add_argument("--out", default="results/throughput")
     return p
+
+
+def decode_check(args: argparse.Namespace, images: Sequence[Path]) -> List[Dict]:
+    """Per photograph larger than 4x the load size: exact vs fast (draft-mode) decode + resize time (median of 5)
+    and the cosine similarity of their descriptors (per token: mean and minimum; raw and log-binned)."""
+    import statistics
+
+    from PIL import Image
+
+    from densevit.extractor import ViTExtractor
+    from densevit.preprocess import load_resized, normalize, to_uint8_tensor
+
+    ext = ViTExtractor(args.backbone, stride=args.stride, weights=args.weights, device=args.device or "cpu")
+    rows = []
+    for p in images:
+        with Image.open(p) as im:
+            if min(im.size) < 4 * args.load_size:
+                continue
+            size = im.size
+        times, desc = {}, {}
+        for fast in (False, True):
+            ts = []
+            for _ in range(5):
+                t = time.perf_counter()
+                img, hw = load_resized(p, args.load_size, fast)
+                ts.append(time.perf_counter() - t)
+            times[fast] = statistics.median(ts)
+            x = normalize(to_uint8_tensor(img)[None], ext.spec.mean, ext.spec.std)
+            f = ext.extract(x, (args.layer,), (args.facet,))
+            raw = f.descriptors[(args.layer, args.facet)][0].float()
+            from densevit.binning import log_bin
+
+            h, w = f.grid.shape
+            desc[fast] = (raw, log_bin(raw.T.reshape(1, -1, h, w))[0])
+        cos = [torch.nn.functional.cosine_similarity(desc[False][i], desc[True][i], dim=-1) for i in (0, 1)]
+        rows.append({"image": p.name, "size": f"{size[0]}x{size[1]}", "exact_ms": 1000 * times[False],
+                     "fast_ms": 1000 * times[True], "speedup": times[False] / times[True],
+                     "cos_mean": cos[0].mean().item(), "cos_min": cos[0].min().item(),
+                     "cos_binned_mean": cos[1].mean().item(), "cos_binned_min": cos[1].min().item()})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def gather_inputs(args: argparse.Namespace, folder: Path) -> List[Path]:
@@ -177,6 +220,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     images = gather_inputs(args, out / "inputs")
     print(f"{len(images)} images: {', '.join(p.name for p in images)}", flush=True)
+    if args.decode_check:
+        rows = decode_check(args, images)
+        md = ("| image | size | exact decode+resize | fast | speed-up | cosine mean / min | binned mean / min |\n"
+              "|---|---|---|---|---|---|---|\n" + "".join(
+                  f"| {r['image']} | {r['size']} | {r['exact_ms']:.0f} ms | {r['fast_ms']:.0f} ms | "
+                  f"{r['speedup']:.1f}x | {r['cos_mean']:.4f} / {r['cos_min']:.4f} | "
+                  f"{r['cos_binned_mean']:.4f} / {r['cos_binned_min']:.4f} |\n" for r in rows))
+        (out / "decode_check.md").write_text(md)
+        print(md)
+        return 0
     rows = []
     for n in args.procs:
         rep = run_store(args, out / "inputs", out / f"store_p{n}", n, out / f"stats_p{n}.json")

@@ -120,6 +120,7 @@ def store_settings(extractor, cfg: ExtractionConfig, weights: Optional[str]) -> 
         raise DensevitError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {cfg.store_dtype!r}")
     return {"format": FORMAT, "backbone": extractor.spec.name, "weights": weights_fingerprint(weights, extractor.spec.name),
             "patch_size": extractor.patch_size, "stride": extractor.stride, "load_size": cfg.load_size,
+            "depth": extractor.depth,
             "layers": sorted({extractor.resolve_layer(l) for l in cfg.layers}), "facets": sorted(set(cfg.facets)),
             "model_dtype": str(extractor.dtype).replace("torch.", ""), "store_dtype": cfg.store_dtype,
             "saliency": bool(cfg.saliency), "fast_decode": bool(cfg.fast_decode),

@@ -183,3 +183,18 @@ def test_torchrun_two_processes_equal_one_and_resume(folder, tmp_path, golden_pa
         "2 image(s) extracted in 1 shard(s), 2 shard(s) already complete" in r.stdout, r.stdout + r.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert _contents(two) == _contents(one)
+
+
+def test_pca_app_reads_a_store(store32, folder, tmp_path, golden_path, capsys, one_thread):
+    """densevit-pca --store: the same pictures as running the model (float32 store, batch size 1)."""
+    from densevit.apps import cli_pca
+
+    ims = [str(folder / "cat0.jpg"), str(folder / "ibex1.png")]
+    common = ["--layer", "9", "--facet", "key", "--bin", "--quiet"]
+    assert cli_pca.entry(ims + ["--out", str(tmp_path / "a"), "--store", str(store32)] + common) == 0
+    assert cli_pca.entry(ims + ["--out", str(tmp_path / "b"), "--weights", str(golden_path), "--stride", "8",
+                                "--load-size", str(LOAD), "--device", "cpu"] + common) == 0
+    for name in ("cat0_pca.png", "ibex1_pca.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert cli_pca.entry(ims + ["--out", str(tmp_path / "c"), "--store", str(store32), "--layer", "5"]) == 2
+    assert "store holds layers [9, 11]" in capsys.readouterr().err
