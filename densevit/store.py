@@ -219,6 +219,7 @@ class FeatureStore:
         self.verify = verify
         self._checked: set = set()
         self._handles: Dict[str, Any] = {}
+        self._by_path: Optional[Dict[str, str]] = None
 
     # --------------------------------------------------------------------- what is stored
     @property
@@ -253,8 +254,10 @@ class FeatureStore:
         index = self.manifest["images"]
         e = index.get(str(image))
         if e is None:  # a path: match the resolved source path
-            want = str(Path(image).resolve())
-            e = next((v for v in index.values() if v["source"].get("path") == want), None)
+            if self._by_path is None:
+                self._by_path = {v["source"].get("path"): k for k, v in index.items()}
+            key = self._by_path.get(str(Path(image).resolve()))
+            e = index.get(key) if key is not None else None
         if e is None:
             why = f" (it failed: {self.failed[str(image)]})" if str(image) in self.failed else ""
             raise StoreError(f"image {image} is not in store {self.root}{why}")
