@@ -12,8 +12,9 @@ the first two shared DAVIS sequences (854x480), linked into ``OUT/inputs``. Each
 log-binning at read time (the time it takes is reported per image).
 
 ``--reference DIR`` also times the reference implementation (dino-vit-features' ``extractor.py`` beside DINO's
-``vision_transformer.py`` in DIR; not part of densevit) looping over the same images in one process, with the
-same weights loaded into DINO's own model: ``preprocess`` + ``extract_descriptors(layer, facet, bin=True)``.
+``vision_transformer.py`` and ``utils.py`` in DIR; not part of densevit) looping over the same images in one
+process, with the same weights loaded into DINO's own model: ``preprocess`` + ``extract_descriptors(layer,
+facet, bin=True)``. ``--decode-check`` compares ``--fast-decode`` with the exact decode instead.
 Writes ``OUT/throughput.{md,csv,json}`` and prints the table.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="decoding worker processes per rank")
     p.add_argument("--fast-decode", action="store_true")
     p.add_argument("--reference", default=None,
-                   help="folder with dino-vit-features' extractor.py and DINO's vision_transformer.py")
+                   help="folder with dino-vit-features' extractor.py and DINO's vision_transformer.py and utils.py")
     p.add_argument("--decode-check", action="store_true",
                    help="only compare --fast-decode with the exact decode on the photographs: time and cosine")
     p.add_argument("--out", default="results/throughput")
