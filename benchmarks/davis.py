@@ -149,9 +149,12 @@ def deal(sequences: Sequence[str], frames: Dict[str, int], ranks: int) -> List[L
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = dist.init()
     try:
-        return _main(argv, ctx)
-    finally:
-        dist.finish(ctx)
+        code = _main(argv, ctx)
+    except BaseException:
+        dist.finish(ctx, clean=False)
+        raise
+    dist.finish(ctx)
+    return code
 
 
 def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:

@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = dist.init()
     try:
-        return _main(argv, ctx)
-    finally:
-        dist.finish(ctx)
+        code = _main(argv, ctx)
+    except BaseException:
+        dist.finish(ctx, clean=False)
+        raise
+    dist.finish(ctx)
+    return code
 
 
 def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:

@@ -79,8 +79,10 @@ def init(timeout_minutes: float = 60.0) -> DistContext:
     return DistContext(rank, world, local)
 
 
-def finish(ctx: DistContext) -> None:
-    """Leave the process group (after a final barrier)."""
+def finish(ctx: DistContext, clean: bool = True) -> None:
+    """Leave the process group: after a final barrier when ``clean``; at once when this rank is failing (the
+    others may be inside another collective; torchrun stops them)."""
     if ctx.distributed:
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -130,8 +130,10 @@ def _store_main(args: argparse.Namespace) -> int:
                                workers=args.workers, shard_size=args.shard_size, content_hash=args.content_hash,
                                overwrite=args.overwrite, progress=not args.quiet)
         report = extract_to_store(ext, items, Path(args.store), cfg, args.weights, ctx)
-    finally:
-        dist.finish(ctx)
+    except BaseException:
+        dist.finish(ctx, clean=False)
+        raise
+    dist.finish(ctx)
     if ctx.is_main:
         sec = report.seconds
         rate = report.images / sec["total"] if sec["total"] > 0 else 0.0
