@@ -20,6 +20,7 @@ from densevit.errors import DensevitError
 from densevit.pipeline import BackgroundWriter
 from densevit.preprocess import load_image
 
+from .cli_common import drop_unreadable, report_unreadable
 from .vos import VOSConfig, propagate
 
 PROG = "densevit-vos"
@@ -120,7 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(args)
     if not Path(args.frames).is_dir():
         raise DensevitError(f"--frames must be a folder of frames: {args.frames}")
-    frames = gather_images([args.frames])
+    all_frames = gather_images([args.frames])
+    frames, unreadable = drop_unreadable(PROG, all_frames)
+    if all_frames[0] in unreadable:
+        raise DensevitError(f"the first frame {all_frames[0].name} is unreadable; the first mask belongs to it")
     first_mask = read_mask(args.first_mask)
     out = Path(args.out)
     targets = [out / f"{f.stem}.png" for f in frames]
@@ -149,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sink.close()
     ids = [int(i) for i in np.unique(first_mask) if i != 0]
     print(f"wrote {len(targets)} masks to {out} (object ids: {', '.join(map(str, ids)) or 'none'})")
-    return 0
+    return report_unreadable(PROG, unreadable)
 
 
 entry = run_cli(main, PROG)

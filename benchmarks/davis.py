@@ -7,6 +7,10 @@ Writes ``OUT/<seq>/<frame>.png`` (indexed, DAVIS palette), ``OUT/global_results-
 Resumable: a sequence whose masks are complete is not propagated again unless ``--recompute``; the settings are
 stored in ``OUT/settings.json`` and a run with different settings is refused. ``--eval-only`` scores the masks
 already in ``OUT`` (any method's) without a model.
+
+Under ``torchrun --nproc_per_node N`` the sequences still to do are dealt to the ranks (longest first, each to
+the least loaded rank: deterministic), every rank writes its sequences' masks, and rank 0 scores all of them
+after a barrier: the same scores as one process.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 
 from densevit.apps.cli_vos import add_protocol_args, config_from_args
 from densevit.apps.vos import propagate
+from densevit import dist
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli
 from densevit.datasets.davis import DavisDataset, labels_for_year, read_mask, write_mask
 from densevit.errors import DensevitError
@@ -131,8 +136,30 @@ def print_tables(split: str, g: Dict[str, float], rows: List[Dict[str, object]],
         print(f"{r['Sequence']:<{width}}  {r['J-Mean']:6.3f}  {r['F-Mean']:6.3f}  {fps}")
 
 
+def deal(sequences: Sequence[str], frames: Dict[str, int], ranks: int) -> List[List[str]]:
+    """Sequences per rank: longest first, each to the rank with the fewest frames so far (ties: lowest rank)."""
+    load, out = [0] * ranks, [[] for _ in range(ranks)]
+    for seq in sorted(sequences, key=lambda s: (-frames[s], s)):
+        r = min(range(ranks), key=lambda i: (load[i], i))
+        out[r].append(seq)
+        load[r] += frames[seq]
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    ctx = dist.init()
+    try:
+        code = _main(argv, ctx)
+    except BaseException:
+        dist.finish(ctx, clean=False)
+        raise
+    dist.finish(ctx)
+    return code
+
+
+def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
     args = build_parser().parse_args(argv)
+    args.device = ctx.device(args.device)
     cfg = config_from_args(args)
     if args.max_frames is not None and args.max_frames < 3:
         raise DensevitError("--max-frames must be at least 3 (the first and last frames are not scored)")
@@ -144,19 +171,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     timing: Dict[str, dict] = {}
     if not args.eval_only:
-        check_settings(out, settings_of(args), args.recompute)
+        state = None
+        if ctx.is_main:
+            try:
+                check_settings(out, settings_of(args), args.recompute)
+                todo = [s for s in ds.sequences if args.recompute or not (out / s / DONE).is_file()]
+                n_frames = {s: len(ds.frames(s)[:args.max_frames]) for s in todo}
+                state = ("ok", deal(todo, n_frames, ctx.world_size))
+            except DensevitError as exc:
+                state = ("error", str(exc))
+        state = ctx.broadcast(state)
+        if state[0] == "error":
+            raise DensevitError(state[1])
+        mine = state[1][ctx.rank]
         extractor = None
-        todo = [s for s in ds.sequences if args.recompute or not (out / s / DONE).is_file()]
-        for i, seq in enumerate(ds.sequences):
-            if seq not in todo:
-                continue
+        for i, seq in enumerate(mine):
             if extractor is None:
                 extractor = build_extractor(args)
             if progress:
-                print(f"[{todo.index(seq) + 1}/{len(todo)}] {seq}", file=sys.stderr)
-            run_sequence(extractor, ds, seq, out, cfg, args.max_frames, progress)
+                rank = f"rank {ctx.rank}: " if ctx.world_size > 1 else ""
+                print(f"{rank}[{i + 1}/{len(mine)}] {seq}", file=sys.stderr)
+            run_sequence(extractor, ds, seq, out, cfg, args.max_frames, progress and ctx.is_main)
+        ctx.barrier()
+        if not ctx.is_main:
+            return 0
     elif not out.is_dir():
         raise DensevitError(f"no results folder {out} to evaluate")
+    elif not ctx.is_main:
+        return 0
     for seq in ds.sequences:
         done = out / seq / DONE
         if done.is_file():

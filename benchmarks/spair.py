@@ -7,7 +7,9 @@ refined) and scores PCK@alpha with the SPair threshold alpha * max(h, w) of the 
 --threshold image), per point and per image, per category and overall, with breakdowns by the pair's
 difficulty flags. Descriptors are computed once per image (in memory; on disk too with --cache).
 Outputs in --out: pck.csv, pck.txt, records.jsonl (per pair), settings.json. Rerunning with the same settings
-resumes where it stopped (--limit and --categories may change between runs).
+resumes where it stopped (--limit and --categories may change between runs). Under
+``torchrun --nproc_per_node N`` the pairs still to do are dealt to the ranks round-robin; each rank logs its
+records, and rank 0 merges them and scores: the same table as one process.
 
 Example:
     python benchmarks/spair.py --root /data/SPair-71k --split test --stride 4 --layer 9 --bin --out runs/spair
@@ -24,6 +26,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO))
 
+from densevit import dist  # noqa: E402
 from densevit.cache import file_fingerprint  # noqa: E402
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # noqa: E402
 from densevit.datasets.spair import PAIR_FLAGS, SPLITS, SPair  # noqa: E402
@@ -52,9 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    ctx = dist.init()
+    try:
+        code = _main(argv, ctx)
+    except BaseException:
+        dist.finish(ctx, clean=False)
+        raise
+    dist.finish(ctx)
+    return code
+
+
+def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
     from tqdm import tqdm
 
     args = build_parser().parse_args(argv)
+    args.device = ctx.device(args.device)
     check_facet(args.facet)
     dataset = SPair(args.root, args.split, args.layout, args.categories, args.limit)
     if len(dataset) == 0:
@@ -65,35 +80,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "load_size": args.load_size, "layer": args.layer, "facet": args.facet, "bin": args.bin,
                 "dtype": args.dtype, "transfer": vars(transfer), "categories": args.categories,
                 "limit": args.limit, "device": args.device, "cache": args.cache}
-    log = ResultsLog(args.out, settings, overwrite=args.overwrite,
-                     volatile=("categories", "limit", "device", "cache"))
+    state = None
+    if ctx.is_main:
+        try:
+            log = ResultsLog(args.out, settings, overwrite=args.overwrite,
+                             volatile=("categories", "limit", "device", "cache"))
+            state = ("ok", [n for n in dataset.names if not log.done(n)])
+        except DensevitError as exc:
+            state = ("error", str(exc))
+    state = ctx.broadcast(state)
+    if state[0] == "error":
+        raise DensevitError(state[1])
+    all_todo = state[1]
+    if not ctx.is_main:
+        log = ResultsLog.for_rank(args.out, ctx.rank)
+    todo = ctx.shard(all_todo)
     extractor = build_extractor(args)
     weights_id = (file_fingerprint(args.weights) if args.weights and Path(args.weights).is_file()
                   else args.weights)
     describe = ImageDescriber(extractor, args.load_size, args.layer, args.facet, args.bin, cache_dir=args.cache,
                               keep=args.keep_images, identity={"backbone": args.backbone, "weights": weights_id})
 
-    todo = [n for n in dataset.names if not log.done(n)]
     t0 = time.perf_counter()
-    for name in tqdm(todo, desc=f"SPair {dataset.split}", unit="pair", disable=args.quiet):
+    for name in tqdm(todo, desc=f"SPair {dataset.split}", unit="pair", disable=args.quiet or not ctx.is_main):
         sp = dataset.pair(name)
         pair = EvalPair(sp.name, sp.category,
                         f"{sp.category}/{sp.src_imname}", dataset.image_path(sp.category, sp.src_imname),
                         f"{sp.category}/{sp.trg_imname}", dataset.image_path(sp.category, sp.trg_imname),
                         sp.src_kps, sp.trg_kps, sp.trg_bndbox, sp.trg_hw, sp.flags)
         log.add(evaluate_pair(describe, pair, transfer))
+    log._log.flush()
     wall = time.perf_counter() - t0
-    extra = {"device": str(extractor.device), "pairs_run_now": len(todo), "wall_seconds_now": wall,
-             "wall_seconds_per_pair_now": wall / len(todo) if todo else None,
-             "images_computed_now": describe.computed,
-             "descriptor_seconds_per_image_now": describe.seconds / describe.computed if describe.computed else None}
+    counts = ctx.gather((describe.computed, describe.seconds))   # also the barrier after every rank's pairs
+    if not ctx.is_main:
+        log._log.close()
+        return 0
+    log.merge_ranks()
+    computed, seconds = sum(c for c, _ in counts), sum(s for _, s in counts)
+    todo = all_todo
+    extra = {"device": str(extractor.device), "processes": ctx.world_size, "pairs_run_now": len(todo),
+             "wall_seconds_now": wall, "wall_seconds_per_pair_now": wall / len(todo) if todo else None,
+             "images_computed_now": computed,
+             "descriptor_seconds_per_image_now": seconds / computed if computed else None}
     title = (f"SPair-71k {dataset.split} PCK ({args.threshold} threshold) {args.backbone} stride {args.stride} "
              f"layer {args.layer} {args.facet}{' bin' if args.bin else ''} load {args.load_size} refine {args.refine}")
     table = log.finish(dataset.names, args.alphas, args.threshold, () if args.no_breakdown else PAIR_FLAGS,
                        title, extra)
     print(table)
     if todo:
-        print(f"{len(todo)} pairs in {wall:.1f} s ({wall / len(todo):.2f} s/pair, {describe.computed} images "
+        print(f"{len(todo)} pairs in {wall:.1f} s ({wall / len(todo):.2f} s/pair, {computed} images "
               f"described, device {extractor.device}); results in {log.dir}")
     else:
         print(f"all {len(dataset)} pairs already done; results in {log.dir}")

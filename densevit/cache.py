@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["CacheWarning", "CacheError", "DescriptorCache", "canonical_key", "key_digest", "file_fingerprint"]
+__all__ = ["CacheWarning", "CacheError", "DescriptorCache", "canonical_key", "key_digest", "file_fingerprint",
+           "file_sha256", "atomic_write"]
 
 FORMAT = "densevit-cache-v1"
 Payload = Dict[str, Any]  # name -> torch.Tensor | np.ndarray | JSON value (int, float, str, bool, None, list, dict)
@@ -59,12 +60,39 @@ def file_fingerprint(path: Union[str, Path], content_hash: bool = False) -> Dict
     p = Path(path).resolve()
     st = p.stat()
     if content_hash:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return {"path": str(p), "size": st.st_size, "sha256": h.hexdigest()}
+        return {"path": str(p), "size": st.st_size, "sha256": file_sha256(p)}
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[Any], None]) -> Path:
+    """Write a file atomically: ``write(f)`` fills a temp file in the same folder (flushed, fsync'ed), which then
+    replaces ``path`` with ``os.replace``; readers see the old file or the complete new one, never a partial one.
+    A failure removes the temp file and re-raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
 
 
 # ------------------------------------------------------------------------------------------------- payloads
@@ -177,22 +205,7 @@ class DescriptorCache:
         stored, kinds = _to_storable(payload)
         blob = {"format": FORMAT, "key": key_json, "checksum": _checksum(stored, kinds), "kinds": kinds,
                 "payload": stored}
-        path = self.path_for(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
+        return atomic_write(self.path_for(key), lambda f: torch.save(blob, f))
 
     def get_or_compute(self, key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]],
                        map_location: Union[str, torch.device] = "cpu") -> Payload:

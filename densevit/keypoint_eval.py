@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -187,6 +187,34 @@ class ResultsLog:
     """
 
     FILES = ("settings.json", "records.jsonl", "pck.csv", "pck.txt")
+    RANK_FILES = "records-rank*.jsonl"  # other ranks' records under torchrun, folded in by rank 0
+
+    @classmethod
+    def for_rank(cls, out_dir: Union[str, Path], rank: int) -> "ResultsLog":
+        """The log of a rank other than 0 in a torchrun run: appends its records to ``records-rank<r>.jsonl``
+        (rank 0 owns the settings and folds these files in with :meth:`merge_ranks`)."""
+        log = cls.__new__(cls)
+        log.dir, log.settings, log.volatile, log.records = Path(out_dir), {}, set(), {}
+        log._log = open(log.dir / f"records-rank{rank}.jsonl", "a")
+        return log
+
+    def merge_ranks(self) -> None:
+        """Fold the other ranks' record files into this log (rank 0, after they finished or died)."""
+        for f in sorted(self.dir.glob(self.RANK_FILES)):
+            for r in self._read_records(f):
+                if r.name not in self.records:
+                    self.add(r)
+            f.unlink()
+
+    @staticmethod
+    def _read_records(path: Path) -> List[PairRecord]:
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(PairRecord.from_json(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by an interrupted run
+        return out
 
     def __init__(self, out_dir: Union[str, Path], settings: Mapping, overwrite: bool = False,
                  volatile: Sequence[str] = ()) -> None:
@@ -200,6 +228,8 @@ class ResultsLog:
         if overwrite:
             for f in self.FILES:
                 (self.dir / f).unlink(missing_ok=True)
+            for f in self.dir.glob(self.RANK_FILES):
+                f.unlink()
         elif settings_path.is_file():
             old = json.loads(settings_path.read_text()).get("settings", {})
             diff = sorted(k for k in set(old) | set(self.settings)
@@ -216,16 +246,16 @@ class ResultsLog:
 
     def _load(self) -> None:
         path = self.dir / "records.jsonl"
-        if not path.is_file():
+        rank_files = sorted(self.dir.glob(self.RANK_FILES))  # left by a distributed run that was cut short
+        if not path.is_file() and not rank_files:
             return
-        for line in path.read_text().splitlines():
-            try:
-                r = PairRecord.from_json(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by an interrupted run
-            self.records[r.name] = r
+        for f in ([path] if path.is_file() else []) + rank_files:
+            for r in self._read_records(f):
+                self.records.setdefault(r.name, r)
         # rewrite without cut lines so appends start on a fresh line
         path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in self.records.values()))
+        for f in rank_files:
+            f.unlink()
 
     def _write_settings(self, summary: Mapping) -> None:
         (self.dir / "settings.json").write_text(json.dumps(

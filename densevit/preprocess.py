@@ -63,12 +63,72 @@ def resize_short_side(img: Image.Image, load_size: int | None) -> Image.Image:
     return img.resize((w, h), Image.LANCZOS)
 
 
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``3xHxW`` uint8 tensor (what data-loader workers pass on: 4x less than float)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``[B]x3xHxW`` (any device) -> normalised float32, ``(x / 255 - mean) / std`` per channel."""
+    x = x.float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x - m) / s
+
+
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> normalised float tensor ``3xHxW``."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
+    return normalize(to_uint8_tensor(img), mean, std)
+
+
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose the image
+
+
+def image_size(path: Union[str, Path]) -> Tuple[int, int]:
+    """``(H, W)`` of an image file after its EXIF orientation, from the header only (no pixel decoding)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DensevitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return (w, h) if orientation in _SWAPPING_ORIENTATIONS else (h, w)
+
+
+def load_resized(path: Union[str, Path], load_size: int | None, fast_jpeg: bool = False
+                 ) -> Tuple[Image.Image, Tuple[int, int]]:
+    """Read an image and resize its shorter side to ``load_size``: ``(resized RGB image, original (H0, W0))``.
+
+    The default is the exact reference path (full decode, Lanczos). ``fast_jpeg=True`` lets libjpeg decode a JPEG
+    at 1/2, 1/4 or 1/8 scale (PIL's draft mode) while keeping at least twice the target size, then resizes
+    with Lanczos to exactly the size the exact path gives: photographs many times larger than the load size
+    decode several times faster, with nearly identical descriptors (see README).
+    """
+    if not fast_jpeg or load_size is None:
+        img = load_image(path)
+        return resize_short_side(img, load_size), (img.height, img.width)
+    path = Path(path)
+    if not path.is_file():
+        raise DensevitError(f"no such image file: {path}")
+    try:
+        with Image.open(path) as img:
+            w0, h0 = img.size
+            if img.format == "JPEG":
+                side = 2 * load_size
+                img.draft("RGB", (side, side))  # largest reduction keeping both sides >= 2 x load size
+            img.load()
+            orientation = img.getexif().get(0x0112, 1)
+            img = _to_8bit_rgb(ImageOps.exif_transpose(img))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DensevitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    original_hw = (w0, h0) if orientation in _SWAPPING_ORIENTATIONS else (h0, w0)
+    if load_size < 1:
+        raise DensevitError(f"load size must be positive, got {load_size}")
+    h, w = resized_hw(original_hw, load_size)
+    if (img.height, img.width) != (h, w):
+        img = img.resize((w, h), Image.LANCZOS)
+    return img, original_hw
 
 
 def preprocess(image: ImageLike, load_size: int | None, mean: Sequence[float], std: Sequence[float]

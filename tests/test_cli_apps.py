@@ -73,7 +73,10 @@ def test_folder_of_sets_bad_sets_report_and_the_others_run(pair, common, tmp_pat
     err = cap.err
     assert "set single: error: needs at least 2 images, found 1" in err
     assert "set empty: error: needs at least 2 images, found 0" in err
-    assert "set broken: error: cannot read image" in err and "garbage.jpg" in err
+    # the unreadable file is left out of its set in one line; what remains (one image) is too few
+    assert "set broken: skipping unreadable image: cannot read image" in err and "garbage.jpg" in err
+    assert "set broken: error: needs at least 2 images, found 1" in err
+    assert "1 unreadable image(s) left out: garbage.jpg" in err
     assert "3 of 4 set(s) failed" in err
     assert "Traceback" not in err
     assert cap.out.strip().splitlines()[0].startswith("good:")
@@ -142,3 +145,47 @@ def test_pca_on_the_full_size_example_images(images, common, tmp_path, capsys):
     for p in images:
         size, mode = _size(out / f"{p.stem}_pca.png")
         assert max(size) == 256 and mode == "RGB"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def four_and_corrupt(pair, tmp_path_factory):
+    """Four good photographs (the pair and their mirror images) and one corrupt JPEG, in one folder."""
+    d = tmp_path_factory.mktemp("five")
+    for p in pair:
+        shutil.copy(p, d / p.name)
+        Image.open(p).transpose(Image.FLIP_LEFT_RIGHT).save(d / f"{p.stem}_flip.jpg")
+    data = (d / pair[0].name).read_bytes()
+    (d / "corrupt.jpg").write_bytes(data[: len(data) // 3])  # truncated: the header reads, the pixels do not
+    return d
+
+
+@pytest.mark.parametrize("app, suffix", [(cli_coseg, "_mask.png"), (cli_partseg, "_parts.png"),
+                                         (cli_pca, "_pca.png")])
+def test_apps_leave_out_unreadable_image_and_exit_nonzero(app, suffix, four_and_corrupt, common, tmp_path, capsys):
+    out = tmp_path / "out"
+    extra = ["--num-parts", "2", "--crf", "none"] if app is cli_partseg else []
+    code = app.entry([str(four_and_corrupt), "--out", str(out)] + extra + common)
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [l for l in err.splitlines() if "corrupt.jpg" in l]
+    assert len(lines) == 2 and "skipping unreadable image" in lines[0] and "truncated" in lines[0]
+    assert "1 unreadable image(s) left out: corrupt.jpg" in err and "set(s) failed" not in err
+    assert "Traceback" not in err
+    good = sorted(p.stem for p in four_and_corrupt.glob("*.jpg") if p.stem != "corrupt")
+    assert sorted(p.name[: -len(suffix)] for p in out.glob(f"*{suffix}")) == good
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["images"]) == 4 and summary["unreadable"][0].endswith("corrupt.jpg")
+
+
+def test_match_leaves_out_unreadable_image(pair, common, tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    for p in pair:
+        shutil.copy(p, d / p.name)
+    (d / "zzz.jpg").write_bytes(b"garbage")
+    out = tmp_path / "m"
+    assert cli_match.entry([str(d), "--out", str(out), "--num-pairs", "4"] + common) == 1
+    err = capsys.readouterr().err
+    assert "skipping unreadable image" in err and "zzz.jpg" in err and "set(s) failed" not in err
+    assert (out / f"{pair[0].stem}_{pair[1].stem}_points.json").exists()

@@ -51,3 +51,24 @@ def test_unreadable_and_missing(tmp_path):
         load_image(tmp_path / "x.jpg")
     with pytest.raises(DensevitError, match="no such image"):
         load_image(tmp_path / "y.jpg")
+
+
+def test_fast_jpeg_decode_matches_exact_path(images, tmp_path):
+    """Draft-mode decoding gives the exact path's sizes (EXIF orientation included) and nearly its pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from densevit.preprocess import image_size, load_resized
+
+    rotated = tmp_path / "rotated.jpg"
+    with Image.open(images[0]) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6                                              # rotate 90 degrees on display
+        im.save(rotated, exif=exif, quality=95)
+    for path in (images[0], rotated):
+        exact, hw = load_resized(path, 64)
+        fast, hw_fast = load_resized(path, 64, fast_jpeg=True)
+        assert hw == hw_fast == image_size(path) and exact.size == fast.size
+        diff = np.abs(np.asarray(exact, np.float32) - np.asarray(fast, np.float32))
+        assert diff.mean() < 2.0
+    assert image_size(rotated) == (4032, 3024)

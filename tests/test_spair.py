@@ -228,3 +228,30 @@ def test_spair_benchmark_end_to_end(spair_root, tmp_path, capsys, monkeypatch, l
     assert entry(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "not an SPair-71k tree" in err
+
+
+def test_spair_benchmark_under_torchrun_equals_one_process(spair_root, tmp_path):
+    """Two gloo processes split the pairs, rank 0 merges the records and scores: the same PCK table."""
+    import os
+    import subprocess
+    import sys
+
+    from densevit.paths import repo_root
+
+    root, written = spair_root
+    script = str(repo_root() / "benchmarks" / "spair.py")
+    base = ["--root", str(root), "--split", "test", "--weights", str(golden_weights()), "--stride", "8",
+            "--load-size", "64", "--layer", "9", "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, script, *base, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, *base, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("SPair-71k test PCK") == 1
+    assert (tmp_path / "two" / "pck.csv").read_text() == (tmp_path / "one" / "pck.csv").read_text()
+    recs = lambda d: sorted(json.loads(l)["dist"] for l in (d / "records.jsonl").read_text().splitlines())
+    assert recs(tmp_path / "two") == recs(tmp_path / "one") and len(recs(tmp_path / "one")) == 6
+    assert not list((tmp_path / "two").glob("records-rank*.jsonl"))
+    assert json.loads((tmp_path / "two" / "settings.json").read_text())["summary"]["processes"] == 2

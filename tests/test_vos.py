@@ -195,6 +195,32 @@ def test_cli_writes_indexed_pngs_and_gif(tmp_path, extractor, monkeypatch):
     assert vos_entry(args) == 2                                     # outputs exist: refused without --overwrite
 
 
+@needs_golden
+@needs_davis
+def test_cli_leaves_out_unreadable_frame(tmp_path, extractor, monkeypatch, capsys):
+    import densevit.apps.cli_vos as cli
+
+    monkeypatch.setattr(cli, "build_extractor", lambda args: extractor)
+    src = DAVIS / "JPEGImages" / "480p" / "dog"
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for p in sorted(src.glob("*.jpg"))[:3]:
+        (frames_dir / p.name).symlink_to(p)
+    (frames_dir / "00001b.jpg").write_bytes(b"not a frame")
+    first = DAVIS / "Annotations" / "480p" / "dog" / "00000.png"
+    out = tmp_path / "out"
+    args = ["--frames", str(frames_dir), "--first-mask", str(first), "--out", str(out), "--short-side", "64",
+            "--device", "cpu", "--quiet"]
+    assert vos_entry(args) == 1
+    err = capsys.readouterr().err
+    assert "skipping unreadable image" in err and "00001b.jpg" in err and "1 unreadable image(s) left out" in err
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+    (frames_dir / "00000.jpg").unlink()
+    (frames_dir / "00000.jpg").write_bytes(b"broken first frame")
+    assert vos_entry(args + ["--overwrite"]) == 2
+    assert "first frame 00000.jpg is unreadable" in capsys.readouterr().err
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert vos_entry(["--frames", str(tmp_path / "none"), "--first-mask", "x.png", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -291,3 +317,29 @@ def test_compare_masks_reports_agreement_and_score_difference(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("benchmarks/compare_masks.py: error:") and "lacks 1 of the 3" in err[-1]
     assert cmp.entry([str(a), str(tmp_path / "none")]) == 2
+
+
+@needs_golden
+@needs_davis
+def test_benchmark_under_torchrun_equals_one_process(tmp_path):
+    """Two gloo processes split the sequences; rank 0 scores them all: the same masks and CSVs as one process."""
+    import os
+    import subprocess
+    import sys
+
+    argv = ["--sequences", "car-shadow,dog,blackswan", "--max-frames", "3", "--short-side", "64",
+            "--weights", str(golden_weights()), "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = str(repo_root() / "benchmarks" / "davis.py")
+    one = subprocess.run([sys.executable, script, *argv, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, *argv, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("J&F-Mean") == 1                        # only rank 0 scores and prints
+    for name in ("global_results-val.csv", "per-sequence_results-val.csv"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    for seq in ("car-shadow", "dog", "blackswan"):
+        for p in sorted((tmp_path / "one" / seq).glob("*.png")):
+            np.testing.assert_array_equal(read_mask(p), read_mask(tmp_path / "two" / seq / p.name))

@@ -1,4 +1,5 @@
-"""densevit-extract: write dense descriptors (and saliency) of images to .npz files."""
+"""densevit-extract: write dense descriptors (and saliency) of images to .npz files, or of a whole dataset to a
+feature store (``--store DIR``: batched, resumable, multi-process under torchrun)."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densevit-extract", description=__doc__)
     p.add_argument("images", nargs="*", help="image files and/or folders of images")
     p.add_argument("-o", "--out", help="output folder (one <image-stem>.npz per image)")
-    add_backbone_args(p)
+    add_backbone_args(p, layer=None, facet=None)
+    p.add_argument("--layer", type=int, nargs="+", default=[11],
+                   help="block index, 0-based (-1 = last); several with --store")
+    p.add_argument("--facet", nargs="+", default=["key"],
+                   choices=["key", "query", "value", "token", "token_norm", "attn"], help="facet(s); several with --store")
+    d = p.add_argument_group("dataset mode (a feature store instead of .npz files)")
+    d.add_argument("--store", help="feature store folder: raw descriptors of every image in safetensors shards "
+                   "with a manifest; rerunning the same command finishes what is missing; run under "
+                   "`torchrun --nproc_per_node N` for N processes")
+    d.add_argument("--batch-size", type=int, default=8, help="images per forward pass (one resized shape)")
+    d.add_argument("--workers", type=int, default=2, help="decoding worker processes per rank (0: in the main one)")
+    d.add_argument("--store-dtype", default="float16", choices=["float16", "float32"], help="stored descriptor dtype")
+    d.add_argument("--shard-size", type=int, default=256, help="images per shard")
+    d.add_argument("--fast-decode", action="store_true",
+                   help="decode large JPEGs at a reduced scale (PIL draft mode) before the exact resize")
+    d.add_argument("--recursive", action="store_true", help="also take images in sub-folders of folder inputs")
+    d.add_argument("--content-hash", action="store_true",
+                   help="identify source images by SHA-256 of their bytes (default: path, size and mtime)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--stats", help="write the run's timing report (images, decode/forward/write/wait seconds per "
+                   "rank) to this JSON file")
     p.add_argument("--bin", action="store_true", help="log-binned descriptors (17 bins)")
     p.add_argument("--saliency", action="store_true", help="also write the CLS-attention saliency map")
     p.add_argument("--include-cls", action="store_true", help="keep the CLS token as the first descriptor")
@@ -39,8 +60,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name:18s} {spec.hub_name:42s} patch {spec.patch_size:2d}  {spec.supervision:10s} "
                   f"{spec.pos.describe()}")
         return 0
+    if args.store:
+        return _store_main(args)
     if not args.images or not args.out:
-        raise DensevitError("give at least one image and an output folder (-o OUT)")
+        raise DensevitError("give at least one image and an output folder (-o OUT), or a feature store (--store DIR)")
+    if len(args.layer) != 1 or len(args.facet) != 1:
+        raise DensevitError("several layers or facets need a feature store (--store DIR); .npz files hold one")
+    args.layer, args.facet = args.layer[0], args.facet[0]
     images = gather_images(args.images)
     out_dir = Path(args.out)
     targets = [out_dir / f"{img.stem}.npz" for img in images]
@@ -79,6 +105,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         np.savez(tmp, **arrays)
         tmp.replace(target)
     return 1 if failures else 0
+
+
+def _store_main(args: argparse.Namespace) -> int:
+    """Dataset mode: every rank (one process, or each one torchrun started) runs this."""
+    from .. import dist
+    from ..dataset_extract import ExtractionConfig, extract_to_store, gather_dataset
+
+    if not args.images:
+        raise DensevitError("give images or folders to extract into the store")
+    if args.bin or args.include_cls:
+        raise DensevitError("a store keeps raw descriptors (bin at read time: FeatureStore.descriptors(..., bin=True))"
+                            " and always the CLS descriptor; drop --bin / --include-cls")
+    if args.batch_size < 1 or args.workers < 0 or args.shard_size < 1:
+        raise DensevitError("--batch-size and --shard-size must be >= 1, --workers >= 0")
+    ctx = dist.init()
+    try:
+        items = gather_dataset(args.images, args.recursive)
+        args.device = ctx.device(args.device)
+        ext = build_extractor(args)
+        for l in args.layer:
+            ext.resolve_layer(l)
+        cfg = ExtractionConfig(layers=args.layer, facets=args.facet, load_size=args.load_size, saliency=args.saliency,
+                               store_dtype=args.store_dtype, fast_decode=args.fast_decode, batch_size=args.batch_size,
+                               workers=args.workers, shard_size=args.shard_size, content_hash=args.content_hash,
+                               overwrite=args.overwrite, progress=not args.quiet)
+        report = extract_to_store(ext, items, Path(args.store), cfg, args.weights, ctx)
+    except BaseException:
+        dist.finish(ctx, clean=False)
+        raise
+    dist.finish(ctx)
+    if ctx.is_main:
+        sec = report.seconds
+        rate = report.images / sec["total"] if sec["total"] > 0 else 0.0
+        print(f"store {args.store}: {report.images} image(s) extracted in {report.computed_shards} shard(s), "
+              f"{report.reused_shards} shard(s) already complete, {len(report.failed)} failed; "
+              f"{rate:.2f} img/s over {ctx.world_size} process(es) (decode {sec['decode']:.1f} s, forward "
+              f"{sec['forward']:.1f} s, write {sec['write']:.1f} s, waiting {sec['wait']:.1f} s)")
+        if args.stats:
+            import json
+
+            Path(args.stats).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.stats).write_text(json.dumps(
+                {"world_size": ctx.world_size, "images": report.images, "computed_shards": report.computed_shards,
+                 "reused_shards": report.reused_shards, "failed": report.failed, "seconds": sec,
+                 "per_rank": report.per_rank}, indent=1) + "\n")
+        if report.failed:
+            print(f"densevit-extract: {len(report.failed)} image(s) could not be read", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 entry = run_cli(main, "densevit-extract")

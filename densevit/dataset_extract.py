@@ -1,0 +1,322 @@
+"""Dataset extraction into a :mod:`densevit.store`: batched, overlapped, resumable, on one or many processes.
+
+Pipeline per process: a ``torch.utils.data.DataLoader`` decodes and resizes images in worker processes (uint8,
+so the hand-over is small), images of one resized shape are batched together (a shard holds one shape), the
+model runs in the extractor's dtype and finished shards are written on background threads
+(:class:`densevit.pipeline.BackgroundWriter`). Under ``torchrun`` (:mod:`densevit.dist`) rank 0 reads the image
+headers, checks the store's settings and decides which shards are missing; the missing shards are dealt to the
+ranks round-robin, each rank writes its own shards, and rank 0 writes the manifest after all have finished.
+A complete shard is never computed again, so rerunning the same command finishes only what is missing.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .cache import file_fingerprint, file_sha256, key_digest
+from .cli.common import IMAGE_SUFFIXES
+from .coords import grid_shape
+from .dist import DistContext
+from .errors import DensevitError
+from .pipeline import BackgroundWriter, prefetch_map
+from .preprocess import image_size, load_resized, normalize, resized_hw, to_uint8_tensor
+from .store import FORMAT, STORE_DTYPES, StoreWriter, tensor_name
+
+__all__ = ["ExtractionConfig", "ExtractionReport", "gather_dataset", "store_settings", "plan_shards",
+           "extract_to_store"]
+
+
+@dataclass
+class ExtractionConfig:
+    """What to extract and how. ``layers`` may be negative (resolved against the backbone)."""
+
+    layers: Sequence[int] = (11,)
+    facets: Sequence[str] = ("key",)
+    load_size: Optional[int] = 224
+    saliency: bool = False
+    store_dtype: str = "float16"
+    fast_decode: bool = False
+    batch_size: int = 8
+    workers: int = 2
+    shard_size: int = 256
+    content_hash: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExtractionReport:
+    """What one process did; ``seconds`` splits its time into decode (worker CPU time), forward, writing
+    (writer threads), waiting (the model idle for input) and total wall time."""
+
+    images: int = 0
+    computed_shards: int = 0
+    reused_shards: int = 0
+    failed: Dict[str, str] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=lambda: dict(decode=0.0, forward=0.0, write=0.0, wait=0.0,
+                                                                     total=0.0))
+    per_rank: List[Dict[str, Any]] = field(default_factory=list)  # on rank 0: every rank's images and seconds
+
+    def merge(self, other: "ExtractionReport") -> None:
+        self.images += other.images
+        self.computed_shards += other.computed_shards
+        self.failed.update(other.failed)
+        for k, v in other.seconds.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def gather_dataset(inputs: Sequence[str], recursive: bool = False) -> List[Tuple[str, Path]]:
+    """``(key, path)`` of every image: files keep their name as key, images in a folder their path relative
+    to it (sub-folders too with ``recursive``). Sorted per folder; duplicate keys are an error."""
+    out: List[Tuple[str, Path]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            files = sorted(f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DensevitError(f"no images found in folder {p}" + ("" if recursive else " (--recursive?)"))
+            out.extend((f.relative_to(p).as_posix(), f) for f in files)
+        elif p.is_file():
+            out.append((p.name, p))
+        else:
+            raise DensevitError(f"no such file or folder: {p}")
+    if not out:
+        raise DensevitError("no input images given")
+    keys = [k for k, _ in out]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise DensevitError(f"two inputs have the same key {dup!r}; give them as separate folders or rename them")
+    return out
+
+
+def weights_fingerprint(weights: Optional[str], backbone: str) -> Dict[str, Any]:
+    """What identifies the weights: a file's size and SHA-256, ``random``, or the backbone's default source."""
+    if weights is None:
+        from .backbones import get_spec
+        from .weights import find_local_weights
+
+        local = find_local_weights(get_spec(backbone))
+        if local is None:
+            return {"source": "timm-hub", "backbone": backbone}
+        weights = str(local)
+    if str(weights) == "random":
+        return {"source": "random"}
+    p = Path(weights)
+    return {"source": "file", "name": p.name, "size": p.stat().st_size, "sha256": file_sha256(p)}
+
+
+def store_settings(extractor, cfg: ExtractionConfig, weights: Optional[str]) -> Dict[str, Any]:
+    """Everything the stored values depend on (a run with other settings is refused)."""
+    if cfg.store_dtype not in STORE_DTYPES:
+        raise DensevitError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {cfg.store_dtype!r}")
+    return {"format": FORMAT, "backbone": extractor.spec.name, "weights": weights_fingerprint(weights, extractor.spec.name),
+            "patch_size": extractor.patch_size, "stride": extractor.stride, "load_size": cfg.load_size,
+            "depth": extractor.depth,
+            "layers": sorted({extractor.resolve_layer(l) for l in cfg.layers}), "facets": sorted(set(cfg.facets)),
+            "model_dtype": str(extractor.dtype).replace("torch.", ""), "store_dtype": cfg.store_dtype,
+            "saliency": bool(cfg.saliency), "fast_decode": bool(cfg.fast_decode),
+            "mean": list(extractor.spec.mean), "std": list(extractor.spec.std)}
+
+
+def _header(item: Tuple[str, Path], content_hash: bool) -> Tuple[str, Path, Any]:
+    key, path = item
+    try:
+        hw = image_size(path)
+        return key, path, (hw, file_fingerprint(path, content_hash))
+    except (DensevitError, OSError) as exc:
+        return key, path, str(exc)
+
+
+def plan_shards(items: Sequence[Tuple[str, Path]], patch_size: int, stride: int, cfg: ExtractionConfig
+                ) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
+    """Group images by resized shape into shards of at most ``cfg.shard_size`` images (deterministic: sorted
+    shapes, input order within a shape). Reads only the image headers. Returns ``(shards, unreadable)``; a
+    shard is ``{"name", "input_hw", "images": [{"key", "path", "source", "image_hw"}]}``."""
+    buckets: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
+    unreadable: Dict[str, str] = {}
+    for key, path, res in prefetch_map(lambda it: _header(it, cfg.content_hash), items, ahead=64):
+        if isinstance(res, str):
+            unreadable[key] = res
+            continue
+        hw, source = res
+        if min(hw) < patch_size:
+            unreadable[key] = f"{path} is {hw[1]}x{hw[0]} pixels, smaller than the {patch_size}-pixel patch"
+            continue
+        input_hw = resized_hw(hw, cfg.load_size)
+        try:
+            grid_shape(input_hw, patch_size, stride)
+        except DensevitError as exc:
+            unreadable[key] = f"{path}: {exc}"
+            continue
+        buckets.setdefault(input_hw, []).append({"key": key, "path": str(path), "source": source,
+                                                 "image_hw": list(hw)})
+    shards = []
+    size = max(1, cfg.shard_size)
+    for input_hw in sorted(buckets):
+        ims = buckets[input_hw]
+        for j in range(0, len(ims), size):
+            chunk = ims[j:j + size]
+            tag = key_digest({"images": [[im["key"], im["source"]] for im in chunk]})[:10]
+            shards.append({"name": f"{input_hw[0]}x{input_hw[1]}-{j // size:05d}-{tag}", "input_hw": list(input_hw),
+                           "images": chunk})
+    return shards, unreadable
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+class _DecodeSet(Dataset):
+    """Image ``i`` of the rank's work list -> ``(i, uint8 3xHxW or None, error or None, decode seconds)``."""
+
+    def __init__(self, images: Sequence[Dict[str, Any]], load_size: Optional[int], fast: bool) -> None:
+        self.images, self.load_size, self.fast = list(images), load_size, fast
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        im = self.images[i]
+        t = time.perf_counter()
+        try:
+            resized, hw = load_resized(im["path"], self.load_size, self.fast)
+            if list(hw) != im["image_hw"]:
+                raise DensevitError(f"{im['path']} changed since its header was read")
+            x, err = to_uint8_tensor(resized), None
+        except DensevitError as exc:
+            x, err = None, str(exc)
+        return i, x, err, time.perf_counter() - t
+
+
+def _collate(items):
+    good = [x for _, x, _, _ in items if x is not None]
+    return ([i for i, _, _, _ in items], torch.stack(good) if good else None,
+            [(i, e) for i, _, e, _ in items if e is not None], sum(t for *_, t in items))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: Path, cfg: ExtractionConfig,
+                     weights: Optional[str], ctx: DistContext = DistContext()) -> ExtractionReport:
+    """Extract ``items`` (from :func:`gather_dataset`) into the store at ``store_root``; every rank of ``ctx``
+    calls this. Returns the merged report on rank 0 (this rank's elsewhere); unreadable images are reported
+    in ``report.failed``, and printed as one line each."""
+    layers = [extractor.resolve_layer(l) for l in cfg.layers]
+    state: Any = None
+    if ctx.is_main:
+        try:
+            settings = store_settings(extractor, cfg, weights)
+            writer = StoreWriter(store_root, settings)
+            writer.prepare(cfg.overwrite)
+            shards, unreadable = plan_shards(items, extractor.patch_size, extractor.stride, cfg)
+            done = [s["name"] for s in shards if writer.shard_done(s["name"], s["images"])]
+            state = ("ok", settings, shards, unreadable, done)
+        except DensevitError as exc:
+            state = ("error", str(exc))
+    state = ctx.broadcast(state)
+    if state[0] == "error":
+        raise DensevitError(state[1])
+    _, settings, shards, unreadable, done = state
+    writer = StoreWriter(store_root, settings)
+    pending = [s for s in shards if s["name"] not in set(done)]
+    mine = ctx.shard(pending)
+    report = ExtractionReport(reused_shards=len(done) if ctx.is_main else 0)
+    if ctx.is_main:
+        for key, msg in unreadable.items():
+            print(f"densevit-extract: skipped unreadable image {key}: {msg}", file=sys.stderr)
+        report.failed.update(unreadable)
+    _run_shards(extractor, writer, mine, layers, cfg, report, ctx)
+    reports = ctx.gather(report)
+    if ctx.is_main:
+        total = ExtractionReport(reused_shards=len(done))
+        for r in reports:
+            total.merge(r)
+        total.seconds["total"] = max(r.seconds["total"] for r in reports)
+        total.per_rank = [{"rank": i, "images": r.images, "shards": r.computed_shards, "seconds": r.seconds,
+                           "device": str(extractor.device) if i == ctx.rank else None}
+                          for i, r in enumerate(reports)]
+        writer.finalize([(s["name"], s["images"]) for s in shards], unreadable)
+        return total
+    return report
+
+
+def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], layers: List[int],
+                cfg: ExtractionConfig, report: ExtractionReport, ctx: DistContext) -> None:
+    t_start = time.perf_counter()
+    images: List[Dict[str, Any]] = []
+    batches: List[List[int]] = []
+    batch_shard: List[int] = []
+    for si, s in enumerate(shards):
+        first = len(images)
+        images.extend(s["images"])
+        for j in range(first, len(images), max(1, cfg.batch_size)):
+            batches.append(list(range(j, min(j + cfg.batch_size, len(images)))))
+            batch_shard.append(si)
+    if not batches:
+        report.seconds["total"] = time.perf_counter() - t_start
+        return
+    device = extractor.device
+    store_dtype = STORE_DTYPES[cfg.store_dtype]
+    facets = sorted(set(cfg.facets))
+    loader = DataLoader(_DecodeSet(images, cfg.load_size, cfg.fast_decode), batch_sampler=batches,
+                        num_workers=cfg.workers, collate_fn=_collate, worker_init_fn=_worker_init,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None,
+                        persistent_workers=False)
+    remaining = [sum(1 for b in batch_shard if b == si) for si in range(len(shards))]
+    buffers: Dict[int, Dict[str, List[torch.Tensor]]] = {}
+    failed: Dict[int, Dict[str, str]] = {}
+    write_seconds = [0.0]
+
+    def write(si: int, tensors: Dict[str, torch.Tensor], shard_failed: Dict[str, str]) -> None:
+        t = time.perf_counter()
+        s = shards[si]
+        writer.write_shard(s["name"], tensors, s["images"], tuple(s["input_hw"]), shard_failed)
+        write_seconds[0] += time.perf_counter() - t
+
+    bar = tqdm(total=len(images), desc=f"extract[rank {ctx.rank}]" if ctx.world_size > 1 else "extract",
+               unit="img", disable=not cfg.progress or (ctx.rank != 0) or None, file=sys.stderr)
+    with BackgroundWriter(workers=1, max_pending=4) as bg:
+        it = iter(loader)
+        for bi, si in enumerate(batch_shard):
+            t = time.perf_counter()
+            idx, x, errors, decode_s = next(it)
+            report.seconds["wait"] += time.perf_counter() - t
+            report.seconds["decode"] += decode_s
+            buf = buffers.setdefault(si, {})
+            for i, err in errors:
+                key = images[i]["key"]
+                failed.setdefault(si, {})[key] = err
+                report.failed[key] = err
+                tqdm.write(f"densevit-extract: skipped unreadable image {key}: {err}", file=sys.stderr)
+            if x is not None:
+                t = time.perf_counter()
+                xb = normalize(x.to(device, non_blocking=True), extractor.spec.mean, extractor.spec.std)
+                feats = extractor.extract(xb, layers, facets, saliency=cfg.saliency)
+                for l in layers:
+                    for f in facets:
+                        buf.setdefault(tensor_name(l, f), []).append(feats.descriptors[(l, f)].to(store_dtype).cpu())
+                        if (l, f) in feats.cls:
+                            buf.setdefault(tensor_name(l, f, cls=True), []).append(
+                                feats.cls[(l, f)].to(store_dtype).cpu())
+                if cfg.saliency:
+                    buf.setdefault("saliency", []).append(feats.saliency.float().cpu())
+                report.seconds["forward"] += time.perf_counter() - t
+                report.images += x.shape[0]
+            bar.update(len(idx))
+            remaining[si] -= 1
+            if remaining[si] == 0:
+                tensors = {k: torch.cat(v) for k, v in buffers.pop(si).items()}
+                bg.submit(write, si, tensors, failed.pop(si, {}))
+                report.computed_shards += 1
+    bar.close()
+    report.seconds["write"] = write_seconds[0]
+    report.seconds["total"] = time.perf_counter() - t_start

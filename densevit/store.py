@@ -1,0 +1,375 @@
+"""A validated, memory-mappable store of raw dense descriptors of a dataset (one folder per run).
+
+Layout of a store folder::
+
+    store.json                    format, settings (backbone, weights fingerprint, stride, load size, layers,
+                                  facets, dtypes...) and their digest; written first, a run with other
+                                  settings into the same folder is refused
+    shards/<name>.safetensors     one shard = images of one resized shape; tensors (N images, T = h*w tokens):
+                                  "<layer>/<facet>" NxTxD raw descriptors (attn: NxheadsxTxT),
+                                  "<layer>/<facet>/cls" NxD CLS descriptors, "saliency" NxT (if asked for)
+    shards/<name>.json            the shard's record: sha256 and size of the .safetensors file, its images
+                                  (key, source fingerprint, original size) in offset order, input size, failures
+    manifest.json                 written by rank 0 when a run ends: settings, every shard's record and an index
+                                  image key -> (shard, offset, original size, source); ``complete`` is false
+                                  while shards are missing
+
+Descriptors are stored raw (not log-binned: binned ones are 17x larger) in float16 by default (float32 on
+request) and binned at read time with :func:`densevit.binning.log_bin`, exactly as extraction bins them.
+Every file is written atomically (temp file + ``os.replace``, :func:`densevit.cache.atomic_write`), so a
+killed run leaves only complete shards. Reads check each shard's size and SHA-256 against its record the
+first time it is opened; a truncated or modified shard raises :class:`StoreError` naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .binning import log_bin
+from .cache import atomic_write, canonical_key, file_sha256, key_digest
+from .coords import TokenGrid
+from .errors import DensevitError
+
+__all__ = ["StoreError", "FeatureStore", "StoreWriter", "StoreBatch", "tensor_name", "FORMAT"]
+
+FORMAT = "densevit-store-v1"
+SETTINGS_FILE = "store.json"
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class StoreError(DensevitError):
+    """A store is missing, incomplete, corrupt (the shard is named) or made with other settings."""
+
+
+def tensor_name(layer: int, facet: str, cls: bool = False) -> str:
+    """Name of a (layer, facet) tensor in a shard: ``"9/key"`` (``"9/key/cls"`` for the CLS descriptors)."""
+    return f"{int(layer)}/{facet}" + ("/cls" if cls else "")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _read_json(path: Path, what: str) -> Dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{what} {path} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{what} {path} is unreadable or corrupt ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a densevit store file ({FORMAT})")
+    return obj
+
+
+def _settings_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> List[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+class StoreWriter:
+    """Writes a store: settings first (:meth:`prepare`, rank 0), shards with their records (any rank), the
+    manifest last (:meth:`finalize`, rank 0)."""
+
+    def __init__(self, root: Union[str, Path], settings: Mapping[str, Any]) -> None:
+        self.root = Path(root)
+        self.settings = json.loads(canonical_key(settings))
+        self.digest = key_digest(self.settings)
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / SHARDS_DIR
+
+    def prepare(self, overwrite: bool = False) -> None:
+        """Create the store or check that it was made with the same settings (refused otherwise, unless
+        ``overwrite``, which empties it first)."""
+        path = self.root / SETTINGS_FILE
+        if path.exists():
+            try:
+                old = _read_json(path, "store settings")
+            except StoreError:
+                if not overwrite:
+                    raise
+                old = {}
+            if old.get("digest") != self.digest:
+                if not overwrite:
+                    diff = _settings_diff(old.get("settings", {}), self.settings)
+                    raise StoreError(f"{self.root} holds a store made with other settings "
+                                     f"({', '.join(diff) or 'format'} differ); use another folder or --overwrite")
+            if overwrite:
+                shutil.rmtree(self.shard_dir, ignore_errors=True)
+                (self.root / MANIFEST_FILE).unlink(missing_ok=True)
+        elif self.root.exists() and any(self.root.iterdir()) and not overwrite:
+            raise StoreError(f"{self.root} exists and is not a densevit store; use another folder or --overwrite")
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(path, {"format": FORMAT, "settings": self.settings, "digest": self.digest})
+
+    def record_path(self, name: str) -> Path:
+        return self.shard_dir / f"{name}.json"
+
+    def shard_path(self, name: str) -> Path:
+        return self.shard_dir / f"{name}.safetensors"
+
+    def shard_done(self, name: str, images: Sequence[Mapping[str, Any]], verify: bool = True) -> bool:
+        """Whether shard ``name`` is complete for exactly ``images`` (keys and source fingerprints, in order):
+        its record matches and the shard file has the recorded size (and SHA-256 when ``verify``)."""
+        try:
+            rec = _read_json(self.record_path(name), "shard record")
+        except StoreError:
+            return False
+        planned = [(im["key"], im["source"]) for im in images]
+        if rec.get("digest") != self.digest or [(im["key"], im["source"]) for im in rec.get("images", [])] != planned:
+            return False
+        shard = self.shard_path(name)
+        if not shard.is_file() or shard.stat().st_size != rec.get("size"):
+            return False
+        return not verify or file_sha256(shard) == rec.get("sha256")
+
+    def write_shard(self, name: str, tensors: Mapping[str, torch.Tensor], images: Sequence[Mapping[str, Any]],
+                    input_hw: Tuple[int, int], failed: Mapping[str, str]) -> Dict[str, Any]:
+        """Write a shard (tensors with one row per image in ``images`` that did not fail) and then its record,
+        both atomically; returns the record."""
+        from safetensors.torch import save
+
+        # one metadata entry: safetensors writes a map's entries in no fixed order, and identical runs must
+        # give identical bytes
+        data = save({k: v.contiguous() for k, v in tensors.items()},
+                    metadata={"densevit": json.dumps({"format": FORMAT, "digest": self.digest}, sort_keys=True)})
+
+        atomic_write(self.shard_path(name), lambda f: f.write(data))
+        rec = {"format": FORMAT, "digest": self.digest, "shard": name, "size": len(data),
+               "sha256": hashlib.sha256(data).hexdigest(), "input_hw": list(input_hw),
+               "images": [dict(im) for im in images], "failed": dict(failed),
+               "tensors": {k: list(v.shape) for k, v in tensors.items()}}
+        _write_json(self.record_path(name), rec)
+        return rec
+
+    def finalize(self, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]],
+                 unreadable: Mapping[str, str]) -> Dict[str, Any]:
+        """Write ``manifest.json`` from the shard records of ``plan`` (``(name, images)`` per shard) and remove
+        shards that are not in the plan (left by an earlier image list). Returns the manifest."""
+        shards: Dict[str, Any] = {}
+        index: Dict[str, Any] = {}
+        failed: Dict[str, str] = dict(unreadable)
+        missing: List[str] = []
+        for name, images in plan:
+            if not self.shard_done(name, images, verify=False):
+                missing.append(name)
+                continue
+            rec = _read_json(self.record_path(name), "shard record")
+            shards[name] = {k: rec[k] for k in ("size", "sha256", "input_hw", "tensors")}
+            failed.update(rec["failed"])
+            offset = 0
+            for im in rec["images"]:
+                if im["key"] in rec["failed"]:
+                    continue
+                index[im["key"]] = {"shard": name, "offset": offset, "image_hw": im["image_hw"],
+                                    "source": im["source"]}
+                offset += 1
+        keep = {n for n, _ in plan}
+        for f in self.shard_dir.iterdir():
+            stem = f.name.split(".")[0]
+            if f.suffix in (".safetensors", ".json") and stem not in keep:
+                f.unlink(missing_ok=True)
+        manifest = {"format": FORMAT, "settings": self.settings, "digest": self.digest,
+                    "complete": not missing, "missing_shards": missing, "shards": shards, "images": index,
+                    "failed": failed}
+        _write_json(self.root / MANIFEST_FILE, manifest)
+        return manifest
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+@dataclass
+class StoreBatch:
+    """Images of one resized shape read together: ``descriptors`` is ``BxTxD`` (or ``BxTx(17*D)`` binned)."""
+
+    keys: List[str]
+    descriptors: torch.Tensor
+    grids: List[TokenGrid]
+
+
+class FeatureStore:
+    """Read a store made by ``densevit-extract --store`` (see the module docstring for the layout).
+
+    Args:
+        root: the store folder.
+        verify: check each shard's SHA-256 the first time it is read (its size is always checked).
+        allow_incomplete: open a store whose run has not finished (reads only what is there).
+    """
+
+    def __init__(self, root: Union[str, Path], verify: bool = True, allow_incomplete: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StoreError(f"no feature store at {self.root}")
+        m = _read_json(self.root / MANIFEST_FILE, "store manifest")
+        if not m.get("complete") and not allow_incomplete:
+            raise StoreError(f"store {self.root} is incomplete ({len(m.get('missing_shards', []))} shard(s) "
+                             f"missing); rerun the extraction command to finish it")
+        self.manifest = m
+        self.settings: Dict[str, Any] = m["settings"]
+        self.verify = verify
+        self._checked: set = set()
+        self._handles: Dict[str, Any] = {}
+        self._by_path: Optional[Dict[str, str]] = None
+
+    # --------------------------------------------------------------------- what is stored
+    @property
+    def images(self) -> List[str]:
+        """Image keys, in extraction order (paths relative to the input folder, or file names)."""
+        return list(self.manifest["images"])
+
+    @property
+    def failed(self) -> Dict[str, str]:
+        """Images that could not be read, with the reason."""
+        return dict(self.manifest.get("failed", {}))
+
+    @property
+    def layers(self) -> List[int]:
+        return list(self.settings["layers"])
+
+    @property
+    def facets(self) -> List[str]:
+        return list(self.settings["facets"])
+
+    def __len__(self) -> int:
+        return len(self.manifest["images"])
+
+    def __contains__(self, image: Union[str, Path]) -> bool:
+        try:
+            self._entry(image)
+            return True
+        except StoreError:
+            return False
+
+    def _entry(self, image: Union[str, Path]) -> Dict[str, Any]:
+        index = self.manifest["images"]
+        e = index.get(str(image))
+        if e is None:  # a path: match the resolved source path
+            if self._by_path is None:
+                self._by_path = {v["source"].get("path"): k for k, v in index.items()}
+            key = self._by_path.get(str(Path(image).resolve()))
+            e = index.get(key) if key is not None else None
+        if e is None:
+            why = f" (it failed: {self.failed[str(image)]})" if str(image) in self.failed else ""
+            raise StoreError(f"image {image} is not in store {self.root}{why}")
+        return e
+
+    def grid(self, image: Union[str, Path]) -> TokenGrid:
+        """Token grid of a stored image (resized input size and original size)."""
+        e = self._entry(image)
+        return self._grid(e["shard"], e["image_hw"])
+
+    def _grid(self, shard: str, image_hw: Sequence[int]) -> TokenGrid:
+        s = self.settings
+        return TokenGrid(s["patch_size"], s["stride"], tuple(self.manifest["shards"][shard]["input_hw"]),
+                         tuple(image_hw))
+
+    # --------------------------------------------------------------------- shards
+    def _shard(self, name: str):
+        handle = self._handles.get(name)
+        if handle is not None:
+            return handle
+        from safetensors import safe_open
+
+        rec = self.manifest["shards"][name]
+        path = self.root / SHARDS_DIR / f"{name}.safetensors"
+        if not path.is_file():
+            raise StoreError(f"shard {path} is missing; rerun the extraction command to recompute it")
+        size = path.stat().st_size
+        if size != rec["size"]:
+            raise StoreError(f"shard {path} is corrupt: {size} bytes, the manifest says {rec['size']} "
+                             f"({'truncated' if size < rec['size'] else 'modified'}); rerun the extraction "
+                             f"command to recompute it")
+        if self.verify and name not in self._checked:
+            if file_sha256(path) != rec["sha256"]:
+                raise StoreError(f"shard {path} is corrupt: its SHA-256 differs from the manifest (modified); "
+                                 f"rerun the extraction command to recompute it")
+            self._checked.add(name)
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:
+            raise StoreError(f"shard {path} is unreadable ({type(exc).__name__})") from None
+        self._handles[name] = handle
+        return handle
+
+    def _pick(self, layer: Optional[int], facet: Optional[str]) -> Tuple[int, str]:
+        if layer is None:
+            if len(self.layers) != 1:
+                raise StoreError(f"store holds layers {self.layers}; say which")
+            layer = self.layers[0]
+        if facet is None:
+            if len(self.facets) != 1:
+                raise StoreError(f"store holds facets {self.facets}; say which")
+            facet = self.facets[0]
+        if int(layer) not in self.layers or facet not in self.facets:
+            raise StoreError(f"store holds layers {self.layers} and facets {self.facets}, not ({layer}, {facet})")
+        return int(layer), facet
+
+    def _rows(self, shard: str, name: str, start: int, stop: int) -> torch.Tensor:
+        h = self._shard(shard)
+        if name not in h.keys():
+            raise StoreError(f"shard {shard} has no tensor {name!r}")
+        return h.get_slice(name)[start:stop]
+
+    def _finish(self, raw: torch.Tensor, facet: str, grid: TokenGrid, bin: bool, dtype: torch.dtype) -> torch.Tensor:
+        """``BxTxD`` raw -> requested dtype, log-binned on the token grid when ``bin``."""
+        x = raw.to(dtype)
+        if bin:
+            if facet == "attn":
+                raise StoreError("log-binning applies to descriptors, not attention maps")
+            B, T, D = x.shape
+            x = log_bin(x.transpose(1, 2).reshape(B, D, *grid.shape))
+        return x
+
+    # --------------------------------------------------------------------- public reads
+    def descriptors(self, image: Union[str, Path], layer: Optional[int] = None, facet: Optional[str] = None,
+                    bin: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``TxD`` descriptors of one image (``Tx(17*D)`` log-binned with ``bin``), row-major token order."""
+        layer, facet = self._pick(layer, facet)
+        e = self._entry(image)
+        raw = self._rows(e["shard"], tensor_name(layer, facet), e["offset"], e["offset"] + 1)
+        return self._finish(raw, facet, self._grid(e["shard"], e["image_hw"]), bin, dtype)[0]
+
+    def cls(self, image: Union[str, Path], layer: Optional[int] = None, facet: Optional[str] = None
+            ) -> torch.Tensor:
+        """``D`` CLS descriptor of one image (float32)."""
+        layer, facet = self._pick(layer, facet)
+        e = self._entry(image)
+        return self._rows(e["shard"], tensor_name(layer, facet, cls=True), e["offset"], e["offset"] + 1)[0].float()
+
+    def saliency(self, image: Union[str, Path]) -> torch.Tensor:
+        """``T`` CLS-attention saliency in [0, 1] (stored when extracted with ``--saliency``)."""
+        if not self.settings.get("saliency"):
+            raise StoreError(f"store {self.root} has no saliency maps (extract with --saliency)")
+        e = self._entry(image)
+        return self._rows(e["shard"], "saliency", e["offset"], e["offset"] + 1)[0].float()
+
+    def batches(self, batch_size: int = 32, layer: Optional[int] = None, facet: Optional[str] = None,
+                bin: bool = False, dtype: torch.dtype = torch.float32) -> Iterator[StoreBatch]:
+        """Every stored image in batches of up to ``batch_size`` images of one resized shape (shard order)."""
+        layer, facet = self._pick(layer, facet)
+        by_shard: Dict[str, List[Tuple[str, Dict[str, Any]]]] = {}
+        for key, e in self.manifest["images"].items():
+            by_shard.setdefault(e["shard"], []).append((key, e))
+        for shard, entries in by_shard.items():
+            entries.sort(key=lambda ke: ke[1]["offset"])
+            for i in range(0, len(entries), max(1, batch_size)):
+                chunk = entries[i:i + batch_size]
+                start, stop = chunk[0][1]["offset"], chunk[-1][1]["offset"] + 1
+                grids = [self._grid(shard, e["image_hw"]) for _, e in chunk]
+                raw = self._rows(shard, tensor_name(layer, facet), start, stop)
+                yield StoreBatch([k for k, _ in chunk], self._finish(raw, facet, grids[0], bin, dtype), grids)
+
+    def verify_all(self) -> None:
+        """Check every shard's size and SHA-256 now (raises :class:`StoreError` naming the first bad one)."""
+        for name in self.manifest["shards"]:
+            self._shard(name)

@@ -1,0 +1,200 @@
+"""Feature store and dataset extraction: round trip, read-time binning, corruption, settings, bad input, torchrun."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from densevit.store import FeatureStore, StoreError
+
+STRIDE, LOAD = 8, 64
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, shared):
+    """Five small images of two resized shapes and one corrupt file."""
+    d = tmp_path_factory.mktemp("dataset") / "images"
+    d.mkdir()
+    cat, ibex = (Image.open(shared / "data" / "images" / n) for n in ("cat.jpg", "ibex.jpg"))
+    for i in range(3):
+        cat.reduce(20 + 4 * i).save(d / f"cat{i}.jpg")
+    for i in range(2):
+        ibex.reduce(20 + 4 * i).crop((0, 0, 120, 96)).save(d / f"ibex{i}.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return d
+
+
+def _cli(*argv):
+    from densevit.cli.extract import entry
+
+    return entry([str(a) for a in argv])
+
+
+def _common(golden_path):
+    return ["--weights", golden_path, "--stride", STRIDE, "--load-size", LOAD, "--quiet"]
+
+
+def _contents(store: Path) -> dict:
+    """SHA-256 of every file of a store (the manifest and all shards with their records)."""
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def store32(folder, tmp_path_factory, golden_path, one_thread):
+    """One process, float32, batch size 1 (bit-comparable with single-image extraction)."""
+    out = tmp_path_factory.mktemp("s32") / "store"
+    code = _cli(folder, "--store", out, *_common(golden_path), "--layer", 9, 11, "--facet", "key", "token",
+                "--saliency", "--store-dtype", "float32", "--batch-size", 1, "--workers", 0, "--shard-size", 2)
+    assert code == 1  # the broken file
+    return out
+
+
+def test_round_trip_and_read_time_binning(store32, folder, make_extractor):
+    st = FeatureStore(store32)
+    assert sorted(st.images) == ["cat0.jpg", "cat1.jpg", "cat2.jpg", "ibex0.png", "ibex1.png"]
+    assert "broken.jpg" in st.failed and "broken.jpg" not in st
+    assert st.layers == [9, 11] and st.facets == ["key", "token"]
+    ext = make_extractor(STRIDE)
+    for key in ("cat1.jpg", "ibex0.png"):
+        x, grid = ext.preprocess(folder / key, LOAD)
+        raw = ext.extract(x, (9, 11), ("key", "token"), saliency=True, image_hw=grid.image_hw)
+        binned = ext.extract(x, (9,), ("key",), bin=True)
+        assert st.grid(key) == grid
+        assert st.grid(folder / key) == grid  # by path too
+        for l in (9, 11):
+            for f in ("key", "token"):
+                assert torch.equal(st.descriptors(key, l, f), raw.descriptors[(l, f)][0])
+                assert torch.equal(st.cls(key, l, f), raw.cls[(l, f)][0])
+        assert torch.equal(st.saliency(key), raw.saliency[0])
+        # binning at read time == binning at extraction
+        assert torch.equal(st.descriptors(key, 9, "key", bin=True), binned.descriptors[(9, "key")][0])
+    seen = []
+    for b in st.batches(batch_size=2, layer=9, facet="key", bin=True):
+        h, w = b.grids[0].shape
+        assert b.descriptors.shape == (len(b.keys), h * w, 17 * 384)
+        assert all(g.input_hw == b.grids[0].input_hw for g in b.grids)
+        seen += b.keys
+    assert sorted(seen) == sorted(st.images)
+    with pytest.raises(StoreError, match="layers"):
+        st.descriptors("cat0.jpg")  # two layers stored: say which
+
+
+def test_float16_default_close_to_float32(folder, tmp_path, golden_path, store32, one_thread):
+    out = tmp_path / "s16"
+    assert _cli(folder / "cat0.jpg", folder / "ibex1.png", "--store", out, *_common(golden_path),
+                "--layer", 9, "--workers", 0) == 0
+    st16, st32 = FeatureStore(out), FeatureStore(store32)
+    for key in ("cat0.jpg", "ibex1.png"):
+        a, b = st16.descriptors(key, bin=True), st32.descriptors(key, 9, "key", bin=True)
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9999
+
+
+def test_corruption_detected_and_named(folder, tmp_path, golden_path, one_thread):
+    out = tmp_path / "s"
+    assert _cli(folder / "cat0.jpg", folder / "ibex0.png", "--store", out, *_common(golden_path), "--layer", 9,
+                "--workers", 0) == 0
+    shards = sorted((out / "shards").glob("*.safetensors"))
+    assert len(shards) == 2
+    # tampered: one byte flipped in the data
+    data = bytearray(shards[0].read_bytes())
+    data[-5] ^= 0xFF
+    shards[0].write_bytes(bytes(data))
+    st = FeatureStore(out)
+    key = next(k for k in st.images if st.manifest["images"][k]["shard"] == shards[0].stem)
+    with pytest.raises(StoreError, match=shards[0].name + ".*SHA-256"):
+        st.descriptors(key)
+    # truncated
+    shards[1].write_bytes(shards[1].read_bytes()[:1000])
+    other = next(k for k in st.images if k != key)
+    with pytest.raises(StoreError, match=shards[1].name + ".*truncated"):
+        FeatureStore(out).descriptors(other)
+    # rerunning the same command recomputes exactly the two bad shards
+    assert _cli(folder / "cat0.jpg", folder / "ibex0.png", "--store", out, *_common(golden_path), "--layer", 9,
+                "--workers", 0) == 0
+    st = FeatureStore(out)
+    st.verify_all()
+    assert st.descriptors(key).shape[0] == st.grid(key).num_tokens
+
+
+def test_other_settings_refused_and_no_overwrite(folder, tmp_path, golden_path, capsys, one_thread):
+    out = tmp_path / "s"
+    assert _cli(folder / "ibex0.png", "--store", out, *_common(golden_path), "--layer", 9, "--workers", 0) == 0
+    before = _contents(out)
+    code = _cli(folder / "ibex0.png", "--store", out, *_common(golden_path), "--layer", 11, "--workers", 0)
+    err = capsys.readouterr().err
+    assert code == 2 and "other settings" in err and "layers" in err and "Traceback" not in err
+    assert _contents(out) == before
+    # a folder that is not a store is not written into
+    other = tmp_path / "notastore"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert _cli(folder / "ibex0.png", "--store", other, *_common(golden_path), "--workers", 0) == 2
+    assert sorted(os.listdir(other)) == ["keep.txt"]
+    # --overwrite replaces the store with the new settings
+    assert _cli(folder / "ibex0.png", "--store", out, *_common(golden_path), "--layer", 11, "--workers", 0,
+                "--overwrite") == 0
+    assert FeatureStore(out).layers == [11]
+
+
+def test_unreadable_images_reported_and_skipped(store32, capsys):
+    m = json.loads((store32 / "manifest.json").read_text())
+    assert m["complete"] and list(m["failed"]) == ["broken.jpg"] and len(m["images"]) == 5
+
+
+def test_npz_mode_unchanged_and_needs_one_layer(folder, tmp_path, golden_path, capsys):
+    code = _cli(folder / "ibex0.png", "-o", tmp_path, *_common(golden_path), "--layer", 9, 11)
+    assert code == 2 and "--store" in capsys.readouterr().err
+
+
+def _torchrun(args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "densevit.cli.extract", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_equal_one_and_resume(folder, tmp_path, golden_path, one_thread):
+    args = [folder, *_common(golden_path), "--layer", 9, 11, "--facet", "key", "token", "--saliency",
+            "--batch-size", 2, "--shard-size", 2]
+    one = tmp_path / "one"
+    assert _cli(*args, "--store", one, "--workers", 0) == 1  # single process, one thread, in-process decoding
+    two = tmp_path / "two"
+    r = _torchrun([*args, "--store", two, "--workers", 1])
+    assert "skipped unreadable image broken.jpg" in r.stderr
+    assert "6 image(s)" not in r.stdout and "5 image(s) extracted in 3 shard(s)" in r.stdout, r.stdout + r.stderr
+    assert _contents(two) == _contents(one)  # identical bytes: manifest, records and shards
+    # kill one shard; the rerun recomputes only that one and leaves the others untouched
+    shards = sorted((two / "shards").glob("*.safetensors"))
+    victim = shards[1]
+    stamps = {p: p.stat().st_mtime_ns for p in shards if p != victim}
+    victim.unlink()
+    with pytest.raises(StoreError, match="missing"):
+        FeatureStore(two).descriptors(next(k for k, e in FeatureStore(two, verify=False).manifest["images"].items()
+                                           if e["shard"] == victim.stem), 9, "key")
+    r = _torchrun([*args, "--store", two, "--workers", 1])
+    assert "1 image(s) extracted in 1 shard(s), 2 shard(s) already complete" in r.stdout or \
+        "2 image(s) extracted in 1 shard(s), 2 shard(s) already complete" in r.stdout, r.stdout + r.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert _contents(two) == _contents(one)
+
+
+def test_pca_app_reads_a_store(store32, folder, tmp_path, golden_path, capsys, one_thread):
+    """densevit-pca --store: the same pictures as running the model (float32 store, batch size 1)."""
+    from densevit.apps import cli_pca
+
+    ims = [str(folder / "cat0.jpg"), str(folder / "ibex1.png")]
+    common = ["--layer", "9", "--facet", "key", "--bin", "--quiet"]
+    assert cli_pca.entry(ims + ["--out", str(tmp_path / "a"), "--store", str(store32)] + common) == 0
+    assert cli_pca.entry(ims + ["--out", str(tmp_path / "b"), "--weights", str(golden_path), "--stride", "8",
+                                "--load-size", str(LOAD), "--device", "cpu"] + common) == 0
+    for name in ("cat0_pca.png", "ibex1_pca.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert cli_pca.entry(ims + ["--out", str(tmp_path / "c"), "--store", str(store32), "--layer", "5"]) == 2
+    assert "store holds layers [9, 11]" in capsys.readouterr().err
