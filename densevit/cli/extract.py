@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..backbones import BACKBONES
 from ..errors import DensevitError
+from ..extractor import FACETS
 from .common import add_backbone_args, build_extractor, gather_images, run_cli
 
 
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, nargs="+", default=[11],
                    help="block index, 0-based (-1 = last); several with --store")
     p.add_argument("--facet", nargs="+", default=["key"],
-                   choices=["key", "query", "value", "token", "token_norm", "attn"], help="facet(s); several with --store")
+                   choices=list(FACETS), help="facet(s); several with --store (key_rope/query_rope: after the "
+                   "rotary embedding, rotary backbones only)")
     d = p.add_argument_group("dataset mode (a feature store instead of .npz files)")
     d.add_argument("--store", help="feature store folder: raw descriptors of every image in safetensors shards "
                    "with a manifest; rerunning the same command finishes what is missing; run under "
