@@ -1,6 +1,6 @@
 """densevit-discover: find the main object of each image without labels (TokenCut or LOST).
 
-    densevit-discover IMAGES... | FOLDER  --out DIR [--method tokencut|lost] [--refine none|crf] [--overwrite]
+    densevit-discover IMAGES... | FOLDER  --out DIR [--method tokencut|lost] [--refine none|crf|bilateral] [--overwrite]
 
 Per image: ``<stem>_mask.png`` (original size, 0/255), ``<stem>_overlay.png`` (background faded, mask outline in
 red, object box in yellow, seed in blue) and ``<stem>_eigvec.png`` (TokenCut's second eigenvector) or
@@ -53,7 +53,11 @@ def add_discover_args(parser: argparse.ArgumentParser, prefix: str = "", load_si
     g.add_argument(f"--{prefix}k-patches", type=int, default=d.k_patches,
                    help="LOST: lowest-degree patches considered in the seed expansion")
     g.add_argument(f"--{prefix}refine", default=d.refine, choices=REFINES,
-                   help="mask refinement: none, or a dense CRF (pydensecrf when installed, else approximate)")
+                   help="mask refinement: none, a dense CRF (pydensecrf when installed, else approximate), or "
+                        "TokenCut's bilateral solver (at the original resolution)")
+    g.add_argument(f"--{prefix}sigma-spatial", type=float, default=d.sigma_spatial, help="bilateral solver")
+    g.add_argument(f"--{prefix}sigma-luma", type=float, default=d.sigma_luma, help="bilateral solver")
+    g.add_argument(f"--{prefix}sigma-chroma", type=float, default=d.sigma_chroma, help="bilateral solver")
     g.add_argument(f"--{prefix}max-tokens", type=int, default=d.max_tokens,
                    help="refuse larger token grids (the graph is dense T x T)")
 
@@ -66,7 +70,9 @@ def config_from_args(args: argparse.Namespace, prefix: str = "", layer: Optional
     cfg = DiscoverConfig(method=a.get("method", DiscoverConfig.method), load_size=load_size_arg(a["load_size"]), fit=a["fit"],
                          layer=args.layer if layer is None else layer, facet=args.facet if facet is None else facet,
                          tau=a["tau"], eps=a["eps"], binary_graph=not a["no_binary_graph"], solver=a["solver"],
-                         k_patches=a["k_patches"], refine=a["refine"], max_tokens=a["max_tokens"])
+                         k_patches=a["k_patches"], refine=a["refine"], max_tokens=a["max_tokens"],
+                         sigma_spatial=a["sigma_spatial"], sigma_luma=a["sigma_luma"],
+                         sigma_chroma=a["sigma_chroma"])
     cfg.validate()
     return cfg
 

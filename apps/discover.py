@@ -37,7 +37,11 @@ columns ``[r0, r1) x [c0, c1)`` cover the input pixels ``[s*c0, s*(c1-1) + p)`` 
 ``p * [c0, c1)`` at stride = patch, as the references), clipped to the image and scaled to the original size.
 Masks are the component's tokens brought to every original pixel (each pixel takes its nearest token, through
 :class:`~densevit.coords.TokenGrid`), optionally refined by a dense CRF (``refine="crf"``; the CRF of
-:mod:`densevit.apps.partseg`). TokenCut's bilateral-solver refinement is not implemented.
+:mod:`densevit.apps.partseg`) or by TokenCut's bilateral solver (``refine="bilateral"``, reference
+``unsupervised_saliency_detection/bilateral_solver.py`` with ``get_saliency.py``'s sigmas 16 / 16 / 8): the mask
+at the original resolution is the solver's target (confidence 0.999 everywhere), and the refined mask is the
+solver output ``> 0.5`` -- what TokenCut's saliency metrics score (its pictures additionally fill holes and keep
+one component; not done here).
 
 ``fit`` chooses how the image becomes a token grid: ``"pad"`` (the references' object discovery: zero padding to
 a multiple of the patch), ``"round"`` (TokenCut's saliency script: each side resized with Lanczos to the nearest
@@ -68,11 +72,11 @@ from .common import ImageInput, image_name, input_to_image, tokens_to_image
 __all__ = ["METHODS", "FITS", "REFINES", "SOLVERS", "DiscoverConfig", "DiscoveryFeatures", "TokenDiscovery",
            "Discovery", "tokencut_graph", "ncut_vector", "tokencut_tokens", "lost_tokens", "seed_component",
            "token_box", "extract_discovery_features", "discover_features", "discover", "discover_mask",
-           "box_iou", "mask_box"]
+           "bilateral_solve", "box_iou", "mask_box"]
 
 METHODS = ("tokencut", "lost")
 FITS = ("pad", "round", "crop")
-REFINES = ("none", "crf")
+REFINES = ("none", "crf", "bilateral")
 SOLVERS = ("eigh", "generalized")
 _FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)   # scipy.ndimage.label's default
 
@@ -89,7 +93,8 @@ class DiscoverConfig:
         tau, eps, binary_graph, solver: TokenCut's graph threshold, weight of the other edges, binary graph
             (False: the similarity ablation) and eigen-solver.
         k_patches: LOST's number of lowest-degree patches considered in the seed expansion.
-        refine: ``"none"`` or ``"crf"`` (dense CRF at the network input's resolution, then mapped back).
+        refine: ``"none"``, ``"crf"`` (dense CRF at the network input's resolution, then mapped back) or
+            ``"bilateral"`` (TokenCut's bilateral solver at the original resolution; :func:`bilateral_solve`).
         crf, crf_iters, crf_confidence: CRF backend (``auto``/``dense``/``approx``), iterations, and the
             probability given to the discovered label of each pixel in the unary term.
         max_tokens: refuse grids of more tokens (the graphs are dense ``TxT``: 12000 tokens take ~1.7 GiB for
@@ -110,6 +115,9 @@ class DiscoverConfig:
     crf: str = "auto"
     crf_iters: int = 10
     crf_confidence: float = 0.9
+    sigma_spatial: float = 16.0
+    sigma_luma: float = 16.0
+    sigma_chroma: float = 8.0
     max_tokens: int = 12000
 
     def validate(self) -> None:
@@ -383,6 +391,12 @@ def discover_features(f: DiscoveryFeatures, cfg: DiscoverConfig = DiscoverConfig
     if cfg.refine == "crf":
         mask = _crf_mask(f, tok.mask, cfg)
         timings["crf"] = time.perf_counter() - t
+    elif cfg.refine == "bilateral":
+        soft = bilateral_solve(np.asarray(f.image), f.to_image(tok.mask).astype(np.float64),
+                               sigma_spatial=cfg.sigma_spatial, sigma_luma=cfg.sigma_luma,
+                               sigma_chroma=cfg.sigma_chroma)
+        mask = soft > 0.5
+        timings["bilateral"] = time.perf_counter() - t
     else:
         mask = f.to_image(tok.mask)
     seed_xy = f.image_grid.input_to_image(f.grid.token_centers_input()[tok.seed:tok.seed + 1])[0]
@@ -406,6 +420,69 @@ def discover_mask(extractor, image: ImageInput, cfg: Optional[DiscoverConfig] = 
     """The discovered object of one image as an id mask ``H0xW0`` uint8 (0 background, 1 object), e.g. the
     first mask of unsupervised video object segmentation."""
     return discover(extractor, image, cfg, **overrides).mask.astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ bilateral solver
+_RGB_TO_YUV = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+
+
+def bilateral_solve(image_rgb: np.ndarray, target: np.ndarray, confidence: float = 0.999,
+                    sigma_spatial: float = 16.0, sigma_luma: float = 16.0, sigma_chroma: float = 8.0,
+                    lam: float = 256.0, a_diag_min: float = 1e-5, cg_tol: float = 1e-5,
+                    cg_maxiter: int = 25) -> np.ndarray:
+    """The fast bilateral solver (Barron & Poole 2016) as TokenCut's ``bilateral_solver.py`` runs it.
+
+    ``image_rgb`` ``HxWx3`` uint8 is the reference, ``target`` ``HxW`` the values to smooth (confidence
+    ``confidence`` everywhere). Pixels are splatted onto the vertices of a 5-D grid (x, y over ``sigma_spatial``,
+    luma over ``sigma_luma``, the two chroma channels over ``sigma_chroma``, each truncated to an integer); the
+    blur is ``2 * 5`` times the vertex plus its 10 grid neighbours; the grid is bistochastised (10 iterations);
+    ``(lam * (Dm - Dn B Dn) + diag(S w)) y = S (x w)`` is solved by Jacobi-preconditioned CG (``cg_maxiter``
+    iterations, tolerance ``cg_tol``) from the flat initialisation, and sliced back to pixels. Vertices are found
+    with an exact mixed-radix key (the reference's base-255 hash, without its size limit). Returns ``HxW``
+    float64.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import cg
+
+    im = np.asarray(image_rgb, np.float64)
+    H, W = target.shape
+    if im.shape[:2] != (H, W):
+        raise DensevitError(f"bilateral solver: image {im.shape[:2]} and target {(H, W)} differ in size")
+    yuv = np.tensordot(im, _RGB_TO_YUV, ([2], [1])) + np.array([0.0, 128.0, 128.0])
+    Iy, Ix = np.mgrid[:H, :W]
+    coords = np.stack([(Ix / sigma_spatial).astype(np.int64), (Iy / sigma_spatial).astype(np.int64),
+                       (yuv[..., 0] / sigma_luma).astype(np.int64), (yuv[..., 1] / sigma_chroma).astype(np.int64),
+                       (yuv[..., 2] / sigma_chroma).astype(np.int64)], axis=-1).reshape(-1, 5)
+    coords = coords - coords.min(axis=0) + 1                         # >= 1: the -1 neighbours stay >= 0
+    base = coords.max(axis=0) + 2
+    radix = np.concatenate([[1], np.cumprod(base[:-1])]).astype(np.int64)
+    keys, vertex = np.unique(coords @ radix, return_inverse=True)
+    nv, npix = len(keys), H * W
+    S = sp.csr_matrix((np.ones(npix), (vertex.reshape(-1), np.arange(npix))), shape=(nv, npix))
+    rows, cols = [], []
+    for d in range(5):                                               # the grid's 10 neighbour directions
+        for off in (-1, 1):
+            nb = keys + off * radix[d]
+            loc = np.clip(np.searchsorted(keys, nb), 0, nv - 1)
+            ok = np.flatnonzero(keys[loc] == nb)
+            rows.append(ok)
+            cols.append(loc[ok])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    B = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(nv, nv)) + 10.0 * sp.identity(nv, format="csr")
+    m = np.asarray(S.sum(axis=1)).reshape(-1)
+    n = np.ones(nv)
+    for _ in range(10):                                              # bistochastisation
+        n = np.sqrt(n * m / (B @ n))
+    m = n * (B @ n)
+    Dn = sp.diags(n)
+    w = np.full(npix, float(confidence))
+    x = np.asarray(target, np.float64).reshape(-1)
+    w_splat = S @ w
+    A = lam * (sp.diags(m) - Dn @ B @ Dn) + sp.diags(w_splat)
+    b = S @ (x * w)
+    M = sp.diags(1.0 / np.maximum(A.diagonal(), a_diag_min))
+    y, _ = cg(A, b, x0=b / w_splat, M=M, maxiter=cg_maxiter, rtol=cg_tol)
+    return (S.T @ y).reshape(H, W)
 
 
 # ------------------------------------------------------------------------------------------------ scoring

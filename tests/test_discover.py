@@ -13,7 +13,7 @@ from PIL import Image
 
 from densevit.apps.cli_discover import entry as discover_entry
 from densevit.apps.cli_vos import entry as vos_entry
-from densevit.apps.discover import (DiscoverConfig, box_iou, discover, discover_mask, extract_discovery_features,
+from densevit.apps.discover import (DiscoverConfig, bilateral_solve, box_iou, discover, discover_mask, extract_discovery_features,
                                     lost_tokens, mask_box, ncut_vector, token_box, tokencut_graph, tokencut_tokens)
 from densevit.datasets.davis import read_mask
 from densevit.errors import DensevitError
@@ -268,3 +268,57 @@ def test_benchmarks_unsupervised_davis_and_discovery(tmp_path, load_benchmark, c
     assert bench.entry(argv) == 0                                          # resumed: nothing recomputed
     assert len((tmp_path / "disc" / "records.jsonl").read_text().splitlines()) == 8
     assert bench.entry(argv + ["--tau", "0.3"]) == 2 and "other settings" in capsys.readouterr().err
+
+
+def _reference_bilateral(im, target, ss=16, sl=16, sc=8):
+    """bilateral_solver.py's steps written out: base-255 hash of the truncated XYLUV coordinates, [1 0 1] blurs,
+    bistochastisation, Jacobi-preconditioned CG from the flat start."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import cg
+
+    M2 = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+    yuv = np.tensordot(im.astype(float), M2, ([2], [1])) + np.array([0, 128.0, 128.0]).reshape(1, 1, -1)
+    Iy, Ix = np.mgrid[:im.shape[0], :im.shape[1]]
+    c = np.dstack(((Ix / ss).astype(int), (Iy / ss).astype(int), (yuv[..., 0] / sl).astype(int),
+                   (yuv[..., 1:] / sc).astype(int))).reshape(-1, 5)
+    hv = 255.0 ** np.arange(5)
+    uh, ui, idx = np.unique(c @ hv, return_index=True, return_inverse=True)
+    uc, nv, npx = c[ui], len(ui), c.shape[0]
+    S = sp.csr_matrix((np.ones(npx), (idx.reshape(-1), np.arange(npx))))
+    blurs = []
+    for d in range(5):
+        blur = 0.0
+        for off in (-1, 1):
+            ov = np.zeros((1, 5))
+            ov[:, d] = off
+            nh = (uc + ov) @ hv
+            locs = np.clip(np.searchsorted(uh, nh), 0, nv - 1)
+            vi = np.flatnonzero(uh[locs] == nh)
+            blur = blur + sp.csr_matrix((np.ones(len(vi)), (vi, locs[vi])), shape=(nv, nv))
+        blurs.append(blur)
+
+    def bl(x):
+        return 10 * x + sum(b.dot(x) for b in blurs)
+
+    m, n = S.dot(np.ones(npx)), np.ones(nv)
+    for _ in range(10):
+        n = np.sqrt(n * m / bl(n))
+    m = n * bl(n)
+    Dm, Dn = sp.diags(m, 0), sp.diags(n, 0)
+    w = np.full((npx, 1), 0.999)
+    x = target.reshape(-1, 1).astype(float)
+    A = 256 * (Dm - Dn.dot(bl(Dn))) + sp.diags(S.dot(w)[:, 0], 0)
+    b = S.dot(x * w)
+    Mp = sp.diags(1 / np.maximum(A.diagonal(), 1e-5), 0)
+    y, _ = cg(A, b[:, 0], x0=(b / S.dot(w))[:, 0], M=Mp, maxiter=25, rtol=1e-5)
+    return S.T.dot(y).reshape(target.shape)
+
+
+def test_bilateral_solver_matches_the_reference_steps(ext):
+    im = np.asarray(Image.open(FRAME).convert("RGB").resize((107, 60), Image.LANCZOS))
+    r = discover(ext, Image.fromarray(im), refine="bilateral")
+    target = r.features.to_image(r.tokens.mask).astype(np.float64)
+    ours = bilateral_solve(im, target)
+    ref = _reference_bilateral(im, target)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert r.refined and np.array_equal(r.mask, ours > 0.5)
