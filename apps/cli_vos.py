@@ -1,6 +1,10 @@
 """densevit-vos: propagate a first-frame mask through a folder of frames.
 
     densevit-vos --frames DIR --first-mask PNG --out DIR [--gif PATH] [--video PATH]
+    densevit-vos --frames DIR --discover [--discover-method tokencut|lost] --out DIR     (unsupervised)
+
+With ``--discover`` no mask is given: the object is discovered in the first frame (TokenCut or LOST on the
+last block's keys, :mod:`densevit.apps.discover`; object id 1) and propagated like a given mask.
 
 Writes one indexed PNG (DAVIS palette, the first mask's object ids) per frame, named after the frame, and
 optionally an overlay animation (GIF, or MP4/AVI through OpenCV).
@@ -21,6 +25,9 @@ from densevit.pipeline import BackgroundWriter
 from densevit.preprocess import load_image
 
 from .cli_common import drop_unreadable, report_unreadable
+from .cli_discover import add_discover_args
+from .cli_discover import config_from_args as discover_config_from_args
+from .discover import discover_mask
 from .vos import VOSConfig, propagate
 
 PROG = "densevit-vos"
@@ -102,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Propagate a first-frame object mask through a video "
                                 "(label propagation on ViT features, DINO's protocol).")
     p.add_argument("--frames", required=True, help="folder of frames (sorted by file name)")
-    p.add_argument("--first-mask", required=True,
-                   help="mask of the first frame: palette PNG of object ids, or greyscale (e.g. 0/255)")
+    first = p.add_mutually_exclusive_group(required=True)
+    first.add_argument("--first-mask",
+                       help="mask of the first frame: palette PNG of object ids, or greyscale (e.g. 0/255)")
+    first.add_argument("--discover", action="store_true",
+                       help="unsupervised: discover the object in the first frame (no mask given)")
     p.add_argument("--out", required=True, help="output folder for the per-frame indexed PNG masks")
     p.add_argument("--gif", default=None, help="also write an overlay animation to this .gif file")
     p.add_argument("--video", default=None, help="also write an overlay video to this .mp4/.avi file")
@@ -113,7 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_protocol_args(p)
     add_backbone_args(p, stride=None, load_size=None, layer=-1, facet="token_norm")
+    add_discover_args(p, prefix="discover-", load_size=-1)
     return p
+
+
+def discovery_config(args: argparse.Namespace):
+    """The first-frame discovery settings of ``--discover-*`` flags: the last block's keys; the load size
+    defaults (-1) to the propagation's short side."""
+    cfg = discover_config_from_args(args, prefix="discover-", layer=-1, facet="key")
+    if args.discover_load_size < 0:
+        from dataclasses import replace
+
+        cfg = replace(cfg, load_size=args.short_side)
+    return cfg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -123,9 +145,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError(f"--frames must be a folder of frames: {args.frames}")
     all_frames = gather_images([args.frames])
     frames, unreadable = drop_unreadable(PROG, all_frames)
-    if all_frames[0] in unreadable:
+    if not frames:
+        raise DensevitError(f"no readable frame in {args.frames}")
+    if all_frames[0] in unreadable and not args.discover:
         raise DensevitError(f"the first frame {all_frames[0].name} is unreadable; the first mask belongs to it")
-    first_mask = read_mask(args.first_mask)
+    dcfg = discovery_config(args) if args.discover else None
+    first_mask = None if args.discover else read_mask(args.first_mask)
     out = Path(args.out)
     targets = [out / f"{f.stem}.png" for f in frames]
     if len({t.name for t in targets}) != len(targets):
@@ -138,6 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 0 <= args.alpha <= 1 or args.fps <= 0:
         raise DensevitError("--alpha must lie in [0, 1] and --fps must be positive")
     extractor = build_extractor(args)
+    if dcfg is not None:
+        first_mask = discover_mask(extractor, frames[0], dcfg)
     out.mkdir(parents=True, exist_ok=True)
     for p in extra:
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from densevit.coords import TokenGrid
 from .common import tokens_to_image
 
 __all__ = ["COLOURS", "colour", "fit_size", "as_rgb", "mask_overlay", "parts_overlay", "correspondence_image",
+           "heatmap_overlay", "discovery_overlay",
            "points_overlay", "pca_rgb", "save_rgb", "save_mask", "save_labels"]
 
 # Distinct colours (RGB); the first ones as the reference's part / correspondence colours.
@@ -190,3 +191,30 @@ def save_labels(path: Union[str, Path], labels: np.ndarray) -> None:
     pal[1:] = np.array([colour(i) for i in range(255)], np.uint8)
     img.putpalette(pal.reshape(-1).tolist())
     img.save(path)
+
+
+def heatmap_overlay(image: ImageLike, values: np.ndarray, alpha: float = 0.6,
+                    max_side: Optional[int] = 1024) -> np.ndarray:
+    """A map ``HxW`` (the image's size) min-max scaled and coloured (cividis) over the image."""
+    img = as_rgb(image, max_side)
+    v = np.asarray(values, np.float32)
+    lo, hi = float(v.min()), float(v.max())
+    u8 = np.clip((v - lo) / (hi - lo if hi > lo else 1.0) * 255 + 0.5, 0, 255).astype(np.uint8)
+    u8 = cv2.resize(u8, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+    colours = cv2.applyColorMap(u8, cv2.COLORMAP_CIVIDIS)[..., ::-1].astype(np.float32)
+    return np.clip((1 - alpha) * img + alpha * colours + 0.5, 0, 255).astype(np.uint8)
+
+
+def discovery_overlay(image: ImageLike, mask: np.ndarray, box: Sequence[float], seed_xy: Sequence[float],
+                      max_side: Optional[int] = 1024, rgb: Tuple[int, int, int] = (255, 40, 40)) -> np.ndarray:
+    """:func:`mask_overlay` with the object box (``x0, y0, x1, y1`` original pixels, exclusive maxima) drawn in
+    yellow and the seed marked."""
+    out = mask_overlay(image, mask, rgb=rgb, max_side=max_side)
+    H0 = image.height if isinstance(image, Image.Image) else np.asarray(image).shape[0]
+    s = out.shape[0] / H0
+    x0, y0, x1, y1 = (float(c) * s for c in box)
+    t = max(2, round(max(out.shape[:2]) / 250))
+    cv2.rectangle(out, (int(round(x0)), int(round(y0))), (int(round(x1)) - 1, int(round(y1)) - 1),
+                  (255, 220, 0), t, lineType=cv2.LINE_AA)
+    _marker(out, (seed_xy[0] * s, seed_xy[1] * s), (30, 80, 255), max(3, round(max(out.shape[:2]) / 120)))
+    return out

@@ -1,6 +1,12 @@
 """DAVIS semi-supervised benchmark: propagate every sequence's first mask and score J and F as the toolkit.
 
     python benchmarks/davis.py --davis-root ROOT --year 2016|2017 --split val [--sequences a,b] [--out DIR]
+    python benchmarks/davis.py --unsupervised [--discover-method tokencut|lost] ...
+
+``--unsupervised`` (DAVIS-2016, one object): no mask is given; the object is discovered in each sequence's first
+frame (TokenCut or LOST, :mod:`densevit.apps.discover`) and propagated, and every frame is scored (the
+unsupervised protocol scores the first and last frames too). Results go to their own folder
+(``..._unsupervised``) and are reported apart from the semi-supervised ones.
 
 Writes ``OUT/<seq>/<frame>.png`` (indexed, DAVIS palette), ``OUT/global_results-<split>.csv`` and
 ``OUT/per-sequence_results-<split>.csv`` (the toolkit's file names and columns) and prints the tables.
@@ -24,7 +30,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from densevit.apps.cli_vos import add_protocol_args, config_from_args
+from densevit.apps.cli_discover import add_discover_args
+from densevit.apps.cli_vos import add_protocol_args, config_from_args, discovery_config
+from densevit.apps.discover import discover_mask
 from densevit.apps.vos import propagate
 from densevit import dist
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli
@@ -53,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute", action="store_true", help="propagate again even finished sequences")
     p.add_argument("--eval-only", action="store_true", help="score the masks already in --out; run no model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--unsupervised", action="store_true",
+                   help="no first mask: discover the object in the first frame, score every frame (DAVIS-2016)")
     add_protocol_args(p)
     add_backbone_args(p, stride=None, load_size=None, layer=-1, facet="token_norm")
+    add_discover_args(p, prefix="discover-", load_size=-1)
     return p
 
 
@@ -63,6 +74,9 @@ def settings_of(args: argparse.Namespace) -> Dict[str, object]:
     keys = ("backbone", "weights", "stride", "dtype", "layer", "facet", "short_side", "multiple", "n_last_frames",
             "neighborhood", "topk", "temperature", "no_minmax_norm", "max_frames", "year")
     s = {k: getattr(args, k) for k in keys}
+    if args.unsupervised:  # only then: semi-supervised folders keep their settings
+        s["unsupervised"] = True
+        s["discover"] = {k: v for k, v in vars(discovery_config(args)).items()}
     if s["weights"] not in (None, "random"):
         s["weights"] = str(Path(s["weights"]).resolve())
     return s
@@ -85,15 +99,17 @@ def check_settings(out: Path, settings: Dict[str, object], recompute: bool) -> N
 
 
 def run_sequence(extractor, ds: DavisDataset, seq: str, out: Path, cfg, max_frames: Optional[int],
-                 progress: bool) -> Dict[str, float]:
-    """Propagate one sequence's first mask and write its masks; returns timing."""
+                 progress: bool, discover_cfg=None) -> Dict[str, float]:
+    """Propagate one sequence's first mask (or, with ``discover_cfg``, the object discovered in its first frame)
+    and write its masks; returns timing."""
     frames = ds.frames(seq)[:max_frames]
     seq_dir = out / seq
     seq_dir.mkdir(parents=True, exist_ok=True)
     (seq_dir / DONE).unlink(missing_ok=True)
     t0 = time.perf_counter()
+    first = ds.first_mask(seq) if discover_cfg is None else discover_mask(extractor, frames[0], discover_cfg)
     with BackgroundWriter() as writer:
-        for frame, mask in zip(frames, propagate(extractor, frames, ds.first_mask(seq), cfg, progress=progress)):
+        for frame, mask in zip(frames, propagate(extractor, frames, first, cfg, progress=progress)):
             writer.submit(write_mask, seq_dir / f"{frame.stem}.png", mask)
     seconds = time.perf_counter() - t0
     info = {"frames": len(frames), "seconds": round(seconds, 3), "fps": round((len(frames) - 1) / seconds, 4)}
@@ -101,8 +117,9 @@ def run_sequence(extractor, ds: DavisDataset, seq: str, out: Path, cfg, max_fram
     return info
 
 
-def evaluate_sequence(ds: DavisDataset, seq: str, out: Path, max_frames: Optional[int]):
-    """Per-object per-frame J and F of the masks in ``out/seq``."""
+def evaluate_sequence(ds: DavisDataset, seq: str, out: Path, max_frames: Optional[int],
+                      unsupervised: bool = False):
+    """Per-object per-frame J and F of the masks in ``out/seq`` (``unsupervised``: every frame scored)."""
     gt, names = ds.ground_truth(seq)
     gt, names = gt[:max_frames], names[:max_frames]
     n_obj = int(gt[0].max())
@@ -112,7 +129,7 @@ def evaluate_sequence(ds: DavisDataset, seq: str, out: Path, max_frames: Optiona
         if not path.is_file():
             raise DensevitError(f"missing result mask {path}")
         preds.append(labels_for_year(read_mask(path), ds.year) if ds.year == "2016" else read_mask(path))
-    return evaluate_semisupervised(gt, np.stack(preds), n_objects=n_obj)
+    return evaluate_semisupervised(gt, np.stack(preds), n_objects=n_obj, exclude_first_last=not unsupervised)
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: List[Dict[str, object]]) -> None:
@@ -161,12 +178,16 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
     args = build_parser().parse_args(argv)
     args.device = ctx.device(args.device)
     cfg = config_from_args(args)
+    if args.unsupervised and args.year != "2016":
+        raise DensevitError("--unsupervised discovers one object: use it with --year 2016")
+    discover_cfg = discovery_config(args) if args.unsupervised else None
     if args.max_frames is not None and args.max_frames < 3:
         raise DensevitError("--max-frames must be at least 3 (the first and last frames are not scored)")
     seqs = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
     ds = DavisDataset(args.davis_root, args.year, args.split, args.resolution, seqs)
     stride = args.stride if args.stride is not None else "p"
-    out = Path(args.out or f"davis_results/{args.backbone}_s{stride}_{args.year}_{args.split}")
+    suffix = "_unsupervised" if args.unsupervised else ""
+    out = Path(args.out or f"davis_results/{args.backbone}_s{stride}_{args.year}_{args.split}{suffix}")
     progress = not args.quiet
 
     timing: Dict[str, dict] = {}
@@ -191,7 +212,7 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
             if progress:
                 rank = f"rank {ctx.rank}: " if ctx.world_size > 1 else ""
                 print(f"{rank}[{i + 1}/{len(mine)}] {seq}", file=sys.stderr)
-            run_sequence(extractor, ds, seq, out, cfg, args.max_frames, progress and ctx.is_main)
+            run_sequence(extractor, ds, seq, out, cfg, args.max_frames, progress and ctx.is_main, discover_cfg)
         ctx.barrier()
         if not ctx.is_main:
             return 0
@@ -206,13 +227,15 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
 
     scores = DavisScores()
     for seq in ds.sequences:
-        J, F = evaluate_sequence(ds, seq, out, args.max_frames)
+        J, F = evaluate_sequence(ds, seq, out, args.max_frames, args.unsupervised)
         scores.add_sequence(seq, J, F)
     g = scores.global_row()
     rows = scores.per_object_rows()
     write_csv(out / f"global_results-{args.split}.csv", GLOBAL_COLUMNS, [g])
     write_csv(out / f"per-sequence_results-{args.split}.csv", SEQUENCE_COLUMNS, rows)
-    print_tables(args.split, g, rows, timing)
+    split = f"{args.split} (unsupervised: {discover_cfg.method} on the first frame)" if args.unsupervised \
+        else args.split
+    print_tables(split, g, rows, timing)
     total_frames = sum(t["frames"] - 1 for t in timing.values())
     total_s = sum(t["seconds"] for t in timing.values())
     if total_s > 0:

@@ -31,7 +31,7 @@ from .errors import DensevitError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "faiss_available", "faiss_gpu_available", "resolve_backend",
-    "knn", "best_buddies", "label_transfer", "kmeans", "elbow_kmeans",
+    "knn", "similarity_matrix", "best_buddies", "label_transfer", "kmeans", "elbow_kmeans",
 ]
 
 TensorLike = Union[torch.Tensor, np.ndarray]
@@ -195,6 +195,29 @@ def knn(query: TensorLike, base: TensorLike, k: int = 1, metric: str = "cosine",
     if kind == "torch":
         return _knn_torch(query, base, k, metric == "cosine", chunk)
     return _knn_faiss(query, base, k, metric == "cosine", chunk, gpu=kind == "faiss-gpu")
+
+
+@torch.no_grad()
+def similarity_matrix(a: TensorLike, b: Optional[TensorLike] = None, metric: str = "cosine",
+                      chunk_size: Optional[int] = None) -> torch.Tensor:
+    """All pairwise similarities ``NxM`` float32 between the rows of ``a`` (NxD) and ``b`` (MxD, default ``a``):
+    the dense graph of graph-based methods (TokenCut, LOST). ``"cosine"``: rows L2-normalised first (zero rows
+    give 0, as ``F.normalize``); ``"ip"``: raw inner products. Computed on ``a``'s device in blocks of
+    ``chunk_size`` rows (the result itself is dense: only ask for it where the method needs every pair)."""
+    a = _as_2d(a, "a")
+    b = a if b is None else _as_2d(b, "b")
+    _check_pair(a, b, metric)
+    chunk = _chunk(chunk_size)
+    bf = b.float()
+    if metric == "cosine":
+        bf = torch.nn.functional.normalize(bf, dim=1)
+    out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.float32, device=a.device)
+    for s in range(0, a.shape[0], chunk):
+        q = a[s:s + chunk].float()
+        if metric == "cosine":
+            q = torch.nn.functional.normalize(q, dim=1)
+        torch.matmul(q, bf.T, out=out[s:s + chunk])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- best buddies
