@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _require_web() -> None:
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart: uploads)
+        import python_multipart  # noqa: F401  (uploads)
         import uvicorn  # noqa: F401
     except ImportError:
         raise DensevitError(INSTALL_HINT) from None

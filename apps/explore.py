@@ -377,14 +377,15 @@ class Explorer:
             grids = [self.grid(i, s) for i in range(len(self.images))]
             token = sim.token_at(grids[source], x, y)
             maps = sim.similarity_maps(token, descs[source], descs)
+            others = [i for i in range(len(descs)) if i != source] if buddies else []
+            found = dict(zip(others, sim.best_buddies_of(token, descs[source], [descs[i] for i in others],
+                                                         [maps[i] for i in others])))
             out = []
             for i, (m, g) in enumerate(zip(maps, grids)):
                 v, idx = sim.topk_tokens(m, k, exclude=token if i == source else None)
                 top = [self._match(g, int(j), float(val)) for val, j in zip(v, idx)]
-                bb = None
-                if buddies and i != source:
-                    j = sim.best_buddy(token, descs[source], descs[i], scores=m)
-                    bb = None if j is None else self._match(g, j, float(m[j]))
+                j = found.get(i)
+                bb = None if j is None else self._match(g, j, float(m[j]))
                 out.append(ImageMap(i, g, m, top, bb))
             clicked = self._match(grids[source], token, 1.0)
             return SimilarityResult(source, clicked, s, out, time.perf_counter() - t0)

@@ -57,6 +57,13 @@ def _settings(ex: Explorer, d: Optional[Dict[str, Any]]) -> Settings:
     return ex.settings(**kw)
 
 
+def _k(body: Dict[str, Any]) -> int:
+    try:
+        return max(1, min(int(body.get("k", 5)), 100))
+    except (TypeError, ValueError):
+        raise DensevitError("top-k must be a whole number") from None
+
+
 def _point(body: Dict[str, Any]):
     try:
         return int(body["image"]), float(body["x"]), float(body["y"])
@@ -128,7 +135,7 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out")):
         s = _settings(ex, body.get("settings"))
         i, x, y = _point(body)
         t0 = time.perf_counter()
-        r = ex.similarity(i, x, y, s, k=int(body.get("k", 5)))
+        r = ex.similarity(i, x, y, s, k=_k(body))
         return {"mode": "similarity", "source": r.source, "clicked": _match(r.clicked),
                 "settings": r.settings.as_dict(), "maps": [_map(m) for m in r.maps],
                 "compute_ms": 1000 * r.seconds, "server_ms": 1000 * (time.perf_counter() - t0)}
@@ -139,7 +146,7 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out")):
         i, x, y = _point(body)
         head = body.get("head")
         head = None if head in (None, "", "mean") else int(head)
-        r = ex.attention(i, x, y, s, head=head, k=int(body.get("k", 5)))
+        r = ex.attention(i, x, y, s, head=head, k=_k(body))
         return {"mode": "attention", "source": r.source, "clicked": _match(r.clicked), "head": r.head,
                 "settings": r.settings.as_dict(), "cls_share": r.cls_share, "maps": [_map(r.map)],
                 "compute_ms": 1000 * r.seconds}
@@ -182,7 +189,7 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out")):
         record: Dict[str, Any]
         if mode in ("similarity", "attention") and body.get("image") is not None:
             i, x, y = _point(body)
-            k = int(body.get("k", 5))
+            k = _k(body)
             if mode == "similarity":
                 record = ex.finding(ex.similarity(i, x, y, s, k=k))
             else:

@@ -11,7 +11,7 @@ a click costs one matrix-vector product per image. Best buddies follow :func:`de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .coords import TokenGrid
 from .errors import DensevitError
 
-__all__ = ["normalize", "similarity_map", "similarity_maps", "topk_tokens", "best_buddy", "query_attention",
+__all__ = ["normalize", "similarity_map", "similarity_maps", "topk_tokens", "best_buddy", "best_buddies_of", "query_attention",
            "token_at", "grid_extent", "upsample_map", "Match"]
 
 
@@ -71,11 +71,21 @@ def best_buddy(token: int, source: torch.Tensor, target: torch.Tensor,
     neighbour of ``target[j]`` in ``source`` (ties: lowest index, as :func:`densevit.index.best_buddies`).
     ``scores``: the token's similarity map over ``target``, when already computed. Two mat-vecs at most.
     """
+    return best_buddies_of(token, source, [target], None if scores is None else [scores])[0]
+
+
+def best_buddies_of(token: int, source: torch.Tensor, targets: Sequence[torch.Tensor],
+                    scores: Optional[Sequence[torch.Tensor]] = None) -> List[Optional[int]]:
+    """:func:`best_buddy` in each of several targets, reading ``source`` once: the targets' nearest neighbours
+    of the token are checked against ``source`` in one matrix product (``T x n``)."""
+    if not targets:
+        return []
     if scores is None:
-        scores = similarity_map(source[int(token)], target)
-    j = int(torch.argmax(scores))
-    back = similarity_map(target[j], source)
-    return j if int(torch.argmax(back)) == int(token) else None
+        scores = [similarity_map(source[int(token)], t) for t in targets]
+    js = [int(torch.argmax(s)) for s in scores]
+    back = source @ torch.stack([t[j] for t, j in zip(targets, js)]).to(source.device, source.dtype).T
+    nn = back.argmax(dim=0).tolist()
+    return [j if int(n) == int(token) else None for j, n in zip(js, nn)]
 
 
 def query_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int,

@@ -132,8 +132,9 @@ function buildCards() {
 
 function onClick(im, ev) {
   const r = im.canvas.getBoundingClientRect();
-  const x = (ev.clientX - r.left) / r.width * im.width;
-  const y = (ev.clientY - r.top) / r.height * im.height;
+  const clamp = (v, hi) => Math.min(Math.max(v, 0), hi - 1e-3);
+  const x = clamp((ev.clientX - r.left) / r.width * im.width, im.width);
+  const y = clamp((ev.clientY - r.top) / r.height * im.height, im.height);
   S.click = { image: im.index, x, y };
   if (S.mode === "saliency" || S.mode === "pca") setMode("similarity");
   refresh();
