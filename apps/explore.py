@@ -36,7 +36,7 @@ __all__ = ["Settings", "ExploreImage", "ImageMap", "SimilarityResult", "Attentio
            "DESCRIPTOR_FACETS", "MAX_SIDE"]
 
 DESCRIPTOR_FACETS = ("key", "query", "value", "token")
-MAX_SIDE = 2048
+MAX_SIDE = 4096
 """Images with a longer side are resized to this on loading (a note says so); coordinates stay in the file's
 original pixels."""
 
@@ -366,8 +366,8 @@ class Explorer:
     def similarity(self, source: int, x: float, y: float, settings: Optional[Settings] = None, k: int = 5,
                    buddies: bool = True) -> SimilarityResult:
         """Click at original-image pixel ``(x, y)`` of image ``source``: the cosine-similarity map of that token
-        over every image, its ``k`` best matches per image (the clicked token itself left out in its own image)
-        and its best buddy in each other image (None when it has none)."""
+        over every image, its ``k`` best matches per image (in its own image, the tokens whose patches overlap
+        the clicked one are left out) and its best buddy in each other image (None when it has none)."""
         s = self.check(settings or self.defaults)
         with self._lock:
             self._check_index(source)
@@ -382,7 +382,7 @@ class Explorer:
                                                          [maps[i] for i in others])))
             out = []
             for i, (m, g) in enumerate(zip(maps, grids)):
-                v, idx = sim.topk_tokens(m, k, exclude=token if i == source else None)
+                v, idx = sim.topk_tokens(m, k, exclude=sim.overlapping_tokens(g, token) if i == source else None)
                 top = [self._match(g, int(j), float(val)) for val, j in zip(v, idx)]
                 j = found.get(i)
                 bb = None if j is None else self._match(g, j, float(m[j]))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .coords import TokenGrid
 from .errors import DensevitError
 
-__all__ = ["normalize", "similarity_map", "similarity_maps", "topk_tokens", "best_buddy", "best_buddies_of", "query_attention",
+__all__ = ["normalize", "similarity_map", "similarity_maps", "topk_tokens", "overlapping_tokens", "best_buddy", "best_buddies_of", "query_attention",
            "token_at", "grid_extent", "upsample_map", "Match"]
 
 
@@ -51,16 +51,31 @@ def similarity_maps(token: int, source: torch.Tensor, images: Sequence[torch.Ten
     return [similarity_map(q, d) for d in images]
 
 
-def topk_tokens(scores: torch.Tensor, k: int, exclude: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` highest-scoring tokens of a ``T`` map, best first (``exclude``: a token left out, e.g. the
-    clicked token in its own image). Returns ``(scores k', idx k')`` with ``k' = min(k, available)``."""
+def topk_tokens(scores: torch.Tensor, k: int, exclude=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` highest-scoring tokens of a ``T`` map, best first. ``exclude``: a token index or a tensor of
+    them left out (e.g. the clicked token and its overlapping neighbours in its own image). Returns
+    ``(scores k', idx k')`` with ``k' = min(k, available)``."""
     s = scores.float()
+    n = s.numel()
     if exclude is not None:
+        drop = torch.unique(torch.as_tensor(exclude, dtype=torch.long).reshape(-1))
         s = s.clone()
-        s[int(exclude)] = -float("inf")
-    n = s.numel() - (exclude is not None)
+        s[drop] = -float("inf")
+        n -= drop.numel()
     v, i = s.topk(max(0, min(int(k), n)))
     return v, i
+
+
+def overlapping_tokens(grid: TokenGrid, token: int) -> torch.Tensor:
+    """Flat indices of the tokens whose patches overlap the patch of ``token`` (itself included): within
+    ``ceil(patch / stride) - 1`` rows and columns."""
+    h, w = grid.shape
+    r = -(-grid.patch_size // grid.stride) - 1
+    row, col = (int(t) for t in grid.unflat(torch.tensor([int(token)])))
+    rows = torch.arange(max(0, row - r), min(h, row + r + 1))
+    cols = torch.arange(max(0, col - r), min(w, col + r + 1))
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    return grid.flat(rr.reshape(-1), cc.reshape(-1))
 
 
 def best_buddy(token: int, source: torch.Tensor, target: torch.Tensor,

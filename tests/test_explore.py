@@ -51,7 +51,8 @@ def test_identical_images_match_at_the_clicked_position(make, noise_pair):
         assert r.maps[1].topk[0].token == r.clicked.token
         assert (r.maps[1].topk[0].x, r.maps[1].topk[0].y) == (r.clicked.x, r.clicked.y)
         assert r.maps[1].best_buddy is not None and r.maps[1].best_buddy.token == r.clicked.token
-        assert r.clicked.token not in [m.token for m in r.maps[0].topk]        # self left out in its own image
+        near = set(sim.overlapping_tokens(ex.grid(0, s), r.clicked.token).tolist())
+        assert r.clicked.token in near and not near & {m.token for m in r.maps[0].topk}   # left out in its image
         assert r.maps[0].values[r.clicked.token] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -133,6 +134,22 @@ def test_binned_descriptors_equal_the_extractor(make_extractor, make, noise_pair
     want = sim.normalize(ext.extract_descriptors(x, layer=7, facet="query", bin=True)[0])
     torch.testing.assert_close(ex.descriptors(0, Settings(layer=7, facet="query", bin=True, stride=8,
                                                           load_size=112)), want, atol=1e-6, rtol=1e-5)
+
+
+def test_overlapping_tokens_and_topk_exclusion():
+    from densevit.coords import TokenGrid
+
+    g = TokenGrid(8, 4, (40, 48))                                   # 9 x 11 tokens, patches overlap 1 step
+    t = int(g.flat(torch.tensor([4]), torch.tensor([5]))[0])
+    near = sim.overlapping_tokens(g, t)
+    assert sorted(near.tolist()) == sorted(int(g.flat(torch.tensor([r]), torch.tensor([c]))[0])
+                                           for r in (3, 4, 5) for c in (4, 5, 6))
+    assert sim.overlapping_tokens(g, 0).tolist() == [0, 1, 11, 12]   # clipped at the corner
+    assert sim.overlapping_tokens(TokenGrid(8, 8, (40, 48)), 7).tolist() == [7]
+    scores = torch.arange(g.num_tokens, dtype=torch.float32)
+    v, i = sim.topk_tokens(scores, 3, exclude=sim.overlapping_tokens(g, g.num_tokens - 1))
+    assert i.tolist() == [96, 95, 94] and v.tolist() == [96.0, 95.0, 94.0]  # 97, 98 and the row above dropped
+    assert sim.topk_tokens(scores[:3], 5, exclude=1)[1].tolist() == [2, 0]
 
 
 def test_grid_extent_and_upsampled_map_line_up_with_token_centres():

@@ -255,8 +255,10 @@ function renderResult(res) {
   document.querySelectorAll(".card").forEach((c) => c.classList.remove("source"));
   const tbody = $("matches").querySelector("tbody");
   tbody.innerHTML = "";
+  $("hint").classList.remove("prompt");
   S.images.forEach((im) => { im.caption.textContent = ""; delete im.caption.dataset.topX; delete im.caption.dataset.topY; });
   $("marker-legend").style.visibility = res.mode === "saliency" || res.mode === "pca" ? "hidden" : "visible";
+  $("details").hidden = true;
   if (res.mode === "pca") {
     $("colorbar-box").style.visibility = "hidden";
     $("hint").textContent = "PCA: the first three principal components of all images' descriptors as R, G, B.";
@@ -319,6 +321,7 @@ function renderResult(res) {
     const c = res.clicked;
     $("hint").textContent = `Clicked ${S.images[res.source].name}: token ${c.token}, centred at (${fmt(c.x)}, ${fmt(c.y)}).`;
     Object.assign($("hint").dataset, { image: res.source, x: c.x, y: c.y, token: c.token });
+    $("details").hidden = false;
     $("timing").textContent = res.compute_ms !== undefined ? `server computation ${res.compute_ms.toFixed(1)} ms` : "";
   } else {
     $("hint").textContent = "Saliency: the last layer's CLS attention (min-max per image).";
@@ -351,6 +354,7 @@ async function refresh() {
     } else if (S.images.length) {
       await api("/api/prepare", { settings: s });
       $("hint").textContent = "Click any point of any image.";
+      $("hint").classList.add("prompt");
       S.result = null;
       S.images.forEach(drawCard);
       rendered();
