@@ -75,6 +75,9 @@ def test_click_shifted_copy_layer_switch_save_and_bad_upload(server, browser, tm
     d.get(url)
     wait_render(0)
     shot("1_initial")
+    # everything the page loaded came from the explorer itself (works offline)
+    loaded = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(u.startswith(url) or u.startswith("data:") for u in loaded), loaded
     canvases = d.find_elements(By.CSS_SELECTOR, "canvas.view")
     assert len(canvases) == 2
     map_b = lambda: d.execute_script("return arguments[0].toDataURL()", canvases[1])  # noqa: E731
