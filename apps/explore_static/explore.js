@@ -258,6 +258,9 @@ function renderResult(res) {
   $("hint").classList.remove("prompt");
   S.images.forEach((im) => { im.caption.textContent = ""; delete im.caption.dataset.topX; delete im.caption.dataset.topY; });
   $("marker-legend").style.visibility = res.mode === "saliency" || res.mode === "pca" ? "hidden" : "visible";
+  $("topk-label").textContent = res.mode === "attention" ? "most attended tokens (1 = most)" : "top-k matches (1 = best)";
+  $("buddy-legend").hidden = res.mode === "attention";
+  $("details-title").textContent = res.mode === "attention" ? "Most attended tokens" : "Matches";
   $("details").hidden = true;
   if (res.mode === "pca") {
     $("colorbar-box").style.visibility = "hidden";
