@@ -269,6 +269,19 @@ class ViTExtractor(nn.Module):
                if f in cls_block[self.resolve_layer(l)] and self.model.cls_token is not None}
         return Features(descriptors, grid, sal_map, cls)
 
+    @torch.inference_mode()
+    def attention_inputs(self, x: torch.Tensor, layers: Iterable[int]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, float]]:
+        """Per block (keyed as given): ``(query, key, scale)`` exactly as its attention uses them, i.e. after the
+        positional encoding (rotary backbones), over all ``N`` tokens it attends over, prefix tokens (CLS, then
+        registers) first: ``BxNxD`` with the descriptors' channel layout ``c * heads + h``. The attention of token
+        ``i`` is ``softmax(scale * q_i . k)`` per head (:func:`densevit.similarity.query_attention`)."""
+        layers = tuple(layers)
+        plan = self._plan(x, layers, ("query_rope", "key_rope"), False, True, saliency=False)
+        scales = {i: float(self.adapter.scale(blk)) for i, blk in enumerate(self.model.blocks)}
+        flat = lambda t: t.permute(0, 2, 3, 1).flatten(2)                 # BxheadsxNxd -> BxNx(d*heads)
+        got = {i: (flat(rec["query_rope"]), flat(rec["key_rope"]), scales[i]) for i, rec, _ in self._forward(x, plan)}
+        return {l: got[self.resolve_layer(l)] for l in layers}
+
     def _cls_descriptor(self, facet: str, raw: torch.Tensor) -> torch.Tensor:
         """The CLS token's descriptor ``BxD`` of a facet (same channel layout as the patch descriptors)."""
         if facet in _QKV_INDEX:

@@ -82,3 +82,15 @@ def load_benchmark(monkeypatch):
         return bench
 
     return load
+
+
+@pytest.fixture(scope="session")
+def noise_pair():
+    """Two 144x112 RGB noise images, the second the first's content moved 16 pixels right (a shifted copy):
+    random-weight descriptors match identical textured content, so matches must shift by the same amount."""
+    from PIL import Image
+
+    base = np.random.default_rng(14).integers(0, 256, (112, 176, 3), dtype=np.uint8)
+    a = Image.fromarray(np.ascontiguousarray(base[:, 16:160]))
+    b = Image.fromarray(np.ascontiguousarray(base[:, 0:144]))
+    return a, b

@@ -186,3 +186,24 @@ def test_rope_periods_come_from_the_checkpoint(shared, tmp_path):
     ext = ViTExtractor("dinov3_vits16", weights=str(tmp_path / "p.pth"), device="cpu", dtype="bfloat16")
     torch.testing.assert_close(ext.model.rope.periods, sd["rope_embed.periods"].float())
     assert ext.model.rope.periods.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backbone,stride", [("dinov2_vits14_reg", 7), ("dinov3_vits16", 8)])
+def test_attention_inputs_give_the_attn_rows(backbone, stride, shared):
+    """One token's attention from ``attention_inputs`` (registers in the softmax, keys after RoPE) is its row of
+    the ``attn`` facet; the un-rotated ``key`` facet would not give it on DINOv3."""
+    from densevit import similarity as sim
+
+    ext = official(shared, backbone, stride)
+    x = torch.randn(1, 3, 56, 84, generator=torch.Generator().manual_seed(3))
+    attn = ext.extract(x, (4,), ("attn",)).descriptors[(4, "attn")][0]            # heads x T x T (patches)
+    q, k, scale = ext.attention_inputs(x, (4,))[4]
+    P = ext.num_prefix_tokens
+    assert P == 5 and q.shape[1] == k.shape[1] == P + attn.shape[-1]
+    for t in (0, 13, attn.shape[-1] - 1):
+        row = sim.query_attention(q[0, P + t], k[0], ext.num_heads, scale)
+        torch.testing.assert_close(row[:, P:], attn[:, t].float(), atol=1e-6, rtol=1e-4)
+    if backbone == "dinov3_vits16":
+        f = ext.extract(x, (4,), ("query", "key"), include_cls=True).descriptors
+        unrotated = sim.query_attention(f[(4, "query")][0, 1 + 13], f[(4, "key")][0], ext.num_heads, scale)
+        assert (unrotated[:, 1:] - attn[:, 13].float()).abs().max() > 1e-3

@@ -30,6 +30,7 @@ def test_regular_install_from_wheel(tmp_path):
     wheel = next((tmp_path / "dist").glob("densevit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "densevit/apps/__init__.py" in names
+    assert "densevit/apps/explore_static/index.html" in names  # the explorer's page ships with the package
     assert not any(n.startswith("apps/") for n in names)
     site = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)

@@ -1,0 +1,136 @@
+"""densevit-explore end to end in a real browser (headless Chromium through selenium and Debian's chromedriver):
+start the command on an image and its shifted copy with the golden weights, click as a person would, and read
+what the page shows. Set DENSEVIT_SCREENSHOTS=DIR to keep a screenshot of each step."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture()
+def server(tmp_path, noise_pair, golden_path):
+    a, b = noise_pair                           # b = a's content moved 16 px right: 2 tokens at stride 8
+    a.save(tmp_path / "a.png")
+    b.save(tmp_path / "b.png")
+    cmd = [sys.executable, "-m", "densevit.apps.cli_explore", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+           "--weights", str(golden_path), "--stride", "8", "--load-size", "112", "--port", "0", "--device", "cpu",
+           "--out", str(tmp_path / "saved"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = proc.stdout.readline()
+    url = re.search(r"http://\S+/", line)
+    if not url:
+        proc.kill()
+        raise AssertionError(f"no address printed: {line!r} {proc.stderr.read()}")
+    yield url.group(0), tmp_path
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_click_shifted_copy_layer_switch_save_and_bad_upload(server, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, root = server
+    d = browser
+    shots = os.environ.get("DENSEVIT_SCREENSHOTS")
+
+    def shot(name):
+        if shots:
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            d.save_screenshot(str(Path(shots) / f"{name}.png"))
+
+    body = lambda: d.find_element(By.TAG_NAME, "body")  # noqa: E731
+    renders = lambda: int(body().get_attribute("data-renders"))  # noqa: E731
+
+    def wait_render(before, timeout=60):
+        WebDriverWait(d, timeout).until(lambda _: renders() > before and body().get_attribute("data-state") == "ready")
+
+    d.get(url)
+    wait_render(0)
+    shot("1_initial")
+    # everything the page loaded came from the explorer itself (works offline)
+    loaded = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(u.startswith(url) or u.startswith("data:") for u in loaded), loaded
+    canvases = d.find_elements(By.CSS_SELECTOR, "canvas.view")
+    assert len(canvases) == 2
+    map_b = lambda: d.execute_script("return arguments[0].toDataURL()", canvases[1])  # noqa: E731
+    plain_b = map_b()
+
+    # click at original pixel (60, 50) of the first image (144 x 112 px), as a person would
+    cv = canvases[0]
+    rect = d.execute_script("return arguments[0].getBoundingClientRect()", cv)
+    px, py = 60.0, 50.0
+    ox = px / 144 * rect["width"] - rect["width"] / 2
+    oy = py / 112 * rect["height"] - rect["height"] / 2
+    n = renders()
+    ActionChains(d).move_to_element_with_offset(cv, round(ox), round(oy)).click().perform()
+    wait_render(n)
+    shot("2_click")
+    hint = d.find_element(By.ID, "hint")
+    cx, cy = float(hint.get_attribute("data-x")), float(hint.get_attribute("data-y"))
+    assert abs(cx - px) <= 4 and abs(cy - py) <= 4                     # the clicked token is under the click
+    cap = d.find_element(By.ID, "caption-1")
+    tx, ty = float(cap.get_attribute("data-top-x")), float(cap.get_attribute("data-top-y"))
+    assert abs(tx - (cx + 16)) <= 8 and abs(ty - cy) <= 8                # best match shifted by 2 tokens (+-1)
+    assert "best match" in cap.text
+    rows = d.find_elements(By.CSS_SELECTOR, "#matches tbody tr[data-image='1'][data-rank='1']")
+    assert len(rows) == 1 and float(rows[0].get_attribute("data-x")) == tx
+    after_click = map_b()
+    assert after_click != plain_b                                        # the heat map is drawn
+
+    # another layer: the map changes
+    n = renders()
+    Select(d.find_element(By.ID, "layer")).select_by_value("3")
+    wait_render(n)
+    shot("3_layer3")
+    assert map_b() != after_click
+    assert "layer" not in d.find_element(By.ID, "error-text").text
+
+    # save the view: a PNG and a JSON with the clicked point and matches in original pixels
+    d.find_element(By.ID, "save").click()
+    WebDriverWait(d, 30).until(lambda _: "Saved" in d.find_element(By.ID, "notes").text)
+    saved = sorted((root / "saved").glob("*.json"))
+    assert len(saved) == 1 and saved[0].with_suffix(".png").stat().st_size > 1000
+    rec = json.loads(saved[0].read_text())
+    assert rec["settings"]["layer"] == 3 and rec["clicked"]["image"] == 0
+    assert abs(rec["clicked"]["x"] - cx) < 1e-6 and "--replay" in rec["replay"]
+
+    # a corrupt upload: a message in the page, and the page still works
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    d.find_element(By.ID, "upload").send_keys(str(bad))
+    WebDriverWait(d, 30).until(lambda _: d.find_element(By.ID, "error").is_displayed())
+    shot("4_bad_upload")
+    assert "cannot read image corrupt.jpg" in d.find_element(By.ID, "error-text").text
+    assert len(d.find_elements(By.CSS_SELECTOR, "canvas.view")) == 2
+    n = renders()
+    Select(d.find_element(By.ID, "layer")).select_by_value("11")
+    wait_render(n)
+    assert d.find_element(By.ID, "caption-1").get_attribute("data-top-x")
