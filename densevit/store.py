@@ -111,6 +111,8 @@ class StoreWriter:
         elif self.root.exists() and any(self.root.iterdir()) and not overwrite:
             raise StoreError(f"{self.root} exists and is not a densevit store; use another folder or --overwrite")
         self.shard_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.root.glob(".*.tmp"), *self.shard_dir.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)                  # temp files of a writer that was killed mid-write
         _write_json(path, {"format": FORMAT, "settings": self.settings, "digest": self.digest})
 
     def record_path(self, name: str) -> Path:

@@ -185,6 +185,40 @@ def test_torchrun_two_processes_equal_one_and_resume(folder, tmp_path, golden_pa
     assert _contents(two) == _contents(one)
 
 
+def test_killed_run_leaves_valid_shards_and_the_rerun_finishes(folder, tmp_path, golden_path, one_thread):
+    """SIGKILL one rank once a shard is written (torchrun then stops the other): the shards on disk are whole,
+    and rerunning the same command keeps them, computes the rest and gives the one-process store."""
+    import signal
+    import time
+
+    args = [folder, *_common(golden_path), "--layer", 11, "--facet", "key", "--batch-size", 1, "--shard-size", 1]
+    one = tmp_path / "one"
+    assert _cli(*args, "--store", one, "--workers", 0) == 1
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "densevit.cli.extract", *map(str, [*args, "--store", two, "--workers", 0])]
+    job = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list((two / "shards").glob("*.json")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = [int(c) for c in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()] \
+        if job.poll() is None else []
+    for pid in ranks[:1]:                            # one rank dies; torchrun then stops the other one
+        os.kill(pid, signal.SIGKILL)
+    job.wait(timeout=120)
+    kept = {p: p.stat().st_mtime_ns for p in (two / "shards").glob("*.safetensors")}
+    assert kept and not (two / "manifest.json").is_file() or len(kept) == 5
+    reference = _contents(one)
+    for p in kept:                                   # every shard left behind is whole and equal to one process's
+        name = str(p.relative_to(two))
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == reference[name]
+    r = _torchrun([*args, "--store", two, "--workers", 0])
+    assert f"{len(kept)} shard(s) already complete" in r.stdout, r.stdout + r.stderr
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert _contents(two) == reference
+
+
 def test_pca_app_reads_a_store(store32, folder, tmp_path, golden_path, capsys, one_thread):
     """densevit-pca --store: the same pictures as running the model (float32 store, batch size 1)."""
     from densevit.apps import cli_pca
