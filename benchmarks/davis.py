@@ -153,16 +153,6 @@ def print_tables(split: str, g: Dict[str, float], rows: List[Dict[str, object]],
         print(f"{r['Sequence']:<{width}}  {r['J-Mean']:6.3f}  {r['F-Mean']:6.3f}  {fps}")
 
 
-def deal(sequences: Sequence[str], frames: Dict[str, int], ranks: int) -> List[List[str]]:
-    """Sequences per rank: longest first, each to the rank with the fewest frames so far (ties: lowest rank)."""
-    load, out = [0] * ranks, [[] for _ in range(ranks)]
-    for seq in sorted(sequences, key=lambda s: (-frames[s], s)):
-        r = min(range(ranks), key=lambda i: (load[i], i))
-        out[r].append(seq)
-        load[r] += frames[seq]
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = dist.init()
     try:
@@ -198,7 +188,7 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
                 check_settings(out, settings_of(args), args.recompute)
                 todo = [s for s in ds.sequences if args.recompute or not (out / s / DONE).is_file()]
                 n_frames = {s: len(ds.frames(s)[:args.max_frames]) for s in todo}
-                state = ("ok", deal(todo, n_frames, ctx.world_size))
+                state = ("ok", dist.deal(todo, [n_frames[s] for s in todo], ctx.world_size))
             except DensevitError as exc:
                 state = ("error", str(exc))
         state = ctx.broadcast(state)

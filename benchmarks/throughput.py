@@ -2,7 +2,7 @@
 """Dataset-extraction throughput: images per second into a feature store, over a folder of real photographs and
 video frames, with 1 and N processes (torchrun), time split into decode / forward / writing / waiting.
 
-    python benchmarks/throughput.py [--procs 1 2] [--frames 6] [--batch-size 4] [--out results/throughput]
+    python benchmarks/throughput.py [--procs 1 2] [--frames 6] [--batch-size 4] [--shard-size 2] [--out results/throughput]
         [--reference DIR]
 
 Inputs: the shared photographs (cat.jpg 4032x3024, ibex.jpg 2751x2686) and the first ``--frames`` frames of
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--shard-size", type=int, default=2,
+                   help="images per shard (shards are what ranks share: small here so 6 images split evenly)")
     p.add_argument("--workers", type=int, default=1, help="decoding worker processes per rank")
     p.add_argument("--fast-decode", action="store_true")
     p.add_argument("--reference", default=None,
@@ -142,7 +144,8 @@ def run_store(args: argparse.Namespace, inputs: Path, store: Path, procs: int, s
     flags = [str(inputs), "--store", str(store), "--overwrite", "--quiet", "--stats", str(stats),
              "--backbone", args.backbone, "--weights", args.weights, "--stride", str(args.stride),
              "--load-size", str(args.load_size), "--layer", str(args.layer), "--facet", args.facet,
-             "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+             "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+             "--shard-size", str(args.shard_size)]
     if args.device:
         flags += ["--device", args.device]
     if args.fast_decode:

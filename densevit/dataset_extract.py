@@ -5,7 +5,8 @@ so the hand-over is small), images of one resized shape are batched together (a 
 model runs in the extractor's dtype and finished shards are written on background threads
 (:class:`densevit.pipeline.BackgroundWriter`). Under ``torchrun`` (:mod:`densevit.dist`) rank 0 reads the image
 headers, checks the store's settings and decides which shards are missing; the missing shards are dealt to the
-ranks round-robin, each rank writes its own shards, and rank 0 writes the manifest after all have finished.
+ranks balancing their cost (images x input pixels; :func:`densevit.dist.deal`), each rank writes its own shards,
+and rank 0 writes the manifest after all have finished.
 A complete shard is never computed again, so rerunning the same command finishes only what is missing.
 """
 from __future__ import annotations
@@ -228,7 +229,7 @@ def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: P
     _, settings, shards, unreadable, done = state
     writer = StoreWriter(store_root, settings)
     pending = [s for s in shards if s["name"] not in set(done)]
-    mine = ctx.shard(pending)
+    mine = ctx.shard(pending, [len(s["images"]) * s["input_hw"][0] * s["input_hw"][1] for s in pending])
     report = ExtractionReport(reused_shards=len(done) if ctx.is_main else 0)
     if ctx.is_main:
         for key, msg in unreadable.items():

@@ -59,9 +59,23 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
-    def shard(self, items: Sequence[T]) -> List[T]:
-        """This rank's share of ``items``: every ``world_size``-th item from ``rank`` (deterministic)."""
-        return list(items[self.rank::self.world_size])
+    def shard(self, items: Sequence[T], costs: Optional[Sequence[float]] = None) -> List[T]:
+        """This rank's share of ``items`` (deterministic, in the given order). Without ``costs``: every
+        ``world_size``-th item from ``rank``. With ``costs``: :func:`deal`, balancing the cost per rank."""
+        if costs is None:
+            return list(items[self.rank::self.world_size])
+        return deal(items, costs, self.world_size)[self.rank]
+
+
+def deal(items: Sequence[T], costs: Sequence[float], ranks: int) -> List[List[T]]:
+    """Items per rank, balancing their total cost: costliest first, each to the rank with the least cost so far
+    (ties: lowest rank); each rank's items keep their order in ``items``. Deterministic."""
+    load, picked = [0.0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
+        r = min(range(ranks), key=lambda j: (load[j], j))
+        picked[r].append(i)
+        load[r] += costs[i]
+    return [[items[i] for i in sorted(ix)] for ix in picked]
 
 
 def init(timeout_minutes: float = 60.0) -> DistContext:
