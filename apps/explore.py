@@ -282,6 +282,13 @@ class Explorer:
     def _set_progress(self, busy: bool, message: str = "", done: int = 0, total: int = 0) -> None:
         self.progress = {"busy": busy, "message": message, "done": done, "total": total}
 
+    def _network_input(self, index: int, s: Settings):
+        """``(extractor, 1x3xHxW input, grid)`` of image ``index`` at ``s``'s stride and load size."""
+        ext = self.extractor(s.stride)
+        item = self.images[index]
+        x, grid, _ = ext.preprocess_with_image(item.image, s.load_size)
+        return ext, x, dataclasses.replace(grid, image_hw=item.original_hw)
+
     def _stack(self, index: int, s: Settings) -> Dict[str, Any]:
         """All layers of ``s.facet`` for image ``index`` (one forward pass): ``{"raw": L x T x D, "grid",
         "saliency": T}`` (cached)."""
@@ -289,12 +296,9 @@ class Explorer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        ext = self.extractor(s.stride)
-        item = self.images[index]
-        x, grid, _ = ext.preprocess_with_image(item.image, s.load_size)
-        grid = dataclasses.replace(grid, image_hw=item.original_hw)
+        ext, x, grid = self._network_input(index, s)
         layers = tuple(range(ext.depth))
-        feats = ext.extract(x, layers, (s.facet,), saliency=True, image_hw=item.original_hw)
+        feats = ext.extract(x, layers, (s.facet,), saliency=True, image_hw=grid.original_hw)
         raw = torch.stack([feats.descriptors[(l, s.facet)][0] for l in layers]).float().cpu()
         entry = {"raw": raw, "grid": grid, "saliency": feats.saliency[0].float().cpu()}
         return self._cache.put(key, entry)
@@ -305,10 +309,7 @@ class Explorer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        ext = self.extractor(s.stride)
-        item = self.images[index]
-        x, grid, _ = ext.preprocess_with_image(item.image, s.load_size)
-        grid = dataclasses.replace(grid, image_hw=item.original_hw)
+        ext, x, grid = self._network_input(index, s)
         layers = tuple(range(ext.depth))
         qks = ext.attention_inputs(x, layers)
         q = torch.stack([qks[l][0][0] for l in layers]).float().cpu()

@@ -154,14 +154,8 @@ def print_tables(split: str, g: Dict[str, float], rows: List[Dict[str, object]],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ctx = dist.init()
-    try:
-        code = _main(argv, ctx)
-    except BaseException:
-        dist.finish(ctx, clean=False)
-        raise
-    dist.finish(ctx)
-    return code
+    with dist.session() as ctx:
+        return _main(argv, ctx)
 
 
 def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:

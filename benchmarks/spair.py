@@ -55,14 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ctx = dist.init()
-    try:
-        code = _main(argv, ctx)
-    except BaseException:
-        dist.finish(ctx, clean=False)
-        raise
-    dist.finish(ctx)
-    return code
+    with dist.session() as ctx:
+        return _main(argv, ctx)
 
 
 def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:

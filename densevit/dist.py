@@ -6,10 +6,11 @@ CUDA is there, gloo on the CPU); alone, every helper is a no-op.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, TypeVar
+from typing import Any, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -100,3 +101,16 @@ def finish(ctx: DistContext, clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(timeout_minutes: float = 60.0) -> Iterator[DistContext]:
+    """``with session() as ctx:`` -- :func:`init` on entry, :func:`finish` on exit (at once, without the final
+    barrier, when the body raises)."""
+    ctx = init(timeout_minutes)
+    try:
+        yield ctx
+    except BaseException:
+        finish(ctx, clean=False)
+        raise
+    finish(ctx)

@@ -121,8 +121,7 @@ def _store_main(args: argparse.Namespace) -> int:
                             " and always the CLS descriptor; drop --bin / --include-cls")
     if args.batch_size < 1 or args.workers < 0 or args.shard_size < 1:
         raise DensevitError("--batch-size and --shard-size must be >= 1, --workers >= 0")
-    ctx = dist.init()
-    try:
+    with dist.session() as ctx:
         items = gather_dataset(args.images, args.recursive)
         args.device = ctx.device(args.device)
         ext = build_extractor(args)
@@ -133,10 +132,6 @@ def _store_main(args: argparse.Namespace) -> int:
                                workers=args.workers, shard_size=args.shard_size, content_hash=args.content_hash,
                                overwrite=args.overwrite, progress=not args.quiet)
         report = extract_to_store(ext, items, Path(args.store), cfg, args.weights, ctx)
-    except BaseException:
-        dist.finish(ctx, clean=False)
-        raise
-    dist.finish(ctx)
     if ctx.is_main:
         sec = report.seconds
         rate = report.images / sec["total"] if sec["total"] > 0 else 0.0
