@@ -17,9 +17,14 @@ from PIL import Image
 
 from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
-from densevit.preprocess import load_image
+from densevit.extractor import ViTExtractor
+from densevit.preprocess import load_image, load_resized, resize_short_side
+from densevit.store import FeatureStore
 
 ImageInput = Union[str, Path, Image.Image]
+# Where an application's features come from: a forward pass of the extractor, or a feature store's reads
+# (``densevit-extract --store``; its backbone, weights, stride and load size apply).
+FeatureSource = Union[ViTExtractor, FeatureStore]
 
 
 @dataclass
@@ -53,28 +58,54 @@ def image_name(image: ImageInput, index: int) -> str:
     return Path(image).stem if isinstance(image, (str, Path)) else f"image{index}"
 
 
-def extract_features(extractor, image: ImageInput, load_size: Optional[int], layer: int, facet: str,
+def extract_features(source: FeatureSource, image: ImageInput, load_size: Optional[int], layer: int, facet: str,
                      bin: bool = False, saliency: bool = True, include_cls: bool = False,
                      name: Optional[str] = None) -> ImageFeatures:
-    """Read one image and extract its descriptors (and saliency / CLS descriptor) in ONE forward pass."""
+    """One image's descriptors (and saliency / CLS descriptor): ONE forward pass of an extractor, or read from a
+    :class:`~densevit.store.FeatureStore` (whose load size applies: ``load_size`` is then ignored)."""
     if facet == "attn":
         raise DensevitError("facet 'attn' gives attention maps, not descriptors; use key, query, value or token")
+    if isinstance(source, FeatureStore):
+        return read_features(source, image, layer, facet, bin, saliency, include_cls, name)
     img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-    x, grid, resized = extractor.preprocess_with_image(img, load_size)
-    feats = extractor.extract(x, (layer,), (facet,), bin=bin, saliency=saliency, image_hw=grid.image_hw)
+    x, grid, resized = source.preprocess_with_image(img, load_size)
+    feats = source.extract(x, (layer,), (facet,), bin=bin, saliency=saliency, image_hw=grid.image_hw)
     desc = feats.descriptors[(layer, facet)][0].float()
     cls = feats.cls[(layer, facet)][0].float().cpu() if include_cls else None
     sal = feats.saliency[0].float().cpu() if feats.saliency is not None else None
     return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc.cpu(), sal, cls)
 
 
-def extract_set(extractor, images: Sequence[ImageInput], load_size: Optional[int], layer: int, facet: str,
-                bin: bool = False, saliency: bool = True, include_cls: bool = False) -> list:
+def read_features(store: FeatureStore, image: ImageInput, layer: int, facet: str, bin: bool = False,
+                  saliency: bool = True, include_cls: bool = False, name: Optional[str] = None) -> ImageFeatures:
+    """:func:`extract_features` from a store: stored descriptors (log-binned now when ``bin``), saliency and CLS
+    descriptor; the image read and resized as the extraction did (the store's load size and decoding)."""
+    if not isinstance(image, (str, Path)):
+        raise DensevitError("a feature store holds features of image files only, not of images made in memory "
+                            "(such as augmentations)")
+    grid = store.grid(image)                      # a one-line StoreError when the image is not in the store
+    img = load_image(image)
+    if (img.height, img.width) != tuple(grid.original_hw):
+        raise DensevitError(f"{image} is {img.width}x{img.height} pixels but was {grid.original_hw[1]}x"
+                            f"{grid.original_hw[0]} when store {store.root} was made; re-extract it")
+    load_size = store.settings.get("load_size") or None
+    if store.settings.get("fast_decode") and load_size is not None:
+        resized = load_resized(image, load_size, fast_jpeg=True)[0]
+    else:
+        resized = resize_short_side(img, load_size)
+    desc = store.descriptors(image, layer, facet, bin=bin)
+    sal = store.saliency(image) if saliency else None
+    cls = store.cls(image, layer, facet) if include_cls else None
+    return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc, sal, cls)
+
+
+def extract_set(source: FeatureSource, images: Sequence[ImageInput], load_size: Optional[int], layer: int,
+                facet: str, bin: bool = False, saliency: bool = True, include_cls: bool = False) -> list:
     """:func:`extract_features` for each image (names made unique by index when stems repeat)."""
     names = [image_name(im, i) for i, im in enumerate(images)]
     if len(set(names)) != len(names):
         names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
-    return [extract_features(extractor, im, load_size, layer, facet, bin, saliency, include_cls, n)
+    return [extract_features(source, im, load_size, layer, facet, bin, saliency, include_cls, n)
             for im, n in zip(images, names)]
 
 

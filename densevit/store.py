@@ -303,7 +303,21 @@ class FeatureStore:
         self._handles[name] = handle
         return handle
 
+    def resolve_layer(self, layer: int) -> int:
+        """Block index of ``layer`` as the extractor counts it (negative counts from the end of the backbone)."""
+        layer = int(layer)
+        if layer < 0 and "depth" in self.settings:
+            return layer + int(self.settings["depth"])
+        return layer
+
+    def has_cls(self, layer: int, facet: str) -> bool:
+        """Whether every shard holds the CLS descriptors of (``layer``, ``facet``)."""
+        name = tensor_name(self.resolve_layer(layer), facet, cls=True)
+        return all(name in s["tensors"] for s in self.manifest["shards"].values())
+
     def _pick(self, layer: Optional[int], facet: Optional[str]) -> Tuple[int, str]:
+        if layer is not None:
+            layer = self.resolve_layer(layer)
         if layer is None:
             if len(self.layers) != 1:
                 raise StoreError(f"store holds layers {self.layers}; say which")
