@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from densevit.cli.common import add_backbone_args, build_extractor, gather_sets, run_cli
+from densevit.cli.common import add_backbone_args, add_store_arg, build_source, gather_sets, run_cli
 
 from . import draw
 from .cli_common import add_io_args, load_size_arg, run_sets, stems
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outliers-thresh", type=float, default=d.outliers_thresh,
                    help="cosine similarity to the mean CLS descriptor below which an image is an outlier")
     add_backbone_args(p, stride=4, load_size=224, layer=11, facet="key")
+    add_store_arg(p)
     return p
 
 
@@ -63,14 +64,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     sets = gather_sets(args.inputs)
-    ext = build_extractor(args)
-    ext.resolve_layer(cfg.layer)
+    source = build_source(args, saliency=True, cls=cfg.remove_outliers)
 
     def planned(name: str, images: List[Path], out: Path) -> List[Path]:
         return [out / f"{s}_{kind}.png" for s in stems(images) for kind in ("mask", "overlay")]
 
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
-        res = cosegment(ext, images, cfg)
+        res = cosegment(source, images, cfg)
         t = time.perf_counter()
         fractions = []
         for stem, image, mask in zip(stems(images), res.images, res.masks):

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from densevit.cli.common import add_backbone_args, build_extractor, gather_sets, run_cli
+from densevit.cli.common import add_backbone_args, add_store_arg, build_source, gather_sets, run_cli
 from densevit.errors import DensevitError
 from densevit.transfer import REFINE
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "to image B by nearest neighbour")
     g.add_argument("--refine", choices=REFINE, default="none", help="sub-token refinement of transferred points")
     add_backbone_args(p, stride=4, load_size=224, layer=9, facet="key")
+    add_store_arg(p)
     return p
 
 
@@ -71,8 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg.validate()
     query = read_points(args.points) if args.points else None
     sets = gather_sets(args.inputs)
-    ext = build_extractor(args)
-    ext.resolve_layer(cfg.layer)
+    source = build_source(args, saliency=True)
 
     def prefix(images: List[Path]) -> str:
         a, b = stems(images)
@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
         base = prefix(images)
         t = time.perf_counter()
-        fa, fb = pair_features(ext, images[0], images[1], cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True)
+        fa, fb = pair_features(source, images[0], images[1], cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True)
         t_extract = time.perf_counter() - t
         res = find_correspondences_features(fa, fb, cfg)
         timings = {"extraction": t_extract, **res.timings}

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from densevit.cli.common import add_backbone_args, build_extractor, gather_sets, run_cli
+from densevit.cli.common import add_backbone_args, add_store_arg, build_source, gather_sets, run_cli
+from densevit.errors import DensevitError
 
 from . import draw
 from .cli_coseg import add_coseg_args
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoothing: dense CRF (pydensecrf), its approximation, none; auto = dense if installed")
     g.add_argument("--crf-iters", type=int, default=d.crf_iters, help="mean-field iterations")
     add_backbone_args(p, stride=4, load_size=224, layer=11, facet="key")
+    add_store_arg(p)
     return p
 
 
@@ -64,14 +66,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     sets = gather_sets(args.inputs)
-    ext = build_extractor(args)
-    ext.resolve_layer(cfg.layer)
+    if args.store and cfg.num_crop_augmentations:
+        raise DensevitError("--num-crop-augmentations needs the model (crops of each image and of its flip are "
+                            "not in a feature store); leave it out with --store")
+    source = build_source(args, saliency=True)
 
     def planned(name: str, images: List[Path], out: Path) -> List[Path]:
         return [out / f"{s}_{kind}.png" for s in stems(images) for kind in ("parts", "overlay")]
 
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
-        res = part_cosegment(ext, images, cfg)
+        res = part_cosegment(source, images, cfg)
         t = time.perf_counter()
         coverage = []
         for stem, image, parts in zip(stems(images), res.images, res.parts):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from densevit.cli.common import add_backbone_args, build_extractor, gather_sets, run_cli
+from densevit.cli.common import add_backbone_args, add_store_arg, build_source, gather_sets, run_cli
 from densevit.errors import DensevitError
 
 from . import draw
@@ -35,10 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="components shown as R G B (0-based; default: the last three)")
     g.add_argument("--per-image", action="store_true", help="fit one PCA per image instead of one per set")
     g.add_argument("--bin", action=argparse.BooleanOptionalAction, default=False, help="log-binned descriptors")
-    g.add_argument("--store", default=None,
-                   help="read the descriptors of the input images from this feature store (densevit-extract "
-                        "--store) instead of running the model; --layer/--facet pick the stored ones")
     add_backbone_args(p, stride=4, load_size=224, layer=11, facet="key")
+    add_store_arg(p)
     return p
 
 
@@ -51,22 +49,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError(f"--rgb components must lie in 0..{args.n_components - 1}")
     load_size = load_size_arg(args.load_size)
     sets = gather_sets(args.inputs)
-    if args.store:
-        from densevit.store import FeatureStore
-
-        store = FeatureStore(args.store)
-        layer = args.layer + store.settings["depth"] if args.layer < 0 and "depth" in store.settings else args.layer
-        store._pick(layer, args.facet)  # refuse a layer/facet the store does not hold, before any work
-    else:
-        ext = build_extractor(args)
-        ext.resolve_layer(args.layer)
+    source = build_source(args)
 
     def features(images: List[Path]):
-        """(descriptors, grids, names) of a set: from the store, or one forward pass per image."""
-        if args.store:
-            return ([store.descriptors(p, layer, args.facet, bin=args.bin) for p in images],
-                    [store.grid(p) for p in images], [p.stem for p in images])
-        feats = extract_set(ext, images, load_size, args.layer, args.facet, args.bin, saliency=False)
+        """(descriptors, grids, names) of a set: one forward pass per image, or read from the store."""
+        feats = extract_set(source, images, load_size, args.layer, args.facet, args.bin, saliency=False)
         return [f.descriptors for f in feats], [f.grid for f in feats], [f.name for f in feats]
 
     def planned(name: str, images: List[Path], out: Path) -> List[Path]:

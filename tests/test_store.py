@@ -232,3 +232,94 @@ def test_pca_app_reads_a_store(store32, folder, tmp_path, golden_path, capsys, o
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert cli_pca.entry(ims + ["--out", str(tmp_path / "c"), "--store", str(store32), "--layer", "5"]) == 2
     assert "store holds layers [9, 11]" in capsys.readouterr().err
+
+
+def _model_args(golden_path):
+    return ["--weights", str(golden_path), "--stride", str(STRIDE), "--load-size", str(LOAD), "--device", "cpu"]
+
+
+def _same_outputs(a: Path, b: Path, names) -> None:
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for s in (sa, sb):
+        s.pop("timings"), s.pop("seconds")
+    assert sa == sb
+
+
+def test_coseg_match_partseg_read_a_store(store32, folder, tmp_path, golden_path, one_thread):
+    """densevit-coseg / -match / -partseg --store: the same masks, points and parts as running the model (float32
+    store, batch size 1): descriptors, saliency, CLS descriptors, the resized input (GrabCut, CRF) all agree."""
+    from densevit.apps import cli_coseg, cli_match, cli_partseg
+
+    ims = [str(folder / n) for n in ("cat0.jpg", "cat2.jpg", "ibex1.png")]
+    runs = [(cli_coseg, ims, ["--layer", "11", "--remove-outliers", "--outliers-thresh", "0.5"],
+             [f"{s}_{k}.png" for s in ("cat0", "cat2", "ibex1") for k in ("mask", "overlay")]),
+            (cli_match, ims[:2], ["--layer", "9", "--bin", "--num-pairs", "5"],
+             ["cat0_cat2_matches.png", "cat0_cat2_points.json"]),
+            (cli_partseg, ims[:2], ["--layer", "11", "--num-parts", "2", "--crf", "approx"],
+             [f"{s}_{k}.png" for s in ("cat0", "cat2") for k in ("parts", "overlay")])]
+    for app, inputs, flags, names in runs:
+        a, b = tmp_path / f"{app.PROG}-store", tmp_path / f"{app.PROG}-model"
+        # a backbone flag equal to the store's is fine
+        assert app.entry(inputs + ["--out", str(a), "--store", str(store32), "--stride", str(STRIDE), "--quiet"]
+                         + flags) == 0
+        assert app.entry(inputs + ["--out", str(b), "--quiet"] + _model_args(golden_path) + flags) == 0
+        _same_outputs(a, b, names)
+
+
+@pytest.fixture(scope="module")
+def plain_store(folder, tmp_path_factory, golden_path, one_thread):
+    """A store of two images without saliency maps (layer 9, key)."""
+    out = tmp_path_factory.mktemp("plain") / "store"
+    assert _cli(folder / "cat0.jpg", folder / "ibex1.png", "--store", out, *_common(golden_path), "--layer", 9,
+                "--workers", 0) == 0
+    return out
+
+
+@pytest.mark.parametrize("app, extra, message", [
+    ("cli_pca", ["--load-size", "224"], "--load-size 224 conflicts with store"),
+    ("cli_pca", ["--stride", "4"], "--stride 4 conflicts with store"),
+    ("cli_match", ["--weights", "random"], "--weights random conflicts with store"),
+    ("cli_coseg", ["--layer", "5"], "store holds layers [9, 11] and facets ['key', 'token'], not (5, key)"),
+    ("cli_match", ["--facet", "value"], "not (9, value)"),
+    ("cli_partseg", ["--num-crop-augmentations", "2"], "--num-crop-augmentations needs the model"),
+])
+def test_store_conflicts_refused_in_one_line(app, extra, message, store32, folder, tmp_path, capsys):
+    import importlib
+
+    cli = importlib.import_module(f"densevit.apps.{app}")
+    ims = [str(folder / "cat0.jpg"), str(folder / "cat1.jpg")]
+    assert cli.entry(ims + ["--out", str(tmp_path / "o"), "--store", str(store32), "--quiet"] + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_store_without_saliency_or_image_refused(plain_store, store32, folder, tmp_path, capsys, one_thread):
+    from densevit.apps import cli_coseg, cli_pca
+
+    ims = [str(folder / "cat0.jpg"), str(folder / "ibex1.png")]
+    assert cli_coseg.entry(ims + ["--out", str(tmp_path / "o"), "--store", str(plain_store), "--layer", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "needs saliency maps" in err and "made without --saliency" in err and len(err.strip().splitlines()) == 1
+    # an input image that is not in the store: its set fails with one line naming it (the others run)
+    other = tmp_path / "other.jpg"
+    Image.open(folder / "cat1.jpg").save(other)
+    assert cli_pca.entry(ims + [str(other), "--out", str(tmp_path / "p"), "--store", str(plain_store),
+                                "--layer", "9", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"image {other} is not in store" in err and "Traceback" not in err
+
+
+def test_image_changed_since_extraction_refused(folder, tmp_path, golden_path, capsys, one_thread):
+    from densevit.apps import cli_pca
+
+    im = tmp_path / "cat.jpg"
+    Image.open(folder / "cat0.jpg").save(im)
+    assert _cli(im, "--store", tmp_path / "s", *_common(golden_path), "--layer", 9, "--workers", 0) == 0
+    Image.open(folder / "cat0.jpg").resize((50, 40)).save(im)
+    assert cli_pca.entry([str(im), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "s"), "--layer", "9",
+                          "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{im} is 50x40 pixels but was" in err and "re-extract it" in err and "Traceback" not in err
