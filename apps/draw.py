@@ -18,7 +18,7 @@ from densevit.coords import TokenGrid
 from .common import tokens_to_image
 
 __all__ = ["COLOURS", "colour", "fit_size", "as_rgb", "mask_overlay", "parts_overlay", "correspondence_image",
-           "heatmap_overlay", "discovery_overlay",
+           "heatmap_overlay", "discovery_overlay", "contact_sheet",
            "points_overlay", "pca_rgb", "save_rgb", "save_mask", "save_labels"]
 
 # Distinct colours (RGB); the first ones as the reference's part / correspondence colours.
@@ -218,3 +218,39 @@ def discovery_overlay(image: ImageLike, mask: np.ndarray, box: Sequence[float], 
                   (255, 220, 0), t, lineType=cv2.LINE_AA)
     _marker(out, (seed_xy[0] * s, seed_xy[1] * s), (30, 80, 255), max(3, round(max(out.shape[:2]) / 120)))
     return out
+
+
+def _crop_tile(image: ImageLike, xy: Sequence[float], side: float, tile: int, rgb: Tuple[int, int, int],
+               label: str) -> np.ndarray:
+    """A ``tile x tile`` crop of ``side`` original pixels centred on ``xy`` (grey outside the image), the
+    location marked and ``label`` written underneath."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    x, y = float(xy[0]), float(xy[1])
+    box = (round(x - side / 2), round(y - side / 2), round(x + side / 2), round(y + side / 2))
+    crop = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), (128, 128, 128))
+    crop.paste(img.crop(box).convert("RGB"), (0, 0))  # PIL fills outside the image with black; redo the fill
+    inside = Image.new("L", crop.size, 0)
+    inside.paste(255, (max(0, -box[0]), max(0, -box[1]), min(crop.width, img.width - box[0]),
+                       min(crop.height, img.height - box[1])))
+    crop = Image.composite(crop, Image.new("RGB", crop.size, (128, 128, 128)), inside)
+    out = np.asarray(crop.resize((tile, tile), Image.BILINEAR)).copy()
+    c = ((x - box[0]) * tile / crop.width, (y - box[1]) * tile / crop.height)
+    cv2.circle(out, (round(c[0]), round(c[1])), max(4, tile // 14), (255, 255, 255), 3, lineType=cv2.LINE_AA)
+    cv2.circle(out, (round(c[0]), round(c[1])), max(4, tile // 14), rgb, 2, lineType=cv2.LINE_AA)
+    foot = np.full((22, tile, 3), 255, np.uint8)
+    cv2.putText(foot, label[: max(4, tile // 7)], (3, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([out, foot])
+
+
+def contact_sheet(query: ImageLike, query_xy: Sequence[float], matches: Sequence[Tuple[ImageLike, Sequence[float], str]],
+                  side: float, tile: int = 160, columns: int = 6) -> np.ndarray:
+    """The query location (first tile, yellow mark) and each match ``(image, (x, y), label)`` as crops of
+    ``side`` original pixels around the location (red mark), ``columns`` tiles a row."""
+    tiles = [_crop_tile(query, query_xy, side, tile, (255, 200, 0), "query")]
+    tiles += [_crop_tile(im, xy, side, tile, (230, 25, 25), label) for im, xy, label in matches]
+    rows = []
+    for i in range(0, len(tiles), columns):
+        row = tiles[i:i + columns]
+        row += [np.full_like(tiles[0], 255)] * (columns - len(row)) if len(tiles) > columns else []
+        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in row], 1))
+    return np.concatenate(rows)

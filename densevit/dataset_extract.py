@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -321,3 +321,18 @@ def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], la
     bar.close()
     report.seconds["write"] = write_seconds[0]
     report.seconds["total"] = time.perf_counter() - t_start
+
+
+def extractor_for_store(settings: Mapping[str, Any], weights: Optional[str], device=None):
+    """An extractor that computes what a store holds (its backbone, stride and model dtype), with ``weights``
+    that must be the store's (same size and SHA-256): for images that are not in the store."""
+    from .extractor import ViTExtractor
+
+    if weights is None and settings["weights"].get("source") == "file":
+        raise DensevitError(f"the store was extracted with weights {settings['weights']['name']}; give that file "
+                            f"(--weights) to extract an image that is not in the store")
+    if weights_fingerprint(weights, settings["backbone"]) != settings["weights"]:
+        raise DensevitError(f"weights {weights} are not the ones the store was extracted with "
+                            f"({settings['weights'].get('name', settings['weights'].get('source'))})")
+    return ViTExtractor(settings["backbone"], stride=settings["stride"], weights=weights, device=device,
+                        dtype=settings["model_dtype"])

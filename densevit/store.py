@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .binning import log_bin
@@ -265,6 +266,10 @@ class FeatureStore:
             raise StoreError(f"image {image} is not in store {self.root}{why}")
         return e
 
+    def source_path(self, image: Union[str, Path]) -> str:
+        """The file a stored image was read from."""
+        return self._entry(image)["source"]["path"]
+
     def grid(self, image: Union[str, Path]) -> TokenGrid:
         """Token grid of a stored image (resized input size and original size)."""
         e = self._entry(image)
@@ -384,6 +389,46 @@ class FeatureStore:
                 grids = [self._grid(shard, e["image_hw"]) for _, e in chunk]
                 raw = self._rows(shard, tensor_name(layer, facet), start, stop)
                 yield StoreBatch([k for k, _ in chunk], self._finish(raw, facet, grids[0], bin, dtype), grids)
+
+    def token_rows(self, images: Sequence[str], tokens: Sequence[int], layer: Optional[int] = None,
+                   facet: Optional[str] = None) -> torch.Tensor:
+        """Raw descriptors ``NxD`` of token ``tokens[i]`` of image ``images[i]`` (float32), gathered from the
+        memory-mapped shards (no whole image is read): for re-scoring search candidates."""
+        layer, facet = self._pick(layer, facet)
+        name = tensor_name(layer, facet)
+        entries = [self._entry(k) for k in images]
+        tokens = np.asarray(tokens, dtype=np.int64)
+        out: Optional[np.ndarray] = None
+        shards = np.array([e["shard"] for e in entries])
+        offsets = np.array([e["offset"] for e in entries], dtype=np.int64)
+        for shard in np.unique(shards):
+            sel = np.nonzero(shards == shard)[0]
+            arr = self._memmap(str(shard), name)
+            rows = arr[offsets[sel], tokens[sel]]
+            if out is None:
+                out = np.empty((len(entries), arr.shape[-1]), np.float32)
+            out[sel] = rows
+        return torch.from_numpy(out if out is not None else np.empty((0, 0), np.float32))
+
+    def _memmap(self, shard: str, name: str) -> np.ndarray:
+        """A read-only ``numpy.memmap`` of tensor ``name`` of a (checked) shard, from the safetensors header."""
+        key = (shard, name)
+        cache = self.__dict__.setdefault("_memmaps", {})
+        if key not in cache:
+            self._shard(shard)                                    # size / SHA-256 checks
+            path = self.root / SHARDS_DIR / f"{shard}.safetensors"
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            info = header.get(name)
+            if info is None:
+                raise StoreError(f"shard {shard} has no tensor {name!r}")
+            dtype = {"F16": np.float16, "F32": np.float32, "BF16": None}[info["dtype"]]
+            if dtype is None:
+                raise StoreError(f"tensor {name!r} of shard {shard} is bfloat16; read it with descriptors()")
+            begin, end = info["data_offsets"]
+            cache[key] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=tuple(info["shape"]))
+        return cache[key]
 
     def verify_all(self) -> None:
         """Check every shard's size and SHA-256 now (raises :class:`StoreError` naming the first bad one)."""

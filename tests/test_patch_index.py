@@ -1,0 +1,166 @@
+"""The corpus patch index (densevit.patch_index, densevit-index): planted neighbours for every kind, a store of
+shifted copies, save / load, the contact sheet, and bad input (outside points, unknown images, another store,
+truncated files)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from densevit import index as knn_index
+from densevit import patch_index as pi
+from densevit.store import FeatureStore, StoreWriter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D, SIDE, N_IMAGES = 32, 8, 40          # planted store: 40 images of 8 x 8 tokens (64 x 64 px, patch = stride 8)
+PLANTED = [(0, 2, 3), (17, 5, 1), (33, 0, 7)]   # (image, row, col): three near-duplicate tokens
+
+
+def _settings(**kw):
+    s = {"format": "densevit-store-v1", "backbone": "planted", "weights": {"source": "random"}, "patch_size": 8,
+         "stride": 8, "load_size": None, "depth": 1, "layers": [0], "facets": ["key"], "model_dtype": "float32",
+         "store_dtype": "float32", "saliency": False, "fast_decode": False, "mean": [0, 0, 0], "std": [1, 1, 1]}
+    s.update(kw)
+    return s
+
+
+def _planted_store(root: Path, **settings) -> FeatureStore:
+    """A store written by the real writer, holding random unit descriptors and three planted near-duplicates."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(N_IMAGES, SIDE * SIDE, D, generator=g), dim=-1)
+    base = x[PLANTED[0][0], PLANTED[0][1] * SIDE + PLANTED[0][2]]
+    for k, (im, r, c) in enumerate(PLANTED[1:], 1):
+        x[im, r * SIDE + c] = base + 0.05 * k * torch.randn(D, generator=g)
+    w = StoreWriter(root, _settings(**settings))
+    w.prepare()
+    images = [{"key": f"im{i:02d}.png", "source": {"path": str(root / f"im{i:02d}.png")}, "image_hw": [64, 64]}
+              for i in range(N_IMAGES)]
+    w.write_shard("64x64-00000", {"0/key": x}, images, (64, 64), {})
+    w.finalize([("64x64-00000", images)], {})
+    return FeatureStore(root)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return _planted_store(tmp_path_factory.mktemp("planted") / "store")
+
+
+@pytest.mark.parametrize("kind", pi.KINDS)
+def test_every_kind_returns_the_planted_neighbours(planted, kind, tmp_path):
+    index = pi.build_index(planted, tmp_path / kind, pi.IndexConfig(kind=kind), progress=False)
+    assert len(index) == N_IMAGES * SIDE * SIDE
+    im, r, c = PLANTED[0]
+    res = pi.search(index, f"im{im:02d}.png", points=[(c * 8 + 4, r * 8 + 4)], k=3)[0]
+    assert [(m.image, m.row, m.col) for m in res] == [(f"im{i:02d}.png", rr, cc) for i, rr, cc in PLANTED]
+    assert res[0].similarity == pytest.approx(1.0, abs=1e-5) and res[0].x == 4 + 8 * c and res[0].y == 4 + 8 * r
+    assert res[1].similarity > res[2].similarity > 0.8
+
+
+def test_flat_through_torch_without_faiss_equals_faiss(planted, tmp_path, monkeypatch):
+    """Where FAISS is missing (e.g. a GPU machine with torch only), flat search runs through torch."""
+    with_faiss = pi.build_index(planted, tmp_path / "faiss", pi.IndexConfig(kind="flat"), progress=False)
+    q = planted.descriptors("im05.png")[:7]
+    s1, i1 = with_faiss.search_vectors(q, 5)
+    monkeypatch.setattr(knn_index, "faiss", None)
+    torch_only = pi.build_index(planted, tmp_path / "torch", pi.IndexConfig(kind="flat"), progress=False)
+    assert "vectors.npy" in torch_only.meta["files"] and torch_only.faiss_index is None
+    s2, i2 = pi.load_index(tmp_path / "torch", planted, device="cpu").search_vectors(q, 5)
+    assert np.array_equal(i1, i2) and np.allclose(s1, s2, atol=1e-3)
+    with pytest.raises(pi.DensevitError, match="needs FAISS"):
+        pi.build_index(planted, tmp_path / "pq", pi.IndexConfig(kind="ivf-pq"), progress=False)
+
+
+def test_save_load_round_trip_and_token_selection(planted, tmp_path):
+    built = pi.build_index(planted, tmp_path / "i", pi.IndexConfig(kind="ivf-flat", sample_stride=2), progress=False)
+    assert len(built) == N_IMAGES * 4 * 4 and set(built.ids[:, 1].tolist()) == {0, 2, 4, 6}
+    loaded = pi.load_index(tmp_path / "i")
+    assert np.array_equal(loaded.ids, built.ids) and loaded.meta == built.meta
+    q = planted.descriptors("im03.png")[::9]
+    for a, b in zip(built.search_vectors(q, 10), loaded.search_vectors(q, 10)):
+        assert np.array_equal(a, b)
+
+
+def test_index_refuses_another_store_and_names_a_truncated_file(planted, tmp_path):
+    pi.build_index(planted, tmp_path / "i", pi.IndexConfig(kind="ivf-pq"), progress=False)
+    other = _planted_store(tmp_path / "other", stride=4)
+    with pytest.raises(pi.IndexError_, match="other settings"):
+        pi.load_index(tmp_path / "i", other)
+    f = tmp_path / "i" / "index.faiss"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(pi.IndexError_, match=r"index\.faiss is truncated"):
+        pi.load_index(tmp_path / "i")
+    (tmp_path / "i" / "ids.npy").unlink()
+    with pytest.raises(pi.IndexError_, match="missing"):
+        pi.load_index(tmp_path / "i")
+
+
+@pytest.fixture(scope="module")
+def shifted_store(tmp_path_factory, noise_pair, golden_path):
+    """A real store (golden ViT-S/8, stride 8) of a noise image and its copy shifted 16 px right, plus a
+    third image."""
+    from densevit.cli.extract import entry
+
+    root = tmp_path_factory.mktemp("shifted")
+    a, b = noise_pair
+    (root / "images").mkdir()
+    a.save(root / "images" / "a.png")
+    b.save(root / "images" / "b.png")
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(
+        root / "images" / "c.png")
+    code = entry([str(root / "images"), "--store", str(root / "store"), "--weights", str(golden_path), "--stride", "8",
+                  "--load-size", "112", "--layer", "11", "--facet", "key", "--quiet", "--workers", "0",
+                  "--store-dtype", "float32"])
+    assert code == 0
+    return root
+
+
+def test_shifted_copy_is_found_at_the_shifted_location(shifted_store, tmp_path):
+    index = pi.build_index(shifted_store / "store", tmp_path / "i", pi.IndexConfig(kind="flat"), progress=False)
+    for x, y in [(60.0, 52.0), (28.0, 36.0), (92.0, 76.0)]:
+        res = pi.search(index, "a.png", points=[(x, y)], k=5)[0]
+        assert res[0].image == "a.png" and res[0].similarity == pytest.approx(1.0, abs=1e-5)
+        in_b = next(m for m in res if m.image == "b.png")
+        assert in_b.x - res[0].x == pytest.approx(16.0, abs=1e-6) and in_b.y == res[0].y
+
+
+def _cli(*argv):
+    from densevit.apps.cli_index import entry
+
+    return entry([str(a) for a in argv])
+
+
+def test_cli_build_search_json_contact_sheet_and_bad_input(shifted_store, tmp_path, capsys, golden_path):
+    idx, out = tmp_path / "idx", tmp_path / "out"
+    assert _cli("build", shifted_store / "store", "-o", idx, "--kind", "ivf-pq", "--quiet") == 0
+    assert _cli("build", shifted_store / "store", "-o", idx, "--quiet") == 2          # no overwrite without asking
+    assert "--overwrite" in capsys.readouterr().err
+    assert _cli("search", idx, "--image", "a.png", "--point", "60,52", "--point", "20,20", "-k", "6", "--out", out) == 0
+    rec = json.loads((out / "a_matches.json").read_text())
+    assert [len(q["matches"]) for q in rec["queries"]] == [6, 6]
+    best = rec["queries"][0]["matches"][0]
+    assert best["image"] == "a.png" and abs(best["x"] - 60) <= 4 and abs(best["y"] - 52) <= 4
+    sheet = np.asarray(Image.open(out / "a_q0.png"))
+    assert sheet.shape[0] > 160 and sheet.shape[1] > 6 * 160 and sheet.std() > 10
+    assert (out / "a_q1.png").is_file()
+    capsys.readouterr()
+    # a point outside the image, an image the store does not hold (no weights / with the store's weights)
+    assert _cli("search", idx, "--image", "a.png", "--point", "500,20", "--out", tmp_path / "o2") == 2
+    err = capsys.readouterr().err
+    assert "outside the image" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    new = tmp_path / "new.png"
+    Image.open(shifted_store / "images" / "b.png").save(new)
+    assert _cli("search", idx, "--image", new, "--point", "60,52", "--out", tmp_path / "o3") == 2
+    assert "--weights" in capsys.readouterr().err
+    assert _cli("search", idx, "--image", new, "--point", "60,52", "--weights", golden_path, "-k", "3",
+                "--out", tmp_path / "o4") == 0
+    top = json.loads((tmp_path / "o4" / "new_matches.json").read_text())["queries"][0]["matches"][0]
+    assert top["image"] == "b.png" and top["similarity"] > 0.999                        # the same picture
+    # a truncated index file is named, not a crash
+    f = idx / "ids.npy"
+    f.write_bytes(f.read_bytes()[:50])
+    assert _cli("search", idx, "--image", "a.png", "--point", "60,52", "--out", tmp_path / "o5") == 2
+    err = capsys.readouterr().err
+    assert "ids.npy is truncated" in err and "Traceback" not in err
