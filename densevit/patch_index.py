@@ -178,10 +178,10 @@ class PatchIndex:
         return int(self.ids.shape[0])
 
     def memory_bytes(self) -> int:
-        """Bytes the searchable index holds in memory (codes / vectors, lists and graph; id map excluded)."""
+        """Bytes the searchable index holds in memory: its serialised size (codes or vectors, inverted lists,
+        graph, quantisers), which is what FAISS loads; the id map (12 bytes a vector) is not included."""
         if self.faiss_index is not None:
-            faiss = _faiss()
-            return int(faiss.serialize_index(self.faiss_index).size)
+            return int(self.meta["files"][FAISS_FILE]["size"])
         return int(self.vectors.numel() * self.vectors.element_size())
 
     def grid(self, image_no: int) -> TokenGrid:
@@ -298,7 +298,7 @@ def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cf
     _save_npy(out / IDS, ids)
     if use_faiss:
         faiss = _faiss()
-        atomic_write(out / FAISS_FILE, lambda f: f.write(faiss.serialize_index(index).tobytes()))
+        atomic_write(out / FAISS_FILE, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
         files[FAISS_FILE] = None
     else:
         _save_npy(out / VECTORS, vectors)
@@ -375,7 +375,7 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
     ids = np.load(root / IDS)
     if FAISS_FILE in meta["files"]:
         faiss = _faiss()
-        index = faiss.deserialize_index(np.fromfile(root / FAISS_FILE, dtype=np.uint8))
+        index = faiss.read_index(str(root / FAISS_FILE))
         if dev.startswith("cuda") and knn_index.faiss_gpu_available() and meta["kind"] != "hnsw":
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         return PatchIndex(root, meta, ids, st, faiss_index=index, device=dev)
