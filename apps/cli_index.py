@@ -137,7 +137,7 @@ def _search(args: argparse.Namespace) -> int:
         for r, m in enumerate(ms, 1):
             if m.image not in cache:
                 cache[m.image] = load_image(index.store.source_path(m.image))
-            tiles.append((cache[m.image], (m.x, m.y), f"#{r} {m.similarity:.3f} {Path(m.image).name}"))
+            tiles.append((cache[m.image], (m.x, m.y), f"#{r} {m.similarity:.3f} {m.image[-18:]}"))
         draw.save_rgb(targets[1 + i], draw.contact_sheet(query_img, qxy, tiles, side))
     best = results[0][0] if results[0] else None
     print(f"{n_queries} quer{'y' if n_queries == 1 else 'ies'}, {args.k} matches each in {seconds * 1000:.1f} ms; "

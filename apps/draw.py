@@ -238,7 +238,7 @@ def _crop_tile(image: ImageLike, xy: Sequence[float], side: float, tile: int, rg
     cv2.circle(out, (round(c[0]), round(c[1])), max(4, tile // 14), (255, 255, 255), 3, lineType=cv2.LINE_AA)
     cv2.circle(out, (round(c[0]), round(c[1])), max(4, tile // 14), rgb, 2, lineType=cv2.LINE_AA)
     foot = np.full((22, tile, 3), 255, np.uint8)
-    cv2.putText(foot, label[: max(4, tile // 7)], (3, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(foot, label[: max(4, tile // 5)], (3, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.37, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([out, foot])
 
 

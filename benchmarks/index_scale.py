@@ -5,7 +5,7 @@
 
 ``real``: every token of a feature store (``densevit-extract --store``), each kind built in a fresh process
 (peak RSS is that process's); queries are ``--queries`` stored tokens drawn at random (seed 0), searched one at
-a time (latency per query: median, p95); recall@10 = |top-10 ∩ exact top-10| / 10 against the ``flat`` kind
+a time (latency per query: median, p95; exact flat search: the first 100); recall@10 = |top-10 ∩ exact top-10| / 10 against the ``flat`` kind
 (exact), averaged over the queries. ``synthetic``: clustered 384-d unit vectors (4096 centres, variation in a 48-d subspace) generated chunk by chunk
 (never all in memory), an IVF-PQ index (no store, so no exact re-ranking) at each size; recall against exact
 search over the same vectors, regenerated chunk by chunk. Tables are printed and saved (CSV, Markdown, JSON).
@@ -45,21 +45,21 @@ def _dir_bytes(root: Path, names) -> int:
 
 # ------------------------------------------------------------------------------------------------ real store
 def _sample_queries(store, n: int, layer, facet):
-    g = np.random.default_rng(0)
+    """``n`` stored tokens drawn uniformly without replacement (seed 0; a smaller ``n`` takes a prefix)."""
     keys = store.images
-    picks = []
-    for i in g.integers(0, len(keys), n):
-        t = int(g.integers(0, store.grid(keys[i]).num_tokens))
-        picks.append((keys[i], t))
-    by_image = {}
-    for k, t in picks:
-        by_image.setdefault(k, []).append(t)
-    desc = {k: store.descriptors(k, layer, facet)[ts] for k, ts in by_image.items()}
-    pos = {k: 0 for k in by_image}
-    out = []
-    for k, _ in picks:
-        out.append(desc[k][pos[k]])
-        pos[k] += 1
+    counts = np.array([store.grid(k).num_tokens for k in keys])
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    picks = np.random.default_rng(0).permutation(int(starts[-1]))[:n]
+    image = np.searchsorted(starts, picks, side="right") - 1
+    token = picks - starts[image]
+    rows = torch.empty(n, dtype=torch.long)
+    out = [None] * n
+    for im in np.unique(image):
+        sel = np.nonzero(image == im)[0]
+        d = store.descriptors(keys[im], layer, facet)[torch.from_numpy(token[sel])]
+        for j, s in enumerate(sel):
+            out[s] = d[j]
+    del rows
     return torch.stack(out)
 
 
@@ -75,12 +75,15 @@ def run_one(args: argparse.Namespace) -> int:
     build_peak = _peak_mib()
     q = _sample_queries(index.store, args.queries, index.meta["layer"], index.meta["facet"])
     index.search_vectors(q[:5], 10)                                      # warm-up (page cache, lazy init)
+    timed = q[:100] if args.one == "flat" else q                         # exact search: 100 timed queries
     lat, ids = [], []
-    for row in q:
+    for row in timed:
         t = time.perf_counter()
         _, i = index.search_vectors(row[None], 10)
         lat.append(time.perf_counter() - t)
         ids.append(i[0])
+    if args.one == "flat":                                                # the exact top-10 of every query
+        ids = list(index.search_vectors(q, 10)[1])
     np.save(Path(args.out) / f"ids_{args.one}.npy", np.stack(ids))
     print(json.dumps({"kind": args.one, "vectors": len(index), "dim": index.meta["dim"], "params": index.meta["params"],
                       "build_s": build_s, "disk_bytes": _dir_bytes(out, index.meta["files"]),
@@ -88,6 +91,41 @@ def run_one(args: argparse.Namespace) -> int:
                       "latency_ms_median": 1000 * float(np.median(lat)),
                       "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
                       "rerank": cfg.rerank, "nprobe": cfg.nprobe}))
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Search settings of a built index (``--sweep DIR``): latency and recall@10 per (nprobe, rerank), against
+    the flat run's exact results (``ids_flat.npy`` in ``--out``)."""
+    from densevit import patch_index as pi
+
+    out = Path(args.out)
+    index = pi.load_index(args.sweep, args.store)
+    q = _sample_queries(index.store, args.queries, index.meta["layer"], index.meta["facet"])
+    exact = np.load(out / "ids_flat.npy")
+    rows = []
+    for nprobe in args.nprobes:
+        for rerank in args.reranks:
+            cfg = index.config
+            cfg.nprobe, cfg.rerank = nprobe, rerank
+            index.meta["config"] = vars(cfg).copy()
+            index.search_vectors(q[:5], 10)
+            lat, got = [], []
+            for row in q:
+                t = time.perf_counter()
+                _, i = index.search_vectors(row[None], 10)
+                lat.append(time.perf_counter() - t)
+                got.append(i[0])
+            r = {"kind": index.meta["kind"], "nprobe": nprobe, "rerank": rerank,
+                 "latency_ms_median": 1000 * float(np.median(lat)), "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
+                 "recall@10": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))}
+            rows.append(r)
+            print(f"nprobe {nprobe:4d} rerank {rerank:4d}: {r['latency_ms_median']:.2f} / {r['latency_ms_p95']:.2f} ms"
+                  f"  recall@10 {r['recall@10']:.3f}", flush=True)
+    lines = ["| nprobe | rerank | query median / p95 | recall@10 |", "|---|---|---|---|"]
+    lines += [f"| {r['nprobe']} | {r['rerank']} | {r['latency_ms_median']:.2f} / {r['latency_ms_p95']:.2f} ms | "
+              f"{r['recall@10']:.3f} |" for r in rows]
+    _write(out / f"index_scale_sweep_{index.meta['kind']}", rows, "\n".join(lines))
     return 0
 
 
@@ -242,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rerank", type=int, default=100)
     r.add_argument("--out", default="results/index_scale")
     r.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    r.add_argument("--sweep", default=None, help="a built index folder: search settings sweep instead of building")
+    r.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64])
+    r.add_argument("--reranks", type=int, nargs="+", default=[100, 200, 400])
     s = sub.add_parser("synthetic", help="synthetic growth (IVF-PQ)")
     s.add_argument("--sizes", nargs="+", default=["1e6", "3e6", "1e7"])
     s.add_argument("--queries", type=int, default=200)
@@ -255,7 +296,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     if args.mode == "real":
-        return run_one(args) if args.one else run_real(args)
+        return run_one(args) if args.one else run_sweep(args) if args.sweep else run_real(args)
     return run_synthetic_one(args) if args.one else run_synthetic(args)
 
 

@@ -116,8 +116,10 @@ def select_tokens(grid: TokenGrid, cfg: IndexConfig, saliency: Optional[torch.Te
 
 
 def _normalize(x: torch.Tensor) -> np.ndarray:
-    x = x.float()
-    return torch.nn.functional.normalize(x, dim=-1).numpy().astype(np.float32, copy=False)
+    """Rows scaled to unit length, float32 numpy (numpy: no thread pool start-up on a per-query path)."""
+    x = np.array(x.float().numpy(), dtype=np.float32, copy=True)
+    x /= np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return x
 
 
 def _faiss():
@@ -165,6 +167,7 @@ class PatchIndex:
     vectors: Optional[torch.Tensor] = None
     device: str = "cpu"
     _grids: Dict[int, TokenGrid] = field(default_factory=dict)
+    _where: Optional[Tuple[List[str], np.ndarray, np.ndarray, np.ndarray]] = None
 
     @property
     def images(self) -> List[str]:
@@ -211,23 +214,22 @@ class PatchIndex:
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """Exact cosine of each query with its candidates, read from the store's memory-mapped shards."""
-        layer, facet = self.meta["layer"], self.meta["facet"]
+        if self._where is None:                     # per image: shard number, offset, token columns
+            names, shard_no, offsets = self.store.locations(self.images)
+            widths = np.array([self.grid(i).shape[1] for i in range(len(self.images))], np.int64)
+            self._where = (names, shard_no, offsets, widths)
+        names, shard_no, offsets, widths = self._where
         flat = cand.reshape(-1)
         ok = flat >= 0
         vec = np.zeros((flat.size, q.shape[1]), np.float32)
         if ok.any():
-            ids = self.ids[flat[ok]]
-            vec[ok] = _normalize(self.store.token_rows([self.images[i] for i in ids[:, 0]], self.token_of(ids),
-                                                       layer, facet))
+            im, r, c = self.ids[flat[ok]].T.astype(np.int64)
+            vec[ok] = _normalize(self.store.gather(names, shard_no[im], offsets[im], r * widths[im] + c,
+                                                   self.meta["layer"], self.meta["facet"]))
         sims = np.einsum("qd,qcd->qc", q, vec.reshape(cand.shape[0], cand.shape[1], -1))
         sims[cand < 0] = -np.inf
         order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(sims, order, 1), np.take_along_axis(cand, order, 1)
-
-    def token_of(self, ids: np.ndarray) -> np.ndarray:
-        """Flat token index of id-map rows ``Nx3``."""
-        widths = np.array([self.grid(int(i)).shape[1] for i in ids[:, 0]])
-        return ids[:, 1] * widths + ids[:, 2]
 
     def matches(self, sims: np.ndarray, idx: np.ndarray) -> List[Match]:
         """One query's ``(sims K, ids K)`` as :class:`Match` es (pixel centres in the original image)."""

@@ -390,25 +390,35 @@ class FeatureStore:
                 raw = self._rows(shard, tensor_name(layer, facet), start, stop)
                 yield StoreBatch([k for k, _ in chunk], self._finish(raw, facet, grids[0], bin, dtype), grids)
 
-    def token_rows(self, images: Sequence[str], tokens: Sequence[int], layer: Optional[int] = None,
-                   facet: Optional[str] = None) -> torch.Tensor:
-        """Raw descriptors ``NxD`` of token ``tokens[i]`` of image ``images[i]`` (float32), gathered from the
-        memory-mapped shards (no whole image is read): for re-scoring search candidates."""
+    def locations(self, images: Sequence[str]) -> Tuple[List[str], np.ndarray, np.ndarray]:
+        """Where images are stored: ``(shard names, shard number per image, offset per image)``."""
+        entries = [self._entry(k) for k in images]
+        names = sorted({e["shard"] for e in entries})
+        number = {n: i for i, n in enumerate(names)}
+        return (names, np.array([number[e["shard"]] for e in entries], np.int64),
+                np.array([e["offset"] for e in entries], np.int64))
+
+    def gather(self, shards: Sequence[str], shard_no: np.ndarray, offsets: np.ndarray, tokens: np.ndarray,
+               layer: Optional[int] = None, facet: Optional[str] = None) -> torch.Tensor:
+        """Raw descriptors ``NxD`` (float32) of token ``tokens[i]`` of the image at ``offsets[i]`` of shard
+        ``shards[shard_no[i]]``, gathered from the memory-mapped shards (no whole image is read)."""
         layer, facet = self._pick(layer, facet)
         name = tensor_name(layer, facet)
-        entries = [self._entry(k) for k in images]
-        tokens = np.asarray(tokens, dtype=np.int64)
         out: Optional[np.ndarray] = None
-        shards = np.array([e["shard"] for e in entries])
-        offsets = np.array([e["offset"] for e in entries], dtype=np.int64)
-        for shard in np.unique(shards):
-            sel = np.nonzero(shards == shard)[0]
-            arr = self._memmap(str(shard), name)
-            rows = arr[offsets[sel], tokens[sel]]
+        for s in np.unique(shard_no):
+            sel = np.nonzero(shard_no == s)[0]
+            arr = self._memmap(shards[int(s)], name)
             if out is None:
-                out = np.empty((len(entries), arr.shape[-1]), np.float32)
-            out[sel] = rows
+                out = np.empty((len(tokens), arr.shape[-1]), np.float32)
+            out[sel] = arr[offsets[sel], tokens[sel]]
         return torch.from_numpy(out if out is not None else np.empty((0, 0), np.float32))
+
+    def token_rows(self, images: Sequence[str], tokens: Sequence[int], layer: Optional[int] = None,
+                   facet: Optional[str] = None) -> torch.Tensor:
+        """Raw descriptors ``NxD`` of token ``tokens[i]`` of image ``images[i]`` (float32), from the memory-mapped
+        shards: for re-scoring search candidates."""
+        names, shard_no, offsets = self.locations(images)
+        return self.gather(names, shard_no, offsets, np.asarray(tokens, np.int64), layer, facet)
 
     def _memmap(self, shard: str, name: str) -> np.ndarray:
         """A read-only ``numpy.memmap`` of tensor ``name`` of a (checked) shard, from the safetensors header."""
