@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hnsw-m", type=int, default=32)
     b.add_argument("--train-size", type=int, default=200_000, help="vectors sampled for training")
     b.add_argument("--nprobe", type=int, default=16, help="default IVF lists visited per query")
-    b.add_argument("--rerank", type=int, default=100, help="ivf-pq candidates re-scored exactly from the store")
+    b.add_argument("--rerank", type=int, default=1000, help="ivf-pq candidates re-scored exactly from the store")
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--quiet", action="store_true")
     s = sub.add_parser("search", help="the best-matching locations of a point or box across the collection")

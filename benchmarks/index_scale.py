@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kinds", nargs="+", default=["flat", "ivf-flat", "ivf-pq", "hnsw"])
     r.add_argument("--queries", type=int, default=1000)
     r.add_argument("--nprobe", type=int, default=16)
-    r.add_argument("--rerank", type=int, default=100)
+    r.add_argument("--rerank", type=int, default=1000)
     r.add_argument("--out", default="results/index_scale")
     r.add_argument("--one", default=None, help=argparse.SUPPRESS)
     r.add_argument("--sweep", default=None, help="a built index folder: search settings sweep instead of building")
