@@ -44,6 +44,23 @@ def _dir_bytes(root: Path, names) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ real store
+def _timed_queries(search, queries):
+    """Search each query row alone (after a warm-up): ``(ids Qx10, latency summary in ms)``."""
+    search(queries[:5])
+    lat, ids = [], []
+    for row in queries:
+        t = time.perf_counter()
+        ids.append(search(row[None])[0])
+        lat.append(time.perf_counter() - t)
+    return np.stack(ids), {"latency_ms_median": 1000 * float(np.median(lat)),
+                           "latency_ms_p95": 1000 * float(np.percentile(lat, 95))}
+
+
+def _recall(got, exact) -> float:
+    """Mean |top-10 ∩ exact top-10| / 10."""
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))
+
+
 def _sample_queries(store, n: int, layer, facet):
     """``n`` stored tokens drawn uniformly without replacement (seed 0; a smaller ``n`` takes a prefix)."""
     keys = store.images
@@ -74,23 +91,15 @@ def run_one(args: argparse.Namespace) -> int:
     build_s = time.perf_counter() - t
     build_peak = _peak_mib()
     q = _sample_queries(index.store, args.queries, index.meta["layer"], index.meta["facet"])
-    index.search_vectors(q[:5], 10)                                      # warm-up (page cache, lazy init)
-    timed = q[:100] if args.one == "flat" else q                         # exact search: 100 timed queries
-    lat, ids = [], []
-    for row in timed:
-        t = time.perf_counter()
-        _, i = index.search_vectors(row[None], 10)
-        lat.append(time.perf_counter() - t)
-        ids.append(i[0])
+    search = lambda x: index.search_vectors(x, 10)[1]                    # noqa: E731
+    ids, lat = _timed_queries(search, q[:100] if args.one == "flat" else q)  # exact search: 100 timed queries
     if args.one == "flat":                                                # the exact top-10 of every query
-        ids = list(index.search_vectors(q, 10)[1])
-    np.save(Path(args.out) / f"ids_{args.one}.npy", np.stack(ids))
+        ids = search(q)
+    np.save(Path(args.out) / f"ids_{args.one}.npy", ids)
     print(json.dumps({"kind": args.one, "vectors": len(index), "dim": index.meta["dim"], "params": index.meta["params"],
                       "build_s": build_s, "disk_bytes": _dir_bytes(out, index.meta["files"]),
-                      "memory_bytes": index.memory_bytes(), "peak_rss_mib": max(build_peak, _peak_mib()),
-                      "latency_ms_median": 1000 * float(np.median(lat)),
-                      "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
-                      "rerank": cfg.rerank, "nprobe": cfg.nprobe}))
+                      "memory_bytes": index.memory_bytes(), "peak_rss_mib": max(build_peak, _peak_mib()), **lat,
+                      "rerank": cfg.rerank, "nprobe": cfg.nprobe, "device": str(index.device)}))
     return 0
 
 
@@ -109,16 +118,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             cfg = index.config
             cfg.nprobe, cfg.rerank = nprobe, rerank
             index.meta["config"] = vars(cfg).copy()
-            index.search_vectors(q[:5], 10)
-            lat, got = [], []
-            for row in q:
-                t = time.perf_counter()
-                _, i = index.search_vectors(row[None], 10)
-                lat.append(time.perf_counter() - t)
-                got.append(i[0])
-            r = {"kind": index.meta["kind"], "nprobe": nprobe, "rerank": rerank,
-                 "latency_ms_median": 1000 * float(np.median(lat)), "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
-                 "recall@10": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))}
+            got, lat = _timed_queries(lambda x: index.search_vectors(x, 10)[1], q)
+            r = {"kind": index.meta["kind"], "nprobe": nprobe, "rerank": rerank, **lat, "recall@10": _recall(got, exact)}
             rows.append(r)
             print(f"nprobe {nprobe:4d} rerank {rerank:4d}: {r['latency_ms_median']:.2f} / {r['latency_ms_p95']:.2f} ms"
                   f"  recall@10 {r['recall@10']:.3f}", flush=True)
@@ -143,7 +144,7 @@ def run_real(args: argparse.Namespace) -> int:
         row = json.loads(r.stdout.strip().splitlines()[-1])
         exact = np.load(out / "ids_flat.npy")
         got = np.load(out / f"ids_{kind}.npy")
-        row["recall@10"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))
+        row["recall@10"] = _recall(got, exact)
         row["raw_float32_bytes"] = row["vectors"] * row["dim"] * 4
         rows.append(row)
         print(_fmt_real(row), flush=True)
@@ -155,7 +156,7 @@ def _fmt_real(r) -> str:
     return (f"{r['kind']:<9} {r['vectors']:>9} vec  build {r['build_s']:7.1f} s  disk {r['disk_bytes'] / 2**20:8.1f} MiB  "
             f"mem {r['memory_bytes'] / 2**20:8.1f} MiB ({100 * r['memory_bytes'] / r['raw_float32_bytes']:5.1f}% of "
             f"float32)  peak {r['peak_rss_mib']:7.0f} MiB  query {r['latency_ms_median']:6.2f} / "
-            f"{r['latency_ms_p95']:6.2f} ms  recall@10 {r['recall@10']:.3f}")
+            f"{r['latency_ms_p95']:6.2f} ms  recall@10 {r['recall@10']:.3f}  ({r.get('device', 'cpu')})")
 
 
 def _table_real(rows) -> str:
@@ -207,13 +208,7 @@ def run_synthetic_one(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(7)
     q = torch.nn.functional.normalize(centers[torch.randint(0, CENTERS, (args.queries,), generator=g)]
                                       + _noise(args.queries, g), dim=1).numpy()
-    index.search(q[:5], 10)
-    lat, got = [], []
-    for row in q:
-        t0 = time.perf_counter()
-        _, i = index.search(row[None], 10)
-        lat.append(time.perf_counter() - t0)
-        got.append(i[0])
+    got, lat = _timed_queries(lambda x: index.search(x, 10)[1], q)
     best_s = np.full((len(q), 10), -np.inf, np.float32)                 # exact top-10, chunk by chunk
     best_i = np.zeros((len(q), 10), np.int64)
     for i, c in chunks:
@@ -223,12 +218,11 @@ def run_synthetic_one(args: argparse.Namespace) -> int:
         ci = np.concatenate([best_i, top + i * CHUNK], 1)
         o = np.argsort(-cs, 1)[:, :10]
         best_s, best_i = np.take_along_axis(cs, o, 1), np.take_along_axis(ci, o, 1)
-    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, best_i)]))
+    recall = _recall(got, best_i)
     mem = int(faiss.serialize_index(index).size)
     print(json.dumps({"vectors": n, "nlist": nlist, "pq_m": DIM // 4, "nprobe": args.nprobe, "build_s": build_s,
-                      "memory_bytes": mem, "raw_float32_bytes": n * DIM * 4, "peak_rss_mib": _peak_mib(),
-                      "latency_ms_median": 1000 * float(np.median(lat)),
-                      "latency_ms_p95": 1000 * float(np.percentile(lat, 95)), "recall@10": recall}))
+                      "memory_bytes": mem, "raw_float32_bytes": n * DIM * 4, "peak_rss_mib": _peak_mib(), **lat,
+                      "recall@10": recall}))
     return 0
 
 

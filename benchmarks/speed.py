@@ -272,22 +272,30 @@ def main(argv: Optional[List[str]] = None) -> int:
                or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "python": sys.version.split()[0]}
     print(f"# {machine}", flush=True)
-    results = []
+    results, failed = [], []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for cfg in configs:
         if device.type == "cpu" and cfg.dtype != "float32" and args.set != "gpu":
             continue
-        res = BENCH[cfg.kind](cfg, weights, device, warmup, repeats)
+        try:
+            res = BENCH[cfg.kind](cfg, weights, device, warmup, repeats)
+        except Exception as exc:  # one configuration that cannot run (a backbone this timm lacks) is reported
+            failed.append({"config": cfg.name, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"{cfg.name}: failed: {failed[-1]['error']}", flush=True)
+            continue
         results.append(res)
         print(format_table([res]).splitlines()[-1], flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        out.write_text(json.dumps({"machine": machine, "results": [asdict(r) for r in results],
+                                   "failed": failed}, indent=1))          # after each row: partial runs keep theirs
     print()
     print(format_table(results))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "results": [asdict(r) for r in results]}, indent=1))
+    out.write_text(json.dumps({"machine": machine, "results": [asdict(r) for r in results], "failed": failed},
+                              indent=1))
     print(f"\nwrote {out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ A complete shard is never computed again, so rerunning the same command finishes
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class ExtractionConfig:
     fast_decode: bool = False
     batch_size: int = 8
     workers: int = 2
+    writers: int = 2
     shard_size: int = 256
     content_hash: bool = False
     overwrite: bool = False
@@ -54,8 +56,9 @@ class ExtractionConfig:
 
 @dataclass
 class ExtractionReport:
-    """What one process did; ``seconds`` splits its time into decode (worker CPU time), forward, writing
-    (writer threads), waiting (the model idle for input) and total wall time."""
+    """What one process did; ``seconds`` splits its time into decode (worker CPU time), forward (the model and
+    the copies to the host), writing (writer threads' time, summed), waiting (the model idle for input) and
+    total wall time; on a GPU also ``gpu``, the GPU time of the forward passes (CUDA events)."""
 
     images: int = 0
     computed_shards: int = 0
@@ -64,6 +67,7 @@ class ExtractionReport:
     seconds: Dict[str, float] = field(default_factory=lambda: dict(decode=0.0, forward=0.0, write=0.0, wait=0.0,
                                                                      total=0.0))
     per_rank: List[Dict[str, Any]] = field(default_factory=list)  # on rank 0: every rank's images and seconds
+    window: List[float] = field(default_factory=list)  # [start, end] of the compute loop, Unix time (seconds)
 
     def merge(self, other: "ExtractionReport") -> None:
         self.images += other.images
@@ -71,6 +75,9 @@ class ExtractionReport:
         self.failed.update(other.failed)
         for k, v in other.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
+        if other.window:
+            self.window = ([min(self.window[0], other.window[0]), max(self.window[1], other.window[1])]
+                           if self.window else list(other.window))
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -243,7 +250,7 @@ def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: P
             total.merge(r)
         total.seconds["total"] = max(r.seconds["total"] for r in reports)
         total.per_rank = [{"rank": i, "images": r.images, "shards": r.computed_shards, "seconds": r.seconds,
-                           "device": str(extractor.device) if i == ctx.rank else None}
+                           "window": r.window, "device": str(extractor.device) if i == ctx.rank else None}
                           for i, r in enumerate(reports)]
         writer.finalize([(s["name"], s["images"]) for s in shards], unreadable)
         return total
@@ -252,7 +259,7 @@ def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: P
 
 def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], layers: List[int],
                 cfg: ExtractionConfig, report: ExtractionReport, ctx: DistContext) -> None:
-    t_start = time.perf_counter()
+    t_start, unix_start = time.perf_counter(), time.time()
     images: List[Dict[str, Any]] = []
     batches: List[List[int]] = []
     batch_shard: List[int] = []
@@ -264,6 +271,7 @@ def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], la
             batch_shard.append(si)
     if not batches:
         report.seconds["total"] = time.perf_counter() - t_start
+        report.window = [unix_start, time.time()]
         return
     device = extractor.device
     store_dtype = STORE_DTYPES[cfg.store_dtype]
@@ -277,50 +285,90 @@ def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], la
     failed: Dict[int, Dict[str, str]] = {}
     write_seconds = [0.0]
 
+    lock = threading.Lock()
+
     def write(si: int, tensors: Dict[str, torch.Tensor], shard_failed: Dict[str, str]) -> None:
         t = time.perf_counter()
         s = shards[si]
         writer.write_shard(s["name"], tensors, s["images"], tuple(s["input_hw"]), shard_failed)
-        write_seconds[0] += time.perf_counter() - t
+        with lock:  # writer threads' seconds, summed
+            write_seconds[0] += time.perf_counter() - t
 
     bar = tqdm(total=len(images), desc=f"extract[rank {ctx.rank}]" if ctx.world_size > 1 else "extract",
                unit="img", disable=not cfg.progress or (ctx.rank != 0) or None, file=sys.stderr)
-    with BackgroundWriter(workers=1, max_pending=4) as bg:
+    cuda = device.type == "cuda"
+    copy_stream = torch.cuda.Stream(device) if cuda else None
+    gpu_spans: List[Tuple[Any, Any]] = []  # CUDA events around each batch's forward: the GPU's busy time
+
+    def collect(si: int, n: int, outs: Optional[Dict[str, torch.Tensor]], done: Any, bg: BackgroundWriter) -> None:
+        """One batch's outputs to the host and into its shard's buffer; the shard is written after its last
+        batch. On a GPU the copy runs on a side stream while the next batch computes."""
+        if outs is not None:
+            t = time.perf_counter()
+            buf = buffers.setdefault(si, {})
+            if cuda:
+                copy_stream.wait_event(done)
+                with torch.cuda.stream(copy_stream):
+                    host = {k: v.cpu() for k, v in outs.items()}
+            else:
+                host = outs
+            for k, v in host.items():
+                buf.setdefault(k, []).append(v)
+            report.seconds["forward"] += time.perf_counter() - t
+        bar.update(n)
+        remaining[si] -= 1
+        if remaining[si] == 0:
+            tensors = {k: torch.cat(v) for k, v in buffers.pop(si, {}).items()}
+            bg.submit(write, si, tensors, failed.pop(si, {}))
+            report.computed_shards += 1
+
+    with BackgroundWriter(workers=max(1, cfg.writers), max_pending=2 * max(1, cfg.writers) + 2) as bg:
         it = iter(loader)
+        previous = None
         for bi, si in enumerate(batch_shard):
             t = time.perf_counter()
             idx, x, errors, decode_s = next(it)
             report.seconds["wait"] += time.perf_counter() - t
             report.seconds["decode"] += decode_s
-            buf = buffers.setdefault(si, {})
             for i, err in errors:
                 key = images[i]["key"]
                 failed.setdefault(si, {})[key] = err
                 report.failed[key] = err
                 tqdm.write(f"densevit-extract: skipped unreadable image {key}: {err}", file=sys.stderr)
+            outs, done = None, None
             if x is not None:
                 t = time.perf_counter()
+                if cuda:
+                    start = torch.cuda.Event(enable_timing=True)
+                    start.record()
                 xb = normalize(x.to(device, non_blocking=True), extractor.spec.mean, extractor.spec.std)
                 feats = extractor.extract(xb, layers, facets, saliency=cfg.saliency)
+                outs = {}
                 for l in layers:
                     for f in facets:
-                        buf.setdefault(tensor_name(l, f), []).append(feats.descriptors[(l, f)].to(store_dtype).cpu())
+                        outs[tensor_name(l, f)] = feats.descriptors[(l, f)].to(store_dtype)
                         if (l, f) in feats.cls:
-                            buf.setdefault(tensor_name(l, f, cls=True), []).append(
-                                feats.cls[(l, f)].to(store_dtype).cpu())
+                            outs[tensor_name(l, f, cls=True)] = feats.cls[(l, f)].to(store_dtype)
                 if cfg.saliency:
-                    buf.setdefault("saliency", []).append(feats.saliency.float().cpu())
+                    outs["saliency"] = feats.saliency.float()
+                if cuda:
+                    done = torch.cuda.Event(enable_timing=True)
+                    done.record()
+                    gpu_spans.append((start, done))
                 report.seconds["forward"] += time.perf_counter() - t
                 report.images += x.shape[0]
-            bar.update(len(idx))
-            remaining[si] -= 1
-            if remaining[si] == 0:
-                tensors = {k: torch.cat(v) for k, v in buffers.pop(si).items()}
-                bg.submit(write, si, tensors, failed.pop(si, {}))
-                report.computed_shards += 1
+            if previous is not None:  # the previous batch's copy overlaps this batch's compute
+                collect(*previous, bg)
+            previous = (si, len(idx), outs, done)
+        if previous is not None:
+            collect(*previous, bg)
     bar.close()
+    if cuda:
+        torch.cuda.synchronize(device)
+        report.seconds["gpu"] = sum(a.elapsed_time(b) for a, b in gpu_spans) / 1000.0
     report.seconds["write"] = write_seconds[0]
     report.seconds["total"] = time.perf_counter() - t_start
+    report.window = [unix_start, time.time()]
 
 
 def extractor_for_store(settings: Mapping[str, Any], weights: Optional[str], device=None):

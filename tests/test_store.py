@@ -96,6 +96,25 @@ def test_float16_default_close_to_float32(folder, tmp_path, golden_path, store32
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9999
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU path of the extraction loop)")
+def test_cuda_store_matches_cpu_store(folder, tmp_path, golden_path, store32):
+    """On a GPU the batch outputs are copied to the host on a side stream while the next batch computes: the
+    store holds what the CPU computes (several batches per shard and several shards, so the overlap happens)."""
+    out = tmp_path / "cuda"
+    assert _cli(folder, "--store", out, *_common(golden_path), "--layer", 9, 11, "--facet", "key", "token",
+                "--saliency", "--store-dtype", "float32", "--batch-size", 1, "--workers", 1, "--shard-size", 2,
+                "--device", "cuda") == 1  # the broken file
+    gpu, cpu = FeatureStore(out), FeatureStore(store32)
+    assert sorted(gpu.images) == sorted(cpu.images)
+    for key in cpu.images:
+        for l in (9, 11):
+            for f in ("key", "token"):
+                a, b = gpu.descriptors(key, l, f), cpu.descriptors(key, l, f)
+                assert a.shape == b.shape
+                assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99999
+        assert (gpu.saliency(key) - cpu.saliency(key)).abs().max() < 1e-4
+
+
 def test_corruption_detected_and_named(folder, tmp_path, golden_path, one_thread):
     out = tmp_path / "s"
     assert _cli(folder / "cat0.jpg", folder / "ibex0.png", "--store", out, *_common(golden_path), "--layer", 9,
@@ -166,9 +185,13 @@ def test_torchrun_two_processes_equal_one_and_resume(folder, tmp_path, golden_pa
     one = tmp_path / "one"
     assert _cli(*args, "--store", one, "--workers", 0) == 1  # single process, one thread, in-process decoding
     two = tmp_path / "two"
-    r = _torchrun([*args, "--store", two, "--workers", 1])
+    r = _torchrun([*args, "--store", two, "--workers", 1, "--stats", tmp_path / "stats.json"])
     assert "skipped unreadable image broken.jpg" in r.stderr
     assert "6 image(s)" not in r.stdout and "5 image(s) extracted in 3 shard(s)" in r.stdout, r.stdout + r.stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())  # the timing report: both ranks, their windows
+    assert stats["world_size"] == 2 and sum(r["images"] for r in stats["per_rank"]) == stats["images"] == 5
+    (t0, t1), windows = stats["window"], [r["window"] for r in stats["per_rank"]]
+    assert all(t0 <= a <= b <= t1 for a, b in windows) and t1 - t0 <= stats["seconds"]["total"] + 5
     assert _contents(two) == _contents(one)  # identical bytes: manifest, records and shards
     # kill one shard; the rerun recomputes only that one and leaves the others untouched
     shards = sorted((two / "shards").glob("*.safetensors"))

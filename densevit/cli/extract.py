@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "`torchrun --nproc_per_node N` for N processes")
     d.add_argument("--batch-size", type=int, default=8, help="images per forward pass (one resized shape)")
     d.add_argument("--workers", type=int, default=2, help="decoding worker processes per rank (0: in the main one)")
+    d.add_argument("--writers", type=int, default=2, help="shard-writing threads per rank")
     d.add_argument("--store-dtype", default="float16", choices=["float16", "float32"], help="stored descriptor dtype")
     d.add_argument("--shard-size", type=int, default=256, help="images per shard")
     d.add_argument("--fast-decode", action="store_true",
@@ -119,8 +120,8 @@ def _store_main(args: argparse.Namespace) -> int:
     if args.bin or args.include_cls:
         raise DensevitError("a store keeps raw descriptors (bin at read time: FeatureStore.descriptors(..., bin=True))"
                             " and always the CLS descriptor; drop --bin / --include-cls")
-    if args.batch_size < 1 or args.workers < 0 or args.shard_size < 1:
-        raise DensevitError("--batch-size and --shard-size must be >= 1, --workers >= 0")
+    if args.batch_size < 1 or args.workers < 0 or args.shard_size < 1 or args.writers < 1:
+        raise DensevitError("--batch-size, --shard-size and --writers must be >= 1, --workers >= 0")
     with dist.session() as ctx:
         items = gather_dataset(args.images, args.recursive)
         args.device = ctx.device(args.device)
@@ -129,7 +130,8 @@ def _store_main(args: argparse.Namespace) -> int:
             ext.resolve_layer(l)
         cfg = ExtractionConfig(layers=args.layer, facets=args.facet, load_size=args.load_size, saliency=args.saliency,
                                store_dtype=args.store_dtype, fast_decode=args.fast_decode, batch_size=args.batch_size,
-                               workers=args.workers, shard_size=args.shard_size, content_hash=args.content_hash,
+                               workers=args.workers, writers=args.writers, shard_size=args.shard_size,
+                               content_hash=args.content_hash,
                                overwrite=args.overwrite, progress=not args.quiet)
         report = extract_to_store(ext, items, Path(args.store), cfg, args.weights, ctx)
     if ctx.is_main:
@@ -146,7 +148,7 @@ def _store_main(args: argparse.Namespace) -> int:
             Path(args.stats).write_text(json.dumps(
                 {"world_size": ctx.world_size, "images": report.images, "computed_shards": report.computed_shards,
                  "reused_shards": report.reused_shards, "failed": report.failed, "seconds": sec,
-                 "per_rank": report.per_rank}, indent=1) + "\n")
+                 "window": report.window, "per_rank": report.per_rank}, indent=1) + "\n")
         if report.failed:
             print(f"densevit-extract: {len(report.failed)} image(s) could not be read", file=sys.stderr)
     return 1 if report.failed else 0
