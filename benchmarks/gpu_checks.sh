@@ -61,7 +61,7 @@ step throughput_bf16 100 "$PY" "${TP[@]}" --repeat "$REPEAT" --batch-size 32 --d
 # the reference implementation beside densevit on the default inputs (the two photographs, 6 frames of two sequences)
 [ -n "${REF:-}" ] && step throughput_reference 150 "$PY" benchmarks/throughput.py --procs 1 --workers 8 --shard-size 256 \
     --batch-size 8 --weights "$W" --device "$DEV" --reference "$REF" --out "$R/throughput_ref"
-step explore_latency 90 "$PY" benchmarks/explore_latency.py --device "$DEV" --images 2 8 --clicks "$CLICKS" --out "$R/explore_latency_cuda"
+step explore_latency 90 "$PY" benchmarks/explore_latency.py --device "$DEV" --images 2 8 --clicks "$CLICKS" --out "$R/explore_latency_$DEV"
 # torch flat search on the GPU (no FAISS here) over a real store: the one the throughput run wrote
 for st in "$R/throughput_ref/store_p1" "$R/throughput_fp32/store_p1"; do [ -d "$st" ] && break; done
 step index_flat_gpu 90 "$PY" benchmarks/index_scale.py real "$st" --kinds flat --queries 200 --out "$R/index_gpu"

@@ -275,6 +275,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     results, failed = [], []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every configuration: a run cut short keeps what it measured
+        out.write_text(json.dumps({"machine": machine, "results": [asdict(r) for r in results], "failed": failed},
+                                  indent=1))
+
+    save()
     for cfg in configs:
         if device.type == "cpu" and cfg.dtype != "float32" and args.set != "gpu":
             continue
@@ -283,17 +289,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception as exc:  # one configuration that cannot run (a backbone this timm lacks) is reported
             failed.append({"config": cfg.name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"{cfg.name}: failed: {failed[-1]['error']}", flush=True)
-            continue
-        results.append(res)
-        print(format_table([res]).splitlines()[-1], flush=True)
+        else:
+            results.append(res)
+            print(format_table([res]).splitlines()[-1], flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        out.write_text(json.dumps({"machine": machine, "results": [asdict(r) for r in results],
-                                   "failed": failed}, indent=1))          # after each row: partial runs keep theirs
+        save()
     print()
     print(format_table(results))
-    out.write_text(json.dumps({"machine": machine, "results": [asdict(r) for r in results], "failed": failed},
-                              indent=1))
     print(f"\nwrote {out}")
     return 1 if failed else 0
 

@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -152,8 +153,6 @@ class GpuBusy:
     the samples taken in a wall-clock window (Unix seconds), averaged over the GPUs that were used."""
 
     def __init__(self, period: float = 0.02):
-        import threading
-
         import pynvml  # nvidia-ml-py, installed with CUDA builds of torch
 
         pynvml.nvmlInit()
@@ -286,7 +285,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     images = gather_inputs(args, out / "inputs")
-    print(f"{len(images)} images: {', '.join(p.name for p in images)}", flush=True)
+    names = [p.name for p in images]
+    print(f"{len(images)} images: {', '.join(names[:6])}" + (f", ... {names[-1]}" if len(names) > 6 else ""),
+          flush=True)
     if args.decode_check:
         rows = decode_check(args, images)
         md = ("| image | size | exact decode+resize | fast | speed-up | cosine mean / min | binned mean / min |\n"

@@ -322,7 +322,8 @@ def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], la
             bg.submit(write, si, tensors, failed.pop(si, {}))
             report.computed_shards += 1
 
-    with BackgroundWriter(workers=max(1, cfg.writers), max_pending=2 * max(1, cfg.writers) + 2) as bg:
+    writers = max(1, cfg.writers)
+    with BackgroundWriter(workers=writers, max_pending=2 * writers + 2) as bg:
         it = iter(loader)
         previous = None
         for bi, si in enumerate(batch_shard):
