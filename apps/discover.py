@@ -10,8 +10,9 @@ right to a multiple of the patch size -- exactly the inputs of the official ``ma
 2. Graph ``W_ij = 1 if S_ij > tau else eps`` (``tau`` = 0.2, ``eps`` = 1e-5; the ablation ``binary_graph=False``
    keeps ``S_ij`` where ``S_ij >= tau``); degrees ``d = W 1``, ``D = diag(d)``.
 3. ``x``: the eigenvector of the second smallest eigenvalue of ``(D - W) x = lambda D x``.
-4. Bipartition ``x > mean(x)``; the seed is ``argmax |x|``; if the seed is not in the bipartition, ``x`` is negated
-   and the bipartition complemented (so the object side holds the seed).
+4. Bipartition ``x > mean(x)``; the seed is ``argmax |x|`` (the first maximum in token order, as ``np.argmax``);
+   if the seed is not in the bipartition, ``x`` is negated and the bipartition complemented (so the object side
+   holds the seed).
 5. The object is the 4-connected component of the bipartition that holds the seed (``scipy.ndimage.label``);
    its box spans the component's tokens.
 
@@ -27,9 +28,16 @@ applies after its Cholesky factorisation of ``D`` -- with ``scipy.linalg.eigh(..
 
 1. ``A = K K^T`` of the raw (not normalised) descriptors.
 2. Degree of a patch: the number of other patches with a positive correlation (``A_ij > 0``, ``j != i``); patches
-   sorted by increasing degree (ties in token order, as PyTorch's stable sort); the seed is the first.
+   sorted by increasing degree; the seed is the first.
 3. Seed expansion: of the ``k_patches`` (100) lowest-degree patches, those positively correlated with the seed
    (``A[seed, j] > 0``, the seed included) are the ``similars``; ``M = sum_{s in similars} A[s, :]``.
+
+Ties: LOST sorts with ``torch.argsort(-degree, descending=True)``, which is not a stable sort, so among patches of
+equal degree its order is whatever the sorting kernel gives (it can change with the PyTorch version, the device
+and the number of tokens). densevit orders them by token index (row-major; a stable sort), so the result is
+defined and the same everywhere: of several patches of the lowest degree the first in token order is the seed,
+and where the ``k_patches``-th and the next patch have equal degree, the earlier ones in token order are kept.
+Without such ties both give the same seed and the same mask.
 4. The object is the 4-connected component of ``M > 0`` that holds the seed; the box spans it.
 
 Boxes are ``(x0, y0, x1, y1)`` in original-image pixels with exclusive maxima: the component's token rows and
@@ -70,7 +78,7 @@ from densevit.preprocess import load_image, resized_hw, to_tensor
 from .common import ImageInput, image_name, input_to_image, tokens_to_image
 
 __all__ = ["METHODS", "FITS", "REFINES", "SOLVERS", "DiscoverConfig", "DiscoveryFeatures", "TokenDiscovery",
-           "Discovery", "tokencut_graph", "ncut_vector", "tokencut_tokens", "lost_tokens", "seed_component",
+           "Discovery", "tokencut_graph", "ncut_vector", "ncut_split", "tokencut_tokens", "lost_tokens", "seed_component",
            "token_box", "extract_discovery_features", "discover_features", "discover", "discover_mask",
            "bilateral_solve", "box_iou", "mask_box"]
 
@@ -228,13 +236,23 @@ def tokencut_tokens(feats: torch.Tensor, hw: Tuple[int, int], tau: float = 0.2, 
     """TokenCut on one image's descriptors ``TxD`` (``T = h * w``, row-major)."""
     feats = _check_feats(feats, hw)
     x, lam = ncut_vector(tokencut_graph(feats, tau, eps, binary_graph), solver)
+    return ncut_split(x, hw, lam)
+
+
+def ncut_split(x: np.ndarray, hw: Tuple[int, int], eigenvalue: Optional[float] = None) -> TokenDiscovery:
+    """TokenCut's steps 4-5 on its eigenvector ``x`` (``T``): the bipartition ``x > mean(x)``, the seed, the
+    orientation and the seed's component.
+
+    The seed is the first maximum of ``|x|`` in token order (``np.argmax``, as TokenCut). Where two entries of
+    ``|x|`` are equal only up to round-off, two correct eigensolvers can name different seeds; mostly both lie in
+    the same component of the bipartition, and then give the same mask."""
     partition = x > x.sum() / len(x)
     seed = int(np.argmax(np.abs(x)))
     if not partition[seed]:
         x = -x
         partition = ~partition
     partition = partition.reshape(hw)
-    return TokenDiscovery(seed_component(partition, seed), partition, seed, x.reshape(hw), None, lam)
+    return TokenDiscovery(seed_component(partition, seed), partition, seed, x.reshape(hw), None, eigenvalue)
 
 
 def lost_tokens(feats: torch.Tensor, hw: Tuple[int, int], k_patches: int = 100) -> TokenDiscovery:
@@ -244,7 +262,7 @@ def lost_tokens(feats: torch.Tensor, hw: Tuple[int, int], k_patches: int = 100) 
     positive = A > 0
     positive.fill_diagonal_(False)
     degree = positive.sum(dim=1).cpu().numpy()
-    order = np.argsort(degree, kind="stable")                           # increasing degree, ties by index
+    order = np.argsort(degree, kind="stable")                           # increasing degree, then token index
     seed = int(order[0])
     potentials = torch.from_numpy(order[:k_patches]).to(A.device)
     similars = potentials[A[seed, potentials] > 0]

@@ -20,11 +20,35 @@ WEIGHTS_ENV = "DENSEVIT_WEIGHTS"
 _DROP_PREFIXES = ("module.", "backbone.", "encoder.")
 
 
-def create_model(spec: BackboneSpec) -> nn.Module:
-    """An untrained timm VisionTransformer for ``spec`` (no classification head)."""
+def create_model(spec: BackboneSpec, device: Union[str, torch.device, None] = None) -> nn.Module:
+    """An untrained timm VisionTransformer for ``spec`` (no classification head), randomly initialised by timm.
+
+    ``device="meta"`` builds the modules without allocating or initialising any tensor (for a model whose weights
+    are loaded next, see :func:`load_weights_file`)."""
     import timm
 
-    return timm.create_model(spec.timm_arch, pretrained=False, num_classes=0)
+    if device is None:
+        return timm.create_model(spec.timm_arch, pretrained=False, num_classes=0)
+    with torch.device(device):
+        return timm.create_model(spec.timm_arch, pretrained=False, num_classes=0)
+
+
+def _meta_tensors(model: nn.Module) -> list:
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Give the non-persistent buffers of a model built on the meta device (RoPE periods, Eva's zero key bias:
+    computed from the configuration, never in a checkpoint) real storage on the CPU and compute them, through
+    the modules' own ``init_non_persistent_buffers`` (timm's protocol for exactly this)."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                module.register_buffer(name, torch.empty(buf.shape, dtype=buf.dtype, device="cpu"),
+                                       persistent=name not in module._non_persistent_buffers_set)
+    for module in model.modules():
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -161,11 +185,25 @@ def _set_extras(model: nn.Module, extras: Dict[str, torch.Tensor], spec: Backbon
 
 
 def load_weights_file(model: nn.Module, spec: BackboneSpec, path: Union[str, Path]) -> None:
-    """Load a checkpoint file into ``model`` (float32 model; fp16 files are upcast)."""
+    """Load a checkpoint file into ``model`` (float32 model; fp16 files are upcast).
+
+    A model built on the meta device (``create_model(spec, "meta")``) takes the file's tensors as its own
+    (``assign=True``: nothing is initialised and then overwritten), and its non-persistent buffers are computed
+    afterwards; the result equals loading into a randomly initialised model."""
     path = Path(path)
     sd, extras = _fit_state_dict(read_state_dict(path), model, spec, str(path))
-    model.load_state_dict(sd, strict=True)
+    meta = bool(_meta_tensors(model))
+    if meta:
+        expected = model.state_dict()
+        sd = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        _materialize_buffers(model)
+    else:
+        model.load_state_dict(sd, strict=True)
     _set_extras(model, extras, spec, str(path))
+    left = _meta_tensors(model)
+    if left:
+        raise DensevitError(f"weights {path} leave {spec.name} without values for {left[0]!r}")
 
 
 def find_local_weights(spec: BackboneSpec) -> Optional[Path]:
@@ -234,12 +272,12 @@ def load_backbone(name: str, weights: Union[str, Path, None] = None, seed: int =
         path = Path(weights)
         if not path.is_file():
             raise DensevitError(f"weights file not found: {path}")
-        model = create_model(spec)
+        model = create_model(spec, "meta")
         load_weights_file(model, spec, path)
     else:
         local = find_local_weights(spec)
         if local is not None:
-            model = create_model(spec)
+            model = create_model(spec, "meta")
             load_weights_file(model, spec, local)
         else:
             model = _load_from_hub(spec)

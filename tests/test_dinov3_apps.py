@@ -43,11 +43,29 @@ def test_extract_cli_binned_with_saliency(pair, v3, tmp_path, facet):
     assert z["descriptors"].shape == (h * w, 17 * 384) and z["saliency"].shape == (h * w,)
 
 
+@pytest.mark.parametrize("dx, dy", [(16, 8), (-8, 16)])
+def test_match_cli_finds_the_shift_of_a_shifted_copy(pair, v3, tmp_path, dx, dy):
+    """B is A's crop moved by whole tokens (stride 8, no resize at load size 96): the pairs found map each point
+    of A to the same content in B, i.e. to the point minus the shift."""
+    im = Image.open(pair[0])
+    X0, Y0, W, H = 40, 40, 128, 96
+    im.crop((X0, Y0, X0 + W, Y0 + H)).save(tmp_path / "a.png")
+    im.crop((X0 + dx, Y0 + dy, X0 + dx + W, Y0 + dy + H)).save(tmp_path / "b.png")
+    argv = [str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "m"), "--load-size", str(H),
+            "--stride", "8", "--quiet"] + v3
+    assert cli_match.entry(argv) == 0
+    rec = json.loads((tmp_path / "m" / "a_b_points.json").read_text())
+    a, b = np.array(rec["points_a"]), np.array(rec["points_b"])
+    assert len(a) >= 5 and a.shape == b.shape and rec["image_a_hw"] == [H, W]
+    err = np.linalg.norm(b - (a - [dx, dy]), axis=1)
+    assert (err <= 8).mean() >= 0.8, err                 # within one token spacing (8 px)
+
+
 def test_match_and_coseg_clis(pair, v3, tmp_path, capsys):
     common = ["--load-size", "64", "--stride", "8", "--quiet"] + v3
     assert cli_match.entry([str(p) for p in pair] + ["--out", str(tmp_path / "m")] + common) == 0
-    pts = json.loads(next((tmp_path / "m").glob("*.json")).read_text())
-    assert isinstance(pts, dict) and pts
+    rec = json.loads(next((tmp_path / "m").glob("*_points.json")).read_text())
+    assert len(rec["points_a"]) == len(rec["points_b"]) > 0
     assert cli_coseg.entry([str(p) for p in pair] + ["--out", str(tmp_path / "c"), "--thresh", "0.3"] + common) == 0
     for p in pair:
         assert (tmp_path / "c" / f"{p.stem}_mask.png").is_file()

@@ -14,7 +14,7 @@ from PIL import Image
 from densevit.apps.cli_discover import entry as discover_entry
 from densevit.apps.cli_vos import entry as vos_entry
 from densevit.apps.discover import (DiscoverConfig, bilateral_solve, box_iou, discover, discover_mask, extract_discovery_features,
-                                    lost_tokens, mask_box, ncut_vector, token_box, tokencut_graph, tokencut_tokens)
+                                    lost_tokens, mask_box, ncut_split, ncut_vector, token_box, tokencut_graph, tokencut_tokens)
 from densevit.datasets.davis import read_mask
 from densevit.errors import DensevitError
 from densevit.paths import golden_weights, shared_dir
@@ -89,7 +89,65 @@ def test_eigh_solver_agrees_with_tokencuts_generalized_call(ext, binary):
     assert v @ (d * v) == pytest.approx(1.0, abs=1e-9)
     a = tokencut_tokens(f.descriptors, f.grid.shape, binary_graph=binary, solver="eigh")
     b = tokencut_tokens(f.descriptors, f.grid.shape, binary_graph=binary, solver="generalized")
-    assert np.array_equal(a.mask, b.mask) and a.seed == b.seed
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.partition, b.partition)
+    # the seed is the first maximum of |x|: two solvers agree on its value to round-off, not on a near tie
+    for r in (a, b):
+        assert abs(r.score.reshape(-1)[r.seed]) == np.abs(r.score).max()
+    assert abs(a.score.reshape(-1)[a.seed]) == pytest.approx(abs(b.score.reshape(-1)[b.seed]), rel=1e-7)
+
+
+def test_tokencut_seed_is_the_first_maximum_of_abs_x_on_exact_ties():
+    hw = (3, 4)
+    x = np.array([0.1, -0.5, 0.2, 0.3, 0.5, 0.0, -0.1, 0.2, -0.3, 0.1, 0.0, -0.5])   # |x| = 0.5 at 1, 4, 11
+    r = ncut_split(x.copy(), hw)
+    assert r.seed == 1                                   # the first of the tied maxima, as np.argmax
+    assert r.score.reshape(-1)[1] == 0.5                 # oriented: x negated so the seed is on the high side
+    assert r.partition.reshape(-1)[1] and r.mask.reshape(-1)[1]
+    assert np.array_equal(r.partition.reshape(-1), ~(x > x.mean()))   # TokenCut complements the bipartition
+    r = ncut_split(-x, hw)                               # the other sign: the seed's side without flipping
+    assert r.seed == 1 and np.array_equal(r.partition.reshape(-1), -x > (-x).mean())
+
+
+def _lost_input(groups):
+    """Token descriptors as one-hot codes of ``groups`` (token -> group id): tokens correlate positively exactly
+    with the others of their group, so a token's degree is its group's size minus one."""
+    groups = np.asarray(groups)
+    return torch.from_numpy(np.eye(groups.max() + 1, dtype=np.float32)[groups])
+
+
+def _gram_input(positive_pairs, n, c=20.0):
+    """Descriptors whose correlation matrix is ``c`` on the diagonal, +2 for ``positive_pairs`` and -1 elsewhere
+    (rows of the Cholesky factor of that positive definite matrix)."""
+    G = -np.ones((n, n))
+    for i, j in positive_pairs:
+        G[i, j] = G[j, i] = 2.0
+    np.fill_diagonal(G, c)
+    return torch.from_numpy(np.linalg.cholesky(G).astype(np.float32))
+
+
+def test_lost_breaks_degree_ties_by_token_index():
+    # groups of sizes 3, 2, 2, 5 laid out in a 3x4 grid: degrees 2, 1, 1, 4; the two pairs tie for the lowest
+    groups = [3, 3, 1, 1, 3, 3, 2, 2, 0, 0, 0, 3]
+    r = lost_tokens(_lost_input(groups), (3, 4), k_patches=100)
+    assert r.seed == 2                                   # tokens 2, 3, 6, 7 share degree 1: the first is the seed
+    want = np.zeros(12, bool)
+    want[[2, 3]] = True                                  # the seed's group, 4-connected
+    assert np.array_equal(r.mask.reshape(-1), want)
+    assert np.array_equal(-r.score.reshape(-1), np.array([4, 4, 1, 1, 4, 4, 1, 1, 2, 2, 2, 4]))
+
+
+def test_lost_keeps_the_earliest_tokens_when_k_patches_splits_a_tie():
+    # 2 x 4 grid; tokens 0, 1, 3, 4 have degree 2 (the lowest), the others 3. Token 4 is the seed's only
+    # positively correlated low-degree patch, and it correlates with 5, which the seed does not.
+    pairs = [(0, 4), (0, 2), (4, 5), (1, 6), (1, 7), (3, 6), (3, 7), (2, 5), (2, 6), (5, 7)]
+    x = _gram_input(pairs, 8)
+    degrees = -lost_tokens(x, (2, 4)).score.reshape(-1)
+    assert np.array_equal(degrees, [2, 2, 3, 2, 2, 3, 3, 3])
+    masks = {k: np.flatnonzero(lost_tokens(x, (2, 4), k_patches=k).mask).tolist() for k in (1, 2, 3, 4, 8)}
+    # k <= 3 keeps 0, 1, 3 of the tied 0, 1, 3, 4 (token order): only the seed expands -> {0, 4}
+    # k >= 4 also keeps 4: M = A[0] + A[4] > 0 on {0, 2, 4, 5}; the seed's 4-connected component is {0, 4, 5}
+    assert masks == {1: [0, 4], 2: [0, 4], 3: [0, 4], 4: [0, 4, 5], 8: [0, 4, 5]}
+    assert all(lost_tokens(x, (2, 4), k_patches=k).seed == 0 for k in (1, 4))
 
 
 # ---------------------------------------------------------- the references' steps on golden descriptors
@@ -127,8 +185,16 @@ def _reference_lost(k: torch.Tensor, dims, k_patches=100) -> np.ndarray:
     B.fill_diagonal_(0)
     B[B < 0] = 0
     cent = -torch.sum(B > 0, dim=1).float()
-    order = torch.argsort(cent, descending=True, stable=True)
+    order = torch.argsort(cent, descending=True)          # LOST's call: not a stable sort
+    # On ties this order is the sorting kernel's. The result is defined only where no tie matters: one token of
+    # the lowest degree (the seed), and no token that ties with the k-th across the cut correlates positively
+    # with the seed (so the similars are the same for every order of the ties). The frame is checked for that.
+    deg = -cent
+    assert (deg == deg.min()).sum() == 1, "tied lowest degree: LOST's seed is not defined"
     seed = order[0]
+    if len(deg) > k_patches:
+        tied = torch.nonzero(deg == deg[order[k_patches - 1]]).flatten()
+        assert not (A[seed, tied] > 0).any(), "a tie at the k-th patch decides the similars"
     pot = order[:k_patches]
     similars = pot[A[seed, pot] > 0.0]
     M = torch.sum(A[similars, :], dim=0)

@@ -1,6 +1,7 @@
 """Part co-segmentation: constructed features with known parts (both CRF backends), the CRF smoothing itself,
 and real images with the golden random weights (shapes, ranges, determinism, three stages, augmentations)."""
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def _accuracy_up_to_permutation(pred, truth):
     return max(direct, (pred == swapped).mean())
 
 
-@pytest.mark.parametrize("crf", ["none", "approx"] + (["dense"] if HAS_PYDENSECRF else []))
+@pytest.mark.parametrize("crf", ["none", "approx", "dense"])      # pydensecrf2 is in the dev extra
 def test_constructed_parts_are_recovered_and_consistent(crf):
     pairs = [_two_part_object(16, 20, 48, seed=0), _two_part_object(30, 28, 56, seed=1),
              _two_part_object(8, 8, 40, seed=2)]
@@ -82,8 +83,10 @@ def test_crf_smoothing_removes_speckle_and_follows_edges():
     assert (raw != truth).mean() > 0.08 and (smooth != truth).mean() < 0.01
 
 
-@pytest.mark.skipif(HAS_PYDENSECRF, reason="pydensecrf is installed")
-def test_dense_crf_required_but_missing_is_a_user_error():
+def test_dense_crf_required_but_missing_is_a_user_error(monkeypatch):
+    assert HAS_PYDENSECRF and crf_backend("auto") == "dense"
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)          # as if not installed: its import fails
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     assert crf_backend("auto") == "approx"
     with pytest.raises(DensevitError, match="pydensecrf"):
         crf_backend("dense")

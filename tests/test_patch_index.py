@@ -68,7 +68,12 @@ def test_flat_through_torch_without_faiss_equals_faiss(planted, tmp_path, monkey
     torch_only = pi.build_index(planted, tmp_path / "torch", pi.IndexConfig(kind="flat"), progress=False)
     assert "vectors.npy" in torch_only.meta["files"] and torch_only.faiss_index is None
     s2, i2 = pi.load_index(tmp_path / "torch", planted, device="cpu").search_vectors(q, 5)
-    assert np.array_equal(i1, i2) and np.allclose(s1, s2, atol=1e-3)
+    assert np.allclose(s1, s2, atol=1e-3)
+    # the same neighbours, except that candidates whose scores tie to round-off may come in either order (the
+    # last rank is left out: it may tie with the unseen sixth)
+    gap = np.abs(np.diff(s1, axis=1)) > 1e-3
+    clear = np.concatenate([gap[:, :1], gap[:, :-1] & gap[:, 1:], np.zeros_like(gap[:, :1])], axis=1)
+    assert clear.any() and np.array_equal(i1[clear], i2[clear])
     with pytest.raises(pi.DensevitError, match="needs FAISS"):
         pi.build_index(planted, tmp_path / "pq", pi.IndexConfig(kind="ivf-pq"), progress=False)
 

@@ -106,3 +106,33 @@ def test_every_backbone_builds_and_extracts(name):
     assert (h, w) == (5, 7)
     assert feats.descriptors[(0, "key")].shape == (1, 35, 17 * spec.embed_dim)
     assert torch.isfinite(feats.saliency).all()
+
+
+@pytest.mark.parametrize("name, file", [("dino_vits8", "vits8_random_fp16.pth"),
+                                        ("dinov2_vits14_reg", "dinov2_vits14_reg_random_official_fp16.pth"),
+                                        ("dinov3_vits16", "dinov3_vits16_random_official_fp16.pth")])
+def test_loading_builds_on_the_meta_device_and_equals_a_loaded_random_model(shared, name, file):
+    """A model whose weights are loaded is built without initialising anything (meta device, assign=True); its
+    parameters and every buffer (non-persistent ones included: RoPE periods, Eva's zero key bias) equal those of
+    a randomly initialised model loaded with the same file, and so do its outputs."""
+    from densevit.weights import load_weights_file
+
+    path = shared / "golden" / file
+    spec = BACKBONES[name]
+    meta = create_model(spec, "meta")
+    assert all(p.is_meta for p in meta.parameters())
+    load_weights_file(meta, spec, path)
+    plain = create_model(spec)
+    load_weights_file(plain, spec, path)
+    tensors = lambda m: dict([*m.named_parameters(), *m.named_buffers()])   # noqa: E731
+    tm, tp = tensors(meta), tensors(plain)
+    assert tm.keys() == tp.keys()
+    for k in tm:
+        assert not tm[k].is_meta and tm[k].device.type == "cpu" and tm[k].dtype == tp[k].dtype, k
+        assert torch.equal(tm[k], tp[k]), k
+    assert all(p.requires_grad for p in meta.parameters())
+    x = torch.randn(1, 3, *plain.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(meta.eval().forward_features(x), plain.eval().forward_features(x))
+    built, _ = load_backbone(name, path)
+    assert same_weights(built, plain) and not any(t.is_meta for t in tensors(built).values())
