@@ -220,7 +220,7 @@ class StorePlan:
 
 def _unchanged(im: Mapping[str, Any], content_hash: bool) -> bool:
     """Whether a stored image's file is still the one it was extracted from (header and fingerprint)."""
-    res = _header((im["key"], Path(im["source"].get("path", ""))), content_hash)
+    _, _, res = _header((im["key"], Path(im["source"].get("path", ""))), content_hash)
     return not isinstance(res, str) and list(res[0]) == list(im["image_hw"]) and res[1] == im["source"]
 
 
