@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from densevit.store import FeatureStore, StoreError, StoreLock, StoreWriter
+from densevit.store import FeatureStore, StoreError, StoreWriter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,6 +174,8 @@ def test_torchrun_job_on_a_locked_store_stops_every_rank(lists, tmp_path, golden
     """A job on a store another process holds stops, on every rank, with the one-line refusal (rank 0 takes the
     lock for the job and tells the others; the torchrun tests of test_store.py show that a job's own ranks do
     not block each other)."""
+    from densevit.store import StoreLock
+
     st = tmp_path / "st"
     st.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
