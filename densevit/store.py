@@ -127,10 +127,29 @@ def _settings_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+_HELD_LOCKS: set = set()  # descriptors of the store locks this process holds
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child (e.g. a DataLoader worker): close the inherited lock descriptors, so that the lock
+    lives exactly as long as the process that took it (a child outliving a killed writer does not hold it)."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 class StoreLock:
     """The lock of a store's one writer: ``fcntl.flock`` on ``store.lock`` in the store folder, which holds the
     holder's PID and host while it is held. The kernel releases it when the holding process ends, however it
-    ends, so the lock of a dead process never blocks (the file stays; only the ``flock`` counts)."""
+    ends, so the lock of a dead process never blocks (the file stays; only the ``flock`` counts); forked
+    children do not keep it."""
 
     def __init__(self, root: Union[str, Path]) -> None:
         self.path = Path(root) / LOCK_FILE
@@ -167,12 +186,14 @@ class StoreLock:
         except OSError:  # e.g. a full disk: the lock holds without the note
             pass
         self._fd = fd
+        _HELD_LOCKS.add(fd)
         return self
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD_LOCKS.discard(fd)
         try:
             os.ftruncate(fd, 0)
         except OSError:

@@ -170,6 +170,32 @@ def test_a_held_lock_refuses_naming_the_pid_and_a_killed_holder_does_not_block(l
     assert len(FeatureStore(st)) == 5 and (st / "store.lock").read_text() == ""
 
 
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """A writer's decoding workers are forked children: when the writer ends (or is killed), a worker still
+    exiting must not hold the store's lock."""
+    import multiprocessing
+
+    from densevit.store import StoreLock
+
+    mp = multiprocessing.get_context("fork")
+    running = mp.Event()
+
+    def work():
+        running.set()
+        signal.pause()
+
+    lock = StoreLock(tmp_path).acquire()
+    child = mp.Process(target=work)
+    child.start()
+    try:
+        assert running.wait(60)
+        lock.release()
+        StoreLock(tmp_path).acquire().release()       # another descriptor: refused if the child held the lock
+    finally:
+        child.kill()
+        child.join()
+
+
 def test_torchrun_job_on_a_locked_store_stops_every_rank(lists, tmp_path, golden_path):
     """A job on a store another process holds stops, on every rank, with the one-line refusal (rank 0 takes the
     lock for the job and tells the others; the torchrun tests of test_store.py show that a job's own ranks do
