@@ -249,6 +249,7 @@ def plan_store(writer: StoreWriter, items: Sequence[Tuple[str, Path]], patch_siz
                             f"{im['source']['path']}); rename them, or --prune to replace the stored ones")
     given = {im["key"]: im for im in images}
     fresh = [im for im in images if stored.get(im["key"], {}).get("source") != im["source"]]
+    fresh_keys = {im["key"] for im in fresh}
     by_shard: Dict[str, List[str]] = {}
     for key, e in stored.items():
         by_shard.setdefault(e["shard"], []).append(key)
@@ -256,7 +257,6 @@ def plan_store(writer: StoreWriter, items: Sequence[Tuple[str, Path]], patch_siz
     live: Dict[str, List[str]] = {}
     done: List[str] = []
     for name in sorted(prev["shards"]):
-        fresh_keys = {im["key"] for im in fresh}
         alive = sorted(k for k in by_shard.get(name, []) if k not in fresh_keys and keep(k))
         entry = {"name": name, "input_hw": list(prev["shards"][name]["input_hw"]), "images": writer.stored_images(name)}
         shards.append(entry)
@@ -283,12 +283,15 @@ def plan_store(writer: StoreWriter, items: Sequence[Tuple[str, Path]], patch_siz
             raise DensevitError(f"shard {writer.shard_path(name)} is damaged and {len(lost)} of its image(s) cannot "
                                 f"be recomputed (their files changed or are gone: {lost[0]}); give them again, or "
                                 f"--prune to drop them")
-        fresh.extend(im for im in usable if im["key"] in alive)  # its usable images go to new shards
+        moved = [im for im in usable if im["key"] in alive]  # its usable images go to new shards
+        fresh.extend(moved)
+        fresh_keys.update(im["key"] for im in moved)
         live[name] = []
-    stored_names = {s["name"] for s in shards}
     for s in group_shards(fresh, cfg):
-        if s["name"] in stored_names:                       # the same images: the stored shard holds them
-            continue
+        if s["name"] in live:  # a stored shard of these very images (its name hashes them): this entry replaces it
+            shards = [x for x in shards if x["name"] != s["name"]]
+            done = [n for n in done if n != s["name"]]
+            del live[s["name"]]
         shards.append(s)
         if writer.shard_done(s["name"], s["images"]):
             done.append(s["name"])

@@ -70,6 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.store:
         return _store_main(args)
+    if args.prune:
+        raise DensevitError("--prune applies to a feature store (--store DIR)")
     if not args.images or not args.out:
         raise DensevitError("give at least one image and an output folder (-o OUT), or a feature store (--store DIR)")
     if len(args.layer) != 1 or len(args.facet) != 1:
