@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
@@ -73,13 +73,27 @@ def file_sha256(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
+def _create_temp(folder: Path, prefix: str, suffix: str = ".tmp") -> Tuple[int, Path]:
+    """A new file of a unique name in ``folder``, opened for writing with the mode ``open()`` gives (0666 less
+    the umask; ``tempfile.mkstemp`` would make it 0600, unreadable to the other users of a shared folder)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {folder}")
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[Any], None]) -> Path:
     """Write a file atomically: ``write(f)`` fills a temp file in the same folder (flushed, fsync'ed), which then
     replaces ``path`` with ``os.replace``; readers see the old file or the complete new one, never a partial one.
-    A failure removes the temp file and re-raises."""
+    The file gets the mode ``open()`` gives (the umask applies). A failure removes the temp file and re-raises.
+    Every densevit file that must never be seen half-written (store, cache, index) is written here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path.parent, f".{path.stem[:16]}.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -6,11 +6,15 @@ model runs in the extractor's dtype and finished shards are written on backgroun
 (:class:`densevit.pipeline.BackgroundWriter`). Under ``torchrun`` (:mod:`densevit.dist`) rank 0 reads the image
 headers, checks the store's settings and decides which shards are missing; the missing shards are dealt to the
 ranks balancing their cost (images x input pixels; :func:`densevit.dist.deal`), each rank writes its own shards,
-and rank 0 writes the manifest after all have finished.
-A complete shard is never computed again, so rerunning the same command finishes only what is missing.
+and rank 0 writes the manifest after all have finished; rank 0 holds the store's lock for the whole job (one
+writer per store; :class:`densevit.store.StoreLock`).
+A complete shard is never computed again, so rerunning the same command finishes only what is missing. A store
+only grows (:func:`plan_store`): another image list adds its images and keeps the stored ones, whose shards are
+kept as they are; ``prune`` drops the stored images that are not in the list.
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -29,10 +33,10 @@ from .dist import DistContext
 from .errors import DensevitError
 from .pipeline import BackgroundWriter, prefetch_map
 from .preprocess import image_size, load_resized, normalize, resized_hw, to_uint8_tensor
-from .store import FORMAT, STORE_DTYPES, StoreWriter, tensor_name
+from .store import FORMAT, STORE_DTYPES, StoreFullError, StoreWriter, tensor_name
 
-__all__ = ["ExtractionConfig", "ExtractionReport", "gather_dataset", "store_settings", "plan_shards",
-           "extract_to_store"]
+__all__ = ["ExtractionConfig", "ExtractionReport", "StorePlan", "gather_dataset", "store_settings", "read_headers",
+           "group_shards", "plan_shards", "plan_store", "extract_to_store"]
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ExtractionConfig:
     shard_size: int = 256
     content_hash: bool = False
     overwrite: bool = False
+    prune: bool = False
     progress: bool = True
 
 
@@ -68,6 +73,7 @@ class ExtractionReport:
                                                                      total=0.0))
     per_rank: List[Dict[str, Any]] = field(default_factory=list)  # on rank 0: every rank's images and seconds
     window: List[float] = field(default_factory=list)  # [start, end] of the compute loop, Unix time (seconds)
+    change: Dict[str, List[str]] = field(default_factory=dict)  # on rank 0: images kept/added/updated/removed
 
     def merge(self, other: "ExtractionReport") -> None:
         self.images += other.images
@@ -144,12 +150,11 @@ def _header(item: Tuple[str, Path], content_hash: bool) -> Tuple[str, Path, Any]
         return key, path, str(exc)
 
 
-def plan_shards(items: Sequence[Tuple[str, Path]], patch_size: int, stride: int, cfg: ExtractionConfig
-                ) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
-    """Group images by resized shape into shards of at most ``cfg.shard_size`` images (deterministic: sorted
-    shapes, input order within a shape). Reads only the image headers. Returns ``(shards, unreadable)``; a
-    shard is ``{"name", "input_hw", "images": [{"key", "path", "source", "image_hw"}]}``."""
-    buckets: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
+def read_headers(items: Sequence[Tuple[str, Path]], patch_size: int, stride: int, cfg: ExtractionConfig
+                 ) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
+    """Read the image headers only: ``(images, unreadable)``, an image ``{"key", "path", "source", "image_hw"}``
+    (input order), ``unreadable`` the images left out, with the reason."""
+    images: List[Dict[str, Any]] = []
     unreadable: Dict[str, str] = {}
     for key, path, res in prefetch_map(lambda it: _header(it, cfg.content_hash), items, ahead=64):
         if isinstance(res, str):
@@ -159,14 +164,22 @@ def plan_shards(items: Sequence[Tuple[str, Path]], patch_size: int, stride: int,
         if min(hw) < patch_size:
             unreadable[key] = f"{path} is {hw[1]}x{hw[0]} pixels, smaller than the {patch_size}-pixel patch"
             continue
-        input_hw = resized_hw(hw, cfg.load_size)
         try:
-            grid_shape(input_hw, patch_size, stride)
+            grid_shape(resized_hw(hw, cfg.load_size), patch_size, stride)
         except DensevitError as exc:
             unreadable[key] = f"{path}: {exc}"
             continue
-        buckets.setdefault(input_hw, []).append({"key": key, "path": str(path), "source": source,
-                                                 "image_hw": list(hw)})
+        images.append({"key": key, "path": str(path), "source": source, "image_hw": list(hw)})
+    return images, unreadable
+
+
+def group_shards(images: Sequence[Dict[str, Any]], cfg: ExtractionConfig) -> List[Dict[str, Any]]:
+    """Group images by resized shape into shards of at most ``cfg.shard_size`` images (deterministic: sorted
+    shapes, given order within a shape); a shard is ``{"name", "input_hw", "images"}``, named by its shape, its
+    number and a hash of its images' keys and sources."""
+    buckets: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
+    for im in images:
+        buckets.setdefault(tuple(resized_hw(tuple(im["image_hw"]), cfg.load_size)), []).append(im)
     shards = []
     size = max(1, cfg.shard_size)
     for input_hw in sorted(buckets):
@@ -176,7 +189,139 @@ def plan_shards(items: Sequence[Tuple[str, Path]], patch_size: int, stride: int,
             tag = key_digest({"images": [[im["key"], im["source"]] for im in chunk]})[:10]
             shards.append({"name": f"{input_hw[0]}x{input_hw[1]}-{j // size:05d}-{tag}", "input_hw": list(input_hw),
                            "images": chunk})
-    return shards, unreadable
+    return shards
+
+
+def plan_shards(items: Sequence[Tuple[str, Path]], patch_size: int, stride: int, cfg: ExtractionConfig
+                ) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
+    """The shards of ``items`` alone (:func:`read_headers` then :func:`group_shards`): ``(shards, unreadable)``."""
+    images, unreadable = read_headers(items, patch_size, stride, cfg)
+    return group_shards(images, cfg), unreadable
+
+
+@dataclass
+class StorePlan:
+    """What a run does to a store: ``shards`` (the stored ones first, then the new ones), ``live`` (for each
+    stored shard, the images it keeps; an empty list: the shard is removed), ``done`` (complete shards),
+    ``unreadable`` (this run's images that could not be read) and ``failed`` (every failure to record)."""
+
+    shards: List[Dict[str, Any]]
+    live: Dict[str, List[str]]
+    done: List[str]
+    unreadable: Dict[str, str]
+    failed: Dict[str, str]
+
+    @property
+    def pending(self) -> List[Dict[str, Any]]:
+        """The shards to compute."""
+        done = set(self.done)
+        return [s for s in self.shards if s["name"] not in done and self.live.get(s["name"], True) != []]
+
+
+def _unchanged(im: Mapping[str, Any], content_hash: bool) -> bool:
+    """Whether a stored image's file is still the one it was extracted from (header and fingerprint)."""
+    _, _, res = _header((im["key"], Path(im["source"].get("path", ""))), content_hash)
+    return not isinstance(res, str) and list(res[0]) == list(im["image_hw"]) and res[1] == im["source"]
+
+
+def plan_store(writer: StoreWriter, items: Sequence[Tuple[str, Path]], patch_size: int, stride: int,
+               cfg: ExtractionConfig) -> StorePlan:
+    """Plan a run of ``items`` into the store :meth:`StoreWriter.prepare` opened. The store only grows: its
+    shards stay as they are (a damaged one is recomputed from its images' files, under its name), images of
+    ``items`` it does not hold (or whose file changed) go to new shards, and its other images are kept --
+    unless ``cfg.prune``, which drops the stored images that are not in ``items``. An input with the key of a
+    stored image from another file is refused without ``prune`` (which replaces it). Deterministic for a given
+    store and list, so a rerun after a kill plans the same shards."""
+    images, unreadable = read_headers(items, patch_size, stride, cfg)
+    prev = writer.previous or {"images": {}, "shards": {}, "failed": {}}
+    stored: Dict[str, Any] = prev["images"]
+    listed = {k for k, _ in items}
+
+    def keep(key: str) -> bool:
+        return key in listed or not cfg.prune
+
+    clash = [im for im in images if im["key"] in stored
+             and stored[im["key"]]["source"].get("path") != im["source"]["path"]]
+    if clash and not cfg.prune:
+        im = clash[0]
+        raise DensevitError(f"{len(clash)} input image(s) have the key of a stored image from another file "
+                            f"({im['key']}: stored from {stored[im['key']]['source'].get('path')}, given "
+                            f"{im['source']['path']}); rename them, or --prune to replace the stored ones")
+    given = {im["key"]: im for im in images}
+    fresh = [im for im in images if stored.get(im["key"], {}).get("source") != im["source"]]
+    fresh_keys = {im["key"] for im in fresh}
+    by_shard: Dict[str, List[str]] = {}
+    for key, e in stored.items():
+        by_shard.setdefault(e["shard"], []).append(key)
+    shards: List[Dict[str, Any]] = []
+    live: Dict[str, List[str]] = {}
+    done: List[str] = []
+    for name in sorted(prev["shards"]):
+        alive = sorted(k for k in by_shard.get(name, []) if k not in fresh_keys and keep(k))
+        entry = {"name": name, "input_hw": list(prev["shards"][name]["input_hw"]), "images": writer.stored_images(name)}
+        shards.append(entry)
+        live[name] = alive
+        if not alive:                                       # nothing of it is kept: removed at the end
+            continue
+        if writer.shard_done(name, entry["images"], verify=any(k in listed for k in alive)):
+            done.append(name)
+            continue
+        # damaged (missing, truncated, modified): recomputed from its images' files if they are unchanged
+        usable: List[Dict[str, Any]] = []
+        for im in entry["images"]:
+            k = im["key"]
+            if k in given and given[k]["source"] == im["source"]:
+                usable.append(given[k])
+            elif k not in given and _unchanged(im, cfg.content_hash):
+                usable.append({**im, "path": im["source"]["path"]})
+        if len(usable) == len(entry["images"]):
+            entry["images"] = usable                        # the same shard again, under its name
+            continue
+        ok = {im["key"] for im in usable}
+        lost = [k for k in alive if k not in ok]
+        if lost and not cfg.prune:
+            raise DensevitError(f"shard {writer.shard_path(name)} is damaged and {len(lost)} of its image(s) cannot "
+                                f"be recomputed (their files changed or are gone: {lost[0]}); give them again, or "
+                                f"--prune to drop them")
+        moved = [im for im in usable if im["key"] in alive]  # its usable images go to new shards
+        fresh.extend(moved)
+        fresh_keys.update(im["key"] for im in moved)
+        live[name] = []
+    for s in group_shards(fresh, cfg):
+        if s["name"] in live:  # a stored shard of these very images (its name hashes them): this entry replaces it
+            shards = [x for x in shards if x["name"] != s["name"]]
+            done = [n for n in done if n != s["name"]]
+            del live[s["name"]]
+        shards.append(s)
+        if writer.shard_done(s["name"], s["images"]):
+            done.append(s["name"])
+    failed = {k: v for k, v in prev.get("failed", {}).items() if k not in listed and keep(k)}
+    failed.update(unreadable)
+    return StorePlan(shards, live, done, unreadable, failed)
+
+
+def _space_needed(writer: StoreWriter, pending: Sequence[Dict[str, Any]], tensors: Mapping[str, torch.Tensor]
+                  ) -> int:
+    """About how many bytes the shards of ``pending`` that are not written yet need, scaled from the tensors of
+    the shard that did not fit (per image and per token), plus their records and the manifest."""
+    patch, stride = writer.settings["patch_size"], writer.settings["stride"]
+    total = 0
+    for shard in pending:
+        if writer.shard_done(shard["name"], shard["images"], verify=False):
+            continue
+        n, tokens = len(shard["images"]), math.prod(grid_shape(tuple(shard["input_hw"]), patch, stride))
+        for name, t in tensors.items():
+            if name == "saliency":
+                per_image = [tokens]
+            elif name.endswith("/cls"):
+                per_image = list(t.shape[1:])
+            elif name.endswith("/attn"):
+                per_image = [t.shape[1], tokens, tokens]
+            else:
+                per_image = [tokens, t.shape[-1]]
+            total += t.element_size() * n * math.prod(per_image)
+        total += 1024 + 512 * n                             # the safetensors header, the record, the manifest
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -215,50 +360,58 @@ def _worker_init(_: int) -> None:
 # ------------------------------------------------------------------------------------------------ extraction
 def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: Path, cfg: ExtractionConfig,
                      weights: Optional[str], ctx: DistContext = DistContext()) -> ExtractionReport:
-    """Extract ``items`` (from :func:`gather_dataset`) into the store at ``store_root``; every rank of ``ctx``
-    calls this. Returns the merged report on rank 0 (this rank's elsewhere); unreadable images are reported
-    in ``report.failed``, and printed as one line each."""
+    """Extract ``items`` (from :func:`gather_dataset`) into the store at ``store_root``, adding them to what it
+    holds (:func:`plan_store`); every rank of ``ctx`` calls this, and rank 0 holds the store's lock from the
+    plan to the manifest. Returns the merged report on rank 0 (this rank's elsewhere); unreadable images are
+    reported in ``report.failed``, and printed as one line each."""
     layers = [extractor.resolve_layer(l) for l in cfg.layers]
     state: Any = None
-    if ctx.is_main:
-        try:
-            settings = store_settings(extractor, cfg, weights)
-            writer = StoreWriter(store_root, settings)
-            writer.prepare(cfg.overwrite)
-            shards, unreadable = plan_shards(items, extractor.patch_size, extractor.stride, cfg)
-            done = [s["name"] for s in shards if writer.shard_done(s["name"], s["images"])]
-            state = ("ok", settings, shards, unreadable, done)
-        except DensevitError as exc:
-            state = ("error", str(exc))
-    state = ctx.broadcast(state)
-    if state[0] == "error":
-        raise DensevitError(state[1])
-    _, settings, shards, unreadable, done = state
-    writer = StoreWriter(store_root, settings)
-    pending = [s for s in shards if s["name"] not in set(done)]
-    mine = ctx.shard(pending, [len(s["images"]) * s["input_hw"][0] * s["input_hw"][1] for s in pending])
-    report = ExtractionReport(reused_shards=len(done) if ctx.is_main else 0)
-    if ctx.is_main:
-        for key, msg in unreadable.items():
-            print(f"densevit-extract: skipped unreadable image {key}: {msg}", file=sys.stderr)
-        report.failed.update(unreadable)
-    _run_shards(extractor, writer, mine, layers, cfg, report, ctx)
-    reports = ctx.gather(report)
-    if ctx.is_main:
-        total = ExtractionReport(reused_shards=len(done))
+    lock_holder: Optional[StoreWriter] = None
+    try:
+        if ctx.is_main:
+            try:
+                settings = store_settings(extractor, cfg, weights)
+                lock_holder = StoreWriter(store_root, settings)
+                lock_holder.prepare(cfg.overwrite)
+                state = ("ok", settings, plan_store(lock_holder, items, extractor.patch_size, extractor.stride, cfg))
+            except DensevitError as exc:
+                state = ("error", str(exc))
+        state = ctx.broadcast(state)
+        if state[0] == "error":
+            raise DensevitError(state[1])
+        _, settings, plan = state
+        writer = lock_holder or StoreWriter(store_root, settings)
+        pending = plan.pending
+        mine = ctx.shard(pending, [len(s["images"]) * s["input_hw"][0] * s["input_hw"][1] for s in pending])
+        report = ExtractionReport(reused_shards=len(plan.done) if ctx.is_main else 0)
+        if ctx.is_main:
+            for key, msg in plan.unreadable.items():
+                print(f"densevit-extract: skipped unreadable image {key}: {msg}", file=sys.stderr)
+            report.failed.update(plan.unreadable)
+        _run_shards(extractor, writer, mine, layers, cfg, report, ctx, pending)
+        reports = ctx.gather(report)
+        if not ctx.is_main:
+            return report
+        total = ExtractionReport(reused_shards=len(plan.done))
         for r in reports:
             total.merge(r)
         total.seconds["total"] = max(r.seconds["total"] for r in reports)
         total.per_rank = [{"rank": i, "images": r.images, "shards": r.computed_shards, "seconds": r.seconds,
                            "window": r.window, "device": str(extractor.device) if i == ctx.rank else None}
                           for i, r in enumerate(reports)]
-        writer.finalize([(s["name"], s["images"]) for s in shards], unreadable)
+        writer.finalize([(s["name"], s["images"]) for s in plan.shards], plan.failed, live=plan.live,
+                        prune=cfg.prune)
+        total.change = writer.change
         return total
-    return report
+    finally:
+        if lock_holder is not None:
+            lock_holder.close()
 
 
 def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], layers: List[int],
-                cfg: ExtractionConfig, report: ExtractionReport, ctx: DistContext) -> None:
+                cfg: ExtractionConfig, report: ExtractionReport, ctx: DistContext,
+                job: Sequence[Dict[str, Any]] = ()) -> None:
+    """Compute and write ``shards`` (this rank's share of ``job``, the job's pending shards)."""
     t_start, unix_start = time.perf_counter(), time.time()
     images: List[Dict[str, Any]] = []
     batches: List[List[int]] = []
@@ -290,7 +443,10 @@ def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], la
     def write(si: int, tensors: Dict[str, torch.Tensor], shard_failed: Dict[str, str]) -> None:
         t = time.perf_counter()
         s = shards[si]
-        writer.write_shard(s["name"], tensors, s["images"], tuple(s["input_hw"]), shard_failed)
+        try:
+            writer.write_shard(s["name"], tensors, s["images"], tuple(s["input_hw"]), shard_failed)
+        except StoreFullError as exc:  # one line: the folder and about what the job's unwritten shards need
+            raise StoreFullError(exc.folder, max(exc.need, _space_needed(writer, job or shards, tensors))) from None
         with lock:  # writer threads' seconds, summed
             write_seconds[0] += time.perf_counter() - t
 

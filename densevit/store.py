@@ -13,18 +13,29 @@ Layout of a store folder::
     manifest.json                 written by rank 0 when a run ends: settings, every shard's record and an index
                                   image key -> (shard, offset, original size, source); ``complete`` is false
                                   while shards are missing
+    store.lock                    the writer's advisory lock (``fcntl.flock``; the holder's PID while held)
+
+A store only grows: a run with another image list adds its images and keeps the stored ones; only
+``prune`` (images not in the run's list) and ``overwrite`` (everything) remove stored images. One writer at a
+time: the writer holds ``store.lock`` from :meth:`StoreWriter.prepare` to :meth:`StoreWriter.finalize`
+(under torchrun rank 0 holds it for the whole job); a second writer is refused naming the holder's PID, and
+the kernel releases the lock of a process that dies.
 
 Descriptors are stored raw (not log-binned: binned ones are 17x larger) in float16 by default (float32 on
 request) and binned at read time with :func:`densevit.binning.log_bin`, exactly as extraction bins them.
 Every file is written atomically (temp file + ``os.replace``, :func:`densevit.cache.atomic_write`), so a
-killed run leaves only complete shards. Reads check each shard's size and SHA-256 against its record the
+killed run, or one that ran out of disk space (:class:`StoreFullError`, one line naming the folder and the
+space needed), leaves only complete shards. Reads check each shard's size and SHA-256 against its record the
 first time it is opened; a truncated or modified shard raises :class:`StoreError` naming the file.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -37,12 +48,19 @@ from .cache import atomic_write, canonical_key, file_sha256, key_digest
 from .coords import TokenGrid
 from .errors import DensevitError
 
-__all__ = ["StoreError", "FeatureStore", "StoreWriter", "StoreBatch", "tensor_name", "FORMAT"]
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no store lock
+    fcntl = None
+
+__all__ = ["StoreError", "StoreFullError", "StoreLock", "FeatureStore", "StoreWriter", "StoreBatch", "tensor_name",
+           "FORMAT"]
 
 FORMAT = "densevit-store-v1"
 SETTINGS_FILE = "store.json"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
+LOCK_FILE = "store.lock"
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -50,14 +68,46 @@ class StoreError(DensevitError):
     """A store is missing, incomplete, corrupt (the shard is named) or made with other settings."""
 
 
+class StoreFullError(StoreError):
+    """The store's device is full: names the folder and about how many more bytes the run needs."""
+
+    def __init__(self, folder: Union[str, Path], need: int) -> None:
+        self.folder, self.need = Path(folder), int(need)
+        try:
+            free = f"{human_bytes(shutil.disk_usage(self.folder).free)} free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(f"no space left on the device of {self.folder} ({free}): about {human_bytes(self.need)} "
+                         f"more needed to finish the store; free some space and rerun the same command (the "
+                         f"finished shards are kept)")
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def tensor_name(layer: int, facet: str, cls: bool = False) -> str:
     """Name of a (layer, facet) tensor in a shard: ``"9/key"`` (``"9/key/cls"`` for the CLS descriptors)."""
     return f"{int(layer)}/{facet}" + ("/cls" if cls else "")
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically; a full device (or quota) raises :class:`StoreFullError` (no temp file left)."""
+    try:
+        atomic_write(path, lambda f: f.write(data))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFullError(path.parent, len(data)) from None
+        raise
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
+    _write_file(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _read_json(path: Path, what: str) -> Dict[str, Any]:
@@ -77,23 +127,123 @@ def _settings_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+_HELD_LOCKS: set = set()  # descriptors of the store locks this process holds
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child (e.g. a DataLoader worker): close the inherited lock descriptors, so that the lock
+    lives exactly as long as the process that took it (a child outliving a killed writer does not hold it)."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+class StoreLock:
+    """The lock of a store's one writer: ``fcntl.flock`` on ``store.lock`` in the store folder, which holds the
+    holder's PID and host while it is held. The kernel releases it when the holding process ends, however it
+    ends, so the lock of a dead process never blocks (the file stays; only the ``flock`` counts); forked
+    children do not keep it."""
+
+    def __init__(self, root: Union[str, Path]) -> None:
+        self.path = Path(root) / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "StoreLock":
+        """Take the lock now, or raise :class:`StoreError` naming the process that holds it (no waiting)."""
+        if self._fd is not None or fcntl is None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise StoreError(f"cannot open the store lock {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            try:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreError(f"cannot lock the store {self.path.parent}: {exc.strerror}") from None
+            raise StoreError(f"store {self.path.parent} is being written by another process "
+                             f"({holder or 'PID not recorded yet'}); wait until it ends, or use another "
+                             f"folder") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # e.g. a full disk: the lock holds without the note
+            pass
+        self._fd = fd
+        _HELD_LOCKS.add(fd)
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        _HELD_LOCKS.discard(fd)
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> "StoreLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 class StoreWriter:
-    """Writes a store: settings first (:meth:`prepare`, rank 0), shards with their records (any rank), the
-    manifest last (:meth:`finalize`, rank 0)."""
+    """Writes a store: settings first (:meth:`prepare`, rank 0, which takes the store's lock), shards with their
+    records (any rank), the manifest last (:meth:`finalize`, rank 0, which releases the lock; :meth:`close`
+    releases it when the run fails). Use as a context manager to release the lock in every case."""
 
     def __init__(self, root: Union[str, Path], settings: Mapping[str, Any]) -> None:
         self.root = Path(root)
         self.settings = json.loads(canonical_key(settings))
         self.digest = key_digest(self.settings)
+        self.previous: Optional[Dict[str, Any]] = None  # the manifest :meth:`prepare` found (the stored images)
+        self.overwritten: List[str] = []                # images ``overwrite`` removed
+        self.change: Dict[str, List[str]] = {}          # after :meth:`finalize`: kept/added/updated/removed images
+        self._lock = StoreLock(self.root)
 
     @property
     def shard_dir(self) -> Path:
         return self.root / SHARDS_DIR
 
     def prepare(self, overwrite: bool = False) -> None:
-        """Create the store or check that it was made with the same settings (refused otherwise, unless
-        ``overwrite``, which empties it first)."""
+        """Take the store's lock (refused in one line, naming the holder, while another writer has it); create
+        the store or check that it was made with the same settings (refused otherwise, unless ``overwrite``,
+        which empties it first); read the stored images' manifest into :attr:`previous`."""
         path = self.root / SETTINGS_FILE
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root} is a file, not a store folder; use another path")
+        if (not overwrite and self.root.exists() and not path.exists()
+                and any(f.name != LOCK_FILE for f in self.root.iterdir())):
+            raise StoreError(f"{self.root} exists and is not a densevit store; use another folder or --overwrite")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            self._prepare_locked(path, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare_locked(self, path: Path, overwrite: bool) -> None:
         if path.exists():
             try:
                 old = _read_json(path, "store settings")
@@ -101,20 +251,53 @@ class StoreWriter:
                 if not overwrite:
                     raise
                 old = {}
-            if old.get("digest") != self.digest:
-                if not overwrite:
-                    diff = _settings_diff(old.get("settings", {}), self.settings)
-                    raise StoreError(f"{self.root} holds a store made with other settings "
-                                     f"({', '.join(diff) or 'format'} differ); use another folder or --overwrite")
+            if old.get("digest") != self.digest and not overwrite:
+                diff = _settings_diff(old.get("settings", {}), self.settings)
+                raise StoreError(f"{self.root} holds a store made with other settings "
+                                 f"({', '.join(diff) or 'format'} differ); use another folder or --overwrite")
             if overwrite:
+                try:
+                    self.overwritten = sorted(_read_json(self.root / MANIFEST_FILE, "store manifest")["images"])
+                except (StoreError, KeyError, TypeError):
+                    self.overwritten = []
                 shutil.rmtree(self.shard_dir, ignore_errors=True)
                 (self.root / MANIFEST_FILE).unlink(missing_ok=True)
-        elif self.root.exists() and any(self.root.iterdir()) and not overwrite:
-            raise StoreError(f"{self.root} exists and is not a densevit store; use another folder or --overwrite")
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         for stale in [*self.root.glob(".*.tmp"), *self.shard_dir.glob(".*.tmp")]:
             stale.unlink(missing_ok=True)                  # temp files of a writer that was killed mid-write
-        _write_json(path, {"format": FORMAT, "settings": self.settings, "digest": self.digest})
+        settings = {"format": FORMAT, "settings": self.settings, "digest": self.digest}
+        data = (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode()
+        if not path.is_file() or path.read_bytes() != data:   # unchanged: not rewritten (a full disk still reads)
+            _write_file(path, data)
+        self.previous = self._read_previous()
+
+    def _read_previous(self) -> Optional[Dict[str, Any]]:
+        path = self.root / MANIFEST_FILE
+        if not path.exists():
+            return None
+        try:
+            m = _read_json(path, "store manifest")
+        except StoreError as exc:
+            raise StoreError(f"{exc}; the stored images are unknown: restore it, or start the store again with "
+                             f"--overwrite") from None
+        if m.get("digest") != self.digest or not isinstance(m.get("images"), dict):
+            raise StoreError(f"store manifest {path} does not match {SETTINGS_FILE}; restore it, or start the store "
+                             f"again with --overwrite")
+        return m
+
+    def stored_images(self, name: str) -> List[Dict[str, Any]]:
+        """The images (``key``, ``path``, ``source``, ``image_hw``) of shard ``name`` of :attr:`previous`, in
+        offset order: from its record, or from the manifest's index when the record is lost."""
+        try:
+            rec = _read_json(self.record_path(name), "shard record")
+            if rec.get("digest") == self.digest and rec.get("shard") == name:
+                return [dict(im) for im in rec["images"]]
+        except (StoreError, KeyError, TypeError):
+            pass
+        index = (self.previous or {}).get("images", {})
+        entries = sorted((e["offset"], k) for k, e in index.items() if e["shard"] == name)
+        return [{"key": k, "path": index[k]["source"].get("path"), "source": index[k]["source"],
+                 "image_hw": index[k]["image_hw"]} for _, k in entries]
 
     def record_path(self, name: str) -> Path:
         return self.shard_dir / f"{name}.json"
@@ -140,7 +323,7 @@ class StoreWriter:
     def write_shard(self, name: str, tensors: Mapping[str, torch.Tensor], images: Sequence[Mapping[str, Any]],
                     input_hw: Tuple[int, int], failed: Mapping[str, str]) -> Dict[str, Any]:
         """Write a shard (tensors with one row per image in ``images`` that did not fail) and then its record,
-        both atomically; returns the record."""
+        both atomically; returns the record. A full device raises :class:`StoreFullError`."""
         from safetensors.torch import save
 
         # one metadata entry: safetensors writes a map's entries in no fixed order, and identical runs must
@@ -148,7 +331,7 @@ class StoreWriter:
         data = save({k: v.contiguous() for k, v in tensors.items()},
                     metadata={"densevit": json.dumps({"format": FORMAT, "digest": self.digest}, sort_keys=True)})
 
-        atomic_write(self.shard_path(name), lambda f: f.write(data))
+        _write_file(self.shard_path(name), data)
         rec = {"format": FORMAT, "digest": self.digest, "shard": name, "size": len(data),
                "sha256": hashlib.sha256(data).hexdigest(), "input_hw": list(input_hw),
                "images": [dict(im) for im in images], "failed": dict(failed),
@@ -156,38 +339,70 @@ class StoreWriter:
         _write_json(self.record_path(name), rec)
         return rec
 
-    def finalize(self, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]],
-                 unreadable: Mapping[str, str]) -> Dict[str, Any]:
-        """Write ``manifest.json`` from the shard records of ``plan`` (``(name, images)`` per shard) and remove
-        shards that are not in the plan (left by an earlier image list). Returns the manifest."""
-        shards: Dict[str, Any] = {}
+    def finalize(self, plan: Sequence[Tuple[str, Sequence[Mapping[str, Any]]]], unreadable: Mapping[str, str],
+                 live: Optional[Mapping[str, Sequence[str]]] = None, prune: bool = False) -> Dict[str, Any]:
+        """Write ``manifest.json`` from the shard records of ``plan`` (``(name, images)`` per shard; an image in
+        several shards is indexed from the last one), then release the lock. For a shard named in ``live`` only
+        those images are indexed (its others were replaced or pruned), and the shard is removed when none is
+        left; with ``prune`` also every shard file the manifest does not list (left by a killed run with another
+        image list). ``unreadable``: images that failed, with the reason (kept unless the image is indexed).
+        Sets :attr:`change` (the images kept, added, updated -- re-extracted from a changed file -- and
+        removed) and returns the manifest."""
+        live = {n: set(v) for n, v in (live or {}).items()}
+        records: Dict[str, Dict[str, Any]] = {}
         index: Dict[str, Any] = {}
         failed: Dict[str, str] = dict(unreadable)
         missing: List[str] = []
+        dead: set = set()
         for name, images in plan:
+            keep = live.get(name)
+            if keep is not None and not keep:
+                dead.add(name)
+                continue
             if not self.shard_done(name, images, verify=False):
                 missing.append(name)
                 continue
-            rec = _read_json(self.record_path(name), "shard record")
-            shards[name] = {k: rec[k] for k in ("size", "sha256", "input_hw", "tensors")}
-            failed.update(rec["failed"])
+            rec = records[name] = _read_json(self.record_path(name), "shard record")
+            if keep is None:
+                failed.update(rec["failed"])
             offset = 0
             for im in rec["images"]:
                 if im["key"] in rec["failed"]:
                     continue
-                index[im["key"]] = {"shard": name, "offset": offset, "image_hw": im["image_hw"],
-                                    "source": im["source"]}
+                if keep is None or im["key"] in keep:
+                    index[im["key"]] = {"shard": name, "offset": offset, "image_hw": im["image_hw"],
+                                        "source": im["source"]}
                 offset += 1
-        keep = {n for n, _ in plan}
-        for f in self.shard_dir.iterdir():
-            stem = f.name.split(".")[0]
-            if f.suffix in (".safetensors", ".json") and stem not in keep:
-                f.unlink(missing_ok=True)
+        used = {e["shard"] for e in index.values()}
+        listed = {n for n in records if n in used or n not in live}
+        shards = {n: {k: records[n][k] for k in ("size", "sha256", "input_hw", "tensors")} for n in listed}
+        failed = {k: v for k, v in failed.items() if k not in index}
         manifest = {"format": FORMAT, "settings": self.settings, "digest": self.digest,
                     "complete": not missing, "missing_shards": missing, "shards": shards, "images": index,
                     "failed": failed}
         _write_json(self.root / MANIFEST_FILE, manifest)
+        for f in self.shard_dir.iterdir():  # after the manifest: no manifest ever lists a removed shard
+            stem = f.name.split(".")[0]
+            if f.suffix in (".safetensors", ".json") and stem not in listed and stem not in missing and (
+                    prune or stem in records or stem in dead):
+                f.unlink(missing_ok=True)
+        before = (self.previous or {}).get("images", {})
+        self.change = {"kept": [k for k in index if k in before and before[k]["source"] == index[k]["source"]],
+                       "added": [k for k in index if k not in before],
+                       "updated": [k for k in index if k in before and before[k]["source"] != index[k]["source"]],
+                       "removed": sorted((set(before) - set(index)) | set(self.overwritten))}
+        self.close()
         return manifest
+
+    def close(self) -> None:
+        """Release the store's lock (if this writer holds it)."""
+        self._lock.release()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -28,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "rotary embedding, rotary backbones only)")
     d = p.add_argument_group("dataset mode (a feature store instead of .npz files)")
     d.add_argument("--store", help="feature store folder: raw descriptors of every image in safetensors shards "
-                   "with a manifest; rerunning the same command finishes what is missing; run under "
+                   "with a manifest; rerunning the same command finishes what is missing, another image list "
+                   "adds its images (the stored ones are kept); one writer at a time; run under "
                    "`torchrun --nproc_per_node N` for N processes")
+    d.add_argument("--prune", action="store_true",
+                   help="remove the stored images that are not in this run's list (and replace stored images "
+                   "that have an input's key but another file)")
     d.add_argument("--batch-size", type=int, default=8, help="images per forward pass (one resized shape)")
     d.add_argument("--workers", type=int, default=2, help="decoding worker processes per rank (0: in the main one)")
     d.add_argument("--writers", type=int, default=2, help="shard-writing threads per rank")
@@ -46,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bin", action="store_true", help="log-binned descriptors (17 bins)")
     p.add_argument("--saliency", action="store_true", help="also write the CLS-attention saliency map")
     p.add_argument("--include-cls", action="store_true", help="keep the CLS token as the first descriptor")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (with --store: empty the store first)")
     p.add_argument("--list-backbones", action="store_true", help="list the known backbones and exit")
     return p
 
@@ -65,6 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.store:
         return _store_main(args)
+    if args.prune:
+        raise DensevitError("--prune applies to a feature store (--store DIR)")
     if not args.images or not args.out:
         raise DensevitError("give at least one image and an output folder (-o OUT), or a feature store (--store DIR)")
     if len(args.layer) != 1 or len(args.facet) != 1:
@@ -131,10 +138,11 @@ def _store_main(args: argparse.Namespace) -> int:
         cfg = ExtractionConfig(layers=args.layer, facets=args.facet, load_size=args.load_size, saliency=args.saliency,
                                store_dtype=args.store_dtype, fast_decode=args.fast_decode, batch_size=args.batch_size,
                                workers=args.workers, writers=args.writers, shard_size=args.shard_size,
-                               content_hash=args.content_hash,
-                               overwrite=args.overwrite, progress=not args.quiet)
+                               content_hash=args.content_hash, overwrite=args.overwrite, prune=args.prune,
+                               progress=not args.quiet)
         report = extract_to_store(ext, items, Path(args.store), cfg, args.weights, ctx)
     if ctx.is_main:
+        print(f"store {args.store}: {_change_line(report.change, args.overwrite)}")
         sec = report.seconds
         rate = report.images / sec["total"] if sec["total"] > 0 else 0.0
         print(f"store {args.store}: {report.images} image(s) extracted in {report.computed_shards} shard(s), "
@@ -152,6 +160,18 @@ def _store_main(args: argparse.Namespace) -> int:
         if report.failed:
             print(f"densevit-extract: {len(report.failed)} image(s) could not be read", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def _change_line(change, overwrite: bool) -> str:
+    """``"24 kept, 2 added"`` (and what was re-extracted or removed, naming the first removed images)."""
+    line = f"{len(change.get('kept', []))} kept, {len(change.get('added', []))} added"
+    if change.get("updated"):
+        line += f", {len(change['updated'])} re-extracted (file changed)"
+    removed = change.get("removed", [])
+    if removed:
+        names = ", ".join(removed[:3]) + (", ..." if len(removed) > 3 else "")
+        line += f", {len(removed)} removed by {'--overwrite' if overwrite else '--prune'} ({names})"
+    return line
 
 
 entry = run_cli(main, "densevit-extract")
