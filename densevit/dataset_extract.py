@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .cache import file_fingerprint, file_sha256, key_digest
-from .cli.common import IMAGE_SUFFIXES
+from .cli.common import IMAGE_SUFFIXES, skip_unreadable
 from .coords import grid_shape
 from .dist import DistContext
 from .errors import DensevitError
@@ -240,7 +240,7 @@ def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: P
     report = ExtractionReport(reused_shards=len(done) if ctx.is_main else 0)
     if ctx.is_main:
         for key, msg in unreadable.items():
-            print(f"densevit-extract: skipped unreadable image {key}: {msg}", file=sys.stderr)
+            skip_unreadable("densevit-extract", msg)
         report.failed.update(unreadable)
     _run_shards(extractor, writer, mine, layers, cfg, report, ctx)
     reports = ctx.gather(report)
@@ -335,7 +335,7 @@ def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], la
                 key = images[i]["key"]
                 failed.setdefault(si, {})[key] = err
                 report.failed[key] = err
-                tqdm.write(f"densevit-extract: skipped unreadable image {key}: {err}", file=sys.stderr)
+                skip_unreadable("densevit-extract", err)
             outs, done = None, None
             if x is not None:
                 t = time.perf_counter()
