@@ -9,6 +9,7 @@ return the session's cached one), on 64x64 noise images."""
 import hashlib
 import shutil
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -282,6 +283,11 @@ def test_the_one_reader_applies_the_size_limit_everywhere(data, tmp_path, monkey
             read(huge)
     with pytest.raises(UnreadableImageError):
         load_image(huge)
+    under = tmp_path / "12k.png"                     # under the limit: read without PIL's bomb warning
+    _huge_png(under, 12000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert image_size(under) == (12000, 12000)
     monkeypatch.setenv("DENSEVIT_MAX_PIXELS", "0")              # no limit: the header reads (no decoding)
     assert image_size(huge) == (HUGE, HUGE)
     monkeypatch.setenv("DENSEVIT_MAX_PIXELS", str(64 * 64 - 1))

@@ -256,13 +256,15 @@ def drop_unreadable(prog: str, images: Sequence[Path], where: str = "") -> Tuple
     """The rule every command follows for bad input images, checked before the work: each unreadable image is
     reported in one line (:func:`skip_unreadable`) and left out. Returns ``(readable, unreadable)``; callers
     process the readable ones and close with :func:`report_unreadable` (exit code 1)."""
+    from ..preprocess import UnreadableImageError
+
     good: List[Path] = []
     bad: List[Path] = []
     for p in images:
         try:
             check_readable(p)
             good.append(p)
-        except DensevitError as exc:
+        except UnreadableImageError as exc:
             bad.append(p)
             skip_unreadable(prog, exc, where)
     return good, bad
