@@ -98,7 +98,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset_root(store, key: str) -> Path:
+def _dataset_root(store: "pi.FeatureStore", key: str) -> Path:
     """The folder a stored image was extracted from (its source path less its key)."""
     src = Path(store.source_path(key))
     parts = Path(key).parts
@@ -134,11 +134,10 @@ def _search(args: argparse.Namespace) -> int:
     sims, idx = index.search_vectors(q, args.k)
     results = [index.matches(s, i) for s, i in zip(sims, idx)]
     seconds = time.perf_counter() - t0
-    in_store = image in index.store
-    query_path = index.store.source_path(image) if in_store else image
-    shown = {m.image for ms in results for m in ms[:SHEET_MATCHES]}
-    read = [query_path] + sorted({str(_dataset_root(index.store, k)) for k in shown | ({image} if in_store else set())})
-    check_outputs([args.index, index.store.root, *read], folders=[out], files=targets, overwrite=args.overwrite)
+    query_path = index.store.source_path(image) if extractor is None else image
+    drawn = {m.image for ms in results for m in ms[:SHEET_MATCHES]} | ({image} if extractor is None else set())
+    read = [args.index, index.store.root, query_path, *{str(_dataset_root(index.store, k)) for k in drawn}]
+    check_outputs(read, folders=[out], files=targets, overwrite=args.overwrite)   # nothing read is written into
     query_img = load_image(query_path)
     out.mkdir(parents=True, exist_ok=True)
     queries = [{"point": list(p)} for p in args.point] if args.point else [{"box": list(args.box)}]

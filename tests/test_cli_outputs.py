@@ -142,9 +142,9 @@ def test_no_command_writes_into_its_inputs_even_with_overwrite(name, data, store
     read its own outputs. Output folder = input folder, inside it, or holding it: refused in one line, exit 2,
     nothing written."""
     src = tmp_path / "in"
-    if name == "index-search":                       # reads the index and its store
-        src, watched = None, [store, data / "idx"]
-        cases = [store, store / "sub", data / "idx", data / "idx" / "sub", data]
+    if name == "index-search":                       # reads the index, its store and the stored images
+        src, watched = None, [store, data / "idx", data / "good"]
+        cases = [store, store / "sub", data / "idx", data / "idx" / "sub", data, data / "good" / "search"]
     elif name == "index-build":                      # reads the store
         shutil.copytree(store, tmp_path / "in")
         watched, cases = [src], [src, src / "shards", tmp_path]
@@ -160,7 +160,7 @@ def test_no_command_writes_into_its_inputs_even_with_overwrite(name, data, store
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "no command writes into its inputs" in lines[0] and "Traceback" not in err
     assert [_snapshot(w) for w in watched] == before
-    assert not (src / "sub").exists() if src is not None else not (store / "sub").exists()
+    assert not (src / "sub").exists() if src is not None else not (data / "good" / "search").exists()
 
 
 def test_an_output_file_that_is_an_input_is_refused(data, golden_path, tmp_path, capsys, fast_model):

@@ -194,11 +194,13 @@ def check_outputs(inputs: Iterable[PathLike] = (), folders: Iterable[PathLike] =
       contains an input folder, and an output file that is an input file or lies inside an input folder, are
       refused. ``inputs`` are the paths the command reads (files or folders; missing ones and None are
       ignored here)."""
-    in_dirs, in_files = [], []
+    in_dirs: List[Tuple[Path, Path]] = []           # (as given, resolved)
+    in_files: List[Tuple[Path, Path]] = []
     for p in inputs:
-        if p is None:
-            continue
-        (in_dirs if Path(p).is_dir() else in_files if Path(p).exists() else []).append((Path(p), _real(p)))
+        if p is not None and Path(p).is_dir():
+            in_dirs.append((Path(p), _real(p)))
+        elif p is not None and Path(p).exists():
+            in_files.append((Path(p), _real(p)))
     for out in map(Path, folders):
         if out.exists() and not out.is_dir():
             raise DensevitError(f"output folder {out} exists and is not a folder; give a folder to write into")
@@ -207,8 +209,8 @@ def check_outputs(inputs: Iterable[PathLike] = (), folders: Iterable[PathLike] =
         for given, d in in_dirs:
             how = ("is" if r == d else "lies inside" if d in r.parents else "contains" if r in d.parents else None)
             if how:
-                raise WritesIntoInputsError(f"output folder {out} {how} the input folder {given}; no command writes "
-                                    f"into its inputs: choose another output folder")
+                raise WritesIntoInputsError(f"output folder {out} {how} the input folder {given}; no command "
+                                            f"writes into its inputs: choose another output folder")
     for out in map(Path, files):
         if out.is_dir():
             raise DensevitError(f"output {out} is a folder; give a file name")
@@ -216,12 +218,12 @@ def check_outputs(inputs: Iterable[PathLike] = (), folders: Iterable[PathLike] =
         r = _real(out)
         for given, f in in_files:
             if r == f or (out.exists() and os.path.samefile(out, given)):
-                raise WritesIntoInputsError(f"output {out} is the input {given}; no command writes into its inputs: "
-                                    f"choose another output")
+                raise WritesIntoInputsError(f"output {out} is the input {given}; no command writes into its "
+                                            f"inputs: choose another output")
         for given, d in in_dirs:
             if d in r.parents:
-                raise WritesIntoInputsError(f"output {out} lies inside the input folder {given}; no command writes into "
-                                    f"its inputs: choose another output folder")
+                raise WritesIntoInputsError(f"output {out} lies inside the input folder {given}; no command "
+                                            f"writes into its inputs: choose another output folder")
         if out.exists() and not overwrite:
             raise DensevitError(f"{out} exists; pass --overwrite to replace it")
 
