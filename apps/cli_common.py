@@ -1,6 +1,7 @@
-"""What the application CLIs share: set gathering, per-set output folders, refusing to overwrite, the progress
-bar over sets, one summary line per set, per-set error reporting (a bad set never stops the others) and the
-one rule for unreadable inputs (:func:`drop_unreadable`: reported in one line each, left out, the rest
+"""What the application CLIs share: set gathering, per-set output folders, the output rule (refusing to overwrite
+or to write into the inputs: :func:`densevit.cli.common.check_outputs`), the progress bar over sets, one
+summary line per set, per-set error reporting (a bad set never stops the others) and the one rule for
+unreadable inputs (:func:`densevit.cli.common.drop_unreadable`: reported in one line each, left out, the rest
 processed, exit code non-zero at the end)."""
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from densevit.cli.common import ensure_writable
+from densevit.cli.common import (WritesIntoInputsError, check_outputs, check_readable, drop_unreadable,
+                                 report_unreadable)
 from densevit.errors import DensevitError
-from densevit.preprocess import load_resized
+
+__all__ = ["add_io_args", "load_size_arg", "is_folder_of_sets", "check_readable", "drop_unreadable",
+           "report_unreadable", "run_sets", "stems"]
 
 # process(name, images, out_dir) -> (summary line, summary dict written as summary.json)
 Process = Callable[[str, List[Path], Path], Tuple[str, Dict]]
@@ -46,39 +50,9 @@ def is_folder_of_sets(inputs: Sequence[str]) -> bool:
     return any(d.is_dir() for d in Path(inputs[0]).iterdir())
 
 
-def check_readable(path: Path) -> None:
-    """Raise :class:`DensevitError` with one line if ``path`` cannot be decoded as an image. Decodes the whole
-    file (JPEGs at reduced scale, which still reads every byte), so truncated and garbage files are caught."""
-    load_resized(path, 16, fast_jpeg=True)
-
-
-def drop_unreadable(prog: str, images: Sequence[Path], where: str = "") -> Tuple[List[Path], List[Path]]:
-    """The rule every application follows for bad inputs: each unreadable image is reported in one line
-    (``prog: [where: ]skipping unreadable image: reason``) and left out. Returns ``(readable, unreadable)``;
-    callers process the readable ones and exit non-zero when any were left out."""
-    good: List[Path] = []
-    bad: List[Path] = []
-    for p in images:
-        try:
-            check_readable(p)
-            good.append(p)
-        except DensevitError as exc:
-            bad.append(p)
-            tqdm.write(f"{prog}: {where + ': ' if where else ''}skipping unreadable image: {exc}", file=sys.stderr)
-    return good, bad
-
-
-def report_unreadable(prog: str, unreadable: Sequence[Path]) -> int:
-    """The closing line for inputs left out by :func:`drop_unreadable`; returns the exit code (1 if any)."""
-    if unreadable:
-        print(f"{prog}: {len(unreadable)} unreadable image(s) left out: {', '.join(p.name for p in unreadable)}",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
 def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Path]]], planned: Planned,
-             process: Process, min_images: int = 2, max_images: Optional[int] = None) -> int:
+             process: Process, min_images: int = 2, max_images: Optional[int] = None,
+             more_inputs: Sequence[Optional[str]] = ()) -> int:
     """Run ``process`` on every set (from :func:`densevit.cli.common.gather_sets`); returns the exit code
     (1 if any set failed, else 0).
 
@@ -86,9 +60,13 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     too few / many (readable) images, an existing output (without --overwrite) or a
     :class:`~densevit.errors.DensevitError` while processing (e.g. an unreadable image) prints
     ``prog: set NAME: error: message`` and the next set runs. ``summary.json`` is written beside the outputs.
+    An output folder that is a file, or outputs in the inputs (``args.inputs``, ``--store``, ``more_inputs``:
+    :func:`densevit.cli.common.check_outputs`), are refused before any work (a one-line error, exit 2).
     """
     nested = is_folder_of_sets(args.inputs)
     out_root = Path(args.out)
+    inputs = [*args.inputs, getattr(args, "store", None), *more_inputs]
+    check_outputs(inputs, folders=[out_root] + ([out_root / name for name, _ in sets] if nested else []))
     failures = 0
     unreadable: List[Path] = []
     bar = tqdm(sets, desc=prog, unit="set", disable=args.quiet or None, file=sys.stderr)
@@ -103,9 +81,8 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
                                     f"found {len(images)}")
             if max_images is not None and len(images) > max_images:
                 raise DensevitError(f"needs exactly {max_images} images, found {len(images)}")
-            targets = planned(name, images, out_dir) + [out_dir / "summary.json"]
-            for t in targets:
-                ensure_writable(t, args.overwrite)
+            check_outputs(inputs, files=planned(name, images, out_dir) + [out_dir / "summary.json"],
+                          overwrite=args.overwrite)
             out_dir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             line, summary = process(name, images, out_dir)
@@ -114,6 +91,8 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
                        "seconds": round(time.perf_counter() - t0, 3)}
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             tqdm.write(f"{name}: {line} [{summary['seconds']:.1f} s]", file=sys.stdout)
+        except WritesIntoInputsError:
+            raise
         except DensevitError as exc:
             failures += 1
             tqdm.write(f"{prog}: set {name}: error: {exc}", file=sys.stderr)

@@ -18,8 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from densevit.cli.common import add_backbone_args, build_extractor, ensure_writable, gather_images, run_cli
+from densevit.cli.common import (add_backbone_args, build_extractor, check_outputs, gather_images, report_unreadable,
+                                 WritesIntoInputsError, run_cli, skip_unreadable)
 from densevit.errors import DensevitError
+from densevit.preprocess import UnreadableImageError
 
 from . import draw
 from .cli_common import load_size_arg, stems
@@ -115,20 +117,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = stems(images)
     kinds = ("mask", "overlay", MAP_NAME[cfg.method])
     boxes_path = out / "boxes.json"
-    ensure_writable(boxes_path, args.overwrite)
+    check_outputs(args.inputs, folders=[out], files=[boxes_path], overwrite=args.overwrite)
     ext = build_extractor(args)
     ext.resolve_layer(cfg.layer)
     out.mkdir(parents=True, exist_ok=True)
 
     records: Dict[str, Dict] = {}
     failures = len(errors)
+    unreadable: List[Path] = []
     bar = tqdm(list(zip(images, names)), desc=PROG, unit="image", disable=args.quiet or None, file=sys.stderr)
     for path, stem in bar:
         bar.set_postfix_str(stem)
         try:
             targets = {k: out / f"{stem}_{k}.png" for k in kinds}
-            for t in targets.values():
-                ensure_writable(t, args.overwrite)
+            check_outputs(args.inputs, files=targets.values(), overwrite=args.overwrite)
             t0 = time.perf_counter()
             r = discover(ext, path, cfg)
             draw.save_mask(targets["mask"], r.mask)
@@ -145,6 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             x0, y0, x1, y1 = r.box
             tqdm.write(f"{stem}: {cfg.method} box ({x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}), foreground "
                        f"{100 * r.mask.mean():.1f}% [{seconds:.1f} s]", file=sys.stdout)
+        except WritesIntoInputsError:
+            raise
+        except UnreadableImageError as exc:
+            unreadable.append(path)
+            skip_unreadable(PROG, exc)
         except DensevitError as exc:
             failures += 1
             tqdm.write(f"{PROG}: {path}: error: {exc}", file=sys.stderr)
@@ -154,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     boxes_path.write_text(json.dumps({"settings": settings, "images": records}, indent=2) + "\n")
     if failures:
         print(f"{PROG}: {failures} input(s) failed; {len(records)} image(s) written to {out}", file=sys.stderr)
-    return 1 if failures else 0
+    return max(1 if failures else 0, report_unreadable(PROG, unreadable))
 
 
 entry = run_cli(main, PROG)

@@ -6,7 +6,8 @@
 ``build`` indexes every selected token of the store (see :mod:`densevit.patch_index`). ``search`` writes
 ``DIR/<stem>_matches.json`` (per query: image, x, y in original-image pixels, token row / column, similarity)
 and a contact sheet per query, ``DIR/<stem>_q<i>.png``: a crop around the query location, then one around
-each match, the location marked.
+each of the best :data:`SHEET_MATCHES` matches, the location marked. ``-k`` lies in ``1..MAX_K``
+(:data:`densevit.patch_index.MAX_K`). An index opens only with the store content it was built from.
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from densevit import patch_index as pi
-from densevit.cli.common import ensure_writable, run_cli
+from densevit.cli.common import check_outputs, report_unreadable, run_cli, skip_unreadable
 from densevit.errors import DensevitError
-from densevit.preprocess import load_image
+from densevit.preprocess import UnreadableImageError, load_image
 
 from . import draw
 
 PROG = "densevit-index"
+SHEET_MATCHES = 50      # matches drawn on a contact sheet at most (the JSON holds all k)
 
 
 def _pair(text: str, n: int, what: str) -> Tuple[float, ...]:
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X,Y in original-image pixels (repeatable)")
     s.add_argument("--box", type=lambda t: _pair(t, 4, "--box"), default=None, help="X0,Y0,X1,Y1: one query "
                    "from the mean descriptor of the box")
-    s.add_argument("-k", type=int, default=20, help="matches per query")
+    s.add_argument("-k", type=int, default=20, help=f"matches per query (1..{pi.MAX_K}; the contact sheet shows "
+                   f"the best {SHEET_MATCHES})")
     s.add_argument("--out", required=True, help="output folder (JSON + contact sheets)")
     s.add_argument("--store", default=None, help="the feature store (default: the one the index was built from)")
     s.add_argument("--weights", default=None, help="weights to extract a query image that is not in the store")
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _build(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    check_outputs([args.store], folders=[out])
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DensevitError(f"{out} exists and is not empty; pass --overwrite to replace the index")
     cfg = pi.IndexConfig(kind=args.kind, layer=args.layer, facet=args.facet, sample_stride=args.sample_stride,
@@ -94,10 +98,19 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_root(store: "pi.FeatureStore", key: str) -> Path:
+    """The folder a stored image was extracted from (its source path less its key)."""
+    src = Path(store.source_path(key))
+    parts = Path(key).parts
+    return Path(*src.parts[:-len(parts)]) if src.parts[-len(parts):] == parts else src.parent
+
+
 def _search(args: argparse.Namespace) -> int:
     if (args.point is None) == (args.box is None):
         raise DensevitError("give --point X,Y (one or more) or --box X0,Y0,X1,Y1")
+    pi.check_k(args.k)
     out = Path(args.out)
+    check_outputs([args.index, args.store], folders=[out])
     index = pi.load_index(args.index, args.store, args.device)
     if args.nprobe is not None or args.rerank is not None:
         cfg = index.config
@@ -116,34 +129,43 @@ def _search(args: argparse.Namespace) -> int:
     stem = Path(image).stem
     n_queries = 1 if args.box is not None else len(args.point)
     targets = [out / f"{stem}_matches.json"] + [out / f"{stem}_q{i}.png" for i in range(n_queries)]
-    for t in targets:
-        ensure_writable(t, args.overwrite)
     t0 = time.perf_counter()
     q, grid, tokens = pi.query_descriptors(index, image, args.point, args.box, extractor)
     sims, idx = index.search_vectors(q, args.k)
     results = [index.matches(s, i) for s, i in zip(sims, idx)]
     seconds = time.perf_counter() - t0
+    query_path = index.store.source_path(image) if extractor is None else image
+    drawn = {m.image for ms in results for m in ms[:SHEET_MATCHES]} | ({image} if extractor is None else set())
+    read = [args.index, index.store.root, query_path, *{str(_dataset_root(index.store, k)) for k in drawn}]
+    check_outputs(read, folders=[out], files=targets, overwrite=args.overwrite)   # nothing read is written into
+    query_img = load_image(query_path)
     out.mkdir(parents=True, exist_ok=True)
     queries = [{"point": list(p)} for p in args.point] if args.point else [{"box": list(args.box)}]
     record = {"image": image, "index": str(Path(args.index).resolve()), "k": args.k, "seconds": round(seconds, 4),
               "queries": [{**qd, "matches": [asdict(m) for m in ms]} for qd, ms in zip(queries, results)]}
     targets[0].write_text(json.dumps(record, indent=1) + "\n")
     side = args.crop or 12 * grid.stride * max(grid.scale_xy)
-    query_img = load_image(index.store.source_path(image) if image in index.store else image)
-    cache = {}
+    cache, unreadable = {}, []
     for i, (qd, ms) in enumerate(zip(queries, results)):
         qxy = qd.get("point") or [(args.box[0] + args.box[2]) / 2, (args.box[1] + args.box[3]) / 2]
         tiles = []
-        for r, m in enumerate(ms, 1):
+        for r, m in enumerate(ms[:SHEET_MATCHES], 1):
             if m.image not in cache:
-                cache[m.image] = load_image(index.store.source_path(m.image))
-            tiles.append((cache[m.image], (m.x, m.y), f"#{r} {m.similarity:.3f} {m.image[-18:]}"))
+                try:
+                    cache[m.image] = load_image(index.store.source_path(m.image))
+                except UnreadableImageError as exc:      # the stored image's file is gone or changed since
+                    cache[m.image] = None
+                    unreadable.append(m.image)
+                    skip_unreadable(PROG, exc)
+            if cache[m.image] is not None:
+                tiles.append((cache[m.image], (m.x, m.y), f"#{r} {m.similarity:.3f} {m.image[-18:]}"))
         draw.save_rgb(targets[1 + i], draw.contact_sheet(query_img, qxy, tiles, side))
     best = results[0][0] if results[0] else None
     print(f"{n_queries} quer{'y' if n_queries == 1 else 'ies'}, {args.k} matches each in {seconds * 1000:.1f} ms; "
           + (f"best: {best.image} ({best.x:.0f}, {best.y:.0f}) similarity {best.similarity:.3f}; " if best else "")
-          + f"wrote {targets[0]} and {n_queries} contact sheet(s)")
-    return 0
+          + f"wrote {targets[0]} and {n_queries} contact sheet(s)"
+          + (f" (the best {SHEET_MATCHES} matches drawn)" if args.k > SHEET_MATCHES else ""))
+    return report_unreadable(PROG, unreadable)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -114,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return line, {"pairs": len(res.points_a), "num_buddies": res.num_buddies,
                       "timings": {k: round(v, 3) for k, v in timings.items()}}
 
-    return run_sets(PROG, args, sets, planned, process, min_images=2, max_images=2)
+    return run_sets(PROG, args, sets, planned, process, min_images=2, max_images=2, more_inputs=[args.points])
 
 
 entry = run_cli(main, PROG)

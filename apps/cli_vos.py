@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from densevit.cli.common import add_backbone_args, build_extractor, ensure_writable, gather_images, run_cli
+from densevit.cli.common import add_backbone_args, build_extractor, check_outputs, gather_images, run_cli
 from densevit.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.errors import DensevitError
 from densevit.pipeline import BackgroundWriter
@@ -143,6 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(args)
     if not Path(args.frames).is_dir():
         raise DensevitError(f"--frames must be a folder of frames: {args.frames}")
+    out = Path(args.out)
+    check_outputs([args.frames, args.first_mask], folders=[out])    # before reading any frame
     all_frames = gather_images([args.frames])
     frames, unreadable = drop_unreadable(PROG, all_frames)
     if not frames:
@@ -151,13 +153,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError(f"the first frame {all_frames[0].name} is unreadable; the first mask belongs to it")
     dcfg = discovery_config(args) if args.discover else None
     first_mask = None if args.discover else read_mask(args.first_mask)
-    out = Path(args.out)
     targets = [out / f"{f.stem}.png" for f in frames]
     if len({t.name for t in targets}) != len(targets):
         raise DensevitError(f"frames in {args.frames} share file stems; their masks would overwrite each other")
     extra = [Path(p) for p in (args.gif, args.video) if p]
-    for path in extra + targets:
-        ensure_writable(path, args.overwrite)
+    check_outputs([args.frames, args.first_mask], folders=[out], files=extra + targets, overwrite=args.overwrite)
     if args.gif and Path(args.gif).suffix.lower() != ".gif":
         raise DensevitError(f"--gif must name a .gif file: {args.gif}")
     if not 0 <= args.alpha <= 1 or args.fps <= 0:

@@ -40,7 +40,7 @@ from PIL import Image
 from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
 from densevit.pipeline import prefetch_map
-from densevit.preprocess import load_image, to_tensor
+from densevit.preprocess import image_size, load_image, to_tensor
 
 FrameLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -313,13 +313,7 @@ def _feature_batches(extractor, frames: Sequence[FrameLike], input_hw: Tuple[int
 
 def _frame_size(frame: FrameLike) -> Tuple[int, int]:
     if isinstance(frame, (str, Path)):
-        try:
-            with Image.open(frame) as im:
-                w, h = im.size
-                orient = (im.getexif() or {}).get(0x0112, 1)
-            return (w, h) if orient in (5, 6, 7, 8) else (h, w)
-        except (OSError, ValueError) as exc:
-            raise DensevitError(f"cannot read frame {frame}: {exc}") from exc
+        return image_size(frame)
     if isinstance(frame, Image.Image):
         return frame.height, frame.width
     return tuple(np.asarray(frame).shape[:2])

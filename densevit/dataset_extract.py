@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .cache import file_fingerprint, file_sha256, key_digest
-from .cli.common import IMAGE_SUFFIXES
+from .cli.common import IMAGE_SUFFIXES, skip_unreadable
 from .coords import grid_shape
 from .dist import DistContext
 from .errors import DensevitError
@@ -386,7 +386,7 @@ def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: P
         report = ExtractionReport(reused_shards=len(plan.done) if ctx.is_main else 0)
         if ctx.is_main:
             for key, msg in plan.unreadable.items():
-                print(f"densevit-extract: skipped unreadable image {key}: {msg}", file=sys.stderr)
+                skip_unreadable("densevit-extract", msg)
             report.failed.update(plan.unreadable)
         _run_shards(extractor, writer, mine, layers, cfg, report, ctx, pending)
         reports = ctx.gather(report)
@@ -491,7 +491,7 @@ def _run_shards(extractor, writer: StoreWriter, shards: List[Dict[str, Any]], la
                 key = images[i]["key"]
                 failed.setdefault(si, {})[key] = err
                 report.failed[key] = err
-                tqdm.write(f"densevit-extract: skipped unreadable image {key}: {err}", file=sys.stderr)
+                skip_unreadable("densevit-extract", err)
             outs, done = None, None
             if x is not None:
                 t = time.perf_counter()

@@ -3,19 +3,22 @@
 An index is a folder::
 
     index.json      settings (kind, layer, facet, token selection, FAISS parameters), the store it was built
-                    from (path and settings digest), the image keys, counts, and each file's size and SHA-256
+                    from (path, settings digest and content digest: each image's shard SHA-256, row and size),
+                    the image keys, counts, and each file's size and SHA-256
     ids.npy         ``N x 3`` int32: (image number, token row, token column) of every indexed vector
     index.faiss     the FAISS index of the L2-normalised descriptors (inner product = cosine similarity);
                     ``flat`` without FAISS: ``vectors.npy`` (float16) searched exactly through :mod:`densevit.index`
 
-Kinds: ``flat`` (exact), ``ivf-flat``, ``ivf-pq`` (product-quantised codes; ``rerank`` candidates are re-scored
-exactly with the store's own descriptors, read from its memory-mapped shards) and ``hnsw``. Training uses a
+Kinds: ``flat`` (exact), ``ivf-flat``, ``ivf-pq`` (product-quantised codes; ``max(k, rerank)`` candidates are
+re-scored exactly with the store's own descriptors, read from its memory-mapped shards) and ``hnsw``. An index
+opens only with the store content it was built from (:func:`load_index`); ``k`` lies in ``1..MAX_K``. Training uses a
 random sample of the selected tokens; vectors are added a chunk of images at a time, so memory stays bounded
 by the index itself. Search runs FAISS on a GPU when faiss-gpu is installed, and exact search through torch on
 a GPU without FAISS (``flat``). Every pixel <-> token conversion goes through :class:`densevit.coords.TokenGrid`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -32,10 +35,11 @@ from .coords import TokenGrid
 from .errors import DensevitError
 from .store import FeatureStore
 
-__all__ = ["KINDS", "IndexConfig", "Match", "PatchIndex", "build_index", "load_index", "query_descriptors", "search",
-           "IndexError_"]
+__all__ = ["KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",
+           "query_descriptors", "rebuild_command", "search", "IndexError_"]
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
+MAX_K = 2048            # matches per query at most (FAISS's limit on GPUs; the same bound on every device)
 FORMAT = "densevit-patch-index-v1"
 META, IDS, FAISS_FILE, VECTORS = "index.json", "ids.npy", "index.faiss", "vectors.npy"
 
@@ -99,6 +103,12 @@ class Match:
     row: int
     col: int
     similarity: float
+
+
+def check_k(k: int) -> None:
+    """Matches per query must lie in ``1..MAX_K`` (one line otherwise)."""
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+        raise DensevitError(f"-k (matches per query) must be between 1 and {MAX_K}, got {k}")
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -195,7 +205,10 @@ class PatchIndex:
         return g
 
     def search_vectors(self, queries: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``QxD`` descriptors -> ``(sims QxK, vector ids QxK)``, best first (ids -1 where fewer exist)."""
+        """``QxD`` descriptors -> ``(sims QxK, vector ids QxK)``, best first (ids -1 where fewer exist). ``ivf-pq``
+        re-scores ``max(k, rerank)`` candidates exactly (``rerank`` > 0), so the ``k`` returned always carry
+        exact similarities."""
+        check_k(k)
         q = _normalize(queries.reshape(-1, queries.shape[-1]))
         k = int(min(k, len(self)))
         if self.faiss_index is None:
@@ -207,9 +220,10 @@ class PatchIndex:
             index.nprobe = min(cfg.nprobe, index.nlist)
         if hasattr(index, "hnsw"):
             index.hnsw.efSearch = max(cfg.ef_search, k)
-        want = max(k, cfg.rerank) if self.meta["kind"] == "ivf-pq" and cfg.rerank else k
+        rerank = self.meta["kind"] == "ivf-pq" and cfg.rerank > 0
+        want = int(min(max(k, cfg.rerank), len(self))) if rerank else k     # at least k candidates
         sims, idx = index.search(q, want)
-        if want > k:
+        if rerank:
             sims, idx = self._rerank(q, idx, k)
         return sims, idx
 
@@ -308,7 +322,7 @@ def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cf
         files[VECTORS] = None
     meta = {"format": FORMAT, "kind": cfg.kind, "config": asdict(cfg), "params": params, "layer": layer,
             "facet": facet, "dim": d, "count": n, "images": images, "store": str(st.root.resolve()),
-            "store_digest": _store_digest(st),
+            "store_digest": _store_digest(st), "store_content": _content_digest(st, images),
             "files": {name: {"size": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
                       for name in files}}
     atomic_write(out / META, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
@@ -338,6 +352,49 @@ def _store_digest(st: FeatureStore) -> str:
     """The store's settings digest (what makes two stores' descriptors comparable)."""
     meta = json.loads((st.root / "store.json").read_text())
     return str(meta.get("digest"))
+
+
+def _content_digest(st: FeatureStore, images: Sequence[str]) -> str:
+    """Identity of the stored descriptors an index is built from: per image (in index order) its key, the
+    SHA-256 of the shard holding it, its row there and its original size. Any image replaced and re-extracted,
+    or another store of the same settings, gives another digest; images the store gained do not change it."""
+    shards, entries = st.manifest["shards"], st.manifest["images"]
+    h = hashlib.sha256()
+    for key in images:
+        e = entries[key]
+        h.update(json.dumps([key, shards[e["shard"]]["sha256"], e["offset"], list(e["image_hw"])]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def rebuild_command(root: Union[str, Path], store: Union[str, Path], cfg: IndexConfig) -> str:
+    """The ``densevit-index build`` command line that rebuilds index ``root`` from ``store`` with ``cfg``."""
+    d, flags = IndexConfig(), []
+    for name in ("kind", "layer", "facet", "sample_stride", "saliency_threshold", "nlist", "pq_m", "hnsw_m",
+                 "train_size", "nprobe", "rerank"):
+        value = getattr(cfg, name)
+        if value != getattr(d, name) and value is not None:
+            flags.append(f"--{name.replace('_', '-')} {value}")
+    if cfg.salient_only:
+        flags.append("--salient-only")
+    return " ".join(["densevit-index build", str(store), "-o", str(root), *flags, "--overwrite"])
+
+
+def _check_content(root: Path, meta: Dict[str, Any], st: FeatureStore) -> None:
+    """Refuse a store whose content is not the one the index was built from, naming the rebuild command."""
+    rebuild = f"rebuild it: {rebuild_command(root, st.root, IndexConfig(**meta['config']))}"
+    content = meta.get("store_content")
+    if content is None:
+        raise IndexError_(f"index {root} does not record the content of its store (an older densevit made it); "
+                          f"{rebuild}")
+    stored = st.manifest["images"]
+    missing = next((k for k in meta["images"] if k not in stored), None)
+    if missing is not None:
+        raise IndexError_(f"index {root} was built from image {missing}, which store {st.root} does not hold; "
+                          f"{rebuild}")
+    if _content_digest(st, meta["images"]) != content:
+        raise IndexError_(f"store {st.root} does not hold the descriptors index {root} was built from (an image "
+                          f"was replaced or re-extracted, or it is another store); {rebuild}")
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -371,9 +428,7 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
     if _store_digest(st) != meta["store_digest"]:
         raise IndexError_(f"index {root} was built from a store with other settings than {st.root}; "
                           f"rebuild it from this store")
-    missing = [k for k in meta["images"][:1] + meta["images"][-1:] if k not in st]
-    if missing:
-        raise IndexError_(f"index {root} lists image {missing[0]} that store {st.root} does not hold; rebuild it")
+    _check_content(root, meta, st)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ids = np.load(root / IDS)
     if FAISS_FILE in meta["files"]:
@@ -433,8 +488,7 @@ def search(index: PatchIndex, image: Union[str, Path], points: Optional[Sequence
            ) -> List[List[Match]]:
     """The ``k`` best-matching locations across the collection for each query point (or the box): one list
     of :class:`Match` per query, most similar first."""
-    if k < 1:
-        raise DensevitError("-k must be >= 1")
+    check_k(k)
     q, _, _ = query_descriptors(index, image, points, box, extractor)
     sims, idx = index.search_vectors(q, k)
     return [index.matches(s, i) for s, i in zip(sims, idx)]

@@ -1,8 +1,17 @@
-"""Image reading and preprocessing: the one place images become model input."""
+"""Image reading and preprocessing: the one place images become model input.
+
+Every image file densevit reads is opened by :func:`open_image`, which applies the one size rule: an image of
+more than :func:`max_pixels` pixels (``$DENSEVIT_MAX_PIXELS``, default 178,956,970: PIL's own refusal
+threshold, about 13,377 x 13,377) is refused with :class:`UnreadableImageError` before any pixel is decoded,
+and commands skip it like any other unreadable image."""
 from __future__ import annotations
 
+import os
+import threading
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -11,6 +20,67 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import DensevitError
 
 ImageLike = Union[str, Path, Image.Image]
+
+MAX_PIXELS_ENV = "DENSEVIT_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 2 * 89_478_485       # PIL's default refusal threshold (2 x Image.MAX_IMAGE_PIXELS)
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_OPEN_LOCK = threading.Lock()             # PIL's limit and the warning filters are process-wide
+
+
+class UnreadableImageError(DensevitError):
+    """An image file that cannot be read: missing, not an image, truncated, or larger than :func:`max_pixels`."""
+
+
+def max_pixels() -> Optional[int]:
+    """The largest image read, in pixels (width x height): ``$DENSEVIT_MAX_PIXELS`` when set (0: no limit),
+    else :data:`DEFAULT_MAX_PIXELS`. A 12000 x 12000 image (144 Mpixels) is under the default."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        raise DensevitError(f"${MAX_PIXELS_ENV} must be a whole number of pixels (0: no limit), "
+                            f"got {text!r}") from None
+    return None if value <= 0 else value
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+@contextmanager
+def open_image(path: Union[str, Path]) -> Iterator[Image.Image]:
+    """``with open_image(path) as img``: the file opened by PIL (header read, no pixels decoded), refused with
+    :class:`UnreadableImageError` when it is missing, not an image, or more than :func:`max_pixels` pixels.
+    Errors while the caller decodes it inside the ``with`` become :class:`UnreadableImageError` too. This is
+    the size rule for every image densevit reads (PIL's own decompression-bomb check and warning are
+    replaced by it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(f"no such image file: {path}")
+    limit = max_pixels()
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = before
+    except _READ_ERRORS as exc:
+        raise UnreadableImageError(f"cannot read image {path}: {_reason(exc)}") from exc
+    with img:
+        w, h = img.size
+        if limit is not None and w * h > limit:
+            raise UnreadableImageError(f"cannot read image {path}: {w}x{h} is {w * h:,} pixels, more than the "
+                                       f"{limit:,} allowed (${MAX_PIXELS_ENV} raises the limit)")
+        try:
+            yield img
+        except UnreadableImageError:
+            raise
+        except _READ_ERRORS as exc:
+            raise UnreadableImageError(f"cannot read image {path}: {_reason(exc)}") from exc
 
 
 def _to_8bit_rgb(img: Image.Image) -> Image.Image:
@@ -29,16 +99,10 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: Union[str, Path]) -> Image.Image:
     """Read an image file as 8-bit RGB, applying its EXIF orientation."""
-    path = Path(path)
-    if not path.is_file():
-        raise DensevitError(f"no such image file: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_8bit_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DensevitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    with open_image(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_8bit_rgb(img)
 
 
 def resized_hw(image_hw: Tuple[int, int], load_size: int | None) -> Tuple[int, int]:
@@ -86,13 +150,9 @@ _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose the im
 
 def image_size(path: Union[str, Path]) -> Tuple[int, int]:
     """``(H, W)`` of an image file after its EXIF orientation, from the header only (no pixel decoding)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DensevitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    with open_image(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
     return (w, h) if orientation in _SWAPPING_ORIENTATIONS else (h, w)
 
 
@@ -108,20 +168,14 @@ def load_resized(path: Union[str, Path], load_size: int | None, fast_jpeg: bool 
     if not fast_jpeg or load_size is None:
         img = load_image(path)
         return resize_short_side(img, load_size), (img.height, img.width)
-    path = Path(path)
-    if not path.is_file():
-        raise DensevitError(f"no such image file: {path}")
-    try:
-        with Image.open(path) as img:
-            w0, h0 = img.size
-            if img.format == "JPEG":
-                side = 2 * load_size
-                img.draft("RGB", (side, side))  # largest reduction keeping both sides >= 2 x load size
-            img.load()
-            orientation = img.getexif().get(0x0112, 1)
-            img = _to_8bit_rgb(ImageOps.exif_transpose(img))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DensevitError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    with open_image(path) as img:
+        w0, h0 = img.size
+        if img.format == "JPEG":
+            side = 2 * load_size
+            img.draft("RGB", (side, side))  # largest reduction keeping both sides >= 2 x load size
+        img.load()
+        orientation = img.getexif().get(0x0112, 1)
+        img = _to_8bit_rgb(ImageOps.exif_transpose(img))
     original_hw = (w0, h0) if orientation in _SWAPPING_ORIENTATIONS else (h0, w0)
     if load_size < 1:
         raise DensevitError(f"load size must be positive, got {load_size}")

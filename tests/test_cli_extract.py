@@ -60,6 +60,11 @@ def test_bad_input_one_line_nonzero(cli, tmp_path, images, golden_path, bad):
     code, _, err = cli(*args)
     assert code != 0
     lines = err.strip().splitlines()
+    if bad == "corrupt":          # the one wording and summary of every command for images left out
+        assert len(lines) == 2 and "Traceback" not in err
+        assert lines[0].startswith(f"densevit-extract: skipping unreadable image: cannot read image {image[bad]}: ")
+        assert lines[1] == "densevit-extract: 1 unreadable image(s) left out: corrupt.jpg"
+        return
     assert len(lines) == 1 and lines[0].startswith("densevit-extract: error:") and "Traceback" not in err
 
 

@@ -1,7 +1,8 @@
 """The corpus patch index (densevit.patch_index, densevit-index): planted neighbours for every kind, a store of
 shifted copies, save / load, the contact sheet, and bad input (outside points, unknown images, another store,
-truncated files)."""
+a foreign or changed store of the same settings, truncated files, bad -k)."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,9 @@ def _settings(**kw):
     return s
 
 
-def _planted_store(root: Path, **settings) -> FeatureStore:
+def _planted_store(root: Path, seed: int = 0, **settings) -> FeatureStore:
     """A store written by the real writer, holding random unit descriptors and three planted near-duplicates."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     x = torch.nn.functional.normalize(torch.randn(N_IMAGES, SIDE * SIDE, D, generator=g), dim=-1)
     base = x[PLANTED[0][0], PLANTED[0][1] * SIDE + PLANTED[0][2]]
     for k, (im, r, c) in enumerate(PLANTED[1:], 1):
@@ -169,3 +170,105 @@ def test_cli_build_search_json_contact_sheet_and_bad_input(shifted_store, tmp_pa
     assert _cli("search", idx, "--image", "a.png", "--point", "60,52", "--out", tmp_path / "o5") == 2
     err = capsys.readouterr().err
     assert "ids.npy is truncated" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ issue 21
+def test_index_refuses_a_foreign_or_changed_store_of_the_same_settings(planted, tmp_path):
+    """Same settings, same image keys, other descriptors: today's check (settings digest, first and last key)
+    let it through and searches returned the other store's images. An identical copy still opens."""
+    pi.build_index(planted, tmp_path / "i", pi.IndexConfig(kind="ivf-pq", rerank=50), progress=False)
+    foreign = _planted_store(tmp_path / "foreign", seed=1)
+    with pytest.raises(pi.IndexError_, match=r"does not hold the descriptors index .* was built from.*rebuild it: "
+                                             r"densevit-index build .*foreign -o .*i --rerank 50 --overwrite"):
+        pi.load_index(tmp_path / "i", foreign)
+    copy = tmp_path / "copy"
+    shutil.copytree(planted.root, copy)
+    assert len(pi.load_index(tmp_path / "i", copy)) == N_IMAGES * SIDE * SIDE
+    fewer = tmp_path / "fewer"                      # a store without one of the indexed images
+    w = StoreWriter(fewer, _settings())
+    w.prepare()
+    ims = [{"key": f"im{i:02d}.png", "source": {"path": str(fewer / f"im{i:02d}.png")}, "image_hw": [64, 64]}
+           for i in range(3)]
+    w.write_shard("64x64-00000", {"0/key": torch.zeros(3, SIDE * SIDE, D)}, ims, (64, 64), {})
+    w.finalize([("64x64-00000", ims)], {})
+    with pytest.raises(pi.IndexError_, match="image im03.png, which store .* does not hold; rebuild it"):
+        pi.load_index(tmp_path / "i", fewer)
+    meta = json.loads((tmp_path / "i" / "index.json").read_text())      # an index made before the record
+    del meta["store_content"]
+    (tmp_path / "i" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(pi.IndexError_, match="does not record the content of its store"):
+        pi.load_index(tmp_path / "i", planted)
+
+
+def test_k_is_checked_and_ivf_pq_reranks_at_least_k_candidates(planted, tmp_path):
+    """-k 0 / -3 ended in a FAISS AssertionError; at k >= rerank the exact re-ranking was silently skipped
+    (the query's own token scored below 1)."""
+    index = pi.build_index(planted, tmp_path / "i", pi.IndexConfig(kind="ivf-pq", rerank=10), progress=False)
+    im, r, c = PLANTED[0]
+    for k in (10, 25):                                            # k = rerank and k > rerank: exact scores
+        res = pi.search(index, f"im{im:02d}.png", points=[(c * 8 + 4, r * 8 + 4)], k=k)[0]
+        assert len(res) == k and (res[0].image, res[0].row, res[0].col) == (f"im{im:02d}.png", r, c)
+        assert res[0].similarity == pytest.approx(1.0, abs=1e-5)
+        assert all(a.similarity >= b.similarity for a, b in zip(res, res[1:]))
+    for bad in (0, -3, pi.MAX_K + 1):
+        with pytest.raises(pi.DensevitError, match=f"between 1 and {pi.MAX_K}"):
+            pi.search(index, "im00.png", points=[(4, 4)], k=bad)
+
+
+def _extract(images: Path, store: Path, golden_path) -> None:
+    from densevit.cli.extract import entry
+
+    assert entry([str(images), "--store", str(store), "--weights", str(golden_path), "--stride", "8",
+                  "--load-size", "112", "--layer", "11", "--facet", "key", "--quiet", "--workers", "0",
+                  "--store-dtype", "float32"]) == 0
+
+
+def test_cli_refuses_a_foreign_store_and_a_re_extracted_one(shifted_store, tmp_path, capsys, golden_path):
+    """`densevit-index search idxA --store stB` labelled matches with B's images; after an image was replaced
+    and re-extracted, ivf-pq search ended in an IndexError traceback and flat search gave token rows outside
+    the image. Both are refused in one line naming the rebuild command."""
+    imgs = tmp_path / "images"
+    shutil.copytree(shifted_store / "images", imgs)
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(imgs / "c.png")
+    _extract(imgs, tmp_path / "storeB", golden_path)             # same settings and names, another picture
+    for kind in ("flat", "ivf-pq"):
+        idx = tmp_path / f"idx_{kind}"
+        assert _cli("build", shifted_store / "store", "-o", idx, "--kind", kind, "--quiet") == 0
+        capsys.readouterr()
+        code = _cli("search", idx, "--image", "c.png", "--point", "60,52", "--store", tmp_path / "storeB",
+                    "--out", tmp_path / f"o_{kind}")
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "rebuild it: densevit-index build" in err and "storeB" in err
+        assert not (tmp_path / f"o_{kind}").exists()
+    # an index of store B, then c.png replaced by a taller picture and re-extracted into B
+    assert _cli("build", tmp_path / "storeB", "-o", tmp_path / "idxB", "--kind", "ivf-pq", "--quiet") == 0
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (600, 128, 3), dtype=np.uint8)).save(imgs / "c.png")
+    _extract(imgs, tmp_path / "storeB", golden_path)
+    capsys.readouterr()
+    assert _cli("search", tmp_path / "idxB", "--image", "c.png", "--point", "60,52", "--out", tmp_path / "oB") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "was replaced or re-extracted" in err and "--kind ivf-pq" not in err
+    assert f"densevit-index build {tmp_path / 'storeB'} -o {tmp_path / 'idxB'} --overwrite" in err
+
+
+def test_cli_k_is_one_line_and_the_contact_sheet_is_bounded(shifted_store, tmp_path, capsys):
+    """-k 0 / -3: FAISS AssertionError tracebacks; -k 1000000000 wrote a 63 MB contact sheet."""
+    SHEET_MATCHES = 50                                  # the documented cap (densevit.apps.cli_index, README)
+    idx = tmp_path / "idx"
+    assert _cli("build", shifted_store / "store", "-o", idx, "--kind", "flat", "--quiet") == 0
+    for k in ("0", "-3", "1000000000"):
+        capsys.readouterr()
+        assert _cli("search", idx, "--image", "a.png", "--point", "60,52", "-k", k, "--out", tmp_path / "o") == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"between 1 and {pi.MAX_K}" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    k = SHEET_MATCHES + 10
+    assert _cli("search", idx, "--image", "a.png", "--point", "60,52", "-k", k, "--out", tmp_path / "o") == 0
+    rec = json.loads((tmp_path / "o" / "a_matches.json").read_text())
+    assert len(rec["queries"][0]["matches"]) == k                                  # the JSON holds all k
+    sheet = Image.open(tmp_path / "o" / "a_q0.png").size
+    assert _cli("search", idx, "--image", "a.png", "--point", "60,52", "-k", 5, "--out", tmp_path / "o5") == 0
+    one_row = Image.open(tmp_path / "o5" / "a_q0.png").size                        # the query + 5: one row of 6
+    rows = -(-(SHEET_MATCHES + 1) // 6)                                             # the query + the best 50
+    assert sheet == (one_row[0], rows * one_row[1])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DensevitError
-from .common import add_backbone_args, ensure_writable, gather_images, run_cli
+from .common import add_backbone_args, check_outputs, drop_unreadable, gather_images, report_unreadable, run_cli
 
 ANALYSES = ("attention", "cka", "sweep")
 
@@ -156,6 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError("--radius must be at least 1")
     if not 0.0 < args.threshold <= 1.0:
         raise DensevitError("--threshold must be in (0, 1]")
+    images, unreadable = drop_unreadable("densevit-analyze", images)
+    if not images:
+        raise DensevitError("no readable input image")
     models = _parse_models(args)
     labels = [m[0] for m in models]
     tasks: List[str] = []
@@ -182,10 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        davis_frames=args.davis_frames, seed=args.seed)
         task_objs = [sw.build_task(t, **options) for t in tasks]
     out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DensevitError(f"{out_dir} exists and is not a folder")
-    for f in _planned_files(args, labels, tasks):
-        ensure_writable(f, args.overwrite)
+    inputs = list(args.images) + ([str(davis_root)] if tasks else [])
+    check_outputs(inputs, folders=[out_dir], files=_planned_files(args, labels, tasks), overwrite=args.overwrite)
     # every model built once, before any output (bad weights/stride fail early); CKA needs them side by side
     built: Dict[str, ViTExtractor] = {
         label: ViTExtractor(name, stride=args.stride, weights=weights, device=args.device, dtype=args.dtype)
@@ -252,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary["files"] = sorted(p.name for p in written) + ["summary.json"]
     (out_dir / "summary.json").write_text(_json(summary))
     print(f"densevit-analyze: wrote {len(written) + 1} files to {out_dir}", file=sys.stderr)
-    return 0
+    return report_unreadable("densevit-analyze", unreadable)
 
 
 entry = run_cli(main, "densevit-analyze")

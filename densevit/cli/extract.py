@@ -13,7 +13,9 @@ from tqdm import tqdm
 from ..backbones import BACKBONES
 from ..errors import DensevitError
 from ..extractor import FACETS
-from .common import add_backbone_args, build_extractor, gather_images, run_cli
+from ..preprocess import UnreadableImageError
+from .common import (add_backbone_args, build_extractor, check_outputs, gather_images, report_unreadable, run_cli,
+                     skip_unreadable)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(set(targets)) != len(targets):
         raise DensevitError("two inputs share a file name stem; extract them into separate output folders")
     todo = [(img, t) for img, t in zip(images, targets) if args.overwrite or not t.exists()]
+    check_outputs(args.images, folders=[out_dir], files=[t for _, t in todo], overwrite=True)  # existing: skipped
     skipped = len(images) - len(todo)
     if skipped:
         print(f"densevit-extract: {skipped} output(s) exist, skipped (use --overwrite to replace)", file=sys.stderr)
@@ -93,13 +96,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layer = args.layer
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
+    unreadable = []
     for img, target in tqdm(todo, desc="extract", unit="img", disable=len(todo) < 2):
         try:
             x, grid = ext.preprocess(img, args.load_size)
             feats = ext.extract(x, (layer,), (args.facet,), bin=args.bin, include_cls=args.include_cls,
                                 saliency=args.saliency, image_hw=grid.image_hw)
+        except UnreadableImageError as exc:
+            skip_unreadable("densevit-extract", exc)
+            unreadable.append(img)
+            continue
         except DensevitError as exc:
-            print(f"densevit-extract: error: {exc}", file=sys.stderr)
+            tqdm.write(f"densevit-extract: error: {exc}", file=sys.stderr)
             failures += 1
             continue
         desc = feats.descriptors[(layer, args.facet)][0].float().cpu().numpy()
@@ -114,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tmp = target.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(target)
-    return 1 if failures else 0
+    return max(1 if failures else 0, report_unreadable("densevit-extract", unreadable))
 
 
 def _store_main(args: argparse.Namespace) -> int:
@@ -129,6 +137,7 @@ def _store_main(args: argparse.Namespace) -> int:
                             " and always the CLS descriptor; drop --bin / --include-cls")
     if args.batch_size < 1 or args.workers < 0 or args.shard_size < 1 or args.writers < 1:
         raise DensevitError("--batch-size, --shard-size and --writers must be >= 1, --workers >= 0")
+    check_outputs(args.images, folders=[args.store], overwrite=True)     # the store only grows: never into inputs
     with dist.session() as ctx:
         items = gather_dataset(args.images, args.recursive)
         args.device = ctx.device(args.device)
@@ -157,8 +166,7 @@ def _store_main(args: argparse.Namespace) -> int:
                 {"world_size": ctx.world_size, "images": report.images, "computed_shards": report.computed_shards,
                  "reused_shards": report.reused_shards, "failed": report.failed, "seconds": sec,
                  "window": report.window, "per_rank": report.per_rank}, indent=1) + "\n")
-        if report.failed:
-            print(f"densevit-extract: {len(report.failed)} image(s) could not be read", file=sys.stderr)
+        report_unreadable("densevit-extract", list(report.failed))
     return 1 if report.failed else 0
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import DensevitError
+from ..preprocess import open_image
 
 PathLike = Union[str, Path]
 VOID_ID = 255
@@ -47,13 +48,10 @@ def read_mask(path: PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DensevitError(f"no such mask file: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            arr = np.array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DensevitError(f"cannot read mask {path}: {exc}") from exc
+    with open_image(path) as img:          # the one reader: its size limit and one-line errors
+        img.load()
+        mode = img.mode
+        arr = np.array(img)
     if mode == "P" or mode == "L":
         return arr.astype(np.uint8)
     if mode == "1":

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 from ..errors import DensevitError
 from ..paths import shared_dir
+from ..preprocess import open_image
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,10 @@ class WarpPair:
 # ---------------------------------------------------------------------------------------------- sources
 def load_source_image(path: Union[str, Path], max_side: Optional[int] = 512) -> Image.Image:
     """Read an image as RGB with its longer side reduced to ``max_side`` (Lanczos; JPEG draft decoding)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DensevitError(f"no such image file: {path}")
-    try:
-        with Image.open(path) as img:
-            if max_side:
-                img.draft("RGB", (max_side, max_side))
-            img = ImageOps.exif_transpose(img).convert("RGB")
-    except OSError as exc:
-        raise DensevitError(f"cannot read image {path}: {exc}") from exc
+    with open_image(path) as img:
+        if max_side:
+            img.draft("RGB", (max_side, max_side))
+        img = ImageOps.exif_transpose(img).convert("RGB")
     if max_side and max(img.size) > max_side:
         f = max_side / max(img.size)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.LANCZOS)
@@ -101,7 +96,7 @@ def load_source_image(path: Union[str, Path], max_side: Optional[int] = 512) -> 
 
 def load_mask(path: Union[str, Path], size_wh: Tuple[int, int]) -> torch.Tensor:
     """A binary mask (any non-zero pixel is object) resized (nearest) to ``size_wh``: ``HxW`` bool."""
-    with Image.open(path) as m:
+    with open_image(path) as m:
         m = m.convert("L").resize(size_wh, Image.NEAREST)
     return torch.from_numpy(np.asarray(m) > 0)
 
