@@ -214,7 +214,8 @@ def test_killed_run_leaves_valid_shards_and_the_rerun_finishes(folder, tmp_path,
     import signal
     import time
 
-    args = [folder, *_common(golden_path), "--layer", 11, "--facet", "key", "--batch-size", 1, "--shard-size", 1]
+    args = [folder, "--weights", golden_path, "--stride", 4, "--load-size", 2 * LOAD, "--quiet", "--layer", 11,
+            "--facet", "key", "--batch-size", 1, "--shard-size", 1]     # slow enough per image to kill mid-run
     one = tmp_path / "one"
     assert _cli(*args, "--store", one, "--workers", 0) == 1
     two = tmp_path / "two"
