@@ -1,15 +1,16 @@
 """densevit-explore: look inside a ViT's dense features in the browser.
 
     densevit-explore IMAGES_OR_FOLDERS... [--backbone dino_vits8 --weights W --stride 4 --load-size 224]
-                     [--port 7860 --host 127.0.0.1 --out explore_out]
+                     [--port 7860 --host 127.0.0.1 --allow-host NAME --out explore_out]
     densevit-explore --replay explore_out/explore_....json      # recompute a saved finding, print its matches
 
-Starts a local web server (127.0.0.1 unless --host) and prints its address. It answers only its own page: other
-Host names (DNS rebinding) and requests from other pages (other origins) are refused; add names it may be reached
-by with --allow-host. Model work runs in one queued worker; Ctrl-C or SIGTERM stops it within a second. Click a point of any image: every
+Starts a local web server (127.0.0.1 unless --host) and prints its address. Click a point of any image: every
 image shows the cosine-similarity map of that token's descriptor with its top-k matches and best buddies; switch
 layer, facet, log-binning, stride and load size; see the attention of the clicked token per layer and head, the
 CLS saliency, and the PCA of all images; upload images; Save writes the view (PNG) and the finding (JSON).
+The server answers only its own page: other Host names (DNS rebinding) and requests from other pages (other
+origins) are refused (add names it is reached by with --allow-host). Model work runs in one queued worker;
+Ctrl-C or SIGTERM stops it within a second.
 Needs the ``explore`` extra: ``pip install "densevit[explore]"`` (FastAPI + uvicorn).
 """
 from __future__ import annotations
@@ -121,23 +122,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"{PROG}: {len(ex.images)} image(s), {args.backbone}; open http://{host}:{port}/  (Ctrl-C stops)",
           flush=True)
-    return _serve(server, sock, app.state.worker)
+    return _serve(server, sock)
 
 
-def _serve(server, sock, worker) -> int:
-    """Serve until Ctrl-C or SIGTERM (uvicorn answers what is running for 0.5 s, then 503). A running
-    extraction cannot be interrupted and is not waited for: with the worker busy the process ends at once."""
+def _serve(server, sock) -> int:
+    """Serve until Ctrl-C or SIGTERM (uvicorn answers what is running for 0.5 s, then 503), then end the process
+    at once: a running extraction cannot be interrupted and is not waited for, and the interpreter's teardown
+    (the model, idle threads) would take seconds. Saved files are written atomically, so nothing is cut short."""
+    code = 0
     try:
         server.run(sockets=[sock])            # SIGTERM: uvicorn re-raises it after stopping, ending the process
-        code = 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         code = 130
-    if worker.busy:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 entry = run_cli(main, PROG)

@@ -204,16 +204,14 @@ class OriginCheck:
         host = (headers.get("host") or "").lower()
         origin = headers.get("origin")
         site = headers.get("sec-fetch-site")
-        if origin is not None:
-            if origin.lower() not in (f"http://{host}", f"https://{host}"):
-                return f"requests from {_show(origin)[1:-1]} are refused: only the explorer's own page may change it"
-            return None if site in (None, "same-origin") else f"a {site} request is refused"
-        if site == "same-origin":
-            return None
-        if site is not None:
-            return f"a {site} request is refused: only the explorer's own page may change it"
-        return "refused: a request that changes the explorer needs the Origin header of its own page " \
-               f"(http://{host})"
+        own = "only the explorer's own page may change it"
+        if origin is not None and origin.lower() not in (f"http://{host}", f"https://{host}"):
+            return f"a request from {origin[:80]!r} is refused: {own}"
+        if site not in (None, "same-origin"):
+            return f"a {site[:20]!r} request is refused: {own}"
+        if origin is None and site is None:
+            return f"refused: a request that changes the explorer needs the Origin of its page (http://{host})"
+        return None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] not in self.SAFE:

@@ -245,7 +245,7 @@ def test_server_answers_while_the_model_works_and_stops_at_once(tmp_path, noise_
     b.save(tmp_path / "b.png")
     cmd = [sys.executable, "-m", "densevit.apps.cli_explore", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
            "--weights", str(golden_path), "--stride", "8", "--load-size", "56", "--port", "0", "--device", "cpu",
-           "--out", str(tmp_path / "saved"), "--quiet"]
+           "--out", str(tmp_path / "saved"), "--quiet", "--allow-host", "explore.lab"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -253,6 +253,13 @@ def test_server_answers_while_the_model_works_and_stops_at_once(tmp_path, noise_
         m = re.search(r"http://(\S+)/", line)
         assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
         url = m.group(0).rstrip("/")
+        for host, status in [("explore.lab:80", 200), ("evil.example", 400)]:   # --allow-host adds a name
+            try:
+                code = urllib.request.urlopen(urllib.request.Request(url + "/api/state", headers={"Host": host}),
+                                              timeout=30).status
+            except urllib.error.HTTPError as exc:
+                code = exc.code
+            assert code == status, host
         # a long extraction (stride 4 at load size 448: ~16k tokens per image), then an upload behind it
         work = {}
         slow = json.dumps({"settings": {"stride": 4, "load_size": 448, "layer": 11}}).encode()
