@@ -1,19 +1,23 @@
 """densevit-explore: look inside a ViT's dense features in the browser.
 
     densevit-explore IMAGES_OR_FOLDERS... [--backbone dino_vits8 --weights W --stride 4 --load-size 224]
-                     [--port 7860 --host 127.0.0.1 --out explore_out]
+                     [--port 7860 --host 127.0.0.1 --allow-host NAME --out explore_out]
     densevit-explore --replay explore_out/explore_....json      # recompute a saved finding, print its matches
 
 Starts a local web server (127.0.0.1 unless --host) and prints its address. Click a point of any image: every
 image shows the cosine-similarity map of that token's descriptor with its top-k matches and best buddies; switch
 layer, facet, log-binning, stride and load size; see the attention of the clicked token per layer and head, the
 CLS saliency, and the PCA of all images; upload images; Save writes the view (PNG) and the finding (JSON).
+The server answers only its own page: other Host names (DNS rebinding) and requests from other pages (other
+origins) are refused (add names it is reached by with --allow-host). Model work runs in one queued worker;
+Ctrl-C or SIGTERM stops it within a second.
 Needs the ``explore`` extra: ``pip install "densevit[explore]"`` (FastAPI + uvicorn).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="image files or folders of images (more can be uploaded in the page)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another Host name the page may be opened by (repeatable; loopback names and the bound "
+                        "address are always allowed)")
     p.add_argument("--out", default="explore_out", help="folder Save writes to")
     p.add_argument("--cache-gb", type=float, default=6.0, help="memory for cached descriptors")
     p.add_argument("--replay", metavar="JSON", help="recompute a saved finding and print its matches (no server)")
@@ -86,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import uvicorn
 
     from .explore import Explorer
-    from .explore_web import create_app
+    from .explore_web import allowed_hosts, create_app
 
     images = gather_images(args.inputs) if args.inputs else []
     ex = Explorer(args.backbone, weights=args.weights, device=args.device, dtype=args.dtype, stride=args.stride,
@@ -98,23 +105,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{PROG}: note: {item.note}", file=sys.stderr)
         except DensevitError as exc:
             print(f"{PROG}: skipped: {exc}", file=sys.stderr)
-    app = create_app(ex, Path(args.out))
+    app = create_app(ex, Path(args.out), hosts=allowed_hosts(args.host, args.allow_host))
+    # requests still running 0.5 s after Ctrl-C / SIGTERM are cancelled; the worker thread is a daemon
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           access_log=not args.quiet))
+                                           access_log=not args.quiet, timeout_graceful_shutdown=0.5))
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(128)               # connections wait in the backlog from the moment the address is printed
     except OSError as exc:
         raise DensevitError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"{PROG}: {len(ex.images)} image(s), {args.backbone}; open http://{host}:{port}/  (Ctrl-C stops)",
           flush=True)
-    server.run(sockets=[sock])
-    return 0
+    return _serve(server, sock)
+
+
+def _serve(server, sock) -> int:
+    """Serve until Ctrl-C or SIGTERM (uvicorn answers what is running for 0.5 s, then 503), then end the process
+    at once: a running extraction cannot be interrupted and is not waited for, and the interpreter's teardown
+    (the model, idle threads) would take seconds. Saved files are written atomically, so nothing is cut short."""
+    code = 0
+    try:
+        server.run(sockets=[sock])            # SIGTERM: uvicorn re-raises it after stopping, ending the process
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        code = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 entry = run_cli(main, PROG)

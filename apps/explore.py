@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +35,19 @@ from densevit.errors import DensevitError
 from densevit.preprocess import load_image
 
 __all__ = ["Settings", "ExploreImage", "ImageMap", "SimilarityResult", "AttentionResult", "Explorer",
-           "DESCRIPTOR_FACETS", "MAX_SIDE"]
+           "DESCRIPTOR_FACETS", "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME"]
 
 DESCRIPTOR_FACETS = ("key", "query", "value", "token")
 MAX_SIDE = 4096
 """Images with a longer side are resized to this on loading (a note says so); coordinates stay in the file's
 original pixels."""
+MAX_LOAD_SIZE = 1024
+"""The largest load size the explorer extracts at (``densevit-explore --load-size`` and the page alike)."""
+MAX_TOKENS = 1 << 17
+"""The most patch tokens of one image the explorer extracts (131072: a 1024-pixel load size at stride 4 of a
+ViT-S/8 up to a 2:1 aspect; about 2.4 GB of descriptors per image and facet for ViT-S, twice that for ViT-B)."""
+MAX_NAME = 255
+"""The longest image name accepted (characters), as most file systems' file name limit."""
 
 
 @dataclass(frozen=True)
@@ -157,19 +166,20 @@ class Explorer:
         stride, load_size: the default :class:`Settings`.
         cache_gb: memory for cached descriptors (all layers of a facet, normalised layers, attention inputs).
         max_side: images with a longer side are resized to it when loaded.
+        max_tokens: refuse settings that give an image more patch tokens than this (memory and time grow with it).
         extractor: an existing :class:`densevit.ViTExtractor` to use for its stride (its backbone, device and
             dtype are taken; ``weights`` are used for other strides).
     """
 
     def __init__(self, backbone: str = "dino_vits8", weights: Union[str, Path, None] = None, device=None,
                  dtype: str = "float32", stride: int = 4, load_size: Optional[int] = 224, cache_gb: float = 6.0,
-                 max_side: int = MAX_SIDE, extractor=None) -> None:
+                 max_side: int = MAX_SIDE, max_tokens: int = MAX_TOKENS, extractor=None) -> None:
         from densevit import ViTExtractor
 
         if extractor is not None:
             backbone, device, dtype = extractor.spec.name, extractor.device, extractor.dtype
         self.backbone, self.weights, self.device, self.dtype = backbone, weights, device, dtype
-        self.max_side = max_side
+        self.max_side, self.max_tokens = max_side, max_tokens
         first = extractor or ViTExtractor(backbone, stride=stride, weights=weights, device=device, dtype=dtype)
         self._extractors: Dict[int, Any] = {first.stride: first}
         self.defaults = Settings(layer=first.depth - 1, stride=first.stride, load_size=load_size)
@@ -179,6 +189,7 @@ class Explorer:
         self._cache = _LRU(int(cache_gb * (1 << 30)))
         self._lock = threading.RLock()
         self.progress: Dict[str, Any] = {"busy": False, "message": "", "done": 0, "total": 0}
+        self.check(self.defaults)
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -215,10 +226,12 @@ class Explorer:
         """Load an image (path, PIL image, or encoded bytes); returns it (``note`` says if it was resized).
         An unreadable file raises :class:`DensevitError`."""
         source = str(image) if isinstance(image, (str, Path)) else ""
+        if name is not None:
+            check_name(name)
         if isinstance(image, bytes):
             import tempfile
 
-            with tempfile.NamedTemporaryFile(suffix=Path(name or "upload").suffix) as f:
+            with tempfile.NamedTemporaryFile(suffix=_safe_suffix(name or "upload")) as f:
                 f.write(image)
                 f.flush()
                 img = self._read(f.name, name or "upload")
@@ -254,6 +267,15 @@ class Explorer:
             msg = str(exc).replace(str(path), name)
             raise DensevitError(msg) from None
 
+    def check_tokens(self, index: int, s: Settings) -> None:
+        """Refuse settings that give image ``index`` more than :attr:`max_tokens` patch tokens."""
+        g = self.grid(index, s)
+        if g.num_tokens > self.max_tokens:
+            h, w = g.shape
+            raise DensevitError(f"{self.images[index].name} at load size {s.load_size or 'original'} and stride "
+                                f"{s.stride} is {h}x{w} = {g.num_tokens} tokens, more than the {self.max_tokens} "
+                                f"the explorer extracts; choose a smaller load size or a larger stride")
+
     def remove_image(self, index: int) -> None:
         with self._lock:
             self._check_index(index)
@@ -272,11 +294,18 @@ class Explorer:
         return self.check(s)
 
     def check(self, s: Settings) -> Settings:
+        """``s`` with its layer resolved, or :class:`DensevitError` naming what is out of bounds: the facet, the
+        stride (one of :attr:`strides`), the layer and the load size (the patch size to :data:`MAX_LOAD_SIZE`
+        pixels, or None for the original size)."""
         if s.facet not in DESCRIPTOR_FACETS:
             raise DensevitError(f"unknown facet {s.facet!r}; choose from {', '.join(DESCRIPTOR_FACETS)}")
+        if s.stride not in self.strides:
+            raise DensevitError(f"stride {s.stride} is not offered for patch size {self.patch_size}; "
+                                f"choose from {', '.join(map(str, self.strides))}")
         layer = self.extractor(s.stride).resolve_layer(s.layer)
-        if s.load_size is not None and s.load_size < self.patch_size:
-            raise DensevitError(f"load size {s.load_size} is smaller than the {self.patch_size}-pixel patch")
+        if s.load_size is not None and not self.patch_size <= s.load_size <= MAX_LOAD_SIZE:
+            raise DensevitError(f"load size {s.load_size} is out of range: {self.patch_size} to {MAX_LOAD_SIZE} "
+                                f"pixels (or the original size)")
         return dataclasses.replace(s, layer=layer)
 
     def _set_progress(self, busy: bool, message: str = "", done: int = 0, total: int = 0) -> None:
@@ -284,6 +313,7 @@ class Explorer:
 
     def _network_input(self, index: int, s: Settings):
         """``(extractor, 1x3xHxW input, grid)`` of image ``index`` at ``s``'s stride and load size."""
+        self.check_tokens(index, s)
         ext = self.extractor(s.stride)
         item = self.images[index]
         x, grid, _ = ext.preprocess_with_image(item.image, s.load_size)
@@ -348,6 +378,8 @@ class Explorer:
         t0 = time.perf_counter()
         with self._lock:
             n = len(self.images)
+            for i in range(n):                      # refuse before extracting anything
+                self.check_tokens(i, s)
             try:
                 for i in range(n):
                     self._set_progress(True, f"extracting {self.images[i].name} ({i + 1}/{n}): {s.facet}, "
@@ -481,6 +513,21 @@ class Explorer:
                 "head": result.head, "clicked": {"image": result.source, **m(result.clicked)},
                 "cls_share": round(result.cls_share, 6),
                 "matches": [{"image": result.source, "topk": [m(t) for t in result.map.topk]}]}
+
+
+def check_name(name: str) -> None:
+    """Refuse an image name with a control character (NUL, newline...) or longer than :data:`MAX_NAME`."""
+    bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise DensevitError(f"file name {name[:60]!r} holds a control character ({bad!r})")
+    if len(name) > MAX_NAME:
+        raise DensevitError(f"file name {name[:40]!r}... is {len(name)} characters long (at most {MAX_NAME})")
+
+
+def _safe_suffix(name: str) -> str:
+    """The name's suffix for a temporary file when it is a plain one (``.jpg``), else none (PIL reads the bytes)."""
+    suffix = Path(name).suffix
+    return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,10}", suffix) else ""
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

@@ -1,13 +1,17 @@
 """densevit-explore end to end in a real browser (headless Chromium through selenium and Debian's chromedriver):
 start the command on an image and its shifted copy with the golden weights, click as a person would, and read
-what the page shows. Set DENSEVIT_SCREENSHOTS=DIR to keep a screenshot of each step."""
+what the page shows; a page of another local origin tries to drive it, and a rebound host name tries to read it.
+Set DENSEVIT_SCREENSHOTS=DIR to keep a screenshot of each step."""
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,7 +49,8 @@ def browser(tmp_path):
     opts.binary_location = CHROMIUM
     for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
+              f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000",
+              "--host-resolver-rules=MAP rebind.test 127.0.0.1"):      # a DNS rebinding name for this machine
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
@@ -122,15 +127,103 @@ def test_click_shifted_copy_layer_switch_save_and_bad_upload(server, browser, tm
     assert rec["settings"]["layer"] == 3 and rec["clicked"]["image"] == 0
     assert abs(rec["clicked"]["x"] - cx) < 1e-6 and "--replay" in rec["replay"]
 
+    # a top-k the server refuses (typed 0): its message in the page; a good value clears it
+    error = lambda: d.find_element(By.ID, "error")  # noqa: E731
+    k = d.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("0\t")
+    WebDriverWait(d, 30).until(lambda _: error().is_displayed())
+    shot("4_bad_topk")
+    assert "top-k must be from 1 to 100, got 0" in d.find_element(By.ID, "error-text").text
+    n = renders()
+    k.clear()
+    k.send_keys("3\t")
+    wait_render(n)
+    assert not error().is_displayed()
+    assert len(d.find_elements(By.CSS_SELECTOR, "#matches tbody tr[data-image='1']")) == 3
+
     # a corrupt upload: a message in the page, and the page still works
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     d.find_element(By.ID, "upload").send_keys(str(bad))
-    WebDriverWait(d, 30).until(lambda _: d.find_element(By.ID, "error").is_displayed())
-    shot("4_bad_upload")
+    WebDriverWait(d, 30).until(lambda _: error().is_displayed())
+    shot("5_bad_upload")
     assert "cannot read image corrupt.jpg" in d.find_element(By.ID, "error-text").text
     assert len(d.find_elements(By.CSS_SELECTOR, "canvas.view")) == 2
     n = renders()
     Select(d.find_element(By.ID, "layer")).select_by_value("11")
     wait_render(n)
     assert d.find_element(By.ID, "caption-1").get_attribute("data-top-x")
+
+    # a good and a corrupt file in one batch: the good one is added, the bad one named
+    n = renders()
+    d.find_element(By.ID, "upload").send_keys(f"{root / 'a.png'}\n{bad}")
+    WebDriverWait(d, 60).until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "canvas.view")) == 3
+                               and renders() > n and error().is_displayed())
+    shot("6_mixed_upload")
+    assert "cannot read image corrupt.jpg" in d.find_element(By.ID, "error-text").text
+    assert d.find_element(By.CSS_SELECTOR, "#card-2 .name").text == "a.png"
+
+    # the original size ("original" load size): extracted and drawn
+    n = renders()
+    Select(d.find_element(By.ID, "load_size")).select_by_value("original")
+    wait_render(n)
+    shot("7_original_size")
+    assert not error().is_displayed() and d.find_element(By.ID, "caption-2").get_attribute("data-top-x")
+
+
+EVIL_PAGE = """<!doctype html><title>evil</title><form id="f" method="post" enctype="multipart/form-data"
+target="sink"><input type="file" name="files" id="file"></form><iframe name="sink"></iframe><script>
+const target = new URLSearchParams(location.search).get("t");
+async function go() {
+  const png = await (await fetch("/pixel.png")).blob();
+  const fd = new FormData();
+  fd.append("files", png, "evil.png");
+  await fetch(target + "api/upload", {method: "POST", mode: "no-cors", body: fd});     // opaque: never readable
+  await fetch(target + "api/prepare", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                                       body: JSON.stringify({settings: {load_size: 448, stride: 2}})});
+  const dt = new DataTransfer();
+  dt.items.add(new File([png], "form.png", {type: "image/png"}));
+  const f = document.getElementById("f");
+  f.action = target + "api/upload";
+  document.getElementById("file").files = dt.files;
+  document.querySelector("iframe").onload = () => { document.title = "sent"; };
+  f.submit();                                                                            // a classic form post
+}
+go().catch((e) => { document.title = "failed: " + e; });
+</script>"""
+
+
+def test_other_pages_cannot_drive_it_and_rebound_names_get_nothing(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, root = server
+    d = browser
+    site = tmp_path / "evil_site"
+    site.mkdir()
+    (site / "evil.html").write_text(EVIL_PAGE)
+    shutil.copy(root / "a.png", site / "pixel.png")
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(site), **kw)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    state = lambda: json.loads(urllib.request.urlopen(url + "api/state", timeout=30).read())  # noqa: E731
+    progress = lambda: json.loads(urllib.request.urlopen(url + "api/progress", timeout=30).read())  # noqa: E731
+    try:
+        before = [im["name"] for im in state()["images"]]
+        d.get(f"http://localhost:{evil.server_address[1]}/evil.html?t={url}")   # another local origin
+        WebDriverWait(d, 60).until(lambda _: d.title == "sent" or d.title.startswith("failed"))
+        assert d.title == "sent"
+        assert [im["name"] for im in state()["images"]] == before     # nothing was added
+        assert not progress()["busy"]                                 # nothing is being extracted
+    finally:
+        evil.shutdown()
+    # DNS rebinding: a foreign name resolving to this machine gets no page and no state
+    port = re.search(r":(\d+)/", url).group(1)
+    d.get(f"http://rebind.test:{port}/api/state")
+    shot_dir = os.environ.get("DENSEVIT_SCREENSHOTS")
+    if shot_dir:
+        d.save_screenshot(str(Path(shot_dir) / "8_rebound_name.png"))
+    text = d.find_element(By.TAG_NAME, "body").text
+    assert "Invalid host header" in text and "backbone" not in text

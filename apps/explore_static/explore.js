@@ -43,7 +43,8 @@ function showProgress() {
         try {
           const p = await (await fetch("/api/progress")).json();
           if (S.inflight <= 0) return;
-          $("progress-text").textContent = p.busy ? p.message : "computing…";
+          const more = p.queued > 0 ? ` · ${p.queued} more request(s) queued` : "";
+          $("progress-text").textContent = (p.busy ? p.message : "computing…") + more;
           box.hidden = false;
         } catch (e) { /* server busy */ }
       }, 250);
@@ -73,7 +74,7 @@ function addNote(msg) {
 function settings() {
   return {
     layer: +$("layer").value, facet: $("facet").value, bin: $("bin").checked,
-    stride: +$("stride").value, load_size: +$("load_size").value,
+    stride: +$("stride").value, load_size: $("load_size").value === "original" ? null : +$("load_size").value,
   };
 }
 function fillSelect(el, values, labels, selected) {
@@ -439,7 +440,7 @@ async function start() {
     fillSelect($("stride"), st.strides, null, d.stride);
     fillSelect($("head"), ["mean", ...Array(st.heads).keys()], ["mean of heads", ...[...Array(st.heads).keys()].map(String)], "mean");
     const ls = $("load_size");
-    const want = String(d.load_size || 0);
+    const want = d.load_size ? String(d.load_size) : "original";
     if (![...ls.options].some((o) => o.value === want)) {
       const o = document.createElement("option"); o.value = want; o.textContent = want; ls.appendChild(o);
     }
