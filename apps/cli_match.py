@@ -23,8 +23,8 @@ from densevit.transfer import REFINE
 
 from . import draw
 from .cli_common import add_io_args, load_size_arg, run_sets, stems
-from .correspondence import CorrespondenceConfig, find_correspondences_features, pair_features, \
-    transfer_keypoints_features
+from .correspondence import CLUSTERINGS, FG_TESTS, CorrespondenceConfig, find_correspondences_features, \
+    pair_features, transfer_keypoints_features
 
 PROG = "densevit-match"
 
@@ -34,11 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(best buddies of ViT descriptors on salient regions, k-means pick).")
     add_io_args(p)
     d = CorrespondenceConfig()
-    g = p.add_argument_group("correspondences (defaults: the paper's)")
+    g = p.add_argument_group("correspondences (defaults: the reference's)")
     g.add_argument("--num-pairs", type=int, default=d.num_pairs, help="number of point pairs")
     g.add_argument("--thresh", type=float, default=d.thresh, help="saliency threshold of both points of a pair")
     g.add_argument("--bin", action=argparse.BooleanOptionalAction, default=d.bin, help="log-binned descriptors")
-    g.add_argument("--seed", type=int, default=d.seed, help="k-means seed")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="k-means seed (scikit-learn's random_state, the reference's 0; or the FAISS seed)")
+    g.add_argument("--clustering", choices=CLUSTERINGS, default=d.clustering,
+                   help="k-means of the best buddies: sklearn (scikit-learn KMeans with 10 restarts, the reference) "
+                        "or faiss (FAISS k-means: faster on many buddies, other clusters)")
+    g.add_argument("--fg-test", choices=FG_TESTS, default=d.fg_test,
+                   help="which best buddies count as foreground: reference (A's token salient and the nearest "
+                        "neighbour of some salient token of B, as the reference) or both (both tokens salient)")
     g.add_argument("--points", default=None,
                    help="JSON file of points [[x, y], ...] (or {\"points\": [...]}) in image A's pixels to transfer "
                         "to image B by nearest neighbour")
@@ -68,7 +75,8 @@ def read_points(path: str) -> np.ndarray:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = CorrespondenceConfig(load_size=load_size_arg(args.load_size), layer=args.layer, facet=args.facet,
-                               bin=args.bin, thresh=args.thresh, num_pairs=args.num_pairs, seed=args.seed)
+                               bin=args.bin, thresh=args.thresh, num_pairs=args.num_pairs, seed=args.seed,
+                               clustering=args.clustering, fg_test=args.fg_test)
     cfg.validate()
     query = read_points(args.points) if args.points else None
     sets = gather_sets(args.inputs)

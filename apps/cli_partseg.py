@@ -20,7 +20,7 @@ from densevit.cli.common import add_backbone_args, add_store_arg, build_source, 
 from densevit.errors import DensevitError
 
 from . import draw
-from .cli_coseg import add_coseg_args
+from .cli_coseg import add_coseg_args, check_saliency_source, kmeans_cap_arg
 from .cli_common import add_io_args, load_size_arg, run_sets, stems
 from .partseg import CRF_BACKENDS, PartsegConfig, crf_backend, part_cosegment
 
@@ -56,7 +56,8 @@ def config_from_args(args: argparse.Namespace) -> PartsegConfig:
                         sample_interval=args.sample_interval, num_parts=args.num_parts,
                         num_crop_augmentations=args.num_crop_augmentations, three_stages=args.three_stages,
                         elbow_second_stage=args.elbow_second_stage, crf=args.crf, crf_iters=args.crf_iters,
-                        seed=args.seed)
+                        seed=args.seed, max_points_per_centroid=kmeans_cap_arg(args.max_points_per_centroid),
+                        saliency_source=args.saliency_source, upsample_masks=args.upsample_masks)
     cfg.validate()
     crf_backend(cfg.crf)
     return cfg
@@ -70,6 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError("--num-crop-augmentations needs the model (crops of each image and of its flip are "
                             "not in a feature store); leave it out with --store")
     source = build_source(args, saliency=True)
+    check_saliency_source(args)
 
     def planned(name: str, images: List[Path], out: Path) -> List[Path]:
         return [out / f"{s}_{kind}.png" for s in stems(images) for kind in ("parts", "overlay")]

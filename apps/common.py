@@ -15,16 +15,28 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densevit.coords import TokenGrid
+from densevit.coords import TokenGrid, grid_shape
 from densevit.errors import DensevitError
 from densevit.extractor import ViTExtractor
-from densevit.preprocess import load_image, load_resized, resize_short_side
+from densevit.preprocess import load_image, load_resized, resize_short_side, to_tensor
 from densevit.store import FeatureStore
 
 ImageInput = Union[str, Path, Image.Image]
 # Where an application's features come from: a forward pass of the extractor, or a feature store's reads
 # (``densevit-extract --store``; its backbone, weights, stride and load size apply).
 FeatureSource = Union[ViTExtractor, FeatureStore]
+
+SALIENCY_SOURCES = ("reference", "same-pass")
+"""Where co-segmentation's saliency comes from. ``"reference"``: the reference's default
+(``low_res_saliency_maps=True``): a second, small pass at stride = patch size on the image resized to half the
+network input (:func:`reference_saliency`), brought to the descriptor grid by nearest resizing. ``"same-pass"``:
+the CLS attention of the descriptor pass itself (the reference with ``low_res_saliency_maps=False``): one forward
+pass fewer per image, and the saliency at the descriptors' own resolution."""
+UPSAMPLINGS = ("reference", "token-centre")
+"""How token maps become pixel maps of the resized image. ``"reference"``: as the reference apps (a PIL nearest
+resize of the token map to the resized image for co-segmentation masks; ``torch.nn.Upsample(mode="nearest")`` of
+the CRF unaries for part co-segmentation). ``"token-centre"``: every pixel takes the token whose centre is nearest
+(:class:`~densevit.coords.TokenGrid`; the grid's geometry, the same rule as every other densevit map)."""
 
 
 @dataclass
@@ -60,20 +72,56 @@ def image_name(image: ImageInput, index: int) -> str:
 
 def extract_features(source: FeatureSource, image: ImageInput, load_size: Optional[int], layer: int, facet: str,
                      bin: bool = False, saliency: bool = True, include_cls: bool = False,
-                     name: Optional[str] = None) -> ImageFeatures:
+                     name: Optional[str] = None, saliency_source: str = "same-pass") -> ImageFeatures:
     """One image's descriptors (and saliency / CLS descriptor): ONE forward pass of an extractor, or read from a
-    :class:`~densevit.store.FeatureStore` (whose load size applies: ``load_size`` is then ignored)."""
+    :class:`~densevit.store.FeatureStore` (whose load size applies: ``load_size`` is then ignored).
+    ``saliency_source`` (:data:`SALIENCY_SOURCES`): ``"reference"`` adds the reference's low-resolution saliency
+    pass (extractors only)."""
     if facet == "attn":
         raise DensevitError("facet 'attn' gives attention maps, not descriptors; use key, query, value or token")
+    if saliency_source not in SALIENCY_SOURCES:
+        raise DensevitError(f"unknown saliency source {saliency_source!r}; choose from {', '.join(SALIENCY_SOURCES)}")
+    low_res = saliency and saliency_source == "reference"
     if isinstance(source, FeatureStore):
+        if low_res:
+            raise DensevitError("a feature store holds the saliency of its own pass only: use the saliency "
+                                "source 'same-pass' (--saliency-source same-pass) with a store")
         return read_features(source, image, layer, facet, bin, saliency, include_cls, name)
     img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
     x, grid, resized = source.preprocess_with_image(img, load_size)
-    feats = source.extract(x, (layer,), (facet,), bin=bin, saliency=saliency, image_hw=grid.image_hw)
+    feats = source.extract(x, (layer,), (facet,), bin=bin, saliency=saliency and not low_res, image_hw=grid.image_hw)
     desc = feats.descriptors[(layer, facet)][0].float()
     cls = feats.cls[(layer, facet)][0].float().cpu() if include_cls else None
-    sal = feats.saliency[0].float().cpu() if feats.saliency is not None else None
+    if low_res:
+        sal = reference_saliency(source, img, grid, load_size)
+    else:
+        sal = feats.saliency[0].float().cpu() if feats.saliency is not None else None
     return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc.cpu(), sal, cls)
+
+
+def reference_saliency(extractor: ViTExtractor, image: Image.Image, grid: TokenGrid,
+                       load_size: Optional[int]) -> torch.Tensor:
+    """The reference co-segmentation's default saliency of ``image`` (original RGB) for descriptors on ``grid``:
+    ``T`` float32.
+
+    The original image is resized (Lanczos) to half the network input, ``(H // 2, W // 2)`` (the input itself
+    when ``load_size`` is None, as the reference), run at stride = patch size (the same weights), and its saliency
+    map resized to the descriptor grid with PIL's nearest filter, as ``cosegmentation.py`` does."""
+    H, W = grid.input_hw
+    low_hw = (H // 2, W // 2) if load_size is not None else (H, W)
+    p = extractor.patch_size
+    if min(low_hw) < p:
+        raise DensevitError(f"the reference's low-resolution saliency pass needs an input of at least {2 * p} "
+                            f"pixels on the short side (got {min(H, W)}): use a larger load size or the saliency "
+                            f"source 'same-pass'")
+    low = image.resize((low_hw[1], low_hw[0]), Image.LANCZOS)
+    x = to_tensor(low, extractor.spec.mean, extractor.spec.std)[None].to(extractor.device)
+    with extractor.strided(p):
+        sal = extractor.extract_saliency_maps(x)[0].float().cpu().numpy()
+    hl, wl = grid_shape(low_hw, p, p)
+    h, w = grid.shape
+    up = Image.fromarray(np.ascontiguousarray(sal.reshape(hl, wl), dtype=np.float32)).resize((w, h), Image.NEAREST)
+    return torch.from_numpy(np.asarray(up, dtype=np.float32).reshape(-1).copy())
 
 
 def read_features(store: FeatureStore, image: ImageInput, layer: int, facet: str, bin: bool = False,
@@ -100,12 +148,13 @@ def read_features(store: FeatureStore, image: ImageInput, layer: int, facet: str
 
 
 def extract_set(source: FeatureSource, images: Sequence[ImageInput], load_size: Optional[int], layer: int,
-                facet: str, bin: bool = False, saliency: bool = True, include_cls: bool = False) -> list:
+                facet: str, bin: bool = False, saliency: bool = True, include_cls: bool = False,
+                saliency_source: str = "same-pass") -> list:
     """:func:`extract_features` for each image (names made unique by index when stems repeat)."""
     names = [image_name(im, i) for i, im in enumerate(images)]
     if len(set(names)) != len(names):
         names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
-    return [extract_features(source, im, load_size, layer, facet, bin, saliency, include_cls, n)
+    return [extract_features(source, im, load_size, layer, facet, bin, saliency, include_cls, n, saliency_source)
             for im, n in zip(images, names)]
 
 
@@ -140,6 +189,34 @@ def tokens_to_image(values: np.ndarray, grid: TokenGrid, where: str = "image") -
     v = np.asarray(values)
     v = v.reshape((h, w) + v.shape[1:])
     return v[rows[:, None], cols[None, :]]
+
+
+def check_upsampling(how: str) -> None:
+    if how not in UPSAMPLINGS:
+        raise DensevitError(f"unknown mask up-sampling {how!r}; choose from {', '.join(UPSAMPLINGS)}")
+
+
+def mask_to_input(mask: np.ndarray, grid: TokenGrid, how: str = "reference") -> np.ndarray:
+    """A token mask (``T`` or ``hxw`` bool) -> the resized input's pixels (``HixWi`` bool). ``how``
+    (:data:`UPSAMPLINGS`): ``"reference"`` resizes the ``hxw`` boolean image with PIL (a 1-bit image, which PIL
+    always resizes with its nearest filter), as ``cosegmentation.py``; ``"token-centre"``: nearest token centre."""
+    check_upsampling(how)
+    if how == "token-centre":
+        return tokens_to_image(np.asarray(mask).reshape(-1), grid, where="input")
+    Hi, Wi = grid.input_hw
+    img = Image.fromarray(np.ascontiguousarray(np.asarray(mask, dtype=bool).reshape(grid.shape)))
+    return np.asarray(img.resize((Wi, Hi), Image.NEAREST), dtype=bool)
+
+
+def upsample_nearest(values: np.ndarray, out_hw: Tuple[int, int]) -> np.ndarray:
+    """``hxwxC`` (float) -> ``HxWxC`` by ``torch.nn.Upsample(size=out_hw)`` (mode "nearest": source index
+    ``floor(i * h / H)``), as ``part_cosegmentation.py`` up-samples its CRF unaries (and, with ``out_hw`` the
+    token grid, brings its smoothed label maps back to tokens)."""
+    v = np.asarray(values)
+    flat = v.reshape(v.shape[0], v.shape[1], -1)
+    t = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)).permute(2, 0, 1)[None]
+    out = F.interpolate(t, size=tuple(int(s) for s in out_hw), mode="nearest")[0].permute(1, 2, 0).numpy()
+    return out.reshape(tuple(out_hw) + v.shape[2:])
 
 
 def input_to_image(values: np.ndarray, grid: TokenGrid) -> np.ndarray:

@@ -1,22 +1,27 @@
 """Semantic point correspondences between two images (Amir et al. 2021, Sec. 4.3; reference
 ``correspondences.py``), and dense keypoint transfer.
 
-:func:`find_correspondences`:
+:func:`find_correspondences`, by default every step of the reference's ``find_correspondences`` with its
+defaults:
 
 1. One forward pass per image: descriptors (default: key facet of layer 9, log-binned, ViT-S/8 at stride 4,
-   short side 224) and saliency (the last layer's CLS attention).
-2. Best buddies (mutual nearest neighbours, cosine) over ALL tokens of the two images, then kept only where
-   both tokens are salient (saliency > ``thresh`` = 0.05).
-3. k-means (``num_pairs`` = 10 clusters, FAISS through :func:`densevit.index.kmeans`, fixed seed) of the
-   buddies' joined descriptors ``[d_a, d_b]``, each joined vector L2-normalised.
-4. In each cluster the pair with the highest mean saliency ``(s_a + s_b) / 2``; pairs come back ordered by
-   that score, at most ``num_pairs`` (all buddies when there are fewer).
+   short side 224) and saliency (the last layer's CLS attention of the same pass, as the reference).
+2. Best buddies (mutual nearest neighbours, cosine) over ALL tokens of the two images, then the foreground
+   test (``fg_test``): ``"reference"`` keeps buddy ``(i, j)`` when A's token ``i`` is salient
+   (saliency > ``thresh`` = 0.05) and ``i`` is the nearest neighbour in A of SOME salient token of B, as the
+   reference's mask does (so a buddy whose B token is background can pass); ``"both"`` requires both tokens
+   to be salient (``fg_a[i] and fg_b[j]``).
+3. k-means (``num_pairs`` = 10 clusters) of the buddies' joined descriptors ``[d_a, d_b]``, each joined vector
+   L2-normalised (``clustering``): ``"sklearn"`` = scikit-learn's ``KMeans(n_clusters, random_state=seed,
+   n_init=n_redo)``, the reference's ``KMeans(n_clusters, random_state=0)`` with the ten restarts of the
+   scikit-learn it pins (1.0.1); ``"faiss"`` = FAISS k-means (:func:`densevit.index.kmeans`, ``n_redo``
+   restarts, seed ``seed``): faster on many buddies, other clusters.
+4. In each cluster the pair with the highest mean saliency ``(s_a + s_b) / 2`` (the first such buddy on a
+   tie); pairs come back ordered by that score (the reference lists them by cluster id), at most ``num_pairs``
+   (all buddies when there are fewer).
 
-Points are token centres in each image's ORIGINAL pixels (``(x, y)``, via :class:`~densevit.coords.TokenGrid`).
-Differences from the reference, deliberate: a buddy is kept when ``fg_a[i] and fg_b[j]`` (the reference's
-second test checks that *some* salient token of B has ``i`` as its nearest neighbour, which lets a few
-background B tokens through); k-means is FAISS with ``n_redo`` restarts rather than scikit-learn's; points are
-``(x, y)`` in original pixels rather than ``(y, x)`` in resized pixels.
+Points are token centres in each image's ORIGINAL pixels (``(x, y)``, via :class:`~densevit.coords.TokenGrid`);
+the reference gives the same token centres as ``(y, x)`` in resized pixels.
 
 :func:`transfer_keypoints`: each given point of image A goes to the position of its nearest-neighbour token in B
 (:func:`densevit.transfer.transfer_points`, the same code the SPair-71k benchmark scores).
@@ -31,12 +36,16 @@ import numpy as np
 import torch
 
 from densevit.errors import DensevitError
-from densevit.index import best_buddies, kmeans
+from densevit.index import kmeans, nearest_both_ways
 from densevit.transfer import transfer_points
 
 from .common import ImageFeatures, ImageInput, extract_features, image_name, l2_normalize
 
-__all__ = ["CorrespondenceConfig", "Correspondences", "find_correspondences", "find_correspondences_features",
+CLUSTERINGS = ("sklearn", "faiss")
+FG_TESTS = ("reference", "both")
+
+__all__ = ["CLUSTERINGS", "FG_TESTS", "CorrespondenceConfig", "Correspondences", "find_correspondences",
+           "find_correspondences_features", "salient_buddies", "cluster_pairs",
            "transfer_keypoints", "transfer_keypoints_features", "pair_features"]
 
 
@@ -50,9 +59,11 @@ class CorrespondenceConfig:
     bin: bool = True
     thresh: float = 0.05                # saliency threshold (both tokens of a buddy pair)
     num_pairs: int = 10
-    n_iter: int = 300
-    n_redo: int = 10
-    seed: int = 0
+    n_iter: int = 300                   # k-means iterations (scikit-learn's max_iter / FAISS niter)
+    n_redo: int = 10                    # k-means restarts (scikit-learn's n_init / FAISS nredo)
+    seed: int = 0                       # scikit-learn random_state (the reference's 0) / FAISS seed
+    clustering: str = "sklearn"         # "sklearn" (reference) | "faiss"
+    fg_test: str = "reference"          # "reference" | "both" (both tokens salient)
     backend: str = "auto"
 
     def validate(self) -> None:
@@ -60,6 +71,10 @@ class CorrespondenceConfig:
             raise DensevitError(f"number of pairs must be >= 1, got {self.num_pairs}")
         if self.n_iter < 1 or self.n_redo < 1:
             raise DensevitError("k-means iterations and restarts must be >= 1")
+        if self.clustering not in CLUSTERINGS:
+            raise DensevitError(f"unknown clustering {self.clustering!r}; choose from {', '.join(CLUSTERINGS)}")
+        if self.fg_test not in FG_TESTS:
+            raise DensevitError(f"unknown foreground test {self.fg_test!r}; choose from {', '.join(FG_TESTS)}")
 
 
 @dataclass
@@ -71,7 +86,7 @@ class Correspondences:
         tokens_a, tokens_b: ``N`` flat token indices.
         saliency: ``N`` mean saliency of each pair (the ranking score, descending).
         similarity: ``N`` cosine similarity of each pair's descriptors.
-        num_buddies: salient best-buddy pairs found (before the k-means pick).
+        num_buddies: best-buddy pairs that passed the foreground test (before the k-means pick).
         image_hw_a, image_hw_b: original sizes ``(H, W)``.
     """
 
@@ -88,6 +103,35 @@ class Correspondences:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
+def salient_buddies(fa: ImageFeatures, fb: ImageFeatures, thresh: float, fg_test: str = "reference",
+                    backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best buddies ``(idx_a, idx_b)`` (sorted by ``idx_a``) that pass the foreground test ``fg_test``
+    (:data:`FG_TESTS`, see the module docstring) at saliency threshold ``thresh``."""
+    nn_ab, nn_ba = nearest_both_ways(fa.descriptors, fb.descriptors, metric="cosine", backend=backend)
+    ia = torch.nonzero(nn_ba[nn_ab] == torch.arange(nn_ab.shape[0])).flatten()
+    ib = nn_ab[ia]
+    fg_a, fg_b = fa.saliency > thresh, fb.saliency > thresh
+    if fg_test == "both":
+        keep = fg_a[ia] & fg_b[ib]
+    else:  # A's token salient, and the nearest neighbour in A of some salient token of B
+        reached = torch.zeros_like(fg_a)
+        reached[nn_ba[fg_b]] = True
+        keep = fg_a[ia] & reached[ia]
+    return ia[keep], ib[keep]
+
+
+def cluster_pairs(joined: torch.Tensor, k: int, cfg: CorrespondenceConfig) -> np.ndarray:
+    """Cluster labels (``N``) of the buddies' joined descriptors (``N x D``, each row L2-normalised here)."""
+    if cfg.clustering == "faiss":
+        return kmeans(l2_normalize(joined), k, n_iter=cfg.n_iter, n_redo=cfg.n_redo, seed=cfg.seed,
+                      backend=cfg.backend)[0].cpu().numpy()
+    from sklearn.cluster import KMeans
+
+    x = joined.float().numpy()
+    x = x / np.sqrt((x ** 2).sum(axis=1))[:, None]
+    return KMeans(n_clusters=k, random_state=cfg.seed, n_init=cfg.n_redo, max_iter=cfg.n_iter).fit(x).labels_
+
+
 def find_correspondences_features(fa: ImageFeatures, fb: ImageFeatures,
                                   cfg: CorrespondenceConfig = CorrespondenceConfig()) -> Correspondences:
     """Correspondences from two images' features (descriptors ``TxD`` and saliency ``T``)."""
@@ -96,9 +140,7 @@ def find_correspondences_features(fa: ImageFeatures, fb: ImageFeatures,
         raise DensevitError("correspondences need saliency maps (extract with saliency=True)")
     timings: Dict[str, float] = {}
     t = time.perf_counter()
-    ia, ib = best_buddies(fa.descriptors, fb.descriptors, metric="cosine", backend=cfg.backend)
-    keep = (fa.saliency[ia] > cfg.thresh) & (fb.saliency[ib] > cfg.thresh)
-    ia, ib = ia[keep], ib[keep]
+    ia, ib = salient_buddies(fa, fb, cfg.thresh, cfg.fg_test, cfg.backend)
     timings["best_buddies"] = time.perf_counter() - t
     n_bb = int(ia.numel())
 
@@ -106,13 +148,11 @@ def find_correspondences_features(fa: ImageFeatures, fb: ImageFeatures,
     if n_bb == 0:
         pick = np.zeros(0, np.int64)
     else:
-        joined = torch.cat([fa.descriptors[ia], fb.descriptors[ib]], dim=1)
         k = min(cfg.num_pairs, n_bb)
         if k == n_bb:
             labels = np.arange(n_bb)
         else:
-            labels = kmeans(l2_normalize(joined), k, n_iter=cfg.n_iter, n_redo=cfg.n_redo, seed=cfg.seed,
-                            backend=cfg.backend)[0].cpu().numpy()
+            labels = cluster_pairs(torch.cat([fa.descriptors[ia], fb.descriptors[ib]], dim=1), k, cfg)
         rank = ((fa.saliency[ia] + fb.saliency[ib]) / 2).numpy()
         order = np.lexsort((np.arange(n_bb), -rank, labels))             # by cluster, best rank first
         first = np.ones(n_bb, bool)

@@ -1,25 +1,37 @@
 """Co-segmentation of a set of images (Amir et al. 2021, Sec. 4.1; reference ``cosegmentation.py``).
 
+By default every step is the reference's ``find_cosegmentation`` with its defaults:
+
 1. One forward pass per image gives its descriptors (default: key facet of layer 11, unbinned, ViT-S/8 at
-   stride 4, short side 224) and its saliency map (the last layer's CLS attention).
-2. All descriptors of the set, L2-normalised, are clustered with FAISS k-means; k is chosen by the elbow rule
-   (k = 1..14, stop at the first k whose mean squared distance exceeds ``elbow`` = 0.975 times the previous
-   one, and keep that k's clustering, as the reference); the centroids are trained on every
-   ``sample_interval``-th (100) descriptor of each image and every descriptor is then assigned.
+   stride 4, short side 224). Saliency (``saliency_source``, :data:`~densevit.apps.common.SALIENCY_SOURCES`):
+   ``"reference"`` = the reference's ``low_res_saliency_maps=True``: the last layer's CLS attention of a second
+   pass at stride 8 on the image resized to half the input, resized to the token grid (nearest);
+   ``"same-pass"`` = the CLS attention of the descriptor pass (the reference with ``low_res_saliency_maps=False``;
+   one pass fewer).
+2. All descriptors of the set, L2-normalised, are clustered with FAISS k-means with the reference's arguments
+   (``faiss.Kmeans(niter=300, nredo=10)``: FAISS's seed 1234 and its cap of 256 training rows per centroid,
+   :func:`densevit.index.kmeans`); k is chosen by the elbow rule (k = 1..14, stop at the first k whose mean
+   squared distance exceeds ``elbow`` = 0.975 times the previous one, and keep that k's clustering); the
+   centroids are trained on every ``sample_interval``-th (100) descriptor of each image and every descriptor is
+   then assigned by a search of the centroid index.
 3. Each image votes for every cluster whose mean saliency over the image's tokens in it exceeds ``thresh``
    (0.065); a cluster with at least ``ceil(n_images * votes_percentage / 100)`` votes (75 %) is foreground.
-4. Each image's foreground tokens, brought to the resized image's pixels, seed GrabCut (OpenCV, 5 iterations):
-   the 7x7-eroded foreground is sure foreground, the 7x7-eroded background sure background, the rest probable
+4. Each image's foreground tokens are brought to the resized image's pixels (``upsample_masks``,
+   :data:`~densevit.apps.common.UPSAMPLINGS`: ``"reference"`` = PIL's nearest resize of the token mask, as the
+   reference; ``"token-centre"`` = nearest token centre) and seed GrabCut (OpenCV, 5 iterations): the
+   7x7-eroded foreground is sure foreground, the 7x7-eroded background sure background, the rest probable
    foreground. When GrabCut cannot run (e.g. an empty mask) the unrefined mask is kept, as the reference.
+   GrabCut draws from OpenCV's random generator: the reference never seeds it, so one stream runs through the
+   images in order. ``grabcut_seeding="set"`` (default) seeds that stream once per set with ``grabcut_seed``
+   (0: OpenCV's initial state, what an unseeded process such as the reference's draws) and the images draw from
+   it in order, as the reference; ``"image"`` reseeds it before every image (an image's mask then does not
+   depend on the other images of the set).
 5. Optional outlier images (``remove_outliers``): images whose CLS descriptor (same layer/facet) has cosine
    similarity below ``outliers_thresh`` (0.7) to the mean CLS descriptor are left out of clustering and voting
    and get an empty mask.
 
-Differences from the reference, deliberate: the saliency map comes from the same stride-4 pass as the
-descriptors (the reference by default re-runs the model at stride 8 on a half-size image to save GPU memory:
-``low_res_saliency_maps``); masks are returned at the ORIGINAL image resolution (GrabCut runs at the resized
-resolution as in the reference, then the mask is mapped back through the token grid's scale); pixels take the
-label of the nearest token centre (``TokenGrid``) rather than a corner-aligned resize of the token map.
+Masks are returned at the ORIGINAL image resolution (GrabCut runs at the resized resolution as in the
+reference, ``masks_input``; the mask is then mapped back through the token grid's scale).
 """
 from __future__ import annotations
 
@@ -35,17 +47,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.index import elbow_kmeans
+from densevit.index import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID, elbow_kmeans, kmeans
 
-from .common import ImageFeatures, ImageInput, extract_set, input_to_image, l2_normalize, tokens_to_image
+from .common import (SALIENCY_SOURCES, ImageFeatures, ImageInput, check_upsampling, extract_set, input_to_image,
+                     l2_normalize, mask_to_input)
 
-__all__ = ["CosegConfig", "CosegResult", "Clustering", "cosegment", "cosegment_features", "cluster_descriptors",
+__all__ = ["CosegConfig", "CosegResult", "GRABCUT_SEEDINGS", "Clustering", "cosegment", "cosegment_features", "cluster_descriptors",
            "vote_salient_clusters", "find_outliers", "grabcut_refine"]
+
+
+GRABCUT_SEEDINGS = ("set", "image")
 
 
 @dataclass(frozen=True)
 class CosegConfig:
-    """Co-segmentation parameters (defaults: the paper's / reference's)."""
+    """Co-segmentation parameters (defaults: the reference's ``find_cosegmentation``)."""
 
     load_size: Optional[int] = 224      # short side of the network input (None: original size)
     layer: int = 11
@@ -58,12 +74,17 @@ class CosegConfig:
     sample_interval: int = 100          # k-means trained on every n-th descriptor of each image
     n_iter: int = 300                   # k-means iterations / restarts (reference: faiss niter=300, nredo=10)
     n_redo: int = 10
+    seed: int = FAISS_KMEANS_SEED       # k-means seed (FAISS's default, the reference's)
+    max_points_per_centroid: Optional[int] = FAISS_MAX_POINTS_PER_CENTROID  # FAISS's cap (None: train on all)
+    saliency_source: str = "reference"  # "reference" (low-res pass) | "same-pass"
+    upsample_masks: str = "reference"   # "reference" (PIL nearest) | "token-centre"
     remove_outliers: bool = False
     outliers_thresh: float = 0.7
     grabcut: bool = True
     grabcut_iters: int = 5
     grabcut_kernel: int = 7             # erosion kernel side for the sure fg / bg seeds
-    seed: int = 0
+    grabcut_seed: int = 0               # OpenCV RNG seed (0 = its initial state, an unseeded process's)
+    grabcut_seeding: str = "set"        # "set": one stream through the set (reference) | "image": reseed per image
     backend: str = "auto"               # densevit.index backend
 
     def validate(self) -> None:
@@ -75,6 +96,15 @@ class CosegConfig:
             raise DensevitError(f"GrabCut kernel must be >= 1, got {self.grabcut_kernel}")
         if not self.k_range or min(self.k_range) < 1:
             raise DensevitError("k range must hold positive cluster counts")
+        if self.max_points_per_centroid is not None and self.max_points_per_centroid < 1:
+            raise DensevitError(f"max points per centroid must be >= 1, got {self.max_points_per_centroid}")
+        if self.saliency_source not in SALIENCY_SOURCES:
+            raise DensevitError(f"unknown saliency source {self.saliency_source!r}; choose from "
+                                f"{', '.join(SALIENCY_SOURCES)}")
+        check_upsampling(self.upsample_masks)
+        if self.grabcut_seeding not in GRABCUT_SEEDINGS:
+            raise DensevitError(f"unknown GrabCut seeding {self.grabcut_seeding!r}; choose from "
+                                f"{', '.join(GRABCUT_SEEDINGS)}")
 
 
 @dataclass
@@ -100,6 +130,7 @@ class CosegResult:
         grabcut_applied: per image whether GrabCut refined the mask.
         timings: seconds spent per stage (extraction, clustering, voting, grabcut).
         images: the original RGB images the masks belong to (for drawing).
+        masks_input: per image the mask at the RESIZED (network input) resolution, as the reference returns it.
     """
 
     names: List[str]
@@ -114,18 +145,21 @@ class CosegResult:
     timings: Dict[str, float] = field(default_factory=dict)
     clustering: Optional[Clustering] = None
     images: List[Image.Image] = field(default_factory=list)
+    masks_input: List[np.ndarray] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ stages
 def cluster_descriptors(descriptors: Sequence[torch.Tensor], elbow: float = 0.975,
                         k_range: Sequence[int] = tuple(range(1, 15)), sample_interval: int = 100,
-                        n_iter: int = 300, n_redo: int = 10, seed: int = 0, backend: str = "auto",
-                        fixed_k: Optional[int] = None) -> Clustering:
-    """Elbow k-means (or k = ``fixed_k``) of several images' descriptors together.
+                        n_iter: int = 300, n_redo: int = 10, seed: int = FAISS_KMEANS_SEED, backend: str = "auto",
+                        fixed_k: Optional[int] = None,
+                        max_points_per_centroid: Optional[int] = FAISS_MAX_POINTS_PER_CENTROID) -> Clustering:
+    """Elbow k-means (or k = ``fixed_k``) of several images' descriptors together, as the reference.
 
     descriptors: per image ``T_i x D``. They are L2-normalised; the centroids are fitted on every
-    ``sample_interval``-th row of each image (all rows when that leaves fewer rows than clusters), and every row
-    is assigned. Returns per-image labels in input order.
+    ``sample_interval``-th row of each image (all rows when that leaves fewer rows than clusters, where the
+    reference would fail), and every row is assigned. FAISS arguments as :func:`densevit.index.kmeans`.
+    Returns per-image labels in input order.
     """
     normed = [l2_normalize(d) for d in descriptors]
     counts = [d.shape[0] for d in normed]
@@ -139,13 +173,13 @@ def cluster_descriptors(descriptors: Sequence[torch.Tensor], elbow: float = 0.97
     if fixed_k is not None:
         if fixed_k > x.shape[0]:
             raise DensevitError(f"cannot form {fixed_k} clusters from {x.shape[0]} descriptors")
-        from densevit.index import kmeans
-
-        labels, cents, _ = kmeans(x, fixed_k, n_iter=n_iter, n_redo=n_redo, seed=seed, backend=backend, train=train)
+        labels, cents, _ = kmeans(x, fixed_k, n_iter=n_iter, n_redo=n_redo, seed=seed, backend=backend, train=train,
+                                  max_points_per_centroid=max_points_per_centroid)
         k = fixed_k
     else:
         labels, cents, k = elbow_kmeans(x, k_range=k_range, elbow=elbow, seed=seed, n_iter=n_iter, n_redo=n_redo,
-                                        train=train, select="stop", backend=backend)
+                                        train=train, select="stop", backend=backend,
+                                        max_points_per_centroid=max_points_per_centroid)
     split = torch.split(labels.cpu(), counts)
     return Clustering([s.numpy() for s in split], cents.float().cpu().numpy(), int(k))
 
@@ -175,12 +209,14 @@ def find_outliers(cls_descriptors: torch.Tensor, thresh: float = 0.7) -> np.ndar
 
 
 def grabcut_refine(image_rgb: np.ndarray, mask: np.ndarray, iters: int = 5, kernel: int = 7,
-                   seed: int = 0) -> Tuple[np.ndarray, bool]:
+                   seed: Optional[int] = 0) -> Tuple[np.ndarray, bool]:
     """Refine a binary mask (``HxW``) of an RGB image (``HxWx3`` uint8) with GrabCut, seeded as the reference:
     eroded foreground = sure fg, eroded background = sure bg, the rest probable fg.
 
     Returns ``(mask HxW bool, applied)``; when GrabCut cannot run (no fg or bg samples), the input mask and
-    False. OpenCV's RNG is seeded with ``seed`` so the result is deterministic.
+    False, and nothing is drawn from OpenCV's generator (as OpenCV's own refusal). ``seed``: OpenCV's RNG is
+    seeded with it first (deterministic on its own); None draws from the generator's current state (one
+    stream over several calls, as the reference, which never seeds it).
     """
     m = mask.astype(np.uint8)
     k = np.ones((kernel, kernel), np.uint8)
@@ -191,7 +227,8 @@ def grabcut_refine(image_rgb: np.ndarray, mask: np.ndarray, iters: int = 5, kern
     gc[sure_fg] = cv2.GC_FGD
     if not (gc != cv2.GC_BGD).any() or not (gc == cv2.GC_BGD).any():
         return mask.astype(bool), False
-    cv2.setRNGSeed(int(seed))
+    if seed is not None:
+        cv2.setRNGSeed(int(seed))
     try:
         cv2.grabCut(np.ascontiguousarray(image_rgb, dtype=np.uint8), gc, None, np.zeros((1, 65), np.float64),
                     np.zeros((1, 65), np.float64), int(iters), cv2.GC_INIT_WITH_MASK)
@@ -202,7 +239,8 @@ def grabcut_refine(image_rgb: np.ndarray, mask: np.ndarray, iters: int = 5, kern
 
 # ---------------------------------------------------------------------------------------------- pipeline
 def cosegment_features(features: Sequence[ImageFeatures], cfg: CosegConfig = CosegConfig()) -> CosegResult:
-    """Co-segment images whose features (with saliency; with CLS descriptors for outlier removal) are given."""
+    """Co-segment images whose features (with saliency; with CLS descriptors for outlier removal) are given
+    (their saliency is used as it is: ``cfg.saliency_source`` applies in :func:`cosegment`'s extraction)."""
     cfg.validate()
     if len(features) < 2:
         raise DensevitError(f"co-segmentation needs at least two images, got {len(features)}")
@@ -220,7 +258,8 @@ def cosegment_features(features: Sequence[ImageFeatures], cfg: CosegConfig = Cos
 
     t = time.perf_counter()
     clus = cluster_descriptors([f.descriptors for f in inl], cfg.elbow, cfg.k_range, cfg.sample_interval,
-                               cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend)
+                               cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend,
+                               max_points_per_centroid=cfg.max_points_per_centroid)
     timings["clustering"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -229,13 +268,17 @@ def cosegment_features(features: Sequence[ImageFeatures], cfg: CosegConfig = Cos
     timings["voting"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    masks, token_masks, labels, applied = [], [], [], []
+    masks, masks_input, token_masks, labels, applied = [], [], [], [], []
+    if cfg.grabcut and cfg.grabcut_seeding == "set":
+        cv2.setRNGSeed(int(cfg.grabcut_seed))           # one stream through the set, drawn in image order
+    per_image_seed = cfg.grabcut_seed if cfg.grabcut_seeding == "image" else None
     it = iter(clus.labels)
     for f, keep in zip(features, inliers):
         h, w = f.grid.shape
         if not keep:
             token_masks.append(np.zeros((h, w), bool))
             labels.append(np.full((h, w), -1, np.int64))
+            masks_input.append(np.zeros(tuple(f.grid.input_hw), bool))
             masks.append(np.zeros(f.image_hw, bool))
             applied.append(False)
             continue
@@ -243,15 +286,17 @@ def cosegment_features(features: Sequence[ImageFeatures], cfg: CosegConfig = Cos
         tok = np.isin(lab, salient)
         token_masks.append(tok.reshape(h, w))
         labels.append(lab.reshape(h, w))
-        pix = tokens_to_image(tok, f.grid, where="input")                 # resized-image pixels
+        pix = mask_to_input(tok, f.grid, cfg.upsample_masks)                # resized-image pixels
         ok = False
         if cfg.grabcut:
-            pix, ok = grabcut_refine(np.asarray(f.resized), pix, cfg.grabcut_iters, cfg.grabcut_kernel, cfg.seed)
+            pix, ok = grabcut_refine(np.asarray(f.resized), pix, cfg.grabcut_iters, cfg.grabcut_kernel,
+                                     per_image_seed)
         applied.append(ok)
+        masks_input.append(pix)
         masks.append(input_to_image(pix, f.grid))
     timings["grabcut" if cfg.grabcut else "masks"] = time.perf_counter() - t
     return CosegResult([f.name for f in features], masks, token_masks, labels, clus.k, salient, votes, inliers,
-                       applied, timings, clus, [f.image for f in features])
+                       applied, timings, clus, [f.image for f in features], masks_input)
 
 
 def cosegment(extractor, images: Sequence[ImageInput], cfg: Optional[CosegConfig] = None, **overrides
@@ -264,7 +309,7 @@ def cosegment(extractor, images: Sequence[ImageInput], cfg: Optional[CosegConfig
         raise DensevitError(f"co-segmentation needs at least two images, got {len(images)}")
     t = time.perf_counter()
     feats = extract_set(extractor, images, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, saliency=True,
-                        include_cls=cfg.remove_outliers)
+                        include_cls=cfg.remove_outliers, saliency_source=cfg.saliency_source)
     t_extract = time.perf_counter() - t
     result = cosegment_features(feats, cfg)
     result.timings = {"extraction": t_extract, **result.timings}

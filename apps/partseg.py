@@ -1,19 +1,26 @@
 """Part co-segmentation of a set of images (Amir et al. 2021, Sec. 4.2; reference ``part_cosegmentation.py``).
 
-1. Foreground, as in co-segmentation (:mod:`densevit.apps.coseg` steps 1-3, no GrabCut): elbow k-means of all
-   descriptors (key facet, layer 11, unbinned; k = 1..14, ``elbow`` 0.975) and saliency voting
-   (``thresh`` 0.065, ``votes_percentage`` 75 %; only the original images vote).
+By default every step is the reference's ``find_part_cosegmentation`` with its defaults:
+
+1. Foreground, as in co-segmentation (:mod:`densevit.apps.coseg` steps 1-3, no GrabCut; the same saliency
+   sources, FAISS k-means arguments and ``seed``): elbow k-means of all descriptors (key facet, layer 11,
+   unbinned; k = 1..14, ``elbow`` 0.975) and saliency voting (``thresh`` 0.065, ``votes_percentage`` 75 %; only
+   the original images vote).
 2. Parts: k-means with ``num_parts`` (4) clusters of the foreground descriptors (L2-normalised, trained on every
    100th of each image's), or with the three-stage variant (``three_stages``) an elbow k-means
    (``elbow_second_stage`` 0.94) whose clusters present in every original image after smoothing are the common
    parts, whose descriptors are clustered again into ``num_parts`` parts (stage 3).
-3. Smoothing: per image, the unary energy of each pixel is its token's squared distance to every part centroid
-   and, for background, the smallest squared distance to a background centroid (stage-1 non-salient clusters,
-   plus stage-2 non-common ones in three stages), minus the per-pixel maximum; a dense CRF on the resized
-   image (Gaussian kernel sxy 3, compat 50; bilateral sxy 5, srgb 13, compat 15; 10 mean-field iterations, as
-   the reference) gives the label map.
+3. Smoothing: per image, the unary energy of each token is its squared distance to every part centroid and, for
+   background, the smallest squared distance to a background centroid (stage-1 non-salient clusters, plus
+   stage-2 non-common ones in three stages), minus the token's maximum; brought to the resized image's pixels
+   (``upsample_masks``: ``"reference"`` = ``torch.nn.Upsample(mode="nearest")`` as the reference,
+   ``"token-centre"`` = nearest token centre), a dense CRF on the resized image (Gaussian kernel sxy 3, compat
+   50; bilateral sxy 5, srgb 13, compat 15; 10 mean-field iterations, as the reference) gives the label map.
+   In three stages the smoothed maps go back to one label per token the same way (``"reference"``: nearest
+   down-sampling as the reference; ``"token-centre"``: the pixel under each token centre).
 4. Optional augmentations (``num_crop_augmentations`` > 0): for each image, that many random 95 % crops of it
-   and of its horizontal flip join the clustering (not the voting) and are dropped from the output.
+   and of its horizontal flip join the clustering (not the voting) and are dropped from the output (the crops
+   are drawn from a generator seeded with ``seed``, not from the reference's unseeded torch stream).
 
 Dense CRF backends (``crf``): ``"dense"`` uses pydensecrf (the ``crf`` extra: ``pip install pydensecrf2``,
 built from source, needs a C++ compiler); ``"approx"`` is the documented fallback used by ``"auto"`` when
@@ -23,8 +30,8 @@ colour guided filter (He et al. 2010; radius = bilateral sxy, eps = (srgb / 255)
 lattice; ``"none"`` takes the unary argmax (nearest token). Results of the two CRF backends are close but not
 identical.
 
-Output label maps are at the ORIGINAL image resolution: -1 background, parts ``0..P-1``, the same part id
-meaning the same part across the set.
+Output label maps are at the ORIGINAL image resolution (``parts_input``: at the resized resolution, as the
+reference returns them): -1 background, parts ``0..P-1``, the same part id meaning the same part across the set.
 """
 from __future__ import annotations
 
@@ -38,10 +45,11 @@ import torch
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.index import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
 
 from .coseg import cluster_descriptors, vote_salient_clusters
-from .common import ImageFeatures, ImageInput, extract_features, image_name, input_to_image, input_to_tokens, \
-    l2_normalize, tokens_to_image
+from .common import SALIENCY_SOURCES, ImageFeatures, ImageInput, check_upsampling, extract_features, image_name, \
+    input_to_image, input_to_tokens, l2_normalize, tokens_to_image, upsample_nearest
 
 __all__ = ["PartsegConfig", "PartsegResult", "part_cosegment", "part_cosegment_features", "extract_partseg_features",
            "dense_crf",
@@ -77,7 +85,10 @@ class PartsegConfig:
     bilateral_sxy: float = 5.0
     bilateral_srgb: float = 13.0
     bilateral_compat: float = 15.0
-    seed: int = 0
+    seed: int = FAISS_KMEANS_SEED       # k-means seed (FAISS's default, the reference's) and augmentation crops
+    max_points_per_centroid: Optional[int] = FAISS_MAX_POINTS_PER_CENTROID  # FAISS's cap (None: train on all)
+    saliency_source: str = "reference"  # "reference" (low-res pass) | "same-pass"
+    upsample_masks: str = "reference"   # "reference" (torch nearest) | "token-centre"
     backend: str = "auto"
 
     def validate(self) -> None:
@@ -89,6 +100,12 @@ class PartsegConfig:
             raise DensevitError(f"unknown CRF backend {self.crf!r}; choose from {', '.join(CRF_BACKENDS)}")
         if not 0 < self.votes_percentage <= 100 or self.sample_interval < 1 or self.crf_iters < 0:
             raise DensevitError("votes percentage must be in (0, 100], sample interval >= 1, CRF iterations >= 0")
+        if self.max_points_per_centroid is not None and self.max_points_per_centroid < 1:
+            raise DensevitError(f"max points per centroid must be >= 1, got {self.max_points_per_centroid}")
+        if self.saliency_source not in SALIENCY_SOURCES:
+            raise DensevitError(f"unknown saliency source {self.saliency_source!r}; choose from "
+                                f"{', '.join(SALIENCY_SOURCES)}")
+        check_upsampling(self.upsample_masks)
 
 
 @dataclass
@@ -103,6 +120,7 @@ class PartsegResult:
         crf: the smoothing backend actually used ("dense", "approx" or "none").
         timings: seconds per stage.
         images: the original RGB images the label maps belong to (for drawing).
+        parts_input: per image the label map at the RESIZED (network input) resolution, as the reference.
     """
 
     names: List[str]
@@ -115,6 +133,7 @@ class PartsegResult:
     crf: str
     timings: Dict[str, float] = field(default_factory=dict)
     images: List[Image.Image] = field(default_factory=list)
+    parts_input: List[np.ndarray] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ dense CRF
@@ -227,10 +246,27 @@ def augment_image(image: Image.Image, load_size: Optional[int], n: int, fraction
 
 
 def _sq_dists(x: torch.Tensor, c: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances ``T x K`` between rows of x (normalised) and centroids c (``K x D``)."""
-    if c.shape[0] == 0:
-        return np.zeros((x.shape[0], 0), np.float32)
-    return torch.cdist(x, torch.from_numpy(c).float()).pow(2).numpy()
+    """Squared Euclidean distances ``T x K`` between rows of x (normalised) and centroids c (``K x D``), each
+    ``sum((x - c)^2)`` as the reference computes it (one centroid at a time)."""
+    xs = x.float().numpy()
+    out = np.empty((xs.shape[0], c.shape[0]), np.float32)
+    for j in range(c.shape[0]):
+        out[:, j] = ((xs - c[j][None].astype(np.float32)) ** 2).sum(axis=1)
+    return out
+
+
+def _to_input(values: np.ndarray, f: ImageFeatures, how: str) -> np.ndarray:
+    """Per-token values (``T x C``) -> the resized image's pixels (``Hi x Wi x C``), by ``how``."""
+    if how == "token-centre":
+        return tokens_to_image(values, f.grid, where="input")
+    return upsample_nearest(values.reshape(f.grid.shape + values.shape[1:]), tuple(f.grid.input_hw))
+
+
+def _to_tokens(label_map: np.ndarray, f: ImageFeatures, how: str) -> np.ndarray:
+    """A label map of the resized image (``Hi x Wi``) -> one label per token (``T``), by ``how``."""
+    if how == "token-centre":
+        return input_to_tokens(label_map, f.grid)
+    return upsample_nearest(label_map, f.grid.shape).reshape(-1).astype(label_map.dtype)
 
 
 def _smooth(f: ImageFeatures, normed: torch.Tensor, part_c: np.ndarray, bg_c: np.ndarray,
@@ -240,11 +276,11 @@ def _smooth(f: ImageFeatures, normed: torch.Tensor, part_c: np.ndarray, bg_c: np
     d_bg = _sq_dists(normed, bg_c)
     if d_bg.shape[1]:
         d_bg = d_bg.min(axis=1, keepdims=True)
-    else:  # every stage-1 cluster is foreground: background is never the closest
+    else:  # every stage-1 cluster is foreground (the reference fails): background is never the closest
         d_bg = np.full((normed.shape[0], 1), d_parts.max() + 1.0 if d_parts.size else 1.0, np.float32)
     d = np.concatenate([d_parts, d_bg], axis=1)
     d = d - d.max(axis=1, keepdims=True)
-    unary = tokens_to_image(d, f.grid, where="input")                         # Hi x Wi x (P+1)
+    unary = _to_input(d, f, cfg.upsample_masks)                               # Hi x Wi x (P+1)
     return dense_crf(np.asarray(f.resized), unary, cfg.crf, cfg.crf_iters, cfg.gaussian_sxy, cfg.gaussian_compat,
                      cfg.bilateral_sxy, cfg.bilateral_srgb, cfg.bilateral_compat)
 
@@ -259,8 +295,9 @@ def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
         raise DensevitError(f"part co-segmentation needs at least two images, got {n_original}")
     timings: Dict[str, float] = {}
     t = time.perf_counter()
+    mppc = cfg.max_points_per_centroid
     stage1 = cluster_descriptors([f.descriptors for f in features], cfg.elbow, cfg.k_range, cfg.sample_interval,
-                                 cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend)
+                                 cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend, max_points_per_centroid=mppc)
     salient, _ = vote_salient_clusters(stage1.labels[:n_original],
                                        [f.saliency.numpy() for f in features[:n_original]], stage1.k, cfg.thresh,
                                        cfg.votes_percentage)
@@ -273,10 +310,11 @@ def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
     fg_desc = [f.descriptors[torch.from_numpy(m)] for f, m in zip(features, fg)]
     if cfg.three_stages:
         stage2 = cluster_descriptors(fg_desc, cfg.elbow_second_stage, cfg.k_range, cfg.sample_interval,
-                                     cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend)
+                                     cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend, max_points_per_centroid=mppc)
     else:
         stage2 = cluster_descriptors(fg_desc, sample_interval=cfg.sample_interval, n_iter=cfg.n_iter,
-                                     n_redo=cfg.n_redo, seed=cfg.seed, backend=cfg.backend, fixed_k=cfg.num_parts)
+                                     n_redo=cfg.n_redo, seed=cfg.seed, backend=cfg.backend, fixed_k=cfg.num_parts,
+                                     max_points_per_centroid=mppc)
     timings["clustering"] = time.perf_counter() - t
 
     normed = [l2_normalize(f.descriptors) for f in features]
@@ -293,7 +331,7 @@ def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
 
     if cfg.three_stages:
         t = time.perf_counter()
-        tok = {i: input_to_tokens(maps[i], features[i].grid) for i in todo}   # smoothed label per token
+        tok = {i: _to_tokens(maps[i], features[i], cfg.upsample_masks) for i in todo}  # smoothed label per token
         votes = np.zeros(stage2.k, np.int64)
         for i in range(n_original):
             present = np.unique(tok[i])
@@ -306,7 +344,8 @@ def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
             raise DensevitError(f"three stages: too few common-part tokens for {cfg.num_parts} parts")
         stage3 = cluster_descriptors([f.descriptors[torch.from_numpy(k)] for f, k in zip(features, keep)],
                                      sample_interval=cfg.sample_interval, n_iter=cfg.n_iter, n_redo=cfg.n_redo,
-                                     seed=cfg.seed, backend=cfg.backend, fixed_k=cfg.num_parts)
+                                     seed=cfg.seed, backend=cfg.backend, fixed_k=cfg.num_parts,
+                                     max_points_per_centroid=mppc)
         bg = np.concatenate([stage1.centroids[bg1], stage2.centroids[np.setdiff1d(np.arange(stage2.k), common)]])
         timings["clustering"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -315,14 +354,15 @@ def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
         timings["crf"] += time.perf_counter() - t
         n_parts = stage3.k
 
-    parts, token_parts = [], []
+    parts, token_parts, parts_input = [], [], []
     for i in range(n_original):
         m = maps[i].astype(np.int16)
         m[m >= n_parts] = -1
+        parts_input.append(m)
         parts.append(input_to_image(m, features[i].grid))
         token_parts.append(input_to_tokens(m, features[i].grid).reshape(features[i].grid.shape))
     return PartsegResult([f.name for f in features[:n_original]], parts, token_parts, int(n_parts), stage1.k,
-                         salient, common, used, timings, [f.image for f in features[:n_original]])
+                         salient, common, used, timings, [f.image for f in features[:n_original]], parts_input)
 
 
 def extract_partseg_features(extractor, images: Sequence[ImageInput], cfg: PartsegConfig) -> List[ImageFeatures]:
@@ -330,14 +370,15 @@ def extract_partseg_features(extractor, images: Sequence[ImageInput], cfg: Parts
     names = [image_name(im, i) for i, im in enumerate(images)]
     if len(set(names)) != len(names):
         names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
-    feats = [extract_features(extractor, im, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True, False, n)
-             for im, n in zip(images, names)]
+    feats = [extract_features(extractor, im, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True, False, n,
+                              cfg.saliency_source) for im, n in zip(images, names)]
     if cfg.num_crop_augmentations:
         rng = np.random.default_rng(cfg.seed)
         for f in list(feats):
             for j, aug in enumerate(augment_image(f.image, cfg.load_size, cfg.num_crop_augmentations,
                                                   cfg.crop_fraction, rng)):
-                feats.append(extract_features(extractor, aug, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True,
+                # augmentations do not vote: no saliency
+                feats.append(extract_features(extractor, aug, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, False,
                                               False, f"{f.name}_aug{j}"))
     return feats
 

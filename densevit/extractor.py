@@ -13,6 +13,7 @@ unless ``include_cls``, which keeps the CLS token first; register tokens are alw
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
@@ -126,6 +127,22 @@ class ViTExtractor(nn.Module):
                                 f"{self.patch_size}-pixel patch of {self.spec.name}")
         grid = self.grid(tuple(x.shape[-2:]), image_hw)
         return x.unsqueeze(0).to(self.device), grid, resized
+
+    @contextlib.contextmanager
+    def strided(self, stride: int) -> Iterator["ViTExtractor"]:
+        """Run at another patch-embedding ``stride`` (it must divide the patch size) inside the ``with`` block, the
+        same weights: e.g. the reference co-segmentation's saliency pass at stride 8 beside stride-4 descriptors."""
+        stride = int(stride)
+        if stride < 1 or self.patch_size % stride != 0:
+            raise DensevitError(f"stride {stride} does not divide the patch size {self.patch_size} of {self.spec.name}")
+        proj, before = self.model.patch_embed.proj, self.stride
+        self.stride = self.adapter.stride = stride
+        proj.stride = (stride, stride)
+        try:
+            yield self
+        finally:
+            self.stride = self.adapter.stride = before
+            proj.stride = (before, before)
 
     # ------------------------------------------------------------------ internals
     def resolve_layer(self, layer: int) -> int:

@@ -31,7 +31,7 @@ from .errors import DensevitError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "faiss_available", "faiss_gpu_available", "resolve_backend",
-    "knn", "similarity_matrix", "best_buddies", "label_transfer", "kmeans", "elbow_kmeans",
+    "knn", "similarity_matrix", "nearest_both_ways", "best_buddies", "label_transfer", "kmeans", "elbow_kmeans",
 ]
 
 TensorLike = Union[torch.Tensor, np.ndarray]
@@ -252,29 +252,38 @@ def _nn_both_ways_torch(a: torch.Tensor, b: torch.Tensor, cosine: bool,
 
 
 @torch.no_grad()
+def nearest_both_ways(a: TensorLike, b: TensorLike, metric: str = "cosine", backend: str = "auto",
+                      chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The nearest neighbour of every row of a (NxD) among the rows of b (MxD) and of every b-row among a:
+    ``(nn_ab N int64, nn_ba M int64)`` (ties: the lowest index). ``"auto"``/``"torch"`` find both in a single
+    blocked pass over ``a @ b.T``; ``"faiss"`` runs two 1-NN FAISS searches."""
+    a, b = _as_2d(a, "a"), _as_2d(b, "b")
+    _check_pair(a, b, metric)
+    chunk = _chunk(chunk_size)
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return (torch.zeros(a.shape[0], dtype=torch.long, device=a.device),
+                torch.zeros(b.shape[0], dtype=torch.long, device=a.device))
+    if resolve_backend(backend, a.device) == "torch" or backend == "auto":  # also validates the name
+        return _nn_both_ways_torch(a, b, metric == "cosine", chunk)
+    return knn(a, b, 1, metric, backend, chunk)[1][:, 0], knn(b, a, 1, metric, backend, chunk)[1][:, 0]
+
+
+@torch.no_grad()
 def best_buddies(a: TensorLike, b: TensorLike, metric: str = "cosine", backend: str = "auto",
                  chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best buddies (mutual nearest neighbours, Amir et al. 2021) between the rows of a (NxD) and b (MxD).
 
     Pair ``(i, j)`` is kept when ``j`` is the nearest neighbour of ``a[i]`` in ``b`` and ``i`` the nearest
-    neighbour of ``b[j]`` in ``a``. Returns ``(idx_a, idx_b)``, int64 of length K, sorted by ``idx_a``.
-    ``"auto"``/``"torch"`` find both directions in a single blocked pass (half the work of two k-NN searches);
-    ``"faiss"`` runs two 1-NN FAISS searches. To restrict to foreground tokens as the reference does, filter
-    the pairs afterwards (``keep = fg_a[idx_a] & fg_b[idx_b]``).
+    neighbour of ``b[j]`` in ``a`` (:func:`nearest_both_ways`). Returns ``(idx_a, idx_b)``, int64 of length K,
+    sorted by ``idx_a``. To restrict to foreground tokens, filter the pairs afterwards
+    (``keep = fg_a[idx_a] & fg_b[idx_b]``).
     """
     a, b = _as_2d(a, "a"), _as_2d(b, "b")
-    _check_pair(a, b, metric)
-    chunk = _chunk(chunk_size)
-    dev = a.device
+    nn_ab, nn_ba = nearest_both_ways(a, b, metric, backend, chunk_size)
     if a.shape[0] == 0 or b.shape[0] == 0:
-        empty = torch.empty(0, dtype=torch.long, device=dev)
+        empty = torch.empty(0, dtype=torch.long, device=a.device)
         return empty, empty.clone()
-    if resolve_backend(backend, dev) == "torch" or backend == "auto":  # also validates the name
-        nn_ab, nn_ba = _nn_both_ways_torch(a, b, metric == "cosine", chunk)
-    else:
-        nn_ab = knn(a, b, 1, metric, backend, chunk)[1][:, 0]
-        nn_ba = knn(b, a, 1, metric, backend, chunk)[1][:, 0]
-    idx_a = torch.nonzero(nn_ba[nn_ab] == torch.arange(a.shape[0], device=dev)).flatten()
+    idx_a = torch.nonzero(nn_ba[nn_ab] == torch.arange(a.shape[0], device=a.device)).flatten()
     return idx_a, nn_ab[idx_a]
 
 
@@ -362,53 +371,80 @@ def _kmeans_torch(train: torch.Tensor, k: int, n_iter: int, n_redo: int, seed: i
     return best_c
 
 
+FAISS_KMEANS_SEED = 1234
+"""FAISS's default k-means seed (``faiss.Kmeans`` without ``seed``): what the reference co-segmentation uses."""
+FAISS_MAX_POINTS_PER_CENTROID = 256
+"""FAISS's default training cap: at most ``256 * k`` training rows, a random subsample beyond that."""
+
+
+def _subsample(fit: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return fit[torch.randperm(fit.shape[0], generator=gen)[:n].to(fit.device)]
+
+
 @torch.no_grad()
-def kmeans(x: TensorLike, k: int, n_iter: int = 300, n_redo: int = 10, seed: int = 0, backend: str = "auto",
-           max_train_points: Optional[int] = None, train: Optional[TensorLike] = None,
-           chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
+def kmeans(x: TensorLike, k: int, n_iter: int = 300, n_redo: int = 10, seed: int = FAISS_KMEANS_SEED,
+           backend: str = "auto", max_train_points: Optional[int] = None, train: Optional[TensorLike] = None,
+           chunk_size: Optional[int] = None,
+           max_points_per_centroid: Optional[int] = FAISS_MAX_POINTS_PER_CENTROID
+           ) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """Euclidean k-means of x (NxD): ``(labels N int64, centroids kxD float32, inertia float)``.
 
     Centroids are fitted on ``train`` (TxD; default x), randomly subsampled to ``max_train_points`` rows if
     given (deterministic with ``seed``); then every row of x is assigned to its nearest centroid and
-    ``inertia`` is the sum of squared distances over x. FAISS backend: ``faiss.Kmeans`` (``niter=n_iter``,
-    ``nredo=n_redo``); torch backend (no FAISS or GPU data): k-means++ seeding + Lloyd, best of ``n_redo``.
-    Both are deterministic for a fixed seed but do not draw the same seeds as each other.
-    Defaults (300 iterations, 10 restarts) are the reference co-segmentation's.
+    ``inertia`` is the sum of squared distances over x.
+
+    FAISS backend: ``faiss.Kmeans(niter=n_iter, nredo=n_redo, seed=seed,
+    max_points_per_centroid=max_points_per_centroid)`` trained on the rows, and the assignment is a search of
+    its centroid index (``km.index.search(x, 1)``), as the reference co-segmentation does. The defaults (300
+    iterations, 10 restarts, FAISS's own seed 1234 and training cap of 256 rows per centroid: FAISS draws a
+    random ``256 * k`` of more rows) are exactly the reference's ``faiss.Kmeans(d, k, niter=300, nredo=10)``;
+    ``max_points_per_centroid=None`` trains on every given row. (``min_points_per_centroid`` is 1 only to
+    silence FAISS's "please provide at least 39*k points" warning; it changes no result.)
+    torch backend (no FAISS, or GPU data): k-means++ seeding + Lloyd, best of ``n_redo``, on the same training
+    rows (capped likewise by a seeded random subsample); deterministic for a fixed seed, but not FAISS's draws.
     """
     x = _as_2d(x, "x")
     fit = x if train is None else _as_2d(train, "train").to(x.device)
     if fit.shape[1] != x.shape[1]:
         raise ValueError(f"train has {fit.shape[1]} dims but x has {x.shape[1]}")
     if max_train_points is not None and fit.shape[0] > max_train_points:
-        gen = torch.Generator().manual_seed(seed)
-        sel = torch.randperm(fit.shape[0], generator=gen)[:max_train_points].to(fit.device)
-        fit = fit[sel]
+        fit = _subsample(fit, max_train_points, seed)
     if not 1 <= k <= fit.shape[0]:
         raise ValueError(f"k must be in [1, {fit.shape[0]}] (training points), got {k}")
+    if max_points_per_centroid is not None and max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
     chunk = _chunk(chunk_size)
     kind = resolve_backend(backend, x.device)
+    cap = fit.shape[0] // k + 1 if max_points_per_centroid is None else int(max_points_per_centroid)
     if kind == "torch":
+        if fit.shape[0] > k * cap:
+            fit = _subsample(fit, k * cap, seed)
         cents = _kmeans_torch(fit, k, n_iter, n_redo, seed, chunk)
-    else:
-        fit_np = _to_numpy_f32(fit)
-        km = faiss.Kmeans(fit_np.shape[1], k, niter=n_iter, nredo=n_redo, seed=seed, verbose=False,
-                          gpu=kind == "faiss-gpu", min_points_per_centroid=1,
-                          max_points_per_centroid=fit_np.shape[0] // k + 1)  # train on all given points
-        km.train(fit_np)
-        cents = torch.from_numpy(np.array(km.centroids, dtype=np.float32)).to(x.device)
-    labels, d2 = _sq_dists_argmin(x, cents, chunk)
-    return labels, cents, float(d2.double().sum())
+        labels, d2 = _sq_dists_argmin(x, cents, chunk)
+        return labels, cents, float(d2.double().sum())
+    fit_np = _to_numpy_f32(fit)
+    km = faiss.Kmeans(fit_np.shape[1], k, niter=n_iter, nredo=n_redo, seed=seed, verbose=False,
+                      gpu=kind == "faiss-gpu", min_points_per_centroid=1, max_points_per_centroid=cap)
+    km.train(fit_np)
+    cents = torch.from_numpy(np.array(km.centroids, dtype=np.float32)).to(x.device)
+    # the centroid index's own search over all rows at once (FAISS picks its distance kernel by the query count)
+    d2, idx = km.index.search(_to_numpy_f32(x), 1)
+    return torch.from_numpy(idx[:, 0].copy()).to(x.device), cents, float(d2.sum(dtype=np.float64))
 
 
 @torch.no_grad()
-def elbow_kmeans(x: TensorLike, k_range: Iterable[int] = range(1, 15), elbow: float = 0.975, seed: int = 0,
-                 n_iter: int = 300, n_redo: int = 10, train: Optional[TensorLike] = None,
-                 select: str = "stop", backend: str = "auto", max_train_points: Optional[int] = None,
-                 chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def elbow_kmeans(x: TensorLike, k_range: Iterable[int] = range(1, 15), elbow: float = 0.975,
+                 seed: int = FAISS_KMEANS_SEED, n_iter: int = 300, n_redo: int = 10,
+                 train: Optional[TensorLike] = None, select: str = "stop", backend: str = "auto",
+                 max_train_points: Optional[int] = None, chunk_size: Optional[int] = None,
+                 max_points_per_centroid: Optional[int] = FAISS_MAX_POINTS_PER_CENTROID
+                 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """k-means on x (NxD) with k picked by the elbow rule of the reference co-segmentation (Amir et al.).
 
     For k in ``k_range`` (increasing; reference: 1..14) fit :func:`kmeans` (on ``train``, e.g. every 100th
-    descriptor, as the reference) and compute the mean squared distance ``msd_k = inertia / N`` over all of x.
+    descriptor, as the reference; FAISS's arguments as :func:`kmeans`) and compute the mean squared distance
+    ``msd_k = inertia / N`` over all of x.
     Stop at the first k with ``msd_k > elbow * msd_prev``. ``select="stop"`` returns that stopping k's
     clustering, exactly as the reference does; ``select="previous"`` returns the last k that passed the test
     instead. Without a stop the last k is returned. The reference L2-normalises descriptors first (do it
@@ -425,7 +461,8 @@ def elbow_kmeans(x: TensorLike, k_range: Iterable[int] = range(1, 15), elbow: fl
         if k > n_fit:
             break
         labels, cents, inertia = kmeans(x, k, n_iter=n_iter, n_redo=n_redo, seed=seed, backend=backend,
-                                        max_train_points=max_train_points, train=train, chunk_size=chunk_size)
+                                        max_train_points=max_train_points, train=train, chunk_size=chunk_size,
+                                        max_points_per_centroid=max_points_per_centroid)
         msd = inertia / max(1, x.shape[0])
         if prev is not None and msd > elbow * prev[3]:
             return (labels, cents, k) if select == "stop" else prev[:3]

@@ -278,11 +278,12 @@ def test_coseg_match_partseg_read_a_store(store32, folder, tmp_path, golden_path
     from densevit.apps import cli_coseg, cli_match, cli_partseg
 
     ims = [str(folder / n) for n in ("cat0.jpg", "cat2.jpg", "ibex1.png")]
-    runs = [(cli_coseg, ims, ["--layer", "11", "--remove-outliers", "--outliers-thresh", "0.5"],
+    same = ["--saliency-source", "same-pass"]          # a store holds the saliency of its own pass
+    runs = [(cli_coseg, ims, ["--layer", "11", "--remove-outliers", "--outliers-thresh", "0.5"] + same,
              [f"{s}_{k}.png" for s in ("cat0", "cat2", "ibex1") for k in ("mask", "overlay")]),
             (cli_match, ims[:2], ["--layer", "9", "--bin", "--num-pairs", "5"],
              ["cat0_cat2_matches.png", "cat0_cat2_points.json"]),
-            (cli_partseg, ims[:2], ["--layer", "11", "--num-parts", "2", "--crf", "approx"],
+            (cli_partseg, ims[:2], ["--layer", "11", "--num-parts", "2", "--crf", "approx"] + same,
              [f"{s}_{k}.png" for s in ("cat0", "cat2") for k in ("parts", "overlay")])]
     for app, inputs, flags, names in runs:
         a, b = tmp_path / f"{app.PROG}-store", tmp_path / f"{app.PROG}-model"
@@ -309,6 +310,8 @@ def plain_store(folder, tmp_path_factory, golden_path, one_thread):
     ("cli_coseg", ["--layer", "5"], "store holds layers [9, 11] and facets ['key', 'token'], not (5, key)"),
     ("cli_match", ["--facet", "value"], "not (9, value)"),
     ("cli_partseg", ["--num-crop-augmentations", "2"], "--num-crop-augmentations needs the model"),
+    ("cli_coseg", [], "--store holds the saliency of its own pass only: add --saliency-source same-pass"),
+    ("cli_partseg", [], "--store holds the saliency of its own pass only: add --saliency-source same-pass"),
 ])
 def test_store_conflicts_refused_in_one_line(app, extra, message, store32, folder, tmp_path, capsys):
     import importlib
