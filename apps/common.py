@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densevit.coords import TokenGrid, grid_shape
 from densevit.errors import DensevitError
-from densevit.extractor import ViTExtractor
-from densevit.preprocess import load_image, load_resized, resize_short_side, to_tensor
-from densevit.store import FeatureStore
+from densevit.features.extractor import ViTExtractor
+from densevit.io.images import load_image, load_resized, resize_short_side, to_tensor
+from densevit.models.grid import TokenGrid, grid_shape
+from densevit.storage.store import FeatureStore
 
 ImageInput = Union[str, Path, Image.Image]
 # Where an application's features come from: a forward pass of the extractor, or a feature store's reads

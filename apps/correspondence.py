@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from densevit.errors import DensevitError
-from densevit.index import kmeans, nearest_both_ways
-from densevit.transfer import transfer_points
+from densevit.matching.cluster import kmeans
+from densevit.matching.knn import nearest_both_ways
+from densevit.matching.transfer import transfer_points
 
 from .common import ImageFeatures, ImageInput, extract_features, image_name, l2_normalize
 

@@ -47,10 +47,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.index import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID, elbow_kmeans, kmeans
+from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID, elbow_kmeans, kmeans
 
-from .common import (SALIENCY_SOURCES, ImageFeatures, ImageInput, check_upsampling, extract_set, input_to_image,
-                     l2_normalize, mask_to_input)
+from .common import (
+    SALIENCY_SOURCES,
+    ImageFeatures,
+    ImageInput,
+    check_upsampling,
+    extract_set,
+    input_to_image,
+    l2_normalize,
+    mask_to_input,
+)
 
 __all__ = ["CosegConfig", "CosegResult", "GRABCUT_SEEDINGS", "Clustering", "cosegment", "cosegment_features", "cluster_descriptors",
            "vote_salient_clusters", "find_outliers", "grabcut_refine"]

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from densevit.coords import TokenGrid
+from densevit.models.grid import TokenGrid
 
 from .common import tokens_to_image
 

@@ -45,11 +45,22 @@ import torch
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.index import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
+from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
 
+from .common import (
+    SALIENCY_SOURCES,
+    ImageFeatures,
+    ImageInput,
+    check_upsampling,
+    extract_features,
+    image_name,
+    input_to_image,
+    input_to_tokens,
+    l2_normalize,
+    tokens_to_image,
+    upsample_nearest,
+)
 from .coseg import cluster_descriptors, vote_salient_clusters
-from .common import SALIENCY_SOURCES, ImageFeatures, ImageInput, check_upsampling, extract_features, image_name, \
-    input_to_image, input_to_tokens, l2_normalize, tokens_to_image, upsample_nearest
 
 __all__ = ["PartsegConfig", "PartsegResult", "part_cosegment", "part_cosegment_features", "extract_partseg_features",
            "dense_crf",
@@ -231,7 +242,7 @@ def augment_image(image: Image.Image, load_size: Optional[int], n: int, fraction
                   rng: np.random.Generator) -> List[Image.Image]:
     """The reference's augmentations: the image resized to ``load_size``, and for i < n a random crop of
     ``fraction`` of each side of it and of its horizontal flip (2n images; they are resized again on input)."""
-    from densevit.preprocess import resize_short_side
+    from densevit.io.images import resize_short_side
 
     base = resize_short_side(image, load_size)
     flipped = base.transpose(Image.FLIP_LEFT_RIGHT)

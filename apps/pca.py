@@ -15,8 +15,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
+from densevit.models.grid import TokenGrid
 
 from .common import ImageInput, extract_set
 

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
-from densevit.pipeline import prefetch_map
-from densevit.preprocess import image_size, load_image, to_tensor
+from densevit.io.images import image_size, load_image, to_tensor
+from densevit.models.grid import TokenGrid
+from densevit.runtime.threads import prefetch_map
 
 FrameLike = Union[str, Path, Image.Image, np.ndarray]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from densevit.cli.common import run_cli
-from densevit.datasets.davis import read_mask
 from densevit.errors import DensevitError
+from densevit.eval.datasets.davis import read_mask
 
 PROG = "benchmarks/compare_masks.py"
 

@@ -29,18 +29,18 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-
-from densevit.apps.cli_discover import add_discover_args
-from densevit.apps.cli_vos import add_protocol_args, config_from_args, discovery_config
-from densevit.apps.discover import discover_mask
+from densevit.apps.cli.discover import add_discover_args
+from densevit.apps.cli.vos import add_protocol_args, config_from_args, discovery_config
+from densevit.apps.discovery.core import discover_mask
 from densevit.apps.vos import propagate
-from densevit import dist
+
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli
-from densevit.datasets.davis import DavisDataset, labels_for_year, read_mask, write_mask
 from densevit.errors import DensevitError
-from densevit.metrics.davis import GLOBAL_COLUMNS, SEQUENCE_COLUMNS, DavisScores, evaluate_semisupervised
-from densevit.paths import shared_dir
-from densevit.pipeline import BackgroundWriter
+from densevit.eval.datasets.davis import DavisDataset, labels_for_year, read_mask, write_mask
+from densevit.eval.metrics.davis import GLOBAL_COLUMNS, SEQUENCE_COLUMNS, DavisScores, evaluate_semisupervised
+from densevit.io.paths import shared_dir
+from densevit.runtime import dist
+from densevit.runtime.threads import BackgroundWriter
 
 PROG = "benchmarks/davis.py"
 DONE = ".done.json"

@@ -29,15 +29,14 @@ if str(_REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO))
 
 import numpy as np  # noqa: E402
+from densevit.apps.cli.discover import add_discover_args, config_from_args  # noqa: E402
+from densevit.apps.discovery.core import METHODS, box_iou, discover_features, extract_discovery_features, mask_box
 
-from densevit.apps.cli_discover import add_discover_args, config_from_args  # noqa: E402
-from densevit.apps.discover import (METHODS, box_iou, discover_features, extract_discovery_features,  # noqa: E402
-                                    mask_box)
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # noqa: E402
-from densevit.datasets.davis import DavisDataset, write_mask  # noqa: E402
 from densevit.errors import DensevitError  # noqa: E402
-from densevit.metrics.davis import db_eval_iou  # noqa: E402
-from densevit.paths import shared_dir  # noqa: E402
+from densevit.eval.datasets.davis import DavisDataset, write_mask  # noqa: E402
+from densevit.eval.metrics.davis import db_eval_iou  # noqa: E402
+from densevit.io.paths import shared_dir  # noqa: E402
 
 PROG = "benchmarks/discover.py"
 COLUMNS = ("Method", "Sequence", "Frames", "CorLoc", "J-Mean", "J-Recall")

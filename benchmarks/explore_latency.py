@@ -26,9 +26,10 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from densevit.apps.explore import Explorer, Settings  # noqa: E402
-from densevit.apps.explore_web import _map  # noqa: E402
-from densevit.paths import example_images, golden_weights  # noqa: E402
+from densevit.apps.explore.session import Explorer, Settings  # noqa: E402
+from densevit.apps.explore.web import _map  # noqa: E402
+
+from densevit.io.paths import example_images, golden_weights  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,7 @@ def _sample_queries(store, n: int, layer, facet):
 
 def run_one(args: argparse.Namespace) -> int:
     """One kind in this process: build, then search the queries one at a time; prints a JSON line."""
-    from densevit import patch_index as pi
+    from densevit.storage import patch_index as pi
 
     cfg = pi.IndexConfig(kind=args.one, nprobe=args.nprobe, rerank=args.rerank if args.one == "ivf-pq" else 0)
     out = Path(args.out) / f"index_{args.one}"
@@ -106,7 +106,7 @@ def run_one(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     """Search settings of a built index (``--sweep DIR``): latency and recall@10 per (nprobe, rerank), against
     the flat run's exact results (``ids_flat.npy`` in ``--out``)."""
-    from densevit import patch_index as pi
+    from densevit.storage import patch_index as pi
 
     out = Path(args.out)
     index = pi.load_index(args.sweep, args.store)

@@ -26,13 +26,20 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO))
 
-from densevit import dist  # noqa: E402
-from densevit.cache import file_fingerprint  # noqa: E402
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # noqa: E402
-from densevit.datasets.spair import PAIR_FLAGS, SPLITS, SPair  # noqa: E402
 from densevit.errors import DensevitError  # noqa: E402
-from densevit.keypoint_eval import (EvalPair, ImageDescriber, ResultsLog, TransferSettings,  # noqa: E402
-                                    add_scoring_args, check_facet, evaluate_pair)
+from densevit.eval.datasets.spair import PAIR_FLAGS, SPLITS, SPair  # noqa: E402
+from densevit.eval.keypoints import (
+    EvalPair,
+    ImageDescriber,
+    ResultsLog,
+    TransferSettings,
+    add_scoring_args,
+    check_facet,
+    evaluate_pair,
+)
+from densevit.runtime import dist  # noqa: E402
+from densevit.storage.cache import file_fingerprint  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

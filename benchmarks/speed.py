@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from densevit import ViTExtractor
-from densevit.device import select_device, synchronize
-from densevit.paths import golden_weights, shared_dir
-from densevit.pipeline import BackgroundWriter
+from densevit.io.paths import golden_weights, shared_dir
+from densevit.runtime.device import select_device, synchronize
+from densevit.runtime.threads import BackgroundWriter
 
 
 @dataclass
@@ -180,7 +180,8 @@ def bench_extract(cfg: Config, weights: str, device: torch.device, warmup: int, 
 
 def bench_vos(cfg: Config, weights: str, device: torch.device, warmup: int, repeats: int) -> Result:
     from densevit.apps.vos import VOSConfig, input_size, load_frame, propagate
-    from densevit.datasets.davis import read_mask, write_mask
+
+    from densevit.eval.datasets.davis import read_mask, write_mask
 
     seq = shared_dir() / "data" / "davis2016"
     frames = sorted((seq / "JPEGImages" / "480p" / "blackswan").glob("*.jpg"))[: cfg.frames]
@@ -214,7 +215,7 @@ def bench_vos(cfg: Config, weights: str, device: torch.device, warmup: int, repe
 
 
 def bench_match(cfg: Config, weights: str, device: torch.device, warmup: int, repeats: int) -> Result:
-    from densevit.index import best_buddies
+    from densevit.matching.knn import best_buddies
 
     ext = _extractor(cfg, weights, device)
     descs = []

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from densevit.errors import DensevitError  # noqa: E402
-from densevit.paths import example_images, golden_weights, shared_dir  # noqa: E402
+from densevit.io.paths import example_images, golden_weights, shared_dir  # noqa: E402
 
 PROG = "benchmarks/throughput.py"
 
@@ -88,8 +88,8 @@ def decode_check(args: argparse.Namespace, images: Sequence[Path]) -> List[Dict]
 
     from PIL import Image
 
-    from densevit.extractor import ViTExtractor
-    from densevit.preprocess import load_resized, normalize, to_uint8_tensor
+    from densevit.features.extractor import ViTExtractor
+    from densevit.io.images import load_resized, normalize, to_uint8_tensor
 
     ext = ViTExtractor(args.backbone, stride=args.stride, weights=args.weights, device=args.device or "cpu")
     rows = []
@@ -109,7 +109,7 @@ def decode_check(args: argparse.Namespace, images: Sequence[Path]) -> List[Dict]
             x = normalize(to_uint8_tensor(img)[None], ext.spec.mean, ext.spec.std)
             f = ext.extract(x, (args.layer,), (args.facet,))
             raw = f.descriptors[(args.layer, args.facet)][0].float()
-            from densevit.binning import log_bin
+            from densevit.features.binning import log_bin
 
             h, w = f.grid.shape
             desc[fast] = (raw, log_bin(raw.T.reshape(1, -1, h, w))[0])
@@ -225,7 +225,7 @@ def _device(args: argparse.Namespace) -> str:
 
 def read_binned(store: Path, layer: int, facet: str, limit: int = 64) -> Dict[str, float]:
     """Seconds per image to read the store back log-binned (float32), over its first ``limit`` images."""
-    from densevit.store import FeatureStore
+    from densevit.storage.store import FeatureStore
 
     st = FeatureStore(store)
     t = time.perf_counter()
@@ -247,7 +247,7 @@ def run_reference(args: argparse.Namespace, images: Sequence[Path]) -> Dict:
         rx = _load_module("ref_extractor", ref / "extractor.py")
     finally:
         sys.path.remove(str(ref))
-    from densevit.weights import read_state_dict
+    from densevit.models.weights import read_state_dict
 
     model = vt.vit_small(patch_size=8, num_classes=0)
     sd = {k: v.float() for k, v in read_state_dict(Path(args.weights)).items()}

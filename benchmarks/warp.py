@@ -24,10 +24,17 @@ if str(_REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO))
 
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # noqa: E402
-from densevit.datasets.warp import WarpConfig, default_sources, make_warp_pair  # noqa: E402
 from densevit.errors import DensevitError  # noqa: E402
-from densevit.keypoint_eval import (EvalPair, ImageDescriber, ResultsLog, TransferSettings,  # noqa: E402
-                                    add_scoring_args, check_facet, evaluate_pair)
+from densevit.eval.datasets.warp import WarpConfig, default_sources, make_warp_pair  # noqa: E402
+from densevit.eval.keypoints import (
+    EvalPair,
+    ImageDescriber,
+    ResultsLog,
+    TransferSettings,
+    add_scoring_args,
+    check_facet,
+    evaluate_pair,
+)
 
 BREAKDOWN = ("mirror", "scale_variation", "rotation", "perspective")
 

@@ -1,27 +1,8 @@
-"""Where the project's shared data lives (read-only fixtures, DAVIS subset, example images)."""
-from __future__ import annotations
+"""Moved to :mod:`densevit.io.paths`; this alias is kept for one release (see CHANGELOG.md)."""
+import sys
 
-import os
-from pathlib import Path
+from densevit.io import paths as _moved
 
-
-def repo_root() -> Path:
-    """The source checkout's root (the folder holding ``densevit/``)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def shared_dir() -> Path:
-    """The shared data folder: ``$DENSEVIT_SHARED`` or ``<repo>/../shared``."""
-    env = os.environ.get("DENSEVIT_SHARED")
-    return Path(env) if env else repo_root().parent / "shared"
-
-
-def golden_weights() -> Path:
-    """The fixed random ViT-S/8 weights (official DINO layout, fp16) used by tests and smoke runs."""
-    return shared_dir() / "golden" / "vits8_random_fp16.pth"
-
-
-def example_images() -> list[Path]:
-    """The two example photographs (cat, ibex)."""
-    d = shared_dir() / "data" / "images"
-    return [d / "cat.jpg", d / "ibex.jpg"]
+if __name__ == "__main__" and hasattr(_moved, "entry"):  # python -m <old name>
+    sys.exit(_moved.entry())
+sys.modules[__name__] = _moved

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from densevit.paths import golden_weights, shared_dir
-
+from densevit.io.paths import golden_weights, shared_dir
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +64,7 @@ def load_benchmark(monkeypatch):
     """``load_benchmark(name)`` -> the module ``benchmarks/<name>.py``, its extractor built once per stride (speed)."""
     import importlib.util
 
-    from densevit.paths import repo_root
+    from densevit.io.paths import repo_root
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", repo_root() / "benchmarks" / f"{name}.py")

@@ -9,11 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from densevit.analysis import (AttentionAccumulator, FunctionTask, MinibatchCKA, attention_stats, best_layers,
-                               cka_matrix, head_statistics, linear_cka, resample_tokens, run_sweep)
-from densevit.analysis.attention import offset_support
-from densevit.coords import TokenGrid
-from densevit.paths import golden_weights, shared_dir
+from densevit.eval.analysis import (
+    AttentionAccumulator,
+    FunctionTask,
+    MinibatchCKA,
+    attention_stats,
+    best_layers,
+    cka_matrix,
+    head_statistics,
+    linear_cka,
+    resample_tokens,
+    run_sweep,
+)
+from densevit.eval.analysis.attention import offset_support
+from densevit.io.paths import golden_weights, shared_dir
+from densevit.models.grid import TokenGrid
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -126,7 +136,7 @@ def test_attention_stats_one_layer_at_a_time():
 
 
 def test_attention_plots_readable(tmp_path):
-    from densevit.analysis.plots import plot_attention_stats, plot_distance_by_layer
+    from densevit.eval.analysis.plots import plot_attention_stats, plot_distance_by_layer
 
     st = attention_stats(PlantedExtractor(), [4, 5], load_size=None, progress=False)
     paths = plot_attention_stats(st, tmp_path, prefix="planted_")
@@ -200,7 +210,7 @@ class SmoothFieldExtractor:
         return torch.zeros(1, 3, *hw), TokenGrid(self.patch, self.patch, hw, (128, 192))
 
     def extract(self, x, layers, facets, **_):
-        from densevit.extractor import Features
+        from densevit.features.extractor import Features
 
         grid = TokenGrid(self.patch, self.patch, tuple(x.shape[-2:]), (128, 192))
         xy = grid.token_centers() / 192.0
@@ -209,7 +219,7 @@ class SmoothFieldExtractor:
 
 
 def test_model_cka_two_models_on_different_grids():
-    from densevit.analysis import model_cka
+    from densevit.eval.analysis import model_cka
 
     a, b = SmoothFieldExtractor(8, seed=0), SmoothFieldExtractor(16, seed=1)
     res = model_cka([a, b], [0, 1, 2], load_size=None, progress=False)
@@ -245,8 +255,8 @@ needs_data = pytest.mark.skipif(not golden_weights().is_file() or not all(p.is_f
 def test_cli_end_to_end_writes_every_plot(tmp_path, capsys, monkeypatch, make_extractor):
     pytest.importorskip("matplotlib")
     import densevit.extractor
-    from densevit.analysis.sweep import available_tasks
     from densevit.cli.analyze import entry
+    from densevit.eval.analysis.sweep import available_tasks
 
     built = []
 

@@ -5,9 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
+from densevit.apps.cli import coseg as cli_coseg
+from densevit.apps.cli import match as cli_match
+from densevit.apps.cli import partseg as cli_partseg
+from densevit.apps.cli import pca as cli_pca
 from PIL import Image
-
-from densevit.apps import cli_coseg, cli_match, cli_partseg, cli_pca
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

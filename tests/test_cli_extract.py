@@ -7,9 +7,6 @@ import pytest
 from PIL import Image
 
 
-
-
-
 @pytest.fixture()
 def cli(capsys):
     from densevit.cli.extract import entry

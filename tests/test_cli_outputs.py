@@ -15,9 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from densevit.apps.cli import coseg as cli_coseg
+from densevit.apps.cli import discover as cli_discover
+from densevit.apps.cli import index as cli_index
+from densevit.apps.cli import match as cli_match
+from densevit.apps.cli import partseg as cli_partseg
+from densevit.apps.cli import pca as cli_pca
+from densevit.apps.cli import vos as cli_vos
 from PIL import Image
 
-from densevit.apps import cli_coseg, cli_discover, cli_index, cli_match, cli_partseg, cli_pca, cli_vos
 from densevit.cli import analyze as cli_analyze
 from densevit.cli import extract as cli_extract
 from densevit.errors import DensevitError
@@ -270,10 +276,17 @@ def test_the_one_reader_applies_the_size_limit_everywhere(data, tmp_path, monkey
     """load_image, image_size, load_resized (the fast path), DAVIS masks, warp sources and VOS frame sizes all
     go through densevit.preprocess.open_image; DENSEVIT_MAX_PIXELS moves the limit (0: none)."""
     from densevit.apps.vos import _frame_size
-    from densevit.datasets.davis import read_mask
-    from densevit.datasets.warp import load_source_image
-    from densevit.preprocess import (DEFAULT_MAX_PIXELS, UnreadableImageError, image_size, load_image,
-                                     load_resized, max_pixels)
+
+    from densevit.eval.datasets.davis import read_mask
+    from densevit.eval.datasets.warp import load_source_image
+    from densevit.io.images import (
+        DEFAULT_MAX_PIXELS,
+        UnreadableImageError,
+        image_size,
+        load_image,
+        load_resized,
+        max_pixels,
+    )
 
     huge = data / "mixed" / "huge.png"
     assert max_pixels() == DEFAULT_MAX_PIXELS and 12000 * 12000 < DEFAULT_MAX_PIXELS < HUGE * HUGE

@@ -4,12 +4,18 @@ its shifted by whole / fractional tokens and rescaled by +-15% copy)."""
 import numpy as np
 import pytest
 import torch
+from densevit.apps.correspondence import (
+    CorrespondenceConfig,
+    find_correspondences,
+    find_correspondences_features,
+    pair_features,
+    transfer_keypoints,
+    transfer_keypoints_features,
+)
 from PIL import Image
 
-from densevit.apps.correspondence import (CorrespondenceConfig, find_correspondences, find_correspondences_features,
-                                          pair_features, transfer_keypoints, transfer_keypoints_features)
 from densevit.errors import DensevitError
-from densevit.index import best_buddies
+from densevit.matching.knn import best_buddies
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

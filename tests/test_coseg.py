@@ -3,13 +3,19 @@ and constructed features whose answer is known (voting, GrabCut, pixel mapping, 
 import numpy as np
 import pytest
 import torch
+from densevit.apps.common import ImageFeatures, extract_set, tokens_to_image
+from densevit.apps.coseg import (
+    CosegConfig,
+    cosegment,
+    cosegment_features,
+    find_outliers,
+    grabcut_refine,
+    vote_salient_clusters,
+)
 from PIL import Image
 
-from densevit.apps.common import ImageFeatures, extract_set, tokens_to_image
-from densevit.apps.coseg import (CosegConfig, cosegment, cosegment_features, find_outliers, grabcut_refine,
-                                 vote_salient_clusters)
-from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
+from densevit.models.grid import TokenGrid
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

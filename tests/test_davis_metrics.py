@@ -3,13 +3,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densevit.datasets.davis import DAVIS_PALETTE, DavisDataset, labels_for_year, read_mask, write_mask
 from densevit.errors import DensevitError
-from densevit.metrics.davis import (
-    DavisScores, boundary_tolerance, db_eval_boundary, db_eval_iou, db_statistics, disk, evaluate_semisupervised,
-    f_measure, seg2bmap,
+from densevit.eval.datasets.davis import DAVIS_PALETTE, DavisDataset, labels_for_year, read_mask, write_mask
+from densevit.eval.metrics.davis import (
+    DavisScores,
+    boundary_tolerance,
+    db_eval_boundary,
+    db_eval_iou,
+    db_statistics,
+    disk,
+    evaluate_semisupervised,
+    f_measure,
+    seg2bmap,
 )
-from densevit.paths import shared_dir
+from densevit.io.paths import shared_dir
 
 
 def square(hw=(100, 120), top=30, left=30, side=40):

@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from densevit.apps.cli import coseg as cli_coseg
+from densevit.apps.cli import match as cli_match
+from densevit.apps.cli.vos import entry as vos_entry
 from PIL import Image
 
-from densevit.apps import cli_coseg, cli_match
-from densevit.apps.cli_vos import entry as vos_entry
 from densevit.cli.extract import main as extract_main
-from densevit.paths import repo_root
+from densevit.io.paths import repo_root
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,15 +9,28 @@ import scipy.linalg
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
+from densevit.apps.cli.discover import entry as discover_entry
+from densevit.apps.cli.vos import entry as vos_entry
+from densevit.apps.discovery.core import (
+    DiscoverConfig,
+    bilateral_solve,
+    box_iou,
+    discover,
+    discover_mask,
+    extract_discovery_features,
+    lost_tokens,
+    mask_box,
+    ncut_split,
+    ncut_vector,
+    token_box,
+    tokencut_graph,
+    tokencut_tokens,
+)
 from PIL import Image
 
-from densevit.apps.cli_discover import entry as discover_entry
-from densevit.apps.cli_vos import entry as vos_entry
-from densevit.apps.discover import (DiscoverConfig, bilateral_solve, box_iou, discover, discover_mask, extract_discovery_features,
-                                    lost_tokens, mask_box, ncut_split, ncut_vector, token_box, tokencut_graph, tokencut_tokens)
-from densevit.datasets.davis import read_mask
 from densevit.errors import DensevitError
-from densevit.paths import golden_weights, shared_dir
+from densevit.eval.datasets.davis import read_mask
+from densevit.io.paths import golden_weights, shared_dir
 
 DAVIS = shared_dir() / "data" / "davis2016"
 FRAME = DAVIS / "JPEGImages" / "480p" / "dog" / "00000.jpg"
@@ -264,7 +277,7 @@ def test_box_helpers():
 
 
 def test_cli_writes_masks_pictures_and_boxes_and_skips_a_bad_image(tmp_path, images, capsys, monkeypatch, ext):
-    import densevit.apps.cli_discover as cli
+    import densevit.apps.cli.discover as cli
 
     monkeypatch.setattr(cli, "build_extractor", lambda args: ext)
     bad = tmp_path / "broken.jpg"
@@ -291,7 +304,7 @@ def test_cli_writes_masks_pictures_and_boxes_and_skips_a_bad_image(tmp_path, ima
 
 
 def test_vos_discover_propagates_the_discovered_first_mask(tmp_path, monkeypatch, ext):
-    import densevit.apps.cli_vos as cli
+    import densevit.apps.cli.vos as cli
 
     monkeypatch.setattr(cli, "build_extractor", lambda args: ext)
     frames = tmp_path / "frames"

@@ -1,5 +1,5 @@
 """densevit.dist.deal: how work is shared between torchrun ranks."""
-from densevit import dist
+from densevit.runtime import dist
 
 
 def test_deal_balances_cost_keeps_order_and_loses_nothing():

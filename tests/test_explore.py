@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from densevit.apps.explore.session import Explorer, Settings
 from PIL import Image
 
-from densevit import index, similarity as sim
-from densevit.apps.explore import Explorer, Settings
 from densevit.errors import DensevitError
+from densevit.features import similarity as sim
+from densevit.matching import knn as index
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -139,7 +140,7 @@ def test_binned_descriptors_equal_the_extractor(make_extractor, make, noise_pair
 
 
 def test_overlapping_tokens_and_topk_exclusion():
-    from densevit.coords import TokenGrid
+    from densevit.models.grid import TokenGrid
 
     g = TokenGrid(8, 4, (40, 48))                                   # 9 x 11 tokens, patches overlap 1 step
     t = int(g.flat(torch.tensor([4]), torch.tensor([5]))[0])
@@ -155,7 +156,7 @@ def test_overlapping_tokens_and_topk_exclusion():
 
 
 def test_grid_extent_and_upsampled_map_line_up_with_token_centres():
-    from densevit.coords import TokenGrid
+    from densevit.models.grid import TokenGrid
 
     g = TokenGrid(8, 4, (40, 48), (80, 96))                      # 9 x 11 tokens, original twice the input
     x0, y0, x1, y1 = sim.grid_extent(g)
@@ -200,7 +201,7 @@ def test_saved_finding_replays_from_the_command_line(make, noise_pair, tmp_path,
     rec = ex.finding(ex.similarity(0, 60.0, 50.0, Settings(layer=10, stride=8, load_size=112), k=2))
     assert rec["clicked"]["image"] == 0 and len(rec["matches"]) == 2 and len(rec["matches"][1]["topk"]) == 2
     (tmp_path / "f.json").write_text(json.dumps(rec))
-    out = subprocess.run([sys.executable, "-m", "densevit.apps.cli_explore", "--replay", str(tmp_path / "f.json"),
+    out = subprocess.run([sys.executable, "-m", "densevit.apps.cli.explore", "--replay", str(tmp_path / "f.json"),
                           "--weights", str(golden_path), "--device", "cpu"], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -212,7 +213,7 @@ def test_cli_missing_weights_is_one_line(tmp_path, noise_pair):
     a, _ = noise_pair
     a.save(tmp_path / "a.png")
     env = {**os.environ, "DENSEVIT_WEIGHTS": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run([sys.executable, "-m", "densevit.apps.cli_explore", str(tmp_path / "a.png"),
+    out = subprocess.run([sys.executable, "-m", "densevit.apps.cli.explore", str(tmp_path / "a.png"),
                           "--backbone", "dino_vitb16", "--port", "0"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 2

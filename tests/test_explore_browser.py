@@ -25,7 +25,7 @@ def server(tmp_path, noise_pair, golden_path):
     a, b = noise_pair                           # b = a's content moved 16 px right: 2 tokens at stride 8
     a.save(tmp_path / "a.png")
     b.save(tmp_path / "b.png")
-    cmd = [sys.executable, "-m", "densevit.apps.cli_explore", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+    cmd = [sys.executable, "-m", "densevit.apps.cli.explore", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
            "--weights", str(golden_path), "--stride", "8", "--load-size", "112", "--port", "0", "--device", "cpu",
            "--out", str(tmp_path / "saved"), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -17,10 +17,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from densevit.apps.explore.session import Explorer
+from densevit.apps.explore.web import allowed_hosts, create_app
 from PIL import Image
 
-from densevit.apps.explore import Explorer
-from densevit.apps.explore_web import allowed_hosts, create_app
 from densevit.errors import DensevitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -243,7 +243,7 @@ def test_server_answers_while_the_model_works_and_stops_at_once(tmp_path, noise_
     a, b = noise_pair
     a.save(tmp_path / "a.png")
     b.save(tmp_path / "b.png")
-    cmd = [sys.executable, "-m", "densevit.apps.cli_explore", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+    cmd = [sys.executable, "-m", "densevit.apps.cli.explore", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
            "--weights", str(golden_path), "--stride", "8", "--load-size", "56", "--port", "0", "--device", "cpu",
            "--out", str(tmp_path / "saved"), "--quiet", "--allow-host", "explore.lab"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from densevit import DensevitError, ViTExtractor
-from densevit.binning import log_bin
-from densevit.extractor import interpolate_pos_embed
+from densevit.features.binning import log_bin
+from densevit.features.extractor import interpolate_pos_embed
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densevit.backbones import IMAGENET_MEAN, IMAGENET_STD
-from densevit.preprocess import preprocess
+from densevit.io.images import preprocess
+from densevit.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 CASES = {"cat_s4": 4, "ibex_s4": 4, "cat_s8": 8, "ibex_s8": 8}
 FACET_KEYS = {"key_l11": (11, "key"), "token_l11": (11, "token"), "query_l5": (5, "query"), "value_l3": (3, "value")}

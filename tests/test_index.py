@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import densevit.index as index
+import densevit.matching.knn as index
 from densevit.errors import DensevitError
-from densevit.index import best_buddies, elbow_kmeans, kmeans, knn, label_transfer
+from densevit.matching.cluster import elbow_kmeans, kmeans
+from densevit.matching.knn import best_buddies, knn
+from densevit.matching.transfer import label_transfer
 
 needs_faiss = pytest.mark.skipif(not index.faiss_available(), reason="faiss not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from densevit import DensevitError, ViTExtractor, get_spec
-from densevit.posenc import DINOV2_REG, ROPE, rope_coords, rope_rotate
-from densevit.weights import load_weights_file, read_state_dict
+from densevit.models.posenc import DINOV2_REG, ROPE, rope_coords, rope_rotate
+from densevit.models.weights import load_weights_file, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_loader_never_drops_a_tensor(shared, tmp_path):
     path = shared / "golden" / "dinov3_vits16_random_official_fp16.pth"
     # timm's plain model has no q/v bias: the official biases must not be dropped without a word
     plain = dataclasses.replace(get_spec("dinov3_vits16"), timm_arch="vit_small_patch16_dinov3")
-    from densevit.weights import create_model
+    from densevit.models.weights import create_model
 
     with pytest.raises(DensevitError, match="q_bias"):
         load_weights_file(create_model(plain), plain, path)
@@ -192,7 +192,7 @@ def test_rope_periods_come_from_the_checkpoint(shared, tmp_path):
 def test_attention_inputs_give_the_attn_rows(backbone, stride, shared):
     """One token's attention from ``attention_inputs`` (registers in the softmax, keys after RoPE) is its row of
     the ``attn`` facet; the un-rotated ``key`` facet would not give it on DINOv3."""
-    from densevit import similarity as sim
+    from densevit.features import similarity as sim
 
     ext = official(shared, backbone, stride)
     x = torch.randn(1, 3, 56, 84, generator=torch.Generator().manual_seed(3))

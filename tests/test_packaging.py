@@ -5,8 +5,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import densevit
 import densevit.apps
+
+import densevit
 
 ROOT = Path(densevit.__file__).resolve().parent.parent
 
@@ -30,7 +31,7 @@ def test_regular_install_from_wheel(tmp_path):
     wheel = next((tmp_path / "dist").glob("densevit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "densevit/apps/__init__.py" in names
-    assert "densevit/apps/explore_static/index.html" in names  # the explorer's page ships with the package
+    assert "densevit/apps/explore/static/index.html" in names  # the explorer's page ships with the package
     assert not any(n.startswith("apps/") for n in names)
     site = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)

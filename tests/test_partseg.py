@@ -6,13 +6,19 @@ import sys
 import numpy as np
 import pytest
 import torch
+from densevit.apps.common import ImageFeatures
+from densevit.apps.partseg import (
+    PartsegConfig,
+    crf_backend,
+    dense_crf,
+    extract_partseg_features,
+    part_cosegment,
+    part_cosegment_features,
+)
 from PIL import Image
 
-from densevit.apps.common import ImageFeatures
-from densevit.apps.partseg import (PartsegConfig, crf_backend, dense_crf, extract_partseg_features, part_cosegment,
-                                   part_cosegment_features)
-from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
+from densevit.models.grid import TokenGrid
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -3,12 +3,12 @@ determinism) and constructed descriptors with a known first component."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from densevit.apps.draw import pca_rgb
 from densevit.apps.pca import descriptor_pca, pca_features
-from densevit.coords import TokenGrid
+from PIL import Image
+
 from densevit.errors import DensevitError
+from densevit.models.grid import TokenGrid
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

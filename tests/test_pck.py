@@ -9,8 +9,18 @@ import math
 import pytest
 import torch
 
-from densevit.metrics.pck import (PairRecord, bbox_size, image_size, keypoint_distances, pck, pck_counts,
-                                  summarize, valid_points, write_csv, format_table)
+from densevit.eval.metrics.pck import (
+    PairRecord,
+    bbox_size,
+    format_table,
+    image_size,
+    keypoint_distances,
+    pck,
+    pck_counts,
+    summarize,
+    valid_points,
+    write_csv,
+)
 
 BOX = (10, 20, 210, 120)           # 200 x 100 -> size 200: thresholds 10, 20, 30 at alpha .05/.1/.15
 
@@ -82,7 +92,7 @@ def test_record_json_roundtrip():
 
 def test_results_log_resumes_and_refuses_other_settings(tmp_path):
     from densevit.errors import DensevitError
-    from densevit.keypoint_eval import ResultsLog
+    from densevit.eval.keypoints import ResultsLog
 
     out = tmp_path / "run"
     log = ResultsLog(out, {"layer": 9, "limit": 2}, volatile=("limit",))

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from densevit.pipeline import BackgroundWriter, prefetch_map
+from densevit.runtime.threads import BackgroundWriter, prefetch_map
 
 
 def test_prefetch_map_keeps_order_and_runs_ahead_concurrently():

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from densevit import DensevitError, load_image
-from densevit.preprocess import resize_short_side, resized_hw
+from densevit.io.images import resize_short_side, resized_hw
 
 
 def test_resized_size_floors_long_side():
@@ -58,7 +58,7 @@ def test_fast_jpeg_decode_matches_exact_path(images, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from densevit.preprocess import image_size, load_resized
+    from densevit.io.images import image_size, load_resized
 
     rotated = tmp_path / "rotated.jpg"
     with Image.open(images[0]) as im:

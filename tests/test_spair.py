@@ -13,11 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from densevit.datasets.spair import (PAIR_FLAGS, SPair, image_json, pair_json, parse_image, parse_pair,
-                                     parse_pair_name, write_annotation)
-from densevit.datasets.warp import WarpConfig, default_sources, make_warp_pair
 from densevit.errors import DensevitError
-from densevit.paths import golden_weights, shared_dir
+from densevit.eval.datasets.spair import (
+    PAIR_FLAGS,
+    SPair,
+    image_json,
+    pair_json,
+    parse_image,
+    parse_pair,
+    parse_pair_name,
+    write_annotation,
+)
+from densevit.eval.datasets.warp import WarpConfig, default_sources, make_warp_pair
+from densevit.io.paths import golden_weights, shared_dir
 
 FORMAT_DIR = shared_dir() / "data" / "spair-format"
 REF_PAIR = FORMAT_DIR / "000001-2008_002719-2008_004100:aeroplane.json"
@@ -236,7 +244,7 @@ def test_spair_benchmark_under_torchrun_equals_one_process(spair_root, tmp_path)
     import subprocess
     import sys
 
-    from densevit.paths import repo_root
+    from densevit.io.paths import repo_root
 
     root, written = spair_root
     script = str(repo_root() / "benchmarks" / "spair.py")

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from densevit.paths import golden_weights, shared_dir
+from densevit.io.paths import golden_weights, shared_dir
 
 needs_data = pytest.mark.skipif(not golden_weights().is_file() or not (shared_dir() / "data" / "davis2016").is_dir(),
                                 reason="golden weights or shared DAVIS subset not available")
@@ -14,7 +14,7 @@ needs_data = pytest.mark.skipif(not golden_weights().is_file() or not (shared_di
 def speed():
     import importlib.util
 
-    from densevit.paths import repo_root
+    from densevit.io.paths import repo_root
 
     spec = importlib.util.spec_from_file_location("speed_benchmark", repo_root() / "benchmarks" / "speed.py")
     mod = importlib.util.module_from_spec(spec)

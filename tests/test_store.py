@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densevit.store import FeatureStore, StoreError
+from densevit.storage.store import FeatureStore, StoreError
 
 STRIDE, LOAD = 8, 64
 
@@ -246,7 +246,7 @@ def test_killed_run_leaves_valid_shards_and_the_rerun_finishes(folder, tmp_path,
 
 def test_pca_app_reads_a_store(store32, folder, tmp_path, golden_path, capsys, one_thread):
     """densevit-pca --store: the same pictures as running the model (float32 store, batch size 1)."""
-    from densevit.apps import cli_pca
+    from densevit.apps.cli import pca as cli_pca
 
     ims = [str(folder / "cat0.jpg"), str(folder / "ibex1.png")]
     common = ["--layer", "9", "--facet", "key", "--bin", "--quiet"]
@@ -275,7 +275,9 @@ def _same_outputs(a: Path, b: Path, names) -> None:
 def test_coseg_match_partseg_read_a_store(store32, folder, tmp_path, golden_path, one_thread):
     """densevit-coseg / -match / -partseg --store: the same masks, points and parts as running the model (float32
     store, batch size 1): descriptors, saliency, CLS descriptors, the resized input (GrabCut, CRF) all agree."""
-    from densevit.apps import cli_coseg, cli_match, cli_partseg
+    from densevit.apps.cli import coseg as cli_coseg
+    from densevit.apps.cli import match as cli_match
+    from densevit.apps.cli import partseg as cli_partseg
 
     ims = [str(folder / n) for n in ("cat0.jpg", "cat2.jpg", "ibex1.png")]
     same = ["--saliency-source", "same-pass"]          # a store holds the saliency of its own pass
@@ -325,7 +327,8 @@ def test_store_conflicts_refused_in_one_line(app, extra, message, store32, folde
 
 
 def test_store_without_saliency_or_image_refused(plain_store, store32, folder, tmp_path, capsys, one_thread):
-    from densevit.apps import cli_coseg, cli_pca
+    from densevit.apps.cli import coseg as cli_coseg
+    from densevit.apps.cli import pca as cli_pca
 
     ims = [str(folder / "cat0.jpg"), str(folder / "ibex1.png")]
     assert cli_coseg.entry(ims + ["--out", str(tmp_path / "o"), "--store", str(plain_store), "--layer", "9"]) == 2
@@ -341,7 +344,7 @@ def test_store_without_saliency_or_image_refused(plain_store, store32, folder, t
 
 
 def test_image_changed_since_extraction_refused(folder, tmp_path, golden_path, capsys, one_thread):
-    from densevit.apps import cli_pca
+    from densevit.apps.cli import pca as cli_pca
 
     im = tmp_path / "cat.jpg"
     Image.open(folder / "cat0.jpg").save(im)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from densevit.store import FeatureStore, StoreError, StoreWriter
+from densevit.storage.store import FeatureStore, StoreError, StoreWriter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,7 +175,7 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     exiting must not hold the store's lock."""
     import multiprocessing
 
-    from densevit.store import StoreLock
+    from densevit.storage.store import StoreLock
 
     mp = multiprocessing.get_context("fork")
     running = mp.Event()
@@ -200,7 +200,7 @@ def test_torchrun_job_on_a_locked_store_stops_every_rank(lists, tmp_path, golden
     """A job on a store another process holds stops, on every rank, with the one-line refusal (rank 0 takes the
     lock for the job and tells the others; the torchrun tests of test_store.py show that a job's own ranks do
     not block each other)."""
-    from densevit.store import StoreLock
+    from densevit.storage.store import StoreLock
 
     st = tmp_path / "st"
     st.mkdir()
@@ -266,8 +266,8 @@ def test_full_disk_one_line_shards_valid_and_the_rerun_completes(lists, tmp_path
 def test_store_index_and_cache_files_follow_the_umask(tmp_path):
     import torch
 
-    from densevit import patch_index as pi
-    from densevit.cache import DescriptorCache
+    from densevit.storage import patch_index as pi
+    from densevit.storage.cache import DescriptorCache
 
     old = os.umask(0o027)
     try:

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
-from densevit.transfer import transfer_points
+from densevit.matching.transfer import transfer_points
+from densevit.models.grid import TokenGrid
 
 SRC = TokenGrid(8, 4, (40, 48), (80, 96))        # 9 x 11 tokens, original image twice the input
 TRG = TokenGrid(8, 8, (64, 48), (96, 72))        # 8 x 6 tokens, original 1.5x the input

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from densevit.apps.cli.vos import entry as vos_entry
+from densevit.apps.vos import LocalTopK, VOSConfig, input_size, object_ids, propagate, propagate_labels
 from PIL import Image
 
-from densevit.apps.cli_vos import entry as vos_entry
-from densevit.apps.vos import LocalTopK, VOSConfig, input_size, object_ids, propagate, propagate_labels
-from densevit.datasets.davis import DavisDataset, read_mask, write_mask
 from densevit.errors import DensevitError
-from densevit.metrics.davis import db_eval_iou
-from densevit.paths import golden_weights, repo_root, shared_dir
+from densevit.eval.datasets.davis import DavisDataset, read_mask, write_mask
+from densevit.eval.metrics.davis import db_eval_iou
+from densevit.io.paths import golden_weights, repo_root, shared_dir
 
 DAVIS = shared_dir() / "data" / "davis2016"
 needs_golden = pytest.mark.skipif(not golden_weights().is_file(), reason="golden weights not available")
@@ -166,7 +166,7 @@ def test_tracks_translating_object(extractor):
 @needs_golden
 @needs_davis
 def test_cli_writes_indexed_pngs_and_gif(tmp_path, extractor, monkeypatch):
-    import densevit.apps.cli_vos as cli
+    import densevit.apps.cli.vos as cli
 
     built = []
     monkeypatch.setattr(cli, "build_extractor", lambda args: built.append(args) or extractor)
@@ -198,7 +198,7 @@ def test_cli_writes_indexed_pngs_and_gif(tmp_path, extractor, monkeypatch):
 @needs_golden
 @needs_davis
 def test_cli_leaves_out_unreadable_frame(tmp_path, extractor, monkeypatch, capsys):
-    import densevit.apps.cli_vos as cli
+    import densevit.apps.cli.vos as cli
 
     monkeypatch.setattr(cli, "build_extractor", lambda args: extractor)
     src = DAVIS / "JPEGImages" / "480p" / "dog"

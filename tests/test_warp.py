@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densevit.datasets.warp import WarpConfig, WarpSource, default_sources, make_warp_pair, make_warp_pairs
-from densevit.paths import golden_weights
+from densevit.eval.datasets.warp import WarpConfig, WarpSource, default_sources, make_warp_pair, make_warp_pairs
+from densevit.io.paths import golden_weights
 
 W, H = 96, 72
 

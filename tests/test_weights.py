@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from densevit import BACKBONES, DensevitError, ViTExtractor, WeightsNotFoundError, load_backbone
-from densevit.weights import create_model
+from densevit.models.weights import create_model
 
 
 def same_weights(a, b):
@@ -115,7 +115,7 @@ def test_loading_builds_on_the_meta_device_and_equals_a_loaded_random_model(shar
     """A model whose weights are loaded is built without initialising anything (meta device, assign=True); its
     parameters and every buffer (non-persistent ones included: RoPE periods, Eva's zero key bias) equal those of
     a randomly initialised model loaded with the same file, and so do its outputs."""
-    from densevit.weights import load_weights_file
+    from densevit.models.weights import load_weights_file
 
     path = shared / "golden" / file
     spec = BACKBONES[name]

@@ -1,11 +1,9 @@
-"""Analysis tools: attention statistics per head, layer similarity (linear CKA), best layer per task, plots."""
-from .attention import (AttentionAccumulator, AttentionStats, attention_stats, head_statistics,
-                        iter_layer_attention, layer_sums, resolve_layers)
-from .cka import MinibatchCKA, cka_matrix, hsic_unbiased, linear_cka, model_cka, resample_tokens
-from .sweep import FunctionTask, available_tasks, best_layers, build_task, known_tasks, run_sweep
+"""Moved to :mod:`densevit.eval.analysis`; this alias is kept for one release (see CHANGELOG.md)."""
+import importlib
+import pkgutil
+import sys
 
-__all__ = [
-    "AttentionAccumulator", "AttentionStats", "attention_stats", "head_statistics", "iter_layer_attention",
-    "layer_sums", "resolve_layers", "MinibatchCKA", "cka_matrix", "hsic_unbiased", "linear_cka", "model_cka",
-    "resample_tokens", "FunctionTask", "available_tasks", "best_layers", "build_task", "known_tasks", "run_sweep",
-]
+_moved = importlib.import_module("densevit.eval.analysis")
+for _m in pkgutil.iter_modules(_moved.__path__):
+    sys.modules[f"{__name__}.{_m.name}"] = importlib.import_module(f"densevit.eval.analysis.{_m.name}")
+sys.modules[__name__] = _moved

@@ -26,7 +26,7 @@ ANALYSES = ("attention", "cka", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..analysis.sweep import SWEEP_FACETS, known_tasks
+    from ..eval.analysis.sweep import SWEEP_FACETS, known_tasks
 
     p = argparse.ArgumentParser(prog="densevit-analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +69,7 @@ def _slug(label: str) -> str:
 
 def _parse_models(args: argparse.Namespace) -> List[Tuple[str, str, Optional[str]]]:
     """``[(label, backbone, weights)]``: the main model then every --compare."""
-    from ..backbones import BACKBONES
+    from ..models.registry import BACKBONES
 
     models = [(args.backbone, args.weights)]
     for item in args.compare:
@@ -139,13 +139,13 @@ def _write_matrix_csv(path: Path, m, rows: Sequence[int], cols: Sequence[int], r
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..analysis import attention as att
-    from ..analysis import cka as ck
-    from ..analysis import plots
-    from ..analysis import sweep as sw
-    from ..backbones import BACKBONES
-    from ..extractor import ViTExtractor
-    from ..paths import shared_dir
+    from ..eval.analysis import attention as att
+    from ..eval.analysis import cka as ck
+    from ..eval.analysis import plots
+    from ..eval.analysis import sweep as sw
+    from ..features.extractor import ViTExtractor
+    from ..io.paths import shared_dir
+    from ..models.registry import BACKBONES
 
     images = gather_images(args.images)
     if args.max_images is not None:

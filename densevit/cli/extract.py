@@ -10,12 +10,19 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ..backbones import BACKBONES
 from ..errors import DensevitError
-from ..extractor import FACETS
-from ..preprocess import UnreadableImageError
-from .common import (add_backbone_args, build_extractor, check_outputs, gather_images, report_unreadable, run_cli,
-                     skip_unreadable)
+from ..features.extractor import FACETS
+from ..io.images import UnreadableImageError
+from ..models.registry import BACKBONES
+from .common import (
+    add_backbone_args,
+    build_extractor,
+    check_outputs,
+    gather_images,
+    report_unreadable,
+    run_cli,
+    skip_unreadable,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _store_main(args: argparse.Namespace) -> int:
     """Dataset mode: every rank (one process, or each one torchrun started) runs this."""
-    from .. import dist
-    from ..dataset_extract import ExtractionConfig, extract_to_store, gather_dataset
+    from ..runtime import dist
+    from ..storage.extract import ExtractionConfig, extract_to_store, gather_dataset
 
     if not args.images:
         raise DensevitError("give images or folders to extract into the store")

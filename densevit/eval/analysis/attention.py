@@ -32,7 +32,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import DensevitError
+from ...errors import DensevitError
 
 DEFAULT_RADIUS = 2
 DEFAULT_THRESHOLD = 0.5

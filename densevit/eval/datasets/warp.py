@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DensevitError
-from ..paths import shared_dir
-from ..preprocess import open_image
+from ...errors import DensevitError
+from ...io.images import open_image
+from ...io.paths import shared_dir
 
 
 @dataclass(frozen=True)

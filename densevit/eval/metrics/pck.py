@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from ..errors import DensevitError
+from ...errors import DensevitError
 
 ALPHAS: Tuple[float, ...] = (0.05, 0.10, 0.15)
 THRESHOLDS = ("bbox", "image")

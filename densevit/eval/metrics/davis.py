@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from ..errors import DensevitError
+from ...errors import DensevitError
 
 BOUND_TH = 0.008
 

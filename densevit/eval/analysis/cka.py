@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..coords import TokenGrid
-from ..errors import DensevitError
+from ...errors import DensevitError
+from ...models.grid import TokenGrid
 
 DEFAULT_MAX_TOKENS = 1024
 

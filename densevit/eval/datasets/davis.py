@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from ..errors import DensevitError
-from ..preprocess import open_image
+from ...errors import DensevitError
+from ...io.images import open_image
 
 PathLike = Union[str, Path]
 VOID_ID = 255

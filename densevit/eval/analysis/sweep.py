@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from ..errors import DensevitError
+from ...errors import DensevitError
 from .attention import resolve_layers
 
 SWEEP_FACETS = ("key", "query", "value", "token", "token_norm")
@@ -158,7 +158,7 @@ class WarpPCKTask:
         self.cache.prepare(ext, facet, layers)
 
     def __call__(self, ext, layer: int, facet: str) -> Dict[str, float]:
-        from ..keypoint_eval import EvalPair, evaluate_pair
+        from ..keypoints import EvalPair, evaluate_pair
         from ..metrics.pck import summarize
 
         describe = lambda key, image: self.cache.get(ext, facet, layer, key, image)  # noqa: E731
@@ -198,7 +198,8 @@ class DavisJFTask:
         self.short_side = int(load_size or 480)
 
     def __call__(self, ext, layer: int, facet: str) -> Dict[str, float]:
-        from ..apps.vos import VOSConfig, segment_video
+        from densevit.apps.vos import VOSConfig, segment_video
+
         from ..metrics.davis import DavisScores, evaluate_semisupervised
 
         cfg = VOSConfig(short_side=self.short_side, multiple=ext.patch_size, layer=layer, facet=facet)
@@ -239,7 +240,8 @@ class CosegTask:
         self.load_size, self.seed = load_size, seed
 
     def __call__(self, ext, layer: int, facet: str) -> Dict[str, float]:
-        from ..apps.coseg import cosegment
+        from densevit.apps.coseg import cosegment
+
         from ..metrics.davis import db_eval_iou
 
         js, ks = [], []

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densevit import similarity as sim
-from densevit.binning import log_bin
-from densevit.coords import TokenGrid
 from densevit.errors import DensevitError
-from densevit.preprocess import load_image
+from densevit.features import similarity as sim
+from densevit.features.binning import log_bin
+from densevit.io.images import load_image
+from densevit.models.grid import TokenGrid
 
 __all__ = ["Settings", "ExploreImage", "ImageMap", "SimilarityResult", "AttentionResult", "Explorer",
            "DESCRIPTOR_FACETS", "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME"]
@@ -174,7 +174,7 @@ class Explorer:
     def __init__(self, backbone: str = "dino_vits8", weights: Union[str, Path, None] = None, device=None,
                  dtype: str = "float32", stride: int = 4, load_size: Optional[int] = 224, cache_gb: float = 6.0,
                  max_side: int = MAX_SIDE, max_tokens: int = MAX_TOKENS, extractor=None) -> None:
-        from densevit import ViTExtractor
+        from densevit.features.extractor import ViTExtractor
 
         if extractor is not None:
             backbone, device, dtype = extractor.spec.name, extractor.device, extractor.dtype
@@ -211,7 +211,7 @@ class Explorer:
 
     def extractor(self, stride: int):
         """The extractor for ``stride`` (built once; all share the backbone's weights file)."""
-        from densevit import ViTExtractor
+        from densevit.features.extractor import ViTExtractor
 
         if stride not in self._extractors:
             if stride not in self.strides:
@@ -351,7 +351,7 @@ class Explorer:
         s = settings or self.defaults
         ext = self.extractor(s.stride)
         item = self.images[index]
-        from densevit.preprocess import resized_hw
+        from densevit.io.images import resized_hw
 
         return ext.grid(resized_hw((item.image.height, item.image.width), s.load_size), item.original_hw)
 
@@ -464,8 +464,8 @@ class Explorer:
     def pca(self, settings: Optional[Settings] = None, max_side: int = 1024) -> List[np.ndarray]:
         """The 3-component PCA of the descriptors of all images (fitted together, as ``densevit-pca``) as RGB
         pictures ``HxWx3`` uint8, fit to ``max_side``."""
-        from .draw import pca_rgb
-        from .pca import pca_features
+        from ..draw import pca_rgb
+        from ..pca import pca_features
 
         s = self.check(settings or self.defaults)
         with self._lock:

@@ -1,0 +1,109 @@
+"""What the application CLIs share: set gathering, per-set output folders, the output rule (refusing to overwrite
+or to write into the inputs: :func:`densevit.cli.common.check_outputs`), the progress bar over sets, one
+summary line per set, per-set error reporting (a bad set never stops the others) and the one rule for
+unreadable inputs (:func:`densevit.cli.common.drop_unreadable`: reported in one line each, left out, the rest
+processed, exit code non-zero at the end)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+from densevit.cli.common import WritesIntoInputsError, check_outputs, check_readable, drop_unreadable, report_unreadable
+from densevit.errors import DensevitError
+
+__all__ = ["add_io_args", "load_size_arg", "is_folder_of_sets", "check_readable", "drop_unreadable",
+           "report_unreadable", "run_sets", "stems"]
+
+# process(name, images, out_dir) -> (summary line, summary dict written as summary.json)
+Process = Callable[[str, List[Path], Path], Tuple[str, Dict]]
+Planned = Callable[[str, List[Path], Path], List[Path]]
+
+
+def add_io_args(parser: argparse.ArgumentParser) -> None:
+    """Positional inputs, --out, --overwrite, --quiet, --max-side."""
+    parser.add_argument("inputs", nargs="+",
+                        help="image files, a folder of images, or a folder of sets (one sub-folder per set)")
+    parser.add_argument("-o", "--out", required=True, help="output folder (one sub-folder per set for a folder "
+                        "of sets)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--max-side", type=int, default=1024,
+                        help="longest side of the overlay pictures in pixels (raw masks keep the original size)")
+
+
+def load_size_arg(value: int) -> Optional[int]:
+    """``--load-size`` 0 (or less) means: keep the original size."""
+    return None if value is None or value <= 0 else int(value)
+
+
+def is_folder_of_sets(inputs: Sequence[str]) -> bool:
+    """The rule of :func:`densevit.cli.common.gather_sets`: one folder holding sub-folders."""
+    if len(inputs) != 1 or not Path(inputs[0]).is_dir():
+        return False
+    return any(d.is_dir() for d in Path(inputs[0]).iterdir())
+
+
+def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Path]]], planned: Planned,
+             process: Process, min_images: int = 2, max_images: Optional[int] = None,
+             more_inputs: Sequence[Optional[str]] = ()) -> int:
+    """Run ``process`` on every set (from :func:`densevit.cli.common.gather_sets`); returns the exit code
+    (1 if any set failed, else 0).
+
+    Unreadable images are left out of their set (:func:`drop_unreadable`) and make the exit code 1. Per set:
+    too few / many (readable) images, an existing output (without --overwrite) or a
+    :class:`~densevit.errors.DensevitError` while processing (e.g. an unreadable image) prints
+    ``prog: set NAME: error: message`` and the next set runs. ``summary.json`` is written beside the outputs.
+    An output folder that is a file, or outputs in the inputs (``args.inputs``, ``--store``, ``more_inputs``:
+    :func:`densevit.cli.common.check_outputs`), are refused before any work (a one-line error, exit 2).
+    """
+    nested = is_folder_of_sets(args.inputs)
+    out_root = Path(args.out)
+    inputs = [*args.inputs, getattr(args, "store", None), *more_inputs]
+    check_outputs(inputs, folders=[out_root] + ([out_root / name for name, _ in sets] if nested else []))
+    failures = 0
+    unreadable: List[Path] = []
+    bar = tqdm(sets, desc=prog, unit="set", disable=args.quiet or None, file=sys.stderr)
+    for name, images in bar:
+        bar.set_postfix_str(name)
+        out_dir = out_root / name if nested else out_root
+        images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "")
+        unreadable += bad
+        try:
+            if len(images) < min_images:
+                raise DensevitError(f"needs at least {min_images} image{'s' if min_images > 1 else ''}, "
+                                    f"found {len(images)}")
+            if max_images is not None and len(images) > max_images:
+                raise DensevitError(f"needs exactly {max_images} images, found {len(images)}")
+            check_outputs(inputs, files=planned(name, images, out_dir) + [out_dir / "summary.json"],
+                          overwrite=args.overwrite)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            line, summary = process(name, images, out_dir)
+            summary = {"set": name, "images": [str(p) for p in images], **summary,
+                       **({"unreadable": [str(p) for p in bad]} if bad else {}),
+                       "seconds": round(time.perf_counter() - t0, 3)}
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            tqdm.write(f"{name}: {line} [{summary['seconds']:.1f} s]", file=sys.stdout)
+        except WritesIntoInputsError:
+            raise
+        except DensevitError as exc:
+            failures += 1
+            tqdm.write(f"{prog}: set {name}: error: {exc}", file=sys.stderr)
+    bar.close()
+    if failures:
+        print(f"{prog}: {failures} of {len(sets)} set(s) failed", file=sys.stderr)
+    return max(1 if failures else 0, report_unreadable(prog, unreadable))
+
+
+def stems(images: Sequence[Path]) -> List[str]:
+    """Output name stems of a set's images (prefixed by their index when two share a stem)."""
+    names = [p.stem for p in images]
+    if len(set(names)) != len(names):
+        names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
+    return names

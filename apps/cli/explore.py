@@ -1,0 +1,146 @@
+"""densevit-explore: look inside a ViT's dense features in the browser.
+
+    densevit-explore IMAGES_OR_FOLDERS... [--backbone dino_vits8 --weights W --stride 4 --load-size 224]
+                     [--port 7860 --host 127.0.0.1 --allow-host NAME --out explore_out]
+    densevit-explore --replay explore_out/explore_....json      # recompute a saved finding, print its matches
+
+Starts a local web server (127.0.0.1 unless --host) and prints its address. Click a point of any image: every
+image shows the cosine-similarity map of that token's descriptor with its top-k matches and best buddies; switch
+layer, facet, log-binning, stride and load size; see the attention of the clicked token per layer and head, the
+CLS saliency, and the PCA of all images; upload images; Save writes the view (PNG) and the finding (JSON).
+The server answers only its own page: other Host names (DNS rebinding) and requests from other pages (other
+origins) are refused (add names it is reached by with --allow-host). Model work runs in one queued worker;
+Ctrl-C or SIGTERM stops it within a second.
+Needs the ``explore`` extra: ``pip install "densevit[explore]"`` (FastAPI + uvicorn).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from densevit.cli.common import add_backbone_args, gather_images, run_cli
+from densevit.errors import DensevitError
+
+from .common import load_size_arg
+
+PROG = "densevit-explore"
+INSTALL_HINT = 'the explorer needs FastAPI and uvicorn: pip install "densevit[explore]" (or pip install fastapi ' \
+               'uvicorn python-multipart)'
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Interactive explorer of dense ViT descriptors: similarity "
+                                "maps, attention, saliency and PCA in a local web page.")
+    p.add_argument("inputs", nargs="*", help="image files or folders of images (more can be uploaded in the page)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another Host name the page may be opened by (repeatable; loopback names and the bound "
+                        "address are always allowed)")
+    p.add_argument("--out", default="explore_out", help="folder Save writes to")
+    p.add_argument("--cache-gb", type=float, default=6.0, help="memory for cached descriptors")
+    p.add_argument("--replay", metavar="JSON", help="recompute a saved finding and print its matches (no server)")
+    p.add_argument("--quiet", action="store_true", help="no request log")
+    add_backbone_args(p, stride=4, load_size=224, layer=None, facet=None)
+    return p
+
+
+def _require_web() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401  (uploads)
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise DensevitError(INSTALL_HINT) from None
+
+
+def replay(args: argparse.Namespace) -> int:
+    """Recompute a finding saved by the page and print the clicked point and matches (original pixels)."""
+    from ..explore.session import Explorer, Settings
+
+    try:
+        rec = json.loads(Path(args.replay).read_text())
+        settings = Settings(**rec["settings"])
+        clicked = rec["clicked"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DensevitError(f"cannot read finding {args.replay}: {exc}") from None
+    weights = args.weights if args.weights is not None else rec.get("weights")
+    ex = Explorer(rec.get("backbone", args.backbone), weights=weights, device=args.device, dtype=args.dtype,
+                  stride=settings.stride, load_size=settings.load_size)
+    for im in rec["images"]:
+        if not im.get("path"):
+            raise DensevitError(f"image {im['name']} was uploaded in the page; pass its file instead")
+        ex.add_image(im["path"], name=im["name"])
+    k = max(1, max((len(m["topk"]) for m in rec.get("matches", [])), default=5))
+    if rec.get("mode") == "attention":
+        res = ex.attention(clicked["image"], clicked["x"], clicked["y"], settings, head=rec.get("head"), k=k)
+    else:
+        res = ex.similarity(clicked["image"], clicked["x"], clicked["y"], settings, k=k)
+    out = ex.finding(res)
+    print(json.dumps({"clicked": out["clicked"], "settings": out["settings"], "matches": out["matches"]}, indent=2))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.replay:
+        return replay(args)
+    _require_web()
+    import uvicorn
+
+    from ..explore.session import Explorer
+    from ..explore.web import allowed_hosts, create_app
+
+    images = gather_images(args.inputs) if args.inputs else []
+    ex = Explorer(args.backbone, weights=args.weights, device=args.device, dtype=args.dtype, stride=args.stride,
+                  load_size=load_size_arg(args.load_size), cache_gb=args.cache_gb)
+    for path in images:  # one bad file is reported and skipped
+        try:
+            item = ex.add_image(path)
+            if item.note:
+                print(f"{PROG}: note: {item.note}", file=sys.stderr)
+        except DensevitError as exc:
+            print(f"{PROG}: skipped: {exc}", file=sys.stderr)
+    app = create_app(ex, Path(args.out), hosts=allowed_hosts(args.host, args.allow_host))
+    # requests still running 0.5 s after Ctrl-C / SIGTERM are cancelled; the worker thread is a daemon
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=not args.quiet, timeout_graceful_shutdown=0.5))
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+        sock.listen(128)               # connections wait in the backlog from the moment the address is printed
+    except OSError as exc:
+        raise DensevitError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"{PROG}: {len(ex.images)} image(s), {args.backbone}; open http://{host}:{port}/  (Ctrl-C stops)",
+          flush=True)
+    return _serve(server, sock)
+
+
+def _serve(server, sock) -> int:
+    """Serve until Ctrl-C or SIGTERM (uvicorn answers what is running for 0.5 s, then 503), then end the process
+    at once: a running extraction cannot be interrupted and is not waited for, and the interpreter's teardown
+    (the model, idle threads) would take seconds. Saved files are written atomically, so nothing is cut short."""
+    code = 0
+    try:
+        server.run(sockets=[sock])            # SIGTERM: uvicorn re-raises it after stopping, ending the process
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        code = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+entry = run_cli(main, PROG)
+
+if __name__ == "__main__":
+    entry()

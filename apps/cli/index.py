@@ -1,0 +1,181 @@
+"""densevit-index: search every location of a whole image collection (a patch index over a feature store).
+
+    densevit-index build STORE -o INDEX [--kind flat|ivf-flat|ivf-pq|hnsw] [--salient-only] [--sample-stride K]
+    densevit-index search INDEX --image IMG --point X,Y [--point X,Y ...] | --box X0,Y0,X1,Y1 [-k 20] --out DIR
+
+``build`` indexes every selected token of the store (see :mod:`densevit.patch_index`). ``search`` writes
+``DIR/<stem>_matches.json`` (per query: image, x, y in original-image pixels, token row / column, similarity)
+and a contact sheet per query, ``DIR/<stem>_q<i>.png``: a crop around the query location, then one around
+each of the best :data:`SHEET_MATCHES` matches, the location marked. ``-k`` lies in ``1..MAX_K``
+(:data:`densevit.patch_index.MAX_K`). An index opens only with the store content it was built from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from densevit.cli.common import check_outputs, report_unreadable, run_cli, skip_unreadable
+from densevit.errors import DensevitError
+from densevit.io.images import UnreadableImageError, load_image
+from densevit.storage import patch_index as pi
+
+from .. import draw
+
+PROG = "densevit-index"
+SHEET_MATCHES = 50      # matches drawn on a contact sheet at most (the JSON holds all k)
+
+
+def _pair(text: str, n: int, what: str) -> Tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="A patch index over a feature store: build it, search it.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="index every token of a feature store")
+    b.add_argument("store", help="feature store folder (densevit-extract --store)")
+    b.add_argument("-o", "--out", required=True, help="index folder to write")
+    b.add_argument("--kind", default="ivf-pq", choices=pi.KINDS, help="flat: exact; ivf-pq: compact (default)")
+    b.add_argument("--layer", type=int, default=None, help="stored layer (default: the store's only one)")
+    b.add_argument("--facet", default=None, help="stored facet (default: the store's only one)")
+    b.add_argument("--salient-only", action="store_true", help="only tokens with saliency >= --saliency-threshold")
+    b.add_argument("--saliency-threshold", type=float, default=0.5)
+    b.add_argument("--sample-stride", type=int, default=1, help="index every K-th token row and column")
+    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default about 4 sqrt(N))")
+    b.add_argument("--pq-m", type=int, default=None, help="PQ bytes per vector (default D/4)")
+    b.add_argument("--hnsw-m", type=int, default=32)
+    b.add_argument("--train-size", type=int, default=200_000, help="vectors sampled for training")
+    b.add_argument("--nprobe", type=int, default=16, help="default IVF lists visited per query")
+    b.add_argument("--rerank", type=int, default=1000, help="ivf-pq candidates re-scored exactly from the store")
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("search", help="the best-matching locations of a point or box across the collection")
+    s.add_argument("index", help="index folder (densevit-index build)")
+    s.add_argument("--image", required=True, help="query image: a stored image's key or path, or any image "
+                   "(extracted with the store's settings; needs --weights)")
+    s.add_argument("--point", action="append", type=lambda t: _pair(t, 2, "--point"), default=None,
+                   help="X,Y in original-image pixels (repeatable)")
+    s.add_argument("--box", type=lambda t: _pair(t, 4, "--box"), default=None, help="X0,Y0,X1,Y1: one query "
+                   "from the mean descriptor of the box")
+    s.add_argument("-k", type=int, default=20, help=f"matches per query (1..{pi.MAX_K}; the contact sheet shows "
+                   f"the best {SHEET_MATCHES})")
+    s.add_argument("--out", required=True, help="output folder (JSON + contact sheets)")
+    s.add_argument("--store", default=None, help="the feature store (default: the one the index was built from)")
+    s.add_argument("--weights", default=None, help="weights to extract a query image that is not in the store")
+    s.add_argument("--nprobe", type=int, default=None, help="IVF lists visited (default: the index's)")
+    s.add_argument("--rerank", type=int, default=None, help="ivf-pq candidates re-scored (default: the index's)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--crop", type=float, default=None, help="contact-sheet crop side in original pixels "
+                   "(default: 12 tokens)")
+    s.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def _build(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_outputs([args.store], folders=[out])
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise DensevitError(f"{out} exists and is not empty; pass --overwrite to replace the index")
+    cfg = pi.IndexConfig(kind=args.kind, layer=args.layer, facet=args.facet, sample_stride=args.sample_stride,
+                         salient_only=args.salient_only, saliency_threshold=args.saliency_threshold,
+                         nlist=args.nlist, pq_m=args.pq_m, hnsw_m=args.hnsw_m, train_size=args.train_size,
+                         nprobe=args.nprobe, rerank=args.rerank)
+    t = time.perf_counter()
+    index = pi.build_index(args.store, out, cfg, progress=not args.quiet)
+    size = sum((out / n).stat().st_size for n in index.meta["files"])
+    print(f"index {out}: {len(index)} vectors of {index.meta['dim']} dims from {len(index.images)} image(s), "
+          f"{args.kind} {index.meta['params']}, {size / 2**20:.1f} MiB on disk, {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def _dataset_root(store: "pi.FeatureStore", key: str) -> Path:
+    """The folder a stored image was extracted from (its source path less its key)."""
+    src = Path(store.source_path(key))
+    parts = Path(key).parts
+    return Path(*src.parts[:-len(parts)]) if src.parts[-len(parts):] == parts else src.parent
+
+
+def _search(args: argparse.Namespace) -> int:
+    if (args.point is None) == (args.box is None):
+        raise DensevitError("give --point X,Y (one or more) or --box X0,Y0,X1,Y1")
+    pi.check_k(args.k)
+    out = Path(args.out)
+    check_outputs([args.index, args.store], folders=[out])
+    index = pi.load_index(args.index, args.store, args.device)
+    if args.nprobe is not None or args.rerank is not None:
+        cfg = index.config
+        cfg.nprobe = args.nprobe or cfg.nprobe
+        cfg.rerank = cfg.rerank if args.rerank is None else args.rerank
+        cfg.check()
+        index.meta["config"] = asdict(cfg)
+    image = args.image
+    extractor = None
+    if image not in index.store:
+        if not Path(image).is_file():
+            raise DensevitError(f"query image {image} is neither in store {index.store.root} nor a file")
+        from densevit.storage.extract import extractor_for_store
+
+        extractor = extractor_for_store(index.store.settings, args.weights, args.device)
+    stem = Path(image).stem
+    n_queries = 1 if args.box is not None else len(args.point)
+    targets = [out / f"{stem}_matches.json"] + [out / f"{stem}_q{i}.png" for i in range(n_queries)]
+    t0 = time.perf_counter()
+    q, grid, tokens = pi.query_descriptors(index, image, args.point, args.box, extractor)
+    sims, idx = index.search_vectors(q, args.k)
+    results = [index.matches(s, i) for s, i in zip(sims, idx)]
+    seconds = time.perf_counter() - t0
+    query_path = index.store.source_path(image) if extractor is None else image
+    drawn = {m.image for ms in results for m in ms[:SHEET_MATCHES]} | ({image} if extractor is None else set())
+    read = [args.index, index.store.root, query_path, *{str(_dataset_root(index.store, k)) for k in drawn}]
+    check_outputs(read, folders=[out], files=targets, overwrite=args.overwrite)   # nothing read is written into
+    query_img = load_image(query_path)
+    out.mkdir(parents=True, exist_ok=True)
+    queries = [{"point": list(p)} for p in args.point] if args.point else [{"box": list(args.box)}]
+    record = {"image": image, "index": str(Path(args.index).resolve()), "k": args.k, "seconds": round(seconds, 4),
+              "queries": [{**qd, "matches": [asdict(m) for m in ms]} for qd, ms in zip(queries, results)]}
+    targets[0].write_text(json.dumps(record, indent=1) + "\n")
+    side = args.crop or 12 * grid.stride * max(grid.scale_xy)
+    cache, unreadable = {}, []
+    for i, (qd, ms) in enumerate(zip(queries, results)):
+        qxy = qd.get("point") or [(args.box[0] + args.box[2]) / 2, (args.box[1] + args.box[3]) / 2]
+        tiles = []
+        for r, m in enumerate(ms[:SHEET_MATCHES], 1):
+            if m.image not in cache:
+                try:
+                    cache[m.image] = load_image(index.store.source_path(m.image))
+                except UnreadableImageError as exc:      # the stored image's file is gone or changed since
+                    cache[m.image] = None
+                    unreadable.append(m.image)
+                    skip_unreadable(PROG, exc)
+            if cache[m.image] is not None:
+                tiles.append((cache[m.image], (m.x, m.y), f"#{r} {m.similarity:.3f} {m.image[-18:]}"))
+        draw.save_rgb(targets[1 + i], draw.contact_sheet(query_img, qxy, tiles, side))
+    best = results[0][0] if results[0] else None
+    print(f"{n_queries} quer{'y' if n_queries == 1 else 'ies'}, {args.k} matches each in {seconds * 1000:.1f} ms; "
+          + (f"best: {best.image} ({best.x:.0f}, {best.y:.0f}) similarity {best.similarity:.3f}; " if best else "")
+          + f"wrote {targets[0]} and {n_queries} contact sheet(s)"
+          + (f" (the best {SHEET_MATCHES} matches drawn)" if args.k > SHEET_MATCHES else ""))
+    return report_unreadable(PROG, unreadable)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "build":
+        return _build(args)
+    return _search(args)
+
+
+entry = run_cli(main, PROG)
+
+if __name__ == "__main__":
+    entry()

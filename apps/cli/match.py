@@ -1,0 +1,137 @@
+"""densevit-match: semantic point correspondences between two images (Amir et al. 2021).
+
+    densevit-match A B --out DIR            (or a folder of pairs: one sub-folder with two images per pair)
+    densevit-match A B --out DIR --points PTS.json     (also transfer these points of A to B)
+
+Writes ``<a>_<b>_matches.png`` (the two images side by side, pair i marked and joined in colour i) and
+``<a>_<b>_points.json`` (points in each image's original pixels, ``[x, y]``); with ``--points``, also
+``<a>_<b>_transfer.png`` / ``.json`` (each given point of A and its nearest-neighbour position in B).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from densevit.cli.common import add_backbone_args, add_store_arg, build_source, gather_sets, run_cli
+from densevit.errors import DensevitError
+from densevit.matching.transfer import REFINE
+
+from .. import draw
+from ..correspondence import (
+    CLUSTERINGS,
+    FG_TESTS,
+    CorrespondenceConfig,
+    find_correspondences_features,
+    pair_features,
+    transfer_keypoints_features,
+)
+from .common import add_io_args, load_size_arg, run_sets, stems
+
+PROG = "densevit-match"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Find semantic point correspondences between two images "
+                                "(best buddies of ViT descriptors on salient regions, k-means pick).")
+    add_io_args(p)
+    d = CorrespondenceConfig()
+    g = p.add_argument_group("correspondences (defaults: the reference's)")
+    g.add_argument("--num-pairs", type=int, default=d.num_pairs, help="number of point pairs")
+    g.add_argument("--thresh", type=float, default=d.thresh, help="saliency threshold of both points of a pair")
+    g.add_argument("--bin", action=argparse.BooleanOptionalAction, default=d.bin, help="log-binned descriptors")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="k-means seed (scikit-learn's random_state, the reference's 0; or the FAISS seed)")
+    g.add_argument("--clustering", choices=CLUSTERINGS, default=d.clustering,
+                   help="k-means of the best buddies: sklearn (scikit-learn KMeans with 10 restarts, the reference) "
+                        "or faiss (FAISS k-means: faster on many buddies, other clusters)")
+    g.add_argument("--fg-test", choices=FG_TESTS, default=d.fg_test,
+                   help="which best buddies count as foreground: reference (A's token salient and the nearest "
+                        "neighbour of some salient token of B, as the reference) or both (both tokens salient)")
+    g.add_argument("--points", default=None,
+                   help="JSON file of points [[x, y], ...] (or {\"points\": [...]}) in image A's pixels to transfer "
+                        "to image B by nearest neighbour")
+    g.add_argument("--refine", choices=REFINE, default="none", help="sub-token refinement of transferred points")
+    add_backbone_args(p, stride=4, load_size=224, layer=9, facet="key")
+    add_store_arg(p)
+    return p
+
+
+def read_points(path: str) -> np.ndarray:
+    """Points ``Nx2`` from a JSON list of ``[x, y]`` (or an object with a ``points`` list)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DensevitError(f"cannot read points from {path}: {exc}") from None
+    if isinstance(data, dict):
+        data = data.get("points")
+    try:
+        pts = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError):
+        pts = None
+    if pts is None or pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
+        raise DensevitError(f"{path}: expected a JSON list of [x, y] points")
+    return pts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = CorrespondenceConfig(load_size=load_size_arg(args.load_size), layer=args.layer, facet=args.facet,
+                               bin=args.bin, thresh=args.thresh, num_pairs=args.num_pairs, seed=args.seed,
+                               clustering=args.clustering, fg_test=args.fg_test)
+    cfg.validate()
+    query = read_points(args.points) if args.points else None
+    sets = gather_sets(args.inputs)
+    source = build_source(args, saliency=True)
+
+    def prefix(images: List[Path]) -> str:
+        a, b = stems(images)
+        return f"{a}_{b}"
+
+    def planned(name: str, images: List[Path], out: Path) -> List[Path]:
+        base = prefix(images)
+        files = [out / f"{base}_matches.png", out / f"{base}_points.json"]
+        if query is not None:
+            files += [out / f"{base}_transfer.png", out / f"{base}_transfer.json"]
+        return files
+
+    def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
+        base = prefix(images)
+        t = time.perf_counter()
+        fa, fb = pair_features(source, images[0], images[1], cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True)
+        t_extract = time.perf_counter() - t
+        res = find_correspondences_features(fa, fb, cfg)
+        timings = {"extraction": t_extract, **res.timings}
+        t = time.perf_counter()
+        pic = draw.correspondence_image(fa.image, fb.image, res.points_a, res.points_b)
+        draw.save_rgb(out / f"{base}_matches.png", pic)
+        record = {"image_a": str(images[0]), "image_b": str(images[1]),
+                  "image_a_hw": list(res.image_hw_a), "image_b_hw": list(res.image_hw_b),
+                  "points_a": res.points_a.round(3).tolist(), "points_b": res.points_b.round(3).tolist(),
+                  "saliency": res.saliency.round(5).tolist(), "similarity": res.similarity.round(5).tolist(),
+                  "num_buddies": res.num_buddies}
+        (out / f"{base}_points.json").write_text(json.dumps(record, indent=1) + "\n")
+        line = f"{images[0].name} <-> {images[1].name}: {len(res.points_a)} pairs from {res.num_buddies} " \
+               f"salient best buddies"
+        if query is not None:
+            moved, sims = transfer_keypoints_features(fa, fb, query, refine=args.refine)
+            draw.save_rgb(out / f"{base}_transfer.png", draw.correspondence_image(fa.image, fb.image, query, moved))
+            (out / f"{base}_transfer.json").write_text(json.dumps(
+                {"image_a": str(images[0]), "image_b": str(images[1]), "points_a": query.round(3).tolist(),
+                 "points_b": moved.round(3).tolist(), "similarity": sims.round(5).tolist()}, indent=1) + "\n")
+            line += f"; transferred {len(query)} points"
+        timings["drawing"] = time.perf_counter() - t
+        return line, {"pairs": len(res.points_a), "num_buddies": res.num_buddies,
+                      "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+    return run_sets(PROG, args, sets, planned, process, min_images=2, max_images=2, more_inputs=[args.points])
+
+
+entry = run_cli(main, PROG)
+
+if __name__ == "__main__":
+    entry()

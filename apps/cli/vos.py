@@ -1,0 +1,189 @@
+"""densevit-vos: propagate a first-frame mask through a folder of frames.
+
+    densevit-vos --frames DIR --first-mask PNG --out DIR [--gif PATH] [--video PATH]
+    densevit-vos --frames DIR --discover [--discover-method tokencut|lost] --out DIR     (unsupervised)
+
+With ``--discover`` no mask is given: the object is discovered in the first frame (TokenCut or LOST on the
+last block's keys, :mod:`densevit.apps.discover`; object id 1) and propagated like a given mask.
+
+Writes one indexed PNG (DAVIS palette, the first mask's object ids) per frame, named after the frame, and
+optionally an overlay animation (GIF, or MP4/AVI through OpenCV).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from densevit.cli.common import add_backbone_args, build_extractor, check_outputs, gather_images, run_cli
+from densevit.errors import DensevitError
+from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
+from densevit.io.images import load_image
+from densevit.runtime.threads import BackgroundWriter
+
+from ..discovery.core import discover_mask
+from ..vos import VOSConfig, propagate
+from .common import drop_unreadable, report_unreadable
+from .discover import add_discover_args
+from .discover import config_from_args as discover_config_from_args
+
+PROG = "densevit-vos"
+
+
+def add_protocol_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of :class:`VOSConfig` (defaults: DINO's DAVIS protocol)."""
+    d = VOSConfig()
+    g = parser.add_argument_group("propagation (defaults: DINO's DAVIS protocol)")
+    g.add_argument("--short-side", type=int, default=d.short_side, help="resize the shorter frame side to this")
+    g.add_argument("--multiple", type=int, default=d.multiple,
+                   help="floor the longer side to a multiple of this (1: keep the aspect ratio)")
+    g.add_argument("--n-last-frames", type=int, default=d.n_last_frames,
+                   help="context: the first frame plus this many preceding frames")
+    g.add_argument("--neighborhood", type=int, default=d.neighborhood,
+                   help="only match tokens within this many tokens of the query position (0: anywhere)")
+    g.add_argument("--topk", type=int, default=d.topk, help="neighbours per token over the whole context")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="affinity exp(cos / temperature)")
+    g.add_argument("--no-minmax-norm", action="store_true",
+                   help="skip the per-label min-max normalisation before the argmax")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per forward pass")
+
+
+def config_from_args(args: argparse.Namespace) -> VOSConfig:
+    cfg = VOSConfig(short_side=args.short_side, multiple=args.multiple, n_last_frames=args.n_last_frames,
+                    neighborhood=args.neighborhood, topk=args.topk, temperature=args.temperature,
+                    layer=args.layer, facet=args.facet, minmax_norm=not args.no_minmax_norm,
+                    batch_size=args.batch_size)
+    cfg.validate()
+    return cfg
+
+
+def overlay(frame: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Frame ``HxWx3`` uint8 with each object's pixels blended with its DAVIS palette colour (id 255, the
+    foreground of binary 0/255 masks, drawn in the colour of id 1) and object outlines drawn dark."""
+    import cv2
+
+    img = np.asarray(frame.convert("RGB"), dtype=np.float32)
+    palette = DAVIS_PALETTE.copy()
+    palette[255] = palette[1]
+    colours = palette[mask].astype(np.float32)
+    obj = (mask > 0)[..., None]
+    out = np.where(obj, (1 - alpha) * img + alpha * colours, img)
+    edges = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    out[edges] = 0.35 * colours[edges]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+class _VideoSink:
+    """Collects overlay frames into a GIF (PIL, frames kept palettised in memory) and/or a video (OpenCV)."""
+
+    def __init__(self, gif: Optional[Path], video: Optional[Path], fps: float) -> None:
+        self.gif, self.video, self.fps = gif, video, fps
+        self.gif_frames: List[Image.Image] = []
+        self.writer = None
+
+    def add(self, rgb: np.ndarray) -> None:
+        if self.gif is not None:
+            self.gif_frames.append(Image.fromarray(rgb).quantize(colors=255, method=Image.Quantize.MEDIANCUT))
+        if self.video is not None:
+            import cv2
+
+            if self.writer is None:
+                fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.video.suffix.lower() == ".avi" else "mp4v"))
+                self.writer = cv2.VideoWriter(str(self.video), fourcc, self.fps, (rgb.shape[1], rgb.shape[0]))
+                if not self.writer.isOpened():
+                    raise DensevitError(f"cannot open a video writer for {self.video} (try a .mp4 or .avi name)")
+            self.writer.write(rgb[..., ::-1].copy())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+        if self.gif is not None and self.gif_frames:
+            self.gif_frames[0].save(self.gif, save_all=True, append_images=self.gif_frames[1:],
+                                    duration=int(round(1000 / self.fps)), loop=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Propagate a first-frame object mask through a video "
+                                "(label propagation on ViT features, DINO's protocol).")
+    p.add_argument("--frames", required=True, help="folder of frames (sorted by file name)")
+    first = p.add_mutually_exclusive_group(required=True)
+    first.add_argument("--first-mask",
+                       help="mask of the first frame: palette PNG of object ids, or greyscale (e.g. 0/255)")
+    first.add_argument("--discover", action="store_true",
+                       help="unsupervised: discover the object in the first frame (no mask given)")
+    p.add_argument("--out", required=True, help="output folder for the per-frame indexed PNG masks")
+    p.add_argument("--gif", default=None, help="also write an overlay animation to this .gif file")
+    p.add_argument("--video", default=None, help="also write an overlay video to this .mp4/.avi file")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate of the GIF/video")
+    p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_protocol_args(p)
+    add_backbone_args(p, stride=None, load_size=None, layer=-1, facet="token_norm")
+    add_discover_args(p, prefix="discover-", load_size=-1)
+    return p
+
+
+def discovery_config(args: argparse.Namespace):
+    """The first-frame discovery settings of ``--discover-*`` flags: the last block's keys; the load size
+    defaults (-1) to the propagation's short side."""
+    cfg = discover_config_from_args(args, prefix="discover-", layer=-1, facet="key")
+    if args.discover_load_size < 0:
+        from dataclasses import replace
+
+        cfg = replace(cfg, load_size=args.short_side)
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if not Path(args.frames).is_dir():
+        raise DensevitError(f"--frames must be a folder of frames: {args.frames}")
+    out = Path(args.out)
+    check_outputs([args.frames, args.first_mask], folders=[out])    # before reading any frame
+    all_frames = gather_images([args.frames])
+    frames, unreadable = drop_unreadable(PROG, all_frames)
+    if not frames:
+        raise DensevitError(f"no readable frame in {args.frames}")
+    if all_frames[0] in unreadable and not args.discover:
+        raise DensevitError(f"the first frame {all_frames[0].name} is unreadable; the first mask belongs to it")
+    dcfg = discovery_config(args) if args.discover else None
+    first_mask = None if args.discover else read_mask(args.first_mask)
+    targets = [out / f"{f.stem}.png" for f in frames]
+    if len({t.name for t in targets}) != len(targets):
+        raise DensevitError(f"frames in {args.frames} share file stems; their masks would overwrite each other")
+    extra = [Path(p) for p in (args.gif, args.video) if p]
+    check_outputs([args.frames, args.first_mask], folders=[out], files=extra + targets, overwrite=args.overwrite)
+    if args.gif and Path(args.gif).suffix.lower() != ".gif":
+        raise DensevitError(f"--gif must name a .gif file: {args.gif}")
+    if not 0 <= args.alpha <= 1 or args.fps <= 0:
+        raise DensevitError("--alpha must lie in [0, 1] and --fps must be positive")
+    extractor = build_extractor(args)
+    if dcfg is not None:
+        first_mask = discover_mask(extractor, frames[0], dcfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in extra:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    sink = _VideoSink(Path(args.gif) if args.gif else None, Path(args.video) if args.video else None, args.fps)
+    try:
+        with BackgroundWriter() as writer:
+            for frame, target, mask in zip(frames, targets, propagate(extractor, frames, first_mask, cfg,
+                                                                       progress=not args.quiet)):
+                writer.submit(write_mask, target, mask)
+                if extra:
+                    sink.add(overlay(load_image(frame), mask, args.alpha))
+    finally:
+        sink.close()
+    ids = [int(i) for i in np.unique(first_mask) if i != 0]
+    print(f"wrote {len(targets)} masks to {out} (object ids: {', '.join(map(str, ids)) or 'none'})")
+    return report_unreadable(PROG, unreadable)
+
+
+entry = run_cli(main, PROG)
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,1 @@
+"""Measuring: benchmark datasets, metrics, keypoint evaluation, analysis of layers and heads."""

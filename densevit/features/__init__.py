@@ -1,0 +1,1 @@
+"""Descriptors: the extractor, log-binning, similarity maps."""

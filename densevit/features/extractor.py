@@ -1,0 +1,323 @@
+"""Dense descriptors from a ViT: any facet of any layers in one forward pass, with a denser patch stride.
+
+Facets of block ``l`` (0-based):
+    ``key`` / ``query`` / ``value``: the attention projections, ``D = heads * head_dim`` with channel index
+    ``c * heads + h`` (head-minor, as the reference implementation lays them out). For rotary backbones (DINOv3)
+    ``key`` and ``query`` are the projections *before* the rotary embedding (position-free: the natural choice
+    for matching across images); ``key_rope`` / ``query_rope`` are them *after* it, as the attention uses them
+    (for backbones with learned absolute positions the two are identical). ``value`` is never rotated;
+    ``token``: the block output; ``token_norm``: the block output through the model's final norm;
+    ``attn``: the attention probabilities, ``B x heads x T x T``.
+Descriptors are ``B x T x D`` with ``T = h * w`` patch tokens in row-major grid order (prefix tokens dropped
+unless ``include_cls``, which keeps the CLS token first; register tokens are always dropped).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..errors import DensevitError
+from ..io.images import ImageLike, preprocess
+from ..models.families import BlockFamily, make_adapter
+from ..models.grid import TokenGrid, grid_shape
+from ..models.posenc import DINO, resample_pos_embed
+from ..models.registry import BackboneSpec
+from ..models.weights import load_backbone
+from ..runtime.device import DeviceLike, parse_dtype, select_device
+from .binning import log_bin
+
+FACETS = ("key", "query", "value", "token", "token_norm", "attn", "key_rope", "query_rope")
+_QKV_INDEX = {"query": 0, "key": 1, "value": 2, "query_rope": 3, "key_rope": 4}
+
+
+@dataclass
+class Features:
+    """Output of :meth:`ViTExtractor.extract`."""
+
+    descriptors: Dict[Tuple[int, str], torch.Tensor]  # (layer, facet) -> BxTxD (attn: BxheadsxTxT)
+    grid: TokenGrid
+    saliency: Optional[torch.Tensor] = None          # BxT in [0, 1]
+    cls: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, facet) -> BxD CLS descriptor
+
+
+@dataclass
+class _Plan:
+    """What to record at each block during one forward pass."""
+
+    facets: Dict[int, set] = field(default_factory=dict)
+    saliency_layer: Optional[int] = None
+
+    @property
+    def last(self) -> int:
+        layers = list(self.facets) + ([self.saliency_layer] if self.saliency_layer is not None else [])
+        return max(layers)
+
+
+def interpolate_pos_embed(patch_pos: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
+    """DINO's resampling of a square ``1xNxC`` patch position embedding to ``grid_hw`` (see :mod:`densevit.posenc`)."""
+    return resample_pos_embed(patch_pos, grid_hw, DINO)
+
+
+class ViTExtractor(nn.Module):
+    """Dense ViT descriptor extractor.
+
+    Args:
+        backbone: densevit backbone name (see :data:`densevit.backbones.BACKBONES`).
+        stride: patch-embedding stride; must divide the patch size (default: the patch size).
+        weights: checkpoint path, ``"random"``, or ``None`` to search ``$DENSEVIT_WEIGHTS`` then timm's hub.
+        device: where to run (``None``: CUDA when available).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+    """
+
+    def __init__(self, backbone: str = "dino_vits8", stride: Optional[int] = None,
+                 weights: Union[str, Path, None] = None, device: DeviceLike = None,
+                 dtype: Union[str, torch.dtype, None] = torch.float32) -> None:
+        super().__init__()
+        self.device = select_device(device)
+        self.dtype = parse_dtype(dtype)
+        model, spec = load_backbone(backbone, weights)
+        self.spec: BackboneSpec = spec
+        self.model = model
+        self.patch_size = spec.patch_size
+        self.stride = self.patch_size if stride is None else int(stride)
+        if self.stride < 1 or self.patch_size % self.stride != 0:
+            raise DensevitError(f"stride {stride} does not divide the patch size {self.patch_size} of {spec.name}")
+        model.patch_embed.proj.stride = (self.stride, self.stride)
+        self.adapter: BlockFamily = make_adapter(spec.family, model, spec.pos, self.patch_size, self.stride)
+        self.adapter.to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.blocks[0].attn.num_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS and register / storage tokens before the patch tokens."""
+        return self.adapter.num_prefix_tokens
+
+    def grid(self, input_hw: Tuple[int, int], image_hw: Optional[Tuple[int, int]] = None) -> TokenGrid:
+        """Token grid of an input of ``input_hw`` pixels (resized from ``image_hw``)."""
+        grid_shape(input_hw, self.patch_size, self.stride)  # validates the size
+        return TokenGrid(self.patch_size, self.stride, tuple(input_hw), tuple(image_hw) if image_hw else None)
+
+    def preprocess(self, image: ImageLike, load_size: Optional[int] = 224) -> Tuple[torch.Tensor, TokenGrid]:
+        """Read/resize/normalise one image for this backbone: ``(x 1x3xHxW on self.device, grid)``."""
+        x, grid, _ = self.preprocess_with_image(image, load_size)
+        return x, grid
+
+    def preprocess_with_image(self, image: ImageLike, load_size: Optional[int] = 224
+                              ) -> Tuple[torch.Tensor, TokenGrid, "Image.Image"]:
+        """:meth:`preprocess` that also returns the resized RGB image (for drawing or refinement at load size)."""
+        x, resized, image_hw = preprocess(image, load_size, self.spec.mean, self.spec.std)
+        if min(image_hw) < self.patch_size:
+            name = image if isinstance(image, (str, Path)) else "image"
+            raise DensevitError(f"{name} is {image_hw[1]}x{image_hw[0]} pixels, smaller than the "
+                                f"{self.patch_size}-pixel patch of {self.spec.name}")
+        grid = self.grid(tuple(x.shape[-2:]), image_hw)
+        return x.unsqueeze(0).to(self.device), grid, resized
+
+    @contextlib.contextmanager
+    def strided(self, stride: int) -> Iterator["ViTExtractor"]:
+        """Run at another patch-embedding ``stride`` (it must divide the patch size) inside the ``with`` block, the
+        same weights: e.g. the reference co-segmentation's saliency pass at stride 8 beside stride-4 descriptors."""
+        stride = int(stride)
+        if stride < 1 or self.patch_size % stride != 0:
+            raise DensevitError(f"stride {stride} does not divide the patch size {self.patch_size} of {self.spec.name}")
+        proj, before = self.model.patch_embed.proj, self.stride
+        self.stride = self.adapter.stride = stride
+        proj.stride = (stride, stride)
+        try:
+            yield self
+        finally:
+            self.stride = self.adapter.stride = before
+            proj.stride = (before, before)
+
+    # ------------------------------------------------------------------ internals
+    def resolve_layer(self, layer: int) -> int:
+        """Block index ``0..depth-1`` of ``layer`` (negative counts from the end); out of range is an error."""
+        l = int(layer)
+        resolved = l + self.depth if l < 0 else l
+        if not 0 <= resolved < self.depth:
+            raise DensevitError(f"layer {layer} out of range for {self.spec.name} (0..{self.depth - 1}, or negative)")
+        return resolved
+
+    def _block(self, blk: nn.Module, x: torch.Tensor, rope, want: set, saliency: bool,
+               out: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One transformer block through the family adapter, recording the facets in ``want`` (and the CLS
+        attention row if ``saliency``) into ``out``."""
+        ad = self.adapter
+        q0, k0, v = ad.qkv(blk, blk.norm1(x))                         # each B x heads x N x d, un-rotated
+        q, k = ad.position(q0, k0, rope)
+        if want:
+            for facet, t in zip(("query", "key", "value", "query_rope", "key_rope"), (q0, k0, v, q, k)):
+                if facet in want:
+                    out[facet] = t
+        if "attn" in want:
+            probs = ((q * ad.scale(blk)) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out["attn"] = probs
+            y = probs @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        if saliency:
+            cls_row = ((q[:, :, :1] * ad.scale(blk)) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+            out["cls_attn"] = cls_row[:, :, 0]                        # B x heads x N
+        x = ad.residual(blk, x, ad.attn_out(blk, y))
+        if "token" in want:
+            out["token"] = x
+        if "token_norm" in want:
+            out["token_norm"] = self.model.norm(x)
+        return x
+
+    def _patch_tokens(self, t: torch.Tensor, include_cls: bool, dim: int = -2) -> torch.Tensor:
+        """Select CLS (optionally) and patch tokens along ``dim``, dropping register tokens."""
+        P = self.num_prefix_tokens
+        patches = t.narrow(dim, P, t.shape[dim] - P)
+        if include_cls and self.model.cls_token is not None:
+            return torch.cat([t.narrow(dim, 0, 1), patches], dim=dim)
+        return patches
+
+    def _layout(self, facet: str, raw: torch.Tensor, include_cls: bool) -> torch.Tensor:
+        if facet == "attn":
+            return self._patch_tokens(self._patch_tokens(raw, include_cls, -2), include_cls, -1)
+        if facet in _QKV_INDEX:                                        # BxheadsxNxd -> BxNx(d*heads)
+            raw = raw.permute(0, 2, 3, 1).flatten(2)
+        return self._patch_tokens(raw, include_cls)
+
+    # ------------------------------------------------------------------ public API
+    def _plan(self, x: torch.Tensor, layers: Sequence[int], facets: Sequence[str], bin: bool, include_cls: bool,
+              saliency: bool) -> _Plan:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise DensevitError(f"expected a Bx3xHxW batch, got shape {tuple(x.shape)}")
+        for f in facets:
+            if f not in FACETS:
+                raise DensevitError(f"unknown facet {f!r}; choose from {', '.join(FACETS)}")
+        if bin and (include_cls or "attn" in facets):
+            raise DensevitError("log-binning applies to patch descriptors only (not with include_cls or attn)")
+        plan = _Plan()
+        for l in layers:
+            plan.facets.setdefault(self.resolve_layer(l), set()).update(facets)
+        if saliency:
+            plan.saliency_layer = self.resolve_layer(self.spec.saliency_layer)
+        return plan
+
+    def _forward(self, x: torch.Tensor, plan: _Plan) -> Iterator[Tuple[int, Dict[str, torch.Tensor], Tuple[int, int]]]:
+        """Run the blocks up to ``plan.last``, yielding ``(block, recorded raw facets, grid_hw)`` at each block
+        where something is recorded; nothing recorded is kept after it has been yielded."""
+        tokens, grid_hw, rope = self.adapter.embed(x.to(self.device, self.dtype))
+        for i, blk in enumerate(self.model.blocks[: plan.last + 1]):
+            want = plan.facets.get(i, set())
+            sal = plan.saliency_layer == i
+            if want or sal:
+                recorded: Dict[str, torch.Tensor] = {}
+                tokens = self._block(blk, tokens, rope, want, sal, recorded)
+                yield i, recorded, grid_hw
+            else:
+                tokens = self._block(blk, tokens, rope, set(), False, None)
+
+    def _descriptor(self, facet: str, raw: torch.Tensor, bin: bool, include_cls: bool, grid_hw: Tuple[int, int]
+                    ) -> torch.Tensor:
+        d = self._layout(facet, raw, include_cls)
+        if bin:
+            B, T, D = d.shape
+            d = log_bin(d.transpose(1, 2).reshape(B, D, *grid_hw))
+        return d
+
+    def _saliency(self, cls_attn: torch.Tensor) -> torch.Tensor:
+        """``BxheadsxN`` CLS attention row -> ``BxT`` saliency (head subset mean, min-max per image)."""
+        heads = list(self.spec.saliency_heads) if self.spec.saliency_heads else slice(None)
+        m = self._patch_tokens(cls_attn[:, heads], include_cls=False, dim=-1).mean(dim=1)
+        lo, hi = m.min(dim=1, keepdim=True).values, m.max(dim=1, keepdim=True).values
+        return (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
+
+    @torch.inference_mode()
+    def iter_extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
+                     bin: bool = False, include_cls: bool = False
+                     ) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+        """Like :meth:`extract` but streaming: one forward pass that yields ``(layer, {facet: descriptors})`` as it
+        reaches each requested block (in depth order), so only one layer's outputs (e.g. ``attn``) are alive at a
+        time. ``layer`` is the resolved, non-negative block index."""
+        facets = tuple(facets)
+        plan = self._plan(x, tuple(layers), facets, bin, include_cls, saliency=False)
+        for i, rec, grid_hw in self._forward(x, plan):
+            yield i, {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in facets}
+
+    @torch.inference_mode()
+    def extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
+                bin: bool = False, include_cls: bool = False, saliency: bool = False,
+                image_hw: Optional[Tuple[int, int]] = None) -> Features:
+        """Every ``(layer, facet)`` combination asked for, and optionally saliency, in one forward pass that stops
+        after the deepest block needed.
+
+        Args:
+            x: ``Bx3xHxW`` preprocessed images of one size.
+            bin: log-bin the descriptors (17 bins; not with ``include_cls`` nor ``attn``).
+            image_hw: original image size, recorded in the returned grid for pixel mapping.
+        Returns:
+            :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
+            keyed by the layer as given by the caller, and ``cls[(layer, facet)]``: the CLS token's unbinned
+            descriptor ``BxD`` (not for ``attn``), whatever ``include_cls`` and ``bin``.
+        """
+        facets, layers = tuple(facets), tuple(layers)
+        plan = self._plan(x, layers, facets, bin, include_cls, saliency)
+        grid = self.grid(tuple(x.shape[-2:]), image_hw)
+        by_block: Dict[int, Dict[str, torch.Tensor]] = {}
+        cls_block: Dict[int, Dict[str, torch.Tensor]] = {}
+        sal_map = None
+        for i, rec, grid_hw in self._forward(x, plan):
+            wanted = plan.facets.get(i, ())
+            by_block[i] = {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in wanted}
+            cls_block[i] = {f: self._cls_descriptor(f, rec[f]) for f in wanted if f != "attn"}
+            if i == plan.saliency_layer:
+                sal_map = self._saliency(rec["cls_attn"])
+        descriptors = {(l, f): by_block[self.resolve_layer(l)][f] for l in layers for f in facets}
+        cls = {(l, f): cls_block[self.resolve_layer(l)][f] for l in layers for f in facets
+               if f in cls_block[self.resolve_layer(l)] and self.model.cls_token is not None}
+        return Features(descriptors, grid, sal_map, cls)
+
+    @torch.inference_mode()
+    def attention_inputs(self, x: torch.Tensor, layers: Iterable[int]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, float]]:
+        """Per block (keyed as given): ``(query, key, scale)`` exactly as its attention uses them, i.e. after the
+        positional encoding (rotary backbones), over all ``N`` tokens it attends over, prefix tokens (CLS, then
+        registers) first: ``BxNxD`` with the descriptors' channel layout ``c * heads + h``. The attention of token
+        ``i`` is ``softmax(scale * q_i . k)`` per head (:func:`densevit.similarity.query_attention`)."""
+        layers = tuple(layers)
+        plan = self._plan(x, layers, ("query_rope", "key_rope"), False, True, saliency=False)
+        scales = {i: float(self.adapter.scale(blk)) for i, blk in enumerate(self.model.blocks)}
+        flat = lambda t: t.permute(0, 2, 3, 1).flatten(2)                 # BxheadsxNxd -> BxNx(d*heads)
+        got = {i: (flat(rec["query_rope"]), flat(rec["key_rope"]), scales[i]) for i, rec, _ in self._forward(x, plan)}
+        return {l: got[self.resolve_layer(l)] for l in layers}
+
+    def _cls_descriptor(self, facet: str, raw: torch.Tensor) -> torch.Tensor:
+        """The CLS token's descriptor ``BxD`` of a facet (same channel layout as the patch descriptors)."""
+        if facet in _QKV_INDEX:
+            raw = raw.permute(0, 2, 3, 1).flatten(2)
+        return raw[:, 0]
+
+    def extract_descriptors(self, x: torch.Tensor, layer: int = 11, facet: str = "key", bin: bool = False,
+                            include_cls: bool = False) -> torch.Tensor:
+        """Descriptors of one facet of one layer: ``BxTxD`` (reference-compatible signature)."""
+        return self.extract(x, (layer,), (facet,), bin=bin, include_cls=include_cls).descriptors[(layer, facet)]
+
+    def extract_saliency_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS-attention saliency of the last layer (the backbone's head subset, min-max normalised): ``BxT``."""
+        return self.extract(x, (self.spec.saliency_layer,), (), saliency=True).saliency
+
+    @torch.inference_mode()
+    def forward_until(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """The bare forward pass through block ``layer`` (no facet recording); for timing the overhead."""
+        tokens, _, rope = self.adapter.embed(x.to(self.device, self.dtype))
+        for blk in self.model.blocks[: self.resolve_layer(layer) + 1]:
+            tokens = self._block(blk, tokens, rope, set(), False, None)
+        return tokens

@@ -1,0 +1,133 @@
+"""Files: atomic writes, content hashes, and the one output policy every command follows.
+
+Every densevit file that must never be seen half-written (store shards and manifests, caches, indexes, saved
+pictures) goes through :func:`atomic_write`; every command checks its outputs with :func:`check_outputs` before
+it writes anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Tuple, Union
+
+from ..errors import DensevitError
+
+__all__ = ["PathLike", "WritesIntoInputsError", "check_outputs", "ensure_writable", "atomic_write", "file_sha256"]
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _create_temp(folder: Path, prefix: str, suffix: str = ".tmp") -> Tuple[int, Path]:
+    """A new file of a unique name in ``folder``, opened for writing with the mode ``open()`` gives (0666 less
+    the umask; ``tempfile.mkstemp`` would make it 0600, unreadable to the other users of a shared folder)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {folder}")
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[Any], None]) -> Path:
+    """Write a file atomically: ``write(f)`` fills a temp file in the same folder (flushed, fsync'ed), which then
+    replaces ``path`` with ``os.replace``; readers see the old file or the complete new one, never a partial one.
+    The file gets the mode ``open()`` gives (the umask applies). A failure removes the temp file and re-raises.
+    Every densevit file that must never be seen half-written (store, cache, index) is written here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path.parent, f".{path.stem[:16]}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+PathLike = Union[str, Path]
+
+
+class WritesIntoInputsError(DensevitError):
+    """An output would be written into a command's inputs (refused, ``--overwrite`` or not)."""
+
+
+def _real(p: PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(p))))
+
+
+def _creatable(path: Path) -> None:
+    """Refuse an output whose would-be parent folder is a file (``--out FILE/sub``): one line, not mkdir's error."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DensevitError(f"cannot write {path}: {parent} is a file, not a folder")
+            return
+
+
+def check_outputs(inputs: Iterable[PathLike] = (), folders: Iterable[PathLike] = (), files: Iterable[PathLike] = (),
+                  overwrite: bool = False) -> None:
+    """The one output rule of every command, checked before it writes anything (raises a one-line
+    :class:`DensevitError`; commands exit 2):
+
+    * an output folder (``folders``) is a folder or does not exist yet; an output file (``files``) is not a
+      folder, and an existing one is replaced only with ``overwrite``; no output lies below a file;
+    * no command writes into its inputs, ``overwrite`` or not: an output folder that is, lies inside or
+      contains an input folder, and an output file that is an input file or lies inside an input folder, are
+      refused. ``inputs`` are the paths the command reads (files or folders; missing ones and None are
+      ignored here)."""
+    in_dirs: List[Tuple[Path, Path]] = []           # (as given, resolved)
+    in_files: List[Tuple[Path, Path]] = []
+    for p in inputs:
+        if p is not None and Path(p).is_dir():
+            in_dirs.append((Path(p), _real(p)))
+        elif p is not None and Path(p).exists():
+            in_files.append((Path(p), _real(p)))
+    for out in map(Path, folders):
+        if out.exists() and not out.is_dir():
+            raise DensevitError(f"output folder {out} exists and is not a folder; give a folder to write into")
+        _creatable(out)
+        r = _real(out)
+        for given, d in in_dirs:
+            how = ("is" if r == d else "lies inside" if d in r.parents else "contains" if r in d.parents else None)
+            if how:
+                raise WritesIntoInputsError(f"output folder {out} {how} the input folder {given}; no command "
+                                            f"writes into its inputs: choose another output folder")
+    for out in map(Path, files):
+        if out.is_dir():
+            raise DensevitError(f"output {out} is a folder; give a file name")
+        _creatable(out)
+        r = _real(out)
+        for given, f in in_files:
+            if r == f or (out.exists() and os.path.samefile(out, given)):
+                raise WritesIntoInputsError(f"output {out} is the input {given}; no command writes into its "
+                                            f"inputs: choose another output")
+        for given, d in in_dirs:
+            if d in r.parents:
+                raise WritesIntoInputsError(f"output {out} lies inside the input folder {given}; no command "
+                                            f"writes into its inputs: choose another output folder")
+        if out.exists() and not overwrite:
+            raise DensevitError(f"{out} exists; pass --overwrite to replace it")
+
+
+def ensure_writable(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless ``overwrite`` (:func:`check_outputs` of one file)."""
+    check_outputs(files=[path], overwrite=overwrite)

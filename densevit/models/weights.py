@@ -1,0 +1,284 @@
+"""Building a backbone and finding its weights.
+
+Order: an explicit file; a file with a conventional name in the folder ``$DENSEVIT_WEIGHTS``; timm's hub
+download. ``"random"`` builds seeded random weights (tests, smoke runs).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import DensevitError, WeightsNotFoundError
+from .registry import BackboneSpec, get_spec
+
+WEIGHTS_ENV = "DENSEVIT_WEIGHTS"
+_DROP_PREFIXES = ("module.", "backbone.", "encoder.")
+
+
+def create_model(spec: BackboneSpec, device: Union[str, torch.device, None] = None) -> nn.Module:
+    """An untrained timm VisionTransformer for ``spec`` (no classification head), randomly initialised by timm.
+
+    ``device="meta"`` builds the modules without allocating or initialising any tensor (for a model whose weights
+    are loaded next, see :func:`load_weights_file`)."""
+    import timm
+
+    if device is None:
+        return timm.create_model(spec.timm_arch, pretrained=False, num_classes=0)
+    with torch.device(device):
+        return timm.create_model(spec.timm_arch, pretrained=False, num_classes=0)
+
+
+def _meta_tensors(model: nn.Module) -> list:
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Give the non-persistent buffers of a model built on the meta device (RoPE periods, Eva's zero key bias:
+    computed from the configuration, never in a checkpoint) real storage on the CPU and compute them, through
+    the modules' own ``init_non_persistent_buffers`` (timm's protocol for exactly this)."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                module.register_buffer(name, torch.empty(buf.shape, dtype=buf.dtype, device="cpu"),
+                                       persistent=name not in module._non_persistent_buffers_set)
+    for module in model.modules():
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint (``.pth``/``.pt``/``.bin`` torch file or ``.safetensors``) as a flat state dict."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt / not a checkpoint
+        raise DensevitError(f"cannot read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(sd, dict):
+        raise DensevitError(f"weights file {path} does not hold a state dict")
+    for key in ("teacher", "model", "state_dict"):  # DINO full checkpoints keep the teacher as the model
+        if key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for pre in _DROP_PREFIXES:
+            if k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v
+    return out
+
+
+Converted = Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
+
+
+def _convert_timm(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
+    """timm's own layout (and DINO's official one, which is the same): nothing to convert."""
+    return sd, {}
+
+
+def _convert_dinov2(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
+    """facebookresearch/dinov2 layout -> timm. With registers, timm's model keeps no position for the prefix
+    tokens, so the CLS position is folded into the CLS token (the official code adds it there)."""
+    if "register_tokens" not in sd and "mask_token" not in sd:
+        return sd, {}
+    sd = dict(sd)
+    sd.pop("mask_token", None)  # masked-image training only: the official inference never reads it
+    if "register_tokens" in sd:
+        sd["reg_token"] = sd.pop("register_tokens")
+        sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
+        sd["pos_embed"] = sd["pos_embed"][:, 1:]
+    return sd, {}
+
+
+_V3_RENAMES = (("storage_tokens", "reg_token"), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"),
+               (".mlp.w1.", ".mlp.fc1_g."), (".mlp.w2.", ".mlp.fc1_x."), (".mlp.w3.", ".mlp.fc2."))
+
+
+def _convert_dinov3(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
+    """facebookresearch/dinov3 layout -> timm ``Eva``: storage tokens are timm's register tokens, ``ls{1,2}.gamma``
+    its ``gamma_{1,2}``, the SwiGLU ``w1/w2/w3`` its ``fc1_g/fc1_x/fc2``; the fused qkv bias times its
+    ``bias_mask`` (which zeroes the key bias) is split into ``q_bias`` / ``v_bias`` after checking that the key
+    part is exactly zero. ``rope_embed.periods`` is returned as an extra (timm keeps it out of the state dict).
+    ``mask_token`` (masked training only; the official inference adds ``0 * mask_token``) and
+    ``local_cls_norm`` (local crops during training only) are not used by the official inference."""
+    if "storage_tokens" not in sd and "rope_embed.periods" not in sd:
+        return sd, {}
+    out: Dict[str, torch.Tensor] = {}
+    extras: Dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k == "mask_token" or k.startswith("local_cls_norm."):
+            continue
+        if k == "rope_embed.periods":
+            extras["rope.periods"] = v
+            continue
+        if k.endswith(".attn.qkv.bias_mask"):
+            continue
+        if k.endswith(".attn.qkv.bias"):
+            mask = sd.get(k + "_mask")
+            bias = v.float() * mask.float() if mask is not None else v.float()
+            q, kb, vb = bias.chunk(3)
+            if torch.count_nonzero(kb):
+                raise DensevitError(f"{k}: the key bias is not zero, which the DINOv3 model does not have")
+            pre = k[: -len("qkv.bias")]
+            out[pre + "q_bias"], out[pre + "v_bias"] = q, vb
+            continue
+        for a, b in _V3_RENAMES:
+            k = k.replace(a, b)
+        out[k] = v
+    return out, extras
+
+
+def _convert_clip(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
+    """OpenAI CLIP layout -> timm (timm's converter; only the image tower ``visual.*`` is the backbone)."""
+    if "visual.class_embedding" not in sd:
+        return sd, {}
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(sd, model), {}
+
+
+CONVERTERS = {"timm": _convert_timm, "dino": _convert_timm, "dinov2": _convert_dinov2, "dinov3": _convert_dinov3,
+              "clip": _convert_clip}
+
+
+def _fit_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec, source: str) -> Converted:
+    """Convert an official layout to timm's and check every key and shape, naming the first misfit.
+
+    Nothing is dropped silently: a tensor of the file that the model has no place for is an error unless it is
+    exactly zero (or a classification head, which a backbone has not), and every tensor of the model must come
+    from the file."""
+    expected = model.state_dict()
+    sd, extras = CONVERTERS[spec.layout](sd, model)
+    for k, v in expected.items():
+        if k not in sd:
+            raise DensevitError(f"weights {source} do not fit {spec.name}: missing key {k!r}")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise DensevitError(f"weights {source} do not fit {spec.name}: {k!r} has shape {tuple(sd[k].shape)}, "
+                                f"the model expects {tuple(v.shape)}")
+    extra = [k for k in sd if k not in expected and not k.startswith("head") and torch.count_nonzero(sd[k])]
+    if extra:
+        raise DensevitError(f"weights {source} do not fit {spec.name}: unexpected key {extra[0]!r}")
+    return {k: v for k, v in sd.items() if k in expected}, extras
+
+
+def _set_extras(model: nn.Module, extras: Dict[str, torch.Tensor], spec: BackboneSpec, source: str) -> None:
+    """Load tensors that timm keeps outside the state dict (DINOv3's RoPE periods), checking their shapes."""
+    for name, value in extras.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        current = getattr(owner, attr)
+        if tuple(value.shape) != tuple(current.shape):
+            raise DensevitError(f"weights {source} do not fit {spec.name}: {name!r} has shape {tuple(value.shape)}, "
+                                f"the model expects {tuple(current.shape)}")
+        setattr(owner, attr, value.detach().to(device=current.device, dtype=torch.float32).clone())
+
+
+def load_weights_file(model: nn.Module, spec: BackboneSpec, path: Union[str, Path]) -> None:
+    """Load a checkpoint file into ``model`` (float32 model; fp16 files are upcast).
+
+    A model built on the meta device (``create_model(spec, "meta")``) takes the file's tensors as its own
+    (``assign=True``: nothing is initialised and then overwritten), and its non-persistent buffers are computed
+    afterwards; the result equals loading into a randomly initialised model."""
+    path = Path(path)
+    sd, extras = _fit_state_dict(read_state_dict(path), model, spec, str(path))
+    meta = bool(_meta_tensors(model))
+    if meta:
+        expected = model.state_dict()
+        sd = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        _materialize_buffers(model)
+    else:
+        model.load_state_dict(sd, strict=True)
+    _set_extras(model, extras, spec, str(path))
+    left = _meta_tensors(model)
+    if left:
+        raise DensevitError(f"weights {path} leave {spec.name} without values for {left[0]!r}")
+
+
+def find_local_weights(spec: BackboneSpec) -> Optional[Path]:
+    """A file for ``spec`` in ``$DENSEVIT_WEIGHTS`` under a conventional name, if any."""
+    root = os.environ.get(WEIGHTS_ENV)
+    if not root:
+        return None
+    root_path = Path(root)
+    candidates = [root_path / f for f in spec.weight_files]
+    candidates += [root_path / spec.hub_name / "model.safetensors", root_path / spec.hub_name / "pytorch_model.bin"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers at all (so an offline machine fails at once instead of retrying)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Make huggingface_hub read only its local cache while inside (no network retries)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm always brings it
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _load_from_hub(spec: BackboneSpec) -> nn.Module:
+    import timm
+
+    try:
+        with _hub_offline(not _hub_reachable()):
+            return timm.create_model(spec.hub_name, pretrained=True, num_classes=0)
+    except Exception as exc:
+        where = os.environ.get(WEIGHTS_ENV)
+        raise WeightsNotFoundError(
+            f"no weights for {spec.name}: "
+            + (f"none of {spec.weight_files[0]!r}... in ${WEIGHTS_ENV}={where}, " if where else f"${WEIGHTS_ENV} unset, ")
+            + f"and 'timm/{spec.hub_name}' is neither in the local hub cache nor downloadable (offline?); "
+            f"pass --weights FILE, put {spec.weight_files[0] if spec.weight_files else spec.name + '.pth'} in a folder "
+            f"named by ${WEIGHTS_ENV}, or use --weights random for a smoke run") from exc
+
+
+def load_backbone(name: str, weights: Union[str, Path, None] = None, seed: int = 0) -> tuple[nn.Module, BackboneSpec]:
+    """Build backbone ``name`` in eval mode with weights from ``weights`` (file path or ``"random"``), else from
+    ``$DENSEVIT_WEIGHTS``, else timm's hub. Raises :class:`WeightsNotFoundError` with one actionable line."""
+    spec = get_spec(name)
+    if weights is not None and str(weights) == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create_model(spec)
+    elif weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise DensevitError(f"weights file not found: {path}")
+        model = create_model(spec, "meta")
+        load_weights_file(model, spec, path)
+    else:
+        local = find_local_weights(spec)
+        if local is not None:
+            model = create_model(spec, "meta")
+            load_weights_file(model, spec, local)
+        else:
+            model = _load_from_hub(spec)
+    return model.eval(), spec

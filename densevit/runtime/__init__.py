@@ -1,0 +1,1 @@
+"""Where and how work runs: device choice, torch.distributed sessions, background threads."""

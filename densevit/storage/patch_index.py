@@ -1,0 +1,494 @@
+"""A corpus-scale patch index: every token of every image of a feature store, searchable by similarity.
+
+An index is a folder::
+
+    index.json      settings (kind, layer, facet, token selection, FAISS parameters), the store it was built
+                    from (path, settings digest and content digest: each image's shard SHA-256, row and size),
+                    the image keys, counts, and each file's size and SHA-256
+    ids.npy         ``N x 3`` int32: (image number, token row, token column) of every indexed vector
+    index.faiss     the FAISS index of the L2-normalised descriptors (inner product = cosine similarity);
+                    ``flat`` without FAISS: ``vectors.npy`` (float16) searched exactly through :mod:`densevit.index`
+
+Kinds: ``flat`` (exact), ``ivf-flat``, ``ivf-pq`` (product-quantised codes; ``max(k, rerank)`` candidates are
+re-scored exactly with the store's own descriptors, read from its memory-mapped shards) and ``hnsw``. An index
+opens only with the store content it was built from (:func:`load_index`); ``k`` lies in ``1..MAX_K``. Training uses a
+random sample of the selected tokens; vectors are added a chunk of images at a time, so memory stays bounded
+by the index itself. Search runs FAISS on a GPU when faiss-gpu is installed, and exact search through torch on
+a GPU without FAISS (``flat``). Every pixel <-> token conversion goes through :class:`densevit.coords.TokenGrid`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import DensevitError
+from ..matching import knn as knn_index
+from ..models.grid import TokenGrid
+from .cache import atomic_write, file_sha256
+from .store import FeatureStore
+
+__all__ = ["KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",
+           "query_descriptors", "rebuild_command", "search", "IndexError_"]
+
+KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
+MAX_K = 2048            # matches per query at most (FAISS's limit on GPUs; the same bound on every device)
+FORMAT = "densevit-patch-index-v1"
+META, IDS, FAISS_FILE, VECTORS = "index.json", "ids.npy", "index.faiss", "vectors.npy"
+
+
+class IndexError_(DensevitError):
+    """An index file is missing, truncated or modified, or the index does not belong to the store."""
+
+
+@dataclass
+class IndexConfig:
+    """What is indexed and how.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        layer, facet: the stored descriptors to index (None: the store's only one).
+        sample_stride: index every ``K``-th token row and column (1: every token).
+        salient_only: only tokens with CLS-attention saliency >= ``saliency_threshold`` (store with saliency).
+        nlist: IVF lists (None: about ``4 * sqrt(N)``, a power of two, at most ``N / 39``).
+        pq_m: PQ sub-quantisers (None: ``D / 4``, e.g. 96 bytes a vector for 384-d), 8 bits each (fewer when
+            there are too few vectors to train 256 centroids).
+        hnsw_m: HNSW neighbours per node.
+        train_size: vectors sampled for training (at least 39 per IVF list).
+        nprobe: IVF lists visited per query; ef_search: HNSW candidate list size.
+        rerank: ivf-pq candidates re-scored exactly from the store (0: none; 1000 gives recall@10 0.955 on 1M
+            DAVIS descriptors).
+        chunk_images: images added to the index at a time.
+    """
+
+    kind: str = "ivf-pq"
+    layer: Optional[int] = None
+    facet: Optional[str] = None
+    sample_stride: int = 1
+    salient_only: bool = False
+    saliency_threshold: float = 0.5
+    nlist: Optional[int] = None
+    pq_m: Optional[int] = None
+    hnsw_m: int = 32
+    train_size: int = 200_000
+    nprobe: int = 16
+    ef_search: int = 64
+    rerank: int = 1000
+    chunk_images: int = 64
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise DensevitError(f"unknown index kind {self.kind!r}; choose from {', '.join(KINDS)}")
+        if self.sample_stride < 1 or self.chunk_images < 1 or self.train_size < 1:
+            raise DensevitError("--sample-stride, chunk size and training size must be >= 1")
+        if self.nprobe < 1 or self.ef_search < 1 or self.rerank < 0:
+            raise DensevitError("nprobe and ef_search must be >= 1 and rerank >= 0")
+
+
+@dataclass
+class Match:
+    """One search result: a token of a stored image, its centre in original-image pixels and its similarity."""
+
+    image: str
+    x: float
+    y: float
+    row: int
+    col: int
+    similarity: float
+
+
+def check_k(k: int) -> None:
+    """Matches per query must lie in ``1..MAX_K`` (one line otherwise)."""
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+        raise DensevitError(f"-k (matches per query) must be between 1 and {MAX_K}, got {k}")
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def select_tokens(grid: TokenGrid, cfg: IndexConfig, saliency: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flat indices of the tokens of one image that ``cfg`` indexes (every ``sample_stride``-th row and column,
+    salient ones only with ``salient_only``)."""
+    h, w = grid.shape
+    rows = torch.arange(0, h, cfg.sample_stride)
+    cols = torch.arange(0, w, cfg.sample_stride)
+    idx = grid.flat(rows[:, None].expand(-1, cols.numel()), cols[None, :].expand(rows.numel(), -1)).reshape(-1)
+    if cfg.salient_only:
+        if saliency is None:
+            raise DensevitError("--salient-only needs a store extracted with --saliency")
+        idx = idx[saliency[idx] >= cfg.saliency_threshold]
+    return idx
+
+
+def _normalize(x: torch.Tensor) -> np.ndarray:
+    """Rows scaled to unit length, float32 numpy (numpy: no thread pool start-up on a per-query path)."""
+    x = np.array(x.float().numpy(), dtype=np.float32, copy=True)
+    x /= np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return x
+
+
+def _faiss():
+    if not knn_index.faiss_available():
+        raise DensevitError("this index kind needs FAISS (pip install faiss-cpu); --kind flat works through torch")
+    return knn_index.faiss
+
+
+def _default_nlist(n: int) -> int:
+    target = 4 * math.sqrt(max(n, 1))
+    nlist = 2 ** max(0, round(math.log2(target)))
+    return int(max(1, min(nlist, n // 39 if n >= 39 else 1)))
+
+
+def _make_faiss(cfg: IndexConfig, d: int, n: int) -> Tuple[Any, Dict[str, Any]]:
+    """An untrained FAISS index of kind ``cfg.kind`` for ``n`` vectors of ``d`` dims, with its parameters."""
+    faiss = _faiss()
+    ip = faiss.METRIC_INNER_PRODUCT
+    if cfg.kind == "flat":
+        return faiss.IndexFlatIP(d), {}
+    if cfg.kind == "hnsw":
+        idx = faiss.IndexHNSWFlat(d, cfg.hnsw_m, ip)
+        return idx, {"hnsw_m": cfg.hnsw_m}
+    nlist = cfg.nlist or _default_nlist(n)
+    quantizer = faiss.IndexFlatIP(d)
+    if cfg.kind == "ivf-flat":
+        return faiss.IndexIVFFlat(quantizer, d, nlist, ip), {"nlist": nlist}
+    m = cfg.pq_m or max(1, d // 4)
+    if d % m:
+        raise DensevitError(f"pq_m {m} must divide the descriptor size {d}")
+    bits = int(min(8, max(1, math.floor(math.log2(max(min(n, cfg.train_size) // 39, 2))))))  # 39 per centroid
+    return faiss.IndexIVFPQ(quantizer, d, nlist, m, bits, ip), {"nlist": nlist, "pq_m": m, "pq_bits": bits}
+
+
+# ------------------------------------------------------------------------------------------------ the index
+@dataclass
+class PatchIndex:
+    """A loaded patch index: the FAISS index (or exact vectors), the id map and the store it belongs to."""
+
+    root: Path
+    meta: Dict[str, Any]
+    ids: np.ndarray                      # N x 3 int32 (image number, row, col)
+    store: FeatureStore
+    faiss_index: Any = None
+    vectors: Optional[torch.Tensor] = None
+    device: str = "cpu"
+    _grids: Dict[int, TokenGrid] = field(default_factory=dict)
+    _where: Optional[Tuple[List[str], np.ndarray, np.ndarray, np.ndarray]] = None
+
+    @property
+    def images(self) -> List[str]:
+        return self.meta["images"]
+
+    @property
+    def config(self) -> IndexConfig:
+        return IndexConfig(**self.meta["config"])
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def memory_bytes(self) -> int:
+        """Bytes the searchable index holds in memory: its serialised size (codes or vectors, inverted lists,
+        graph, quantisers), which is what FAISS loads; the id map (12 bytes a vector) is not included."""
+        if self.faiss_index is not None:
+            return int(self.meta["files"][FAISS_FILE]["size"])
+        return int(self.vectors.numel() * self.vectors.element_size())
+
+    def grid(self, image_no: int) -> TokenGrid:
+        g = self._grids.get(image_no)
+        if g is None:
+            g = self._grids[image_no] = self.store.grid(self.images[image_no])
+        return g
+
+    def search_vectors(self, queries: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``QxD`` descriptors -> ``(sims QxK, vector ids QxK)``, best first (ids -1 where fewer exist). ``ivf-pq``
+        re-scores ``max(k, rerank)`` candidates exactly (``rerank`` > 0), so the ``k`` returned always carry
+        exact similarities."""
+        check_k(k)
+        q = _normalize(queries.reshape(-1, queries.shape[-1]))
+        k = int(min(k, len(self)))
+        if self.faiss_index is None:
+            sims, idx = knn_index.knn(torch.from_numpy(q).to(self.device), self.vectors, k=k, metric="ip")
+            return sims.cpu().numpy(), idx.cpu().numpy()
+        cfg = self.config
+        index = self.faiss_index
+        if hasattr(index, "nprobe"):
+            index.nprobe = min(cfg.nprobe, index.nlist)
+        if hasattr(index, "hnsw"):
+            index.hnsw.efSearch = max(cfg.ef_search, k)
+        rerank = self.meta["kind"] == "ivf-pq" and cfg.rerank > 0
+        want = int(min(max(k, cfg.rerank), len(self))) if rerank else k     # at least k candidates
+        sims, idx = index.search(q, want)
+        if rerank:
+            sims, idx = self._rerank(q, idx, k)
+        return sims, idx
+
+    def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Exact cosine of each query with its candidates, read from the store's memory-mapped shards."""
+        if self._where is None:                     # per image: shard number, offset, token columns
+            names, shard_no, offsets = self.store.locations(self.images)
+            widths = np.array([self.grid(i).shape[1] for i in range(len(self.images))], np.int64)
+            self._where = (names, shard_no, offsets, widths)
+        names, shard_no, offsets, widths = self._where
+        flat = cand.reshape(-1)
+        ok = flat >= 0
+        vec = np.zeros((flat.size, q.shape[1]), np.float32)
+        if ok.any():
+            im, r, c = self.ids[flat[ok]].T.astype(np.int64)
+            vec[ok] = _normalize(self.store.gather(names, shard_no[im], offsets[im], r * widths[im] + c,
+                                                   self.meta["layer"], self.meta["facet"]))
+        sims = np.einsum("qd,qcd->qc", q, vec.reshape(cand.shape[0], cand.shape[1], -1))
+        sims[cand < 0] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, order, 1), np.take_along_axis(cand, order, 1)
+
+    def matches(self, sims: np.ndarray, idx: np.ndarray) -> List[Match]:
+        """One query's ``(sims K, ids K)`` as :class:`Match` es (pixel centres in the original image)."""
+        out = []
+        for s, i in zip(sims, idx):
+            if i < 0:
+                continue
+            im, r, c = (int(v) for v in self.ids[i])
+            g = self.grid(im)
+            x, y = g.tokens_to_pixels(g.flat(torch.tensor([r]), torch.tensor([c])))[0].tolist()
+            out.append(Match(self.images[im], float(x), float(y), r, c, float(s)))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ build
+def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cfg: IndexConfig = IndexConfig(),
+                progress: bool = True) -> PatchIndex:
+    """Index every selected token of ``store`` into the folder ``out`` (see the module docstring)."""
+    cfg.check()
+    st = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    layer, facet = st._pick(cfg.layer, cfg.facet)
+    if facet == "attn":
+        raise DensevitError("facet attn holds attention maps, not descriptors; index key, query, value or token")
+    if cfg.salient_only and not st.settings.get("saliency"):
+        raise DensevitError("--salient-only needs a store extracted with --saliency")
+    images = st.images
+    if not images:
+        raise DensevitError(f"store {st.root} holds no images")
+    selected = [select_tokens(st.grid(k), cfg, st.saliency(k) if cfg.salient_only else None) for k in images]
+    n = int(sum(int(s.numel()) for s in selected))
+    if n == 0:
+        raise DensevitError("no token selected (lower --saliency-threshold or --sample-stride)")
+    d = int(st.descriptors(images[0], layer, facet).shape[1])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    params: Dict[str, Any] = {}
+    use_faiss = cfg.kind != "flat" or knn_index.faiss_available()
+    if use_faiss:
+        index, params = _make_faiss(cfg, d, n)
+        if not index.is_trained:
+            index.train(_training_sample(st, images, selected, layer, facet, cfg, n, progress))
+    else:
+        vectors = np.empty((n, d), np.float16)
+
+    ids = np.empty((n, 3), np.int32)
+    pos = 0
+    bar = tqdm(total=n, desc="adding", unit="vec", disable=not progress, unit_scale=True)
+    for start in range(0, len(images), cfg.chunk_images):
+        keys = images[start:start + cfg.chunk_images]
+        chunk, rows = [], []
+        for j, key in enumerate(keys, start):
+            sel = selected[j]
+            chunk.append(_normalize(st.descriptors(key, layer, facet)[sel]))
+            r, c = st.grid(key).unflat(sel)
+            rows.append(np.stack([np.full(sel.numel(), j), r.numpy(), c.numpy()], 1))
+        x = np.concatenate(chunk)
+        if use_faiss:
+            index.add(x)
+        else:
+            vectors[pos:pos + len(x)] = x
+        ids[pos:pos + len(x)] = np.concatenate(rows)
+        pos += len(x)
+        bar.update(len(x))
+    bar.close()
+
+    files = {IDS: ids}
+    _save_npy(out / IDS, ids)
+    if use_faiss:
+        faiss = _faiss()
+        atomic_write(out / FAISS_FILE, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
+        files[FAISS_FILE] = None
+    else:
+        _save_npy(out / VECTORS, vectors)
+        files[VECTORS] = None
+    meta = {"format": FORMAT, "kind": cfg.kind, "config": asdict(cfg), "params": params, "layer": layer,
+            "facet": facet, "dim": d, "count": n, "images": images, "store": str(st.root.resolve()),
+            "store_digest": _store_digest(st), "store_content": _content_digest(st, images),
+            "files": {name: {"size": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
+                      for name in files}}
+    atomic_write(out / META, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    return load_index(out, st)
+
+
+def _training_sample(st: FeatureStore, images: Sequence[str], selected: Sequence[torch.Tensor], layer: int,
+                     facet: str, cfg: IndexConfig, n: int, progress: bool) -> np.ndarray:
+    """A random sample of about ``cfg.train_size`` selected vectors (each image contributes in proportion)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    rate = min(1.0, cfg.train_size / n)
+    parts = []
+    for key, sel in tqdm(list(zip(images, selected)), desc="training sample", disable=not progress or rate >= 1):
+        if sel.numel() == 0:
+            continue
+        take = sel if rate >= 1 else sel[torch.rand(sel.numel(), generator=g) < rate]
+        if take.numel():
+            parts.append(_normalize(st.descriptors(key, layer, facet)[take]))
+    return np.concatenate(parts)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, arr))
+
+
+def _store_digest(st: FeatureStore) -> str:
+    """The store's settings digest (what makes two stores' descriptors comparable)."""
+    meta = json.loads((st.root / "store.json").read_text())
+    return str(meta.get("digest"))
+
+
+def _content_digest(st: FeatureStore, images: Sequence[str]) -> str:
+    """Identity of the stored descriptors an index is built from: per image (in index order) its key, the
+    SHA-256 of the shard holding it, its row there and its original size. Any image replaced and re-extracted,
+    or another store of the same settings, gives another digest; images the store gained do not change it."""
+    shards, entries = st.manifest["shards"], st.manifest["images"]
+    h = hashlib.sha256()
+    for key in images:
+        e = entries[key]
+        h.update(json.dumps([key, shards[e["shard"]]["sha256"], e["offset"], list(e["image_hw"])]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def rebuild_command(root: Union[str, Path], store: Union[str, Path], cfg: IndexConfig) -> str:
+    """The ``densevit-index build`` command line that rebuilds index ``root`` from ``store`` with ``cfg``."""
+    d, flags = IndexConfig(), []
+    for name in ("kind", "layer", "facet", "sample_stride", "saliency_threshold", "nlist", "pq_m", "hnsw_m",
+                 "train_size", "nprobe", "rerank"):
+        value = getattr(cfg, name)
+        if value != getattr(d, name) and value is not None:
+            flags.append(f"--{name.replace('_', '-')} {value}")
+    if cfg.salient_only:
+        flags.append("--salient-only")
+    return " ".join(["densevit-index build", str(store), "-o", str(root), *flags, "--overwrite"])
+
+
+def _check_content(root: Path, meta: Dict[str, Any], st: FeatureStore) -> None:
+    """Refuse a store whose content is not the one the index was built from, naming the rebuild command."""
+    rebuild = f"rebuild it: {rebuild_command(root, st.root, IndexConfig(**meta['config']))}"
+    content = meta.get("store_content")
+    if content is None:
+        raise IndexError_(f"index {root} does not record the content of its store (an older densevit made it); "
+                          f"{rebuild}")
+    stored = st.manifest["images"]
+    missing = next((k for k in meta["images"] if k not in stored), None)
+    if missing is not None:
+        raise IndexError_(f"index {root} was built from image {missing}, which store {st.root} does not hold; "
+                          f"{rebuild}")
+    if _content_digest(st, meta["images"]) != content:
+        raise IndexError_(f"store {st.root} does not hold the descriptors index {root} was built from (an image "
+                          f"was replaced or re-extracted, or it is another store); {rebuild}")
+
+
+# ------------------------------------------------------------------------------------------------ load
+def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, None] = None,
+               device: Optional[str] = None) -> PatchIndex:
+    """Open an index folder, checking every file against its record and the store against the index's.
+
+    ``store``: the feature store (default: the path recorded at build time). ``device``: where exact ``flat``
+    search runs without FAISS (and where FAISS-GPU runs when installed); default CUDA when available."""
+    root = Path(root)
+    meta_path = root / META
+    if not meta_path.is_file():
+        raise IndexError_(f"no patch index at {root} (missing {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IndexError_(f"index file {meta_path} is corrupt (not JSON)") from None
+    if meta.get("format") != FORMAT:
+        raise IndexError_(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
+    for name, rec in meta["files"].items():
+        p = root / name
+        if not p.is_file():
+            raise IndexError_(f"index file {p} is missing")
+        size = p.stat().st_size
+        if size != rec["size"]:
+            raise IndexError_(f"index file {p} is {'truncated' if size < rec['size'] else 'modified'}: {size} bytes,"
+                              f" the index says {rec['size']}; rebuild it with densevit-index build")
+        if file_sha256(p) != rec["sha256"]:
+            raise IndexError_(f"index file {p} is modified (SHA-256 differs); rebuild it with densevit-index build")
+    st = store if isinstance(store, FeatureStore) else FeatureStore(store or meta["store"])
+    if _store_digest(st) != meta["store_digest"]:
+        raise IndexError_(f"index {root} was built from a store with other settings than {st.root}; "
+                          f"rebuild it from this store")
+    _check_content(root, meta, st)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ids = np.load(root / IDS)
+    if FAISS_FILE in meta["files"]:
+        faiss = _faiss()
+        index = faiss.read_index(str(root / FAISS_FILE))
+        if dev.startswith("cuda") and knn_index.faiss_gpu_available() and meta["kind"] != "hnsw":
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        return PatchIndex(root, meta, ids, st, faiss_index=index, device=dev)
+    vectors = torch.from_numpy(np.load(root / VECTORS)).to(dev)
+    vectors = vectors.float() if dev == "cpu" else vectors
+    return PatchIndex(root, meta, ids, st, vectors=vectors, device=dev)
+
+
+# ------------------------------------------------------------------------------------------------ queries
+def query_descriptors(index: PatchIndex, image: Union[str, Path], points: Optional[Sequence[Tuple[float, float]]] = None,
+                      box: Optional[Tuple[float, float, float, float]] = None, extractor=None
+                      ) -> Tuple[torch.Tensor, TokenGrid, List[int]]:
+    """Query descriptors ``QxD`` of ``image`` (from the store when it holds the image, else extracted with
+    ``extractor``, which must match the store's settings): one per point, or one for a box (the mean of the
+    normalised descriptors of the tokens centred inside it). Returns the descriptors, the image's grid and the
+    query tokens (flat indices; for a box, all of its tokens)."""
+    from ..features.similarity import token_at
+
+    if (points is None) == (box is None):
+        raise DensevitError("give query points or a box (not both)")
+    layer, facet = index.meta["layer"], index.meta["facet"]
+    st = index.store
+    if image in st:
+        desc, grid = st.descriptors(image, layer, facet), st.grid(image)
+    elif extractor is not None:
+        from ..io.images import load_image
+
+        img = load_image(image)
+        x, grid = extractor.preprocess(img, load_size=st.settings.get("load_size"))
+        grid = TokenGrid(grid.patch_size, grid.stride, grid.input_hw, (img.height, img.width))
+        desc = extractor.extract(x, (layer,), (facet,)).descriptors[(layer, facet)][0].float().cpu()
+    else:
+        raise DensevitError(f"image {image} is not in store {st.root}; extract it into the store, or give the "
+                            f"weights to extract it with the store's settings")
+    if points is not None:
+        tokens = [token_at(grid, float(x), float(y)) for x, y in points]
+        return desc[tokens], grid, tokens
+    x0, y0, x1, y1 = (float(v) for v in box)
+    H, W = grid.original_hw
+    if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+        raise DensevitError(f"box ({x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}) is not inside the image ({W}x{H} pixels)")
+    c = grid.token_centers()
+    inside = torch.nonzero((c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)).reshape(-1)
+    if inside.numel() == 0:
+        inside = grid.pixels_to_tokens(torch.tensor([[(x0 + x1) / 2, (y0 + y1) / 2]]))
+    q = torch.nn.functional.normalize(desc[inside].float(), dim=-1).mean(0, keepdim=True)
+    return q, grid, inside.tolist()
+
+
+def search(index: PatchIndex, image: Union[str, Path], points: Optional[Sequence[Tuple[float, float]]] = None,
+           box: Optional[Tuple[float, float, float, float]] = None, k: int = 20, extractor=None
+           ) -> List[List[Match]]:
+    """The ``k`` best-matching locations across the collection for each query point (or the box): one list
+    of :class:`Match` per query, most similar first."""
+    check_k(k)
+    q, _, _ = query_descriptors(index, image, points, box, extractor)
+    sims, idx = index.search_vectors(q, k)
+    return [index.matches(s, i) for s, i in zip(sims, idx)]
