@@ -14,8 +14,11 @@ from densevit.apps.correspondence import (
 )
 from PIL import Image
 
+from densevit.apps.common import ImageFeatures
+from densevit.apps.correspondence import salient_buddies
 from densevit.errors import DensevitError
-from densevit.matching.knn import best_buddies
+from densevit.matching.knn import best_buddies, nearest_both_ways
+from densevit.models.grid import TokenGrid
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -130,3 +133,43 @@ def test_no_salient_buddies_gives_no_pairs(feat_a):
     assert res.points_a.shape == (0, 2) and res.num_buddies == 0
     with pytest.raises(DensevitError):
         CorrespondenceConfig(num_pairs=0).validate()
+
+
+def _two_tokens(desc, sal, name):
+    img = Image.new("RGB", (16, 8))
+    grid = TokenGrid(8, 8, (8, 16), (8, 16))                                # one row of two tokens
+    return ImageFeatures(name, img, img, grid, torch.tensor(desc, dtype=torch.float32),
+                         torch.tensor(sal, dtype=torch.float32))
+
+
+def test_reference_foreground_test_lets_a_background_token_of_b_through():
+    """Buddies (A0, B0); B0 is background, but salient B1's nearest neighbour in A is A0: the reference's mask
+    keeps the pair (``--fg-test reference``, the default); ``both`` requires B0 itself to be salient."""
+    fa = _two_tokens([[1.0, 0.0], [0.0, 1.0]], [0.9, 0.9], "a")
+    fb = _two_tokens([[1.0, 0.0], [0.9, 0.1]], [0.0, 0.9], "b")
+    ref = find_correspondences_features(fa, fb, CorrespondenceConfig())
+    assert ref.tokens_a.tolist() == [0] and ref.tokens_b.tolist() == [0] and ref.num_buddies == 1
+    both = find_correspondences_features(fa, fb, CorrespondenceConfig(fg_test="both"))
+    assert both.num_buddies == 0 and both.tokens_a.size == 0
+
+
+def test_foreground_tests_and_clusterings_on_a_real_pair(ext, images):
+    small = [Image.open(p).convert("RGB") for p in images]
+    small = [im.resize((im.width // 8, im.height // 8), Image.BILINEAR) for im in small]
+    fa, fb = pair_features(ext, small[0], small[1], 64, 9, "key", True, True)
+    t = 0.05
+    ref = set(zip(*(x.tolist() for x in salient_buddies(fa, fb, t, "reference"))))
+    both = set(zip(*(x.tolist() for x in salient_buddies(fa, fb, t, "both"))))
+    _, nn_ba = nearest_both_ways(fa.descriptors, fb.descriptors)
+    assert both and both <= ref
+    for a, b in ref:
+        assert fa.saliency[a] > t and (fb.saliency[nn_ba == a] > t).any()
+    assert all(fb.saliency[b] > t for _, b in both)
+    for clustering in ("sklearn", "faiss"):
+        cfg = CorrespondenceConfig(clustering=clustering, num_pairs=4)
+        r1, r2 = find_correspondences_features(fa, fb, cfg), find_correspondences_features(fa, fb, cfg)
+        assert len(r1.tokens_a) == min(4, len(ref)) and r1.num_buddies == len(ref)
+        assert set(zip(r1.tokens_a.tolist(), r1.tokens_b.tolist())) <= ref
+        np.testing.assert_array_equal(r1.tokens_a, r2.tokens_a)                # deterministic
+    with pytest.raises(DensevitError, match="clustering"):
+        CorrespondenceConfig(clustering="kmeans").validate()

@@ -14,6 +14,8 @@ from densevit.apps.coseg import (
 )
 from PIL import Image
 
+from densevit.apps.common import ImageFeatures, mask_to_input, reference_saliency
+from densevit.models.grid import TokenGrid
 from densevit.errors import DensevitError
 from densevit.models.grid import TokenGrid
 
@@ -160,3 +162,73 @@ def test_token_maps_follow_the_token_grid():
     centres = grid.token_centers().numpy()
     # the pixel under each token centre carries that token's value
     assert np.array_equal(full[centres[:, 1].astype(int), centres[:, 0].astype(int)], vals)
+
+
+# ------------------------------------------------------------------ reference saliency, up-sampling, GrabCut
+def test_strided_pass_is_an_extractor_at_that_stride_and_restores(make_extractor, pil_images):
+    ext4, ext8 = make_extractor(4), make_extractor(8)
+    x, _ = ext8.preprocess(pil_images[0], 40)
+    d4 = ext4.extract_descriptors(x)
+    with ext4.strided(8):
+        s = ext4.extract_saliency_maps(x)
+    torch.testing.assert_close(s, ext8.extract_saliency_maps(x))
+    assert ext4.stride == 4 and ext4.model.patch_embed.proj.stride == (4, 4)
+    torch.testing.assert_close(ext4.extract_descriptors(x), d4)
+    with pytest.raises(DensevitError, match="divide"):
+        with ext4.strided(3):
+            pass
+
+
+def test_reference_saliency_is_the_half_size_stride8_map_on_the_descriptor_grid(make_extractor, pil_images):
+    ext4, ext8 = make_extractor(4), make_extractor(8)
+    img = pil_images[0]
+    _, grid, _ = ext4.preprocess_with_image(img, LOAD)
+    sal = reference_saliency(ext4, img, grid, LOAD).numpy().reshape(grid.shape)
+    H, W = grid.input_hw
+    x8, g8, _ = ext8.preprocess_with_image(img.resize((W // 2, H // 2), Image.LANCZOS), None)
+    s8 = ext8.extract_saliency_maps(x8)[0].numpy().reshape(g8.shape)
+    # a nearest resize: every row / column of the descriptor grid repeats one row / column of the small map,
+    # in order, and every one of them is used
+    def source(lines, small):  # the line of the small map holding every value of each line of sal
+        return [int(np.argmin([np.abs(v[:, None] - u[None]).min(1).max() for u in small])) for v in lines]
+
+    rows, cols = source(sal, s8), source(sal.T, s8.T)
+    assert np.allclose(sal, s8[np.ix_(rows, cols)], atol=1e-6)
+    assert rows == sorted(rows) and set(rows) == set(range(g8.shape[0])) and set(cols) == set(range(g8.shape[1]))
+    assert g8.shape[0] < grid.shape[0] // 3                                  # stride 8 on half the size
+
+
+def test_mask_upsampling_reference_is_uniform_token_centre_follows_the_centres():
+    grid = TokenGrid(8, 4, (128, 170), (128, 170))                           # 31 x 41 tokens
+    h, w = grid.shape
+    rows = np.zeros((h, w), bool)
+    counts = {}
+    for how in ("reference", "token-centre"):
+        per_row = []
+        for r in range(h):
+            rows[:] = False
+            rows[r] = True
+            per_row.append(int(mask_to_input(rows, grid, how)[:, 0].sum()))
+        counts[how] = per_row
+        assert sum(per_row) == 128                                           # a partition of the pixel rows
+    assert set(counts["reference"]) <= {128 // h, 128 // h + 1}              # nearest resize: even spread
+    assert counts["token-centre"][0] == 6 and counts["token-centre"][-1] == 6  # centres at 4, 8, ..., 124
+    with pytest.raises(DensevitError, match="up-sampling"):
+        CosegConfig(upsample_masks="bilinear").validate()
+
+
+def test_grabcut_stream_is_seeded_once_per_set_and_deterministic():
+    import cv2
+
+    rng = np.random.default_rng(3)
+    feats = [_synthetic(*b, rng=rng) for b in [(20, 24, 40), (40, 30, 36), (10, 10, 50)]]
+    cfg = CosegConfig(**FAST)
+    first = cosegment_features(feats, cfg)
+    cv2.setRNGSeed(12345)                                                    # whatever the generator's state
+    cv2.randu(np.zeros(7), 0, 1)
+    again = cosegment_features(feats, cfg)
+    for a, b in zip(first.masks, again.masks):
+        assert np.array_equal(a, b)
+    assert all(first.grabcut_applied)
+    with pytest.raises(DensevitError, match="seeding"):
+        CosegConfig(grabcut_seeding="never").validate()

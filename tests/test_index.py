@@ -1,4 +1,4 @@
-"""Tests for densevit.index: exact k-NN backends agree, chunking is exact, best buddies, label transfer, k-means."""
+"""Tests for densevit.matching (knn, cluster, transfer): exact k-NN backends agree, chunking is exact, best buddies, label transfer, k-means."""
 from __future__ import annotations
 
 import os
@@ -171,6 +171,41 @@ def test_kmeans_recovers_blobs_and_is_deterministic(backend):
     assert _pure(labels4, truth)
 
 
+@needs_faiss
+def test_kmeans_defaults_are_the_reference_faiss_call():
+    """The defaults are exactly the reference co-segmentation's ``faiss.Kmeans(d, k, niter=300, nredo=10)``
+    (FAISS's own seed and its 256-rows-per-centroid training subsample, here triggered: 3000 > 256 * 4), then
+    ``km.index.search`` for the labels; ``max_points_per_centroid=None`` trains on every row instead."""
+    import faiss
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(3000, 24, generator=g), dim=1)
+    km = faiss.Kmeans(24, 4, niter=300, nredo=10)
+    km.train(x.numpy())
+    d2, lab = km.index.search(x.numpy(), 1)
+    labels, cents, inertia = kmeans(x, 4, backend="faiss")
+    assert np.array_equal(cents.numpy(), km.centroids)
+    # the same assignment wherever a row is not equidistant (to round-off) from its two nearest centroids
+    d = torch.cdist(x.double(), cents.double()).sort(dim=1).values
+    clear = (d[:, 1] - d[:, 0] > 1e-4).numpy()
+    assert clear.mean() > 0.99 and np.array_equal(labels.numpy()[clear], lab[clear, 0])
+    assert inertia == pytest.approx(float(d2.sum(dtype=np.float64)), rel=1e-6)
+    _, all_rows, _ = kmeans(x, 4, backend="faiss", max_points_per_centroid=None)
+    assert not np.array_equal(all_rows.numpy(), km.centroids)        # the cap changes the training set
+    # elbow_kmeans passes them on
+    _, c_elbow, k = elbow_kmeans(x, k_range=[4], backend="faiss")
+    assert k == 4 and np.array_equal(c_elbow.numpy(), km.centroids)
+
+
+def test_nearest_both_ways():
+    q, b = _data(n=70, m=50, d=12, seed=4)
+    s = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    for backend in ["auto", "torch"] + (["faiss"] if index.faiss_available() else []):
+        nn_ab, nn_ba = index.nearest_both_ways(q, b, backend=backend)
+        assert torch.equal(nn_ab, s.argmax(1)) and torch.equal(nn_ba, s.argmax(0)), backend
+
+
 def _reference_elbow_k(x, ks, elbow, select, backend):
     """The reference rule, restated: stop at the first k whose mean squared distance exceeds elbow*previous."""
     msds = []
@@ -215,7 +250,7 @@ def test_torch_cuda_matches_cpu():
 
 _BIG_SCRIPT = textwrap.dedent("""
     import resource, sys, time, torch
-    from densevit.index import best_buddies
+    from densevit.matching.knn import best_buddies
     def kib(field):
         for line in open('/proc/self/status'):
             if line.startswith(field):
