@@ -237,7 +237,7 @@ class CosegTask:
             if len(idx) < 2:
                 raise DensevitError(f"DAVIS sequence {seq} has fewer than 2 annotated frames")
             self.sets.append((seq, [frames[i] for i in idx], gt[idx] > 0))
-        self.load_size, self.seed = load_size, seed
+        self.load_size = load_size
 
     def __call__(self, ext, layer: int, facet: str) -> Dict[str, float]:
         from densevit.apps.coseg import cosegment
@@ -246,7 +246,8 @@ class CosegTask:
 
         js, ks = [], []
         for _, frames, gt in self.sets:
-            res = cosegment(ext, frames, load_size=self.load_size, layer=layer, facet=facet, seed=self.seed)
+            # co-segmentation's own defaults (the reference's k-means seed); --seed draws the warp pairs
+            res = cosegment(ext, frames, load_size=self.load_size, layer=layer, facet=facet)
             js.append(np.atleast_1d(db_eval_iou(gt, np.stack(res.masks))))
             ks.append(res.k)
         return {"score": float(np.concatenate(js).mean()), "clusters": float(np.mean(ks))}
