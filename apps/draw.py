@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from densevit.errors import InvalidArgumentError
 from densevit.models.grid import TokenGrid
 
 from .common import tokens_to_image
@@ -131,7 +132,7 @@ def correspondence_image(image_a: ImageLike, image_b: ImageLike, points_a: np.nd
     of the same colour. Points are ``Nx2 (x, y)`` in each image's ORIGINAL pixels."""
     pa, pb = np.asarray(points_a, np.float64).reshape(-1, 2), np.asarray(points_b, np.float64).reshape(-1, 2)
     if len(pa) != len(pb):
-        raise ValueError(f"{len(pa)} points in A but {len(pb)} in B")
+        raise InvalidArgumentError(f"{len(pa)} points in A but {len(pb)} in B")
     a, b = as_rgb(image_a), as_rgb(image_b)
     sa, sb = height / a.shape[0], height / b.shape[0]
     a = cv2.resize(a, (max(1, round(a.shape[1] * sa)), height), interpolation=cv2.INTER_AREA)
@@ -185,7 +186,7 @@ def save_labels(path: Union[str, Path], labels: np.ndarray) -> None:
     black), with the part colours of :data:`COLOURS` as its palette."""
     lab = np.asarray(labels).astype(np.int32) + 1
     if lab.min() < 0 or lab.max() > 255:
-        raise ValueError("labels must lie in -1..254")
+        raise InvalidArgumentError("labels must lie in -1..254")
     img = Image.frombytes("P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab, dtype=np.uint8).tobytes())
     pal = np.zeros((256, 3), np.uint8)
     pal[1:] = np.array([colour(i) for i in range(255)], np.uint8)

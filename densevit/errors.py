@@ -7,3 +7,7 @@ class DensevitError(Exception):
 
 class WeightsNotFoundError(DensevitError):
     """Pretrained weights could not be found locally nor downloaded."""
+
+
+class InvalidArgumentError(DensevitError, ValueError):
+    """A bad argument value or shape (also a ``ValueError``, as these checks raised before)."""

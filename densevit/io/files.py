@@ -10,11 +10,12 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Tuple, Union
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Type, Union
 
 from ..errors import DensevitError
 
-__all__ = ["PathLike", "WritesIntoInputsError", "check_outputs", "ensure_writable", "atomic_write", "file_sha256"]
+__all__ = ["PathLike", "WritesIntoInputsError", "check_outputs", "ensure_writable", "atomic_write", "file_sha256",
+           "file_problem", "verify_file"]
 
 
 def file_sha256(path: Union[str, Path]) -> str:
@@ -24,6 +25,30 @@ def file_sha256(path: Union[str, Path]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_problem(path: Path, size: int, sha256: Optional[str] = None, record: str = "the record") -> Optional[str]:
+    """What is wrong with ``path`` against its recorded ``size`` (and ``sha256`` when given), or ``None``.
+
+    The answer reads after the file's name: ``"is missing"``, ``"is truncated: N bytes, <record> says M"``,
+    ``"is modified: ..."`` or ``"is modified (its SHA-256 differs from <record>)"``."""
+    if not path.is_file():
+        return "is missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"is {'truncated' if actual < size else 'modified'}: {actual} bytes, {record} says {size}"
+    if sha256 is not None and file_sha256(path) != sha256:
+        return f"is modified (its SHA-256 differs from {record})"
+    return None
+
+
+def verify_file(path: Path, size: int, sha256: Optional[str], what: str, record: str, fix: str,
+                error: Type[DensevitError] = DensevitError) -> None:
+    """Raise ``error("<what> <path> <problem>; <fix>")`` when ``path`` is missing, truncated or modified against
+    its recorded size and SHA-256 (``sha256=None`` checks the size only)."""
+    problem = file_problem(path, size, sha256, record)
+    if problem is not None:
+        raise error(f"{what} {path} {problem}; {fix}")
 
 
 def _create_temp(folder: Path, prefix: str, suffix: str = ".tmp") -> Tuple[int, Path]:

@@ -10,6 +10,7 @@ from typing import Iterable, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import InvalidArgumentError
 from . import knn as _knn
 from .knn import TensorLike, _as_2d, _chunk, _to_numpy_f32, resolve_backend
 
@@ -107,13 +108,13 @@ def kmeans(x: TensorLike, k: int, n_iter: int = 300, n_redo: int = 10, seed: int
     x = _as_2d(x, "x")
     fit = x if train is None else _as_2d(train, "train").to(x.device)
     if fit.shape[1] != x.shape[1]:
-        raise ValueError(f"train has {fit.shape[1]} dims but x has {x.shape[1]}")
+        raise InvalidArgumentError(f"train has {fit.shape[1]} dims but x has {x.shape[1]}")
     if max_train_points is not None and fit.shape[0] > max_train_points:
         fit = _subsample(fit, max_train_points, seed)
     if not 1 <= k <= fit.shape[0]:
-        raise ValueError(f"k must be in [1, {fit.shape[0]}] (training points), got {k}")
+        raise InvalidArgumentError(f"k must be in [1, {fit.shape[0]}] (training points), got {k}")
     if max_points_per_centroid is not None and max_points_per_centroid < 1:
-        raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
+        raise InvalidArgumentError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
     chunk = _chunk(chunk_size)
     kind = resolve_backend(backend, x.device)
     cap = fit.shape[0] // k + 1 if max_points_per_centroid is None else int(max_points_per_centroid)
@@ -151,7 +152,7 @@ def elbow_kmeans(x: TensorLike, k_range: Iterable[int] = range(1, 15), elbow: fl
     before calling). Returns ``(labels N int64, centroids kxD, k)``.
     """
     if select not in ("stop", "previous"):
-        raise ValueError(f"select must be 'stop' or 'previous', got {select!r}")
+        raise InvalidArgumentError(f"select must be 'stop' or 'previous', got {select!r}")
     x = _as_2d(x, "x")
     n_fit = x.shape[0] if train is None else torch.as_tensor(train).shape[0]
     if max_train_points is not None:
@@ -168,5 +169,5 @@ def elbow_kmeans(x: TensorLike, k_range: Iterable[int] = range(1, 15), elbow: fl
             return (labels, cents, k) if select == "stop" else prev[:3]
         prev = (labels, cents, k, msd)
     if prev is None:
-        raise ValueError("elbow_kmeans: k_range is empty or every k exceeds the number of training points")
+        raise InvalidArgumentError("elbow_kmeans: k_range is empty or every k exceeds the number of training points")
     return prev[:3]

@@ -27,7 +27,7 @@ try:  # FAISS is optional (the GPU machine has torch but no FAISS).
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     faiss = None
 
-from ..errors import DensevitError
+from ..errors import DensevitError, InvalidArgumentError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "faiss_available", "faiss_gpu_available", "resolve_backend",
@@ -64,7 +64,7 @@ def faiss_gpu_available() -> bool:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto" | "faiss" | "torch"`` and the data's device to ``"faiss-cpu" | "faiss-gpu" | "torch"``."""
     if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        raise InvalidArgumentError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     on_gpu = device.type == "cuda"
     if backend == "torch":
         return "torch"
@@ -89,7 +89,7 @@ def _gpu_res():
 def _as_2d(x: TensorLike, name: str) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (rows x dims), got shape {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must be 2-D (rows x dims), got shape {tuple(t.shape)}")
     if not (t.is_floating_point()):
         t = t.float()
     return t.detach()
@@ -97,17 +97,17 @@ def _as_2d(x: TensorLike, name: str) -> torch.Tensor:
 
 def _check_pair(query: torch.Tensor, base: torch.Tensor, metric: str) -> None:
     if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        raise InvalidArgumentError(f"metric must be one of {_METRICS}, got {metric!r}")
     if query.shape[1] != base.shape[1]:
-        raise ValueError(f"dimension mismatch: {query.shape[1]} vs {base.shape[1]}")
+        raise InvalidArgumentError(f"dimension mismatch: {query.shape[1]} vs {base.shape[1]}")
     if query.device != base.device:
-        raise ValueError(f"query on {query.device} but base on {base.device}")
+        raise InvalidArgumentError(f"query on {query.device} but base on {base.device}")
 
 
 def _chunk(chunk_size: Optional[int]) -> int:
     c = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
     if c < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InvalidArgumentError(f"chunk_size must be >= 1, got {chunk_size}")
     return c
 
 
@@ -186,7 +186,7 @@ def knn(query: TensorLike, base: TensorLike, k: int = 1, metric: str = "cosine",
     query, base = _as_2d(query, "query"), _as_2d(base, "base")
     _check_pair(query, base, metric)
     if not 1 <= k <= base.shape[0]:
-        raise ValueError(f"k must be in [1, {base.shape[0]}] (base rows), got {k}")
+        raise InvalidArgumentError(f"k must be in [1, {base.shape[0]}] (base rows), got {k}")
     chunk = _chunk(chunk_size)
     kind = resolve_backend(backend, query.device)
     if query.shape[0] == 0:

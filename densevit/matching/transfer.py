@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import DensevitError
+from ..errors import DensevitError, InvalidArgumentError
 from ..models.grid import TokenGrid
 from .knn import TensorLike, _as_2d, _chunk, knn
 
@@ -89,11 +89,11 @@ def label_transfer(query: TensorLike, base: TensorLike, base_labels: TensorLike,
     probability labels). ``k`` is clipped to M.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise InvalidArgumentError(f"temperature must be > 0, got {temperature}")
     labels = torch.as_tensor(base_labels)
     base_t = _as_2d(base, "base")
     if labels.ndim != 2 or labels.shape[0] != base_t.shape[0]:
-        raise ValueError(f"base_labels must be {base_t.shape[0]}xC, got shape {tuple(labels.shape)}")
+        raise InvalidArgumentError(f"base_labels must be {base_t.shape[0]}xC, got shape {tuple(labels.shape)}")
     sims, idx = knn(query, base_t, min(k, base_t.shape[0]), metric, backend, chunk_size)
     labels = labels.to(idx.device, torch.float32)
     weights = torch.softmax(sims / temperature, dim=1)  # = exp(s/T) normalised over the top-k (stable)

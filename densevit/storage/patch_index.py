@@ -30,8 +30,10 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DensevitError
+from ..io.files import verify_file
 from ..matching import knn as knn_index
 from ..models.grid import TokenGrid
+from ..runtime.device import select_device
 from .cache import atomic_write, file_sha256
 from .store import FeatureStore
 
@@ -415,21 +417,14 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
     if meta.get("format") != FORMAT:
         raise IndexError_(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
     for name, rec in meta["files"].items():
-        p = root / name
-        if not p.is_file():
-            raise IndexError_(f"index file {p} is missing")
-        size = p.stat().st_size
-        if size != rec["size"]:
-            raise IndexError_(f"index file {p} is {'truncated' if size < rec['size'] else 'modified'}: {size} bytes,"
-                              f" the index says {rec['size']}; rebuild it with densevit-index build")
-        if file_sha256(p) != rec["sha256"]:
-            raise IndexError_(f"index file {p} is modified (SHA-256 differs); rebuild it with densevit-index build")
+        verify_file(root / name, rec["size"], rec["sha256"], "index file", "the index",
+                    "rebuild it with densevit-index build", IndexError_)
     st = store if isinstance(store, FeatureStore) else FeatureStore(store or meta["store"])
     if _store_digest(st) != meta["store_digest"]:
         raise IndexError_(f"index {root} was built from a store with other settings than {st.root}; "
                           f"rebuild it from this store")
     _check_content(root, meta, st)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(select_device(device))
     ids = np.load(root / IDS)
     if FAISS_FILE in meta["files"]:
         faiss = _faiss()

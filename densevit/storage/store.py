@@ -45,6 +45,7 @@ import torch
 
 from ..errors import DensevitError
 from ..features.binning import log_bin
+from ..io.files import verify_file
 from ..models.grid import TokenGrid
 from .cache import atomic_write, canonical_key, file_sha256, key_digest
 
@@ -504,17 +505,10 @@ class FeatureStore:
 
         rec = self.manifest["shards"][name]
         path = self.root / SHARDS_DIR / f"{name}.safetensors"
-        if not path.is_file():
-            raise StoreError(f"shard {path} is missing; rerun the extraction command to recompute it")
-        size = path.stat().st_size
-        if size != rec["size"]:
-            raise StoreError(f"shard {path} is corrupt: {size} bytes, the manifest says {rec['size']} "
-                             f"({'truncated' if size < rec['size'] else 'modified'}); rerun the extraction "
-                             f"command to recompute it")
-        if self.verify and name not in self._checked:
-            if file_sha256(path) != rec["sha256"]:
-                raise StoreError(f"shard {path} is corrupt: its SHA-256 differs from the manifest (modified); "
-                                 f"rerun the extraction command to recompute it")
+        sha256 = rec["sha256"] if self.verify and name not in self._checked else None
+        verify_file(path, rec["size"], sha256, "shard", "the manifest",
+                    "rerun the extraction command to recompute it", StoreError)
+        if sha256 is not None:
             self._checked.add(name)
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")

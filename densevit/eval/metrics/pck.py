@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from ...errors import DensevitError
+from ...errors import DensevitError, InvalidArgumentError
 
 ALPHAS: Tuple[float, ...] = (0.05, 0.10, 0.15)
 THRESHOLDS = ("bbox", "image")
@@ -41,7 +41,7 @@ def image_size(image_hw: Sequence[int]) -> float:
 def valid_points(*kps: torch.Tensor) -> torch.Tensor:
     """``N`` bool: the points whose coordinates are finite and non-negative in every given ``Nx2`` array."""
     if not kps:
-        raise ValueError("valid_points needs at least one keypoint array")
+        raise InvalidArgumentError("valid_points needs at least one keypoint array")
     ok = torch.ones(kps[0].shape[0], dtype=torch.bool)
     for k in kps:
         k = torch.as_tensor(k, dtype=torch.float64).reshape(-1, 2).cpu()
@@ -55,7 +55,7 @@ def keypoint_distances(pred: torch.Tensor, gt: torch.Tensor, valid: Optional[tor
     pred = torch.as_tensor(pred, dtype=torch.float64).reshape(-1, 2).cpu()
     gt = torch.as_tensor(gt, dtype=torch.float64).reshape(-1, 2).cpu()
     if pred.shape != gt.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
+        raise InvalidArgumentError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
     ok = valid_points(gt)
     if valid is not None:
         ok &= torch.as_tensor(valid, dtype=torch.bool).cpu()
