@@ -116,8 +116,7 @@ def reference_saliency(extractor: ViTExtractor, image: Image.Image, grid: TokenG
                             f"source 'same-pass'")
     low = image.resize((low_hw[1], low_hw[0]), Image.LANCZOS)
     x = to_tensor(low, extractor.spec.mean, extractor.spec.std)[None].to(extractor.device)
-    with extractor.strided(p):
-        sal = extractor.extract_saliency_maps(x)[0].float().cpu().numpy()
+    sal = extractor.extract_saliency_maps(x, stride=p)[0].float().cpu().numpy()
     hl, wl = grid_shape(low_hw, p, p)
     h, w = grid.shape
     up = Image.fromarray(np.ascontiguousarray(sal.reshape(hl, wl), dtype=np.float32)).resize((w, h), Image.NEAREST)

@@ -13,7 +13,6 @@ unless ``include_cls``, which keeps the CLS token first; register tokens are alw
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
@@ -86,10 +85,7 @@ class ViTExtractor(nn.Module):
         self.spec: BackboneSpec = spec
         self.model = model
         self.patch_size = spec.patch_size
-        self.stride = self.patch_size if stride is None else int(stride)
-        if self.stride < 1 or self.patch_size % self.stride != 0:
-            raise DensevitError(f"stride {stride} does not divide the patch size {self.patch_size} of {spec.name}")
-        model.patch_embed.proj.stride = (self.stride, self.stride)
+        self.stride = self.check_stride(self.patch_size if stride is None else stride)
         self.adapter: BlockFamily = make_adapter(spec.family, model, spec.pos, self.patch_size, self.stride)
         self.adapter.to(self.device, self.dtype)
 
@@ -107,17 +103,30 @@ class ViTExtractor(nn.Module):
         """CLS and register / storage tokens before the patch tokens."""
         return self.adapter.num_prefix_tokens
 
-    def grid(self, input_hw: Tuple[int, int], image_hw: Optional[Tuple[int, int]] = None) -> TokenGrid:
-        """Token grid of an input of ``input_hw`` pixels (resized from ``image_hw``)."""
-        grid_shape(input_hw, self.patch_size, self.stride)  # validates the size
-        return TokenGrid(self.patch_size, self.stride, tuple(input_hw), tuple(image_hw) if image_hw else None)
+    def check_stride(self, stride: Optional[int] = None) -> int:
+        """The stride of a call (default :attr:`stride`); it must divide the patch size (the one place checked)."""
+        if stride is None:
+            return self.stride
+        s = int(stride)
+        if s < 1 or self.patch_size % s != 0:
+            raise DensevitError(f"stride {stride} does not divide the patch size {self.patch_size} of {self.spec.name}")
+        return s
 
-    def preprocess(self, image: ImageLike, load_size: Optional[int] = 224) -> Tuple[torch.Tensor, TokenGrid]:
-        """Read/resize/normalise one image for this backbone: ``(x 1x3xHxW on self.device, grid)``."""
-        x, grid, _ = self.preprocess_with_image(image, load_size)
+    def grid(self, input_hw: Tuple[int, int], image_hw: Optional[Tuple[int, int]] = None,
+             stride: Optional[int] = None) -> TokenGrid:
+        """Token grid of an input of ``input_hw`` pixels (resized from ``image_hw``) at ``stride`` (default
+        :attr:`stride`)."""
+        s = self.check_stride(stride)
+        grid_shape(input_hw, self.patch_size, s)  # validates the size
+        return TokenGrid(self.patch_size, s, tuple(input_hw), tuple(image_hw) if image_hw else None)
+
+    def preprocess(self, image: ImageLike, load_size: Optional[int] = 224, stride: Optional[int] = None
+                   ) -> Tuple[torch.Tensor, TokenGrid]:
+        """Read/resize/normalise one image for this backbone: ``(x 1x3xHxW on self.device, grid at stride)``."""
+        x, grid, _ = self.preprocess_with_image(image, load_size, stride)
         return x, grid
 
-    def preprocess_with_image(self, image: ImageLike, load_size: Optional[int] = 224
+    def preprocess_with_image(self, image: ImageLike, load_size: Optional[int] = 224, stride: Optional[int] = None
                               ) -> Tuple[torch.Tensor, TokenGrid, "Image.Image"]:
         """:meth:`preprocess` that also returns the resized RGB image (for drawing or refinement at load size)."""
         x, resized, image_hw = preprocess(image, load_size, self.spec.mean, self.spec.std)
@@ -125,24 +134,8 @@ class ViTExtractor(nn.Module):
             name = image if isinstance(image, (str, Path)) else "image"
             raise DensevitError(f"{name} is {image_hw[1]}x{image_hw[0]} pixels, smaller than the "
                                 f"{self.patch_size}-pixel patch of {self.spec.name}")
-        grid = self.grid(tuple(x.shape[-2:]), image_hw)
+        grid = self.grid(tuple(x.shape[-2:]), image_hw, stride)
         return x.unsqueeze(0).to(self.device), grid, resized
-
-    @contextlib.contextmanager
-    def strided(self, stride: int) -> Iterator["ViTExtractor"]:
-        """Run at another patch-embedding ``stride`` (it must divide the patch size) inside the ``with`` block, the
-        same weights: e.g. the reference co-segmentation's saliency pass at stride 8 beside stride-4 descriptors."""
-        stride = int(stride)
-        if stride < 1 or self.patch_size % stride != 0:
-            raise DensevitError(f"stride {stride} does not divide the patch size {self.patch_size} of {self.spec.name}")
-        proj, before = self.model.patch_embed.proj, self.stride
-        self.stride = self.adapter.stride = stride
-        proj.stride = (stride, stride)
-        try:
-            yield self
-        finally:
-            self.stride = self.adapter.stride = before
-            proj.stride = (before, before)
 
     # ------------------------------------------------------------------ internals
     def resolve_layer(self, layer: int) -> int:
@@ -212,10 +205,10 @@ class ViTExtractor(nn.Module):
             plan.saliency_layer = self.resolve_layer(self.spec.saliency_layer)
         return plan
 
-    def _forward(self, x: torch.Tensor, plan: _Plan) -> Iterator[Tuple[int, Dict[str, torch.Tensor], Tuple[int, int]]]:
+    def _forward(self, x: torch.Tensor, plan: _Plan, stride: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor], Tuple[int, int]]]:
         """Run the blocks up to ``plan.last``, yielding ``(block, recorded raw facets, grid_hw)`` at each block
         where something is recorded; nothing recorded is kept after it has been yielded."""
-        tokens, grid_hw, rope = self.adapter.embed(x.to(self.device, self.dtype))
+        tokens, grid_hw, rope = self.adapter.embed(x.to(self.device, self.dtype), stride)
         for i, blk in enumerate(self.model.blocks[: plan.last + 1]):
             want = plan.facets.get(i, set())
             sal = plan.saliency_layer == i
@@ -243,20 +236,20 @@ class ViTExtractor(nn.Module):
 
     @torch.inference_mode()
     def iter_extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
-                     bin: bool = False, include_cls: bool = False
+                     bin: bool = False, include_cls: bool = False, stride: Optional[int] = None
                      ) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
         """Like :meth:`extract` but streaming: one forward pass that yields ``(layer, {facet: descriptors})`` as it
         reaches each requested block (in depth order), so only one layer's outputs (e.g. ``attn``) are alive at a
         time. ``layer`` is the resolved, non-negative block index."""
         facets = tuple(facets)
         plan = self._plan(x, tuple(layers), facets, bin, include_cls, saliency=False)
-        for i, rec, grid_hw in self._forward(x, plan):
+        for i, rec, grid_hw in self._forward(x, plan, self.check_stride(stride)):
             yield i, {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in facets}
 
     @torch.inference_mode()
     def extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
                 bin: bool = False, include_cls: bool = False, saliency: bool = False,
-                image_hw: Optional[Tuple[int, int]] = None) -> Features:
+                image_hw: Optional[Tuple[int, int]] = None, stride: Optional[int] = None) -> Features:
         """Every ``(layer, facet)`` combination asked for, and optionally saliency, in one forward pass that stops
         after the deepest block needed.
 
@@ -264,6 +257,8 @@ class ViTExtractor(nn.Module):
             x: ``Bx3xHxW`` preprocessed images of one size.
             bin: log-bin the descriptors (17 bins; not with ``include_cls`` nor ``attn``).
             image_hw: original image size, recorded in the returned grid for pixel mapping.
+            stride: patch-embedding stride of this call (divides the patch size; default :attr:`stride`); the
+                model is not changed.
         Returns:
             :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
             keyed by the layer as given by the caller, and ``cls[(layer, facet)]``: the CLS token's unbinned
@@ -271,11 +266,11 @@ class ViTExtractor(nn.Module):
         """
         facets, layers = tuple(facets), tuple(layers)
         plan = self._plan(x, layers, facets, bin, include_cls, saliency)
-        grid = self.grid(tuple(x.shape[-2:]), image_hw)
+        grid = self.grid(tuple(x.shape[-2:]), image_hw, stride)
         by_block: Dict[int, Dict[str, torch.Tensor]] = {}
         cls_block: Dict[int, Dict[str, torch.Tensor]] = {}
         sal_map = None
-        for i, rec, grid_hw in self._forward(x, plan):
+        for i, rec, grid_hw in self._forward(x, plan, grid.stride):
             wanted = plan.facets.get(i, ())
             by_block[i] = {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in wanted}
             cls_block[i] = {f: self._cls_descriptor(f, rec[f]) for f in wanted if f != "attn"}
@@ -287,7 +282,7 @@ class ViTExtractor(nn.Module):
         return Features(descriptors, grid, sal_map, cls)
 
     @torch.inference_mode()
-    def attention_inputs(self, x: torch.Tensor, layers: Iterable[int]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, float]]:
+    def attention_inputs(self, x: torch.Tensor, layers: Iterable[int], stride: Optional[int] = None) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, float]]:
         """Per block (keyed as given): ``(query, key, scale)`` exactly as its attention uses them, i.e. after the
         positional encoding (rotary backbones), over all ``N`` tokens it attends over, prefix tokens (CLS, then
         registers) first: ``BxNxD`` with the descriptors' channel layout ``c * heads + h``. The attention of token
@@ -296,7 +291,7 @@ class ViTExtractor(nn.Module):
         plan = self._plan(x, layers, ("query_rope", "key_rope"), False, True, saliency=False)
         scales = {i: float(self.adapter.scale(blk)) for i, blk in enumerate(self.model.blocks)}
         flat = lambda t: t.permute(0, 2, 3, 1).flatten(2)                 # BxheadsxNxd -> BxNx(d*heads)
-        got = {i: (flat(rec["query_rope"]), flat(rec["key_rope"]), scales[i]) for i, rec, _ in self._forward(x, plan)}
+        got = {i: (flat(rec["query_rope"]), flat(rec["key_rope"]), scales[i]) for i, rec, _ in self._forward(x, plan, self.check_stride(stride))}
         return {l: got[self.resolve_layer(l)] for l in layers}
 
     def _cls_descriptor(self, facet: str, raw: torch.Tensor) -> torch.Tensor:
@@ -306,18 +301,18 @@ class ViTExtractor(nn.Module):
         return raw[:, 0]
 
     def extract_descriptors(self, x: torch.Tensor, layer: int = 11, facet: str = "key", bin: bool = False,
-                            include_cls: bool = False) -> torch.Tensor:
+                            include_cls: bool = False, stride: Optional[int] = None) -> torch.Tensor:
         """Descriptors of one facet of one layer: ``BxTxD`` (reference-compatible signature)."""
-        return self.extract(x, (layer,), (facet,), bin=bin, include_cls=include_cls).descriptors[(layer, facet)]
+        return self.extract(x, (layer,), (facet,), bin=bin, include_cls=include_cls, stride=stride).descriptors[(layer, facet)]
 
-    def extract_saliency_maps(self, x: torch.Tensor) -> torch.Tensor:
+    def extract_saliency_maps(self, x: torch.Tensor, stride: Optional[int] = None) -> torch.Tensor:
         """CLS-attention saliency of the last layer (the backbone's head subset, min-max normalised): ``BxT``."""
-        return self.extract(x, (self.spec.saliency_layer,), (), saliency=True).saliency
+        return self.extract(x, (self.spec.saliency_layer,), (), saliency=True, stride=stride).saliency
 
     @torch.inference_mode()
-    def forward_until(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def forward_until(self, x: torch.Tensor, layer: int, stride: Optional[int] = None) -> torch.Tensor:
         """The bare forward pass through block ``layer`` (no facet recording); for timing the overhead."""
-        tokens, _, rope = self.adapter.embed(x.to(self.device, self.dtype))
+        tokens, _, rope = self.adapter.embed(x.to(self.device, self.dtype), self.check_stride(stride))
         for blk in self.model.blocks[: self.resolve_layer(layer) + 1]:
             tokens = self._block(blk, tokens, rope, set(), False, None)
         return tokens

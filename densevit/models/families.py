@@ -61,17 +61,20 @@ class BlockFamily:
             out.append(m.reg_token.expand(batch, -1, -1))
         return out
 
-    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid, Optional[SinCos]]:
-        """``B x 3 x H x W`` -> tokens ``B x N x C``, the token grid ``(h, w)`` and the RoPE ``(sin, cos)`` or None."""
+    def embed(self, x: torch.Tensor, stride: Optional[int] = None) -> Tuple[torch.Tensor, Grid, Optional[SinCos]]:
+        """``B x 3 x H x W`` -> tokens ``B x N x C``, the token grid ``(h, w)`` and the RoPE ``(sin, cos)`` or None,
+        the patch embedding run at ``stride`` (default :attr:`stride`) without changing the model."""
         m = self.model
-        feat = m.patch_embed.proj(x)                                   # B x C x h x w
+        s = self.stride if stride is None else int(stride)
+        proj = m.patch_embed.proj
+        feat = F.conv2d(x, proj.weight, proj.bias, stride=s)             # B x C x h x w
         grid_hw = (feat.shape[-2], feat.shape[-1])
         tokens = m.patch_embed.norm(feat.flatten(2).transpose(1, 2))   # B x T x C
         prefix = self.prefix_tokens(tokens.shape[0])
         rope = None
         if self.pos.kind == "rope":
             tokens = torch.cat(prefix + [tokens], dim=1)
-            rope = self.rope(tuple(x.shape[-2:]), x.device)
+            rope = self.rope(tuple(x.shape[-2:]), x.device, s)
         else:
             pos = self.learned_pos(grid_hw).to(tokens.dtype)
             if getattr(m, "no_embed_class", False):                 # prefix tokens carry no position
@@ -96,7 +99,7 @@ class BlockFamily:
             self._pos_cache = {key: pos}          # one grid kept: batches are usually of one size
         return pos
 
-    def rope(self, input_hw: Grid, device: torch.device) -> SinCos:
+    def rope(self, input_hw: Grid, device: torch.device, stride: Optional[int] = None) -> SinCos:
         raise DensevitError(f"{type(self).__name__} has no rotary position embedding")
 
     # ---------------------------------------------------------------- block
@@ -163,8 +166,9 @@ class EvaFamily(BlockFamily):
             mlp = blk.gamma_2 * mlp
         return x + blk.drop_path2(mlp)
 
-    def rope(self, input_hw: Grid, device: torch.device) -> SinCos:
-        coords = rope_coords(input_hw, self.patch_size, self.stride, self.pos.normalize, device=device)
+    def rope(self, input_hw: Grid, device: torch.device, stride: Optional[int] = None) -> SinCos:
+        s = self.stride if stride is None else int(stride)
+        coords = rope_coords(input_hw, self.patch_size, s, self.pos.normalize, device=device)
         return rope_sincos(coords, self.model.rope.periods.to(device))
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
