@@ -169,14 +169,12 @@ def test_strided_pass_is_an_extractor_at_that_stride_and_restores(make_extractor
     ext4, ext8 = make_extractor(4), make_extractor(8)
     x, _ = ext8.preprocess(pil_images[0], 40)
     d4 = ext4.extract_descriptors(x)
-    with ext4.strided(8):
-        s = ext4.extract_saliency_maps(x)
+    s = ext4.extract_saliency_maps(x, stride=8)                 # the stride of the call, the same model
     torch.testing.assert_close(s, ext8.extract_saliency_maps(x))
-    assert ext4.stride == 4 and ext4.model.patch_embed.proj.stride == (4, 4)
+    assert ext4.stride == 4 and ext4.model.patch_embed.proj.stride == (8, 8)   # the model is never changed
     torch.testing.assert_close(ext4.extract_descriptors(x), d4)
     with pytest.raises(DensevitError, match="divide"):
-        with ext4.strided(3):
-            pass
+        ext4.extract_saliency_maps(x, stride=3)
 
 
 def test_reference_saliency_is_the_half_size_stride8_map_on_the_descriptor_grid(make_extractor, pil_images):

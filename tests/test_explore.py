@@ -219,3 +219,20 @@ def test_cli_missing_weights_is_one_line(tmp_path, noise_pair):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("densevit-explore: error:") and "weights" in lines[0]
+
+
+def test_one_model_serves_every_stride(make, make_extractor, noise_pair):
+    """The explorer keeps one extractor per backbone: each stride is an argument of its calls, with the same
+    descriptors as an extractor built for that stride."""
+    from densevit.apps.explore import Settings
+
+    ex = make(stride=8)
+    ex.add_image(noise_pair[0])
+    assert ex.extractor(4) is ex.extractor(8)
+    for stride in (4, 8, 4):
+        s = Settings(layer=9, facet="key", stride=stride, load_size=64)
+        d = ex.descriptors(0, s)
+        own = make(stride=stride)
+        own.add_image(noise_pair[0])
+        assert torch.equal(d, own.descriptors(0, s)) and ex.grid(0, s).stride == stride
+    assert ex.extractor(8).model.patch_embed.proj.stride == (8, 8)

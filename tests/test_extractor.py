@@ -153,3 +153,26 @@ def test_cls_descriptor_comes_with_binned_patches(ext, x):
     for f in ("key", "token"):
         torch.testing.assert_close(feats.cls[(9, f)], with_cls.descriptors[(9, f)][:, 0])
         assert feats.descriptors[(9, f)].shape[-1] == 17 * feats.cls[(9, f)].shape[-1]
+
+
+@pytest.mark.parametrize("backbone, file, strides", [("dino_vits8", "vits8_random_fp16.pth", (4, 8)),
+                                                     ("dinov3_vits16", "dinov3_vits16_random_official_fp16.pth",
+                                                      (8, 16))])
+def test_one_model_serves_every_stride(shared, backbone, file, strides):
+    """Stride is an argument of the call: one extractor, alternating strides, gives exactly what an extractor
+    built for each stride gives, and its model is left as it was."""
+    from densevit import ViTExtractor
+
+    w = str(shared / "golden" / file)
+    one = ViTExtractor(backbone, stride=strides[0], weights=w, device="cpu")
+    own = {s: ViTExtractor(backbone, stride=s, weights=w, device="cpu") for s in strides}
+    p = one.spec.patch_size
+    x = torch.randn(1, 3, 4 * p, 5 * p, generator=torch.Generator().manual_seed(1))
+    for s in (*strides, *strides[::-1]):
+        got = one.extract(x, (5, -1), ("key", "token"), saliency=True, stride=s)
+        want = own[s].extract(x, (5, -1), ("key", "token"), saliency=True)
+        assert got.grid.shape == want.grid.shape and got.grid.stride == s
+        for k in want.descriptors:
+            assert torch.equal(got.descriptors[k], want.descriptors[k]), (s, k)
+        assert torch.equal(got.saliency, want.saliency)
+        assert one.model.patch_embed.proj.stride == (p, p) and one.stride == strides[0]

@@ -1,4 +1,4 @@
-"""The descriptor explorer's session: images, one extractor per stride, cached extraction, and the answers to a
+"""The descriptor explorer's session: images, one extractor for every stride, cached extraction, and the answers to a
 click (similarity maps + top-k + best buddies, or the attention of the clicked token), the CLS saliency and the
 PCA of all images. Usable from Python and notebooks; ``densevit-explore`` serves it as a web page.
 
@@ -167,8 +167,8 @@ class Explorer:
         cache_gb: memory for cached descriptors (all layers of a facet, normalised layers, attention inputs).
         max_side: images with a longer side are resized to it when loaded.
         max_tokens: refuse settings that give an image more patch tokens than this (memory and time grow with it).
-        extractor: an existing :class:`densevit.ViTExtractor` to use for its stride (its backbone, device and
-            dtype are taken; ``weights`` are used for other strides).
+        extractor: an existing :class:`densevit.ViTExtractor` to use (its backbone, device, dtype and default
+            stride are taken; it serves every stride: one model per backbone).
     """
 
     def __init__(self, backbone: str = "dino_vits8", weights: Union[str, Path, None] = None, device=None,
@@ -180,9 +180,8 @@ class Explorer:
             backbone, device, dtype = extractor.spec.name, extractor.device, extractor.dtype
         self.backbone, self.weights, self.device, self.dtype = backbone, weights, device, dtype
         self.max_side, self.max_tokens = max_side, max_tokens
-        first = extractor or ViTExtractor(backbone, stride=stride, weights=weights, device=device, dtype=dtype)
-        self._extractors: Dict[int, Any] = {first.stride: first}
-        self.defaults = Settings(layer=first.depth - 1, stride=first.stride, load_size=load_size)
+        self._ext = extractor or ViTExtractor(backbone, stride=stride, weights=weights, device=device, dtype=dtype)
+        self.defaults = Settings(layer=self._ext.depth - 1, stride=self._ext.stride, load_size=load_size)
         self.images: List[ExploreImage] = []
         self._ids: List[int] = []            # stable cache ids (images can be removed)
         self._next_id = 0
@@ -194,15 +193,15 @@ class Explorer:
     # ------------------------------------------------------------------ model facts
     @property
     def patch_size(self) -> int:
-        return next(iter(self._extractors.values())).patch_size
+        return self._ext.patch_size
 
     @property
     def depth(self) -> int:
-        return next(iter(self._extractors.values())).depth
+        return self._ext.depth
 
     @property
     def num_heads(self) -> int:
-        return next(iter(self._extractors.values())).num_heads
+        return self._ext.num_heads
 
     @property
     def strides(self) -> List[int]:
@@ -210,16 +209,12 @@ class Explorer:
         return [s for s in range(1, self.patch_size + 1) if self.patch_size % s == 0 and 4 * s >= self.patch_size]
 
     def extractor(self, stride: int):
-        """The extractor for ``stride`` (built once; all share the backbone's weights file)."""
-        from densevit.features.extractor import ViTExtractor
-
-        if stride not in self._extractors:
-            if stride not in self.strides:
-                raise DensevitError(f"stride {stride} is not offered for patch size {self.patch_size}; "
-                                    f"choose from {', '.join(map(str, self.strides))}")
-            self._extractors[stride] = ViTExtractor(self.backbone, stride=stride, weights=self.weights,
-                                                    device=self.device, dtype=self.dtype)
-        return self._extractors[stride]
+        """The one extractor of the backbone (every stride is an argument of its calls), after checking that
+        ``stride`` is offered."""
+        if stride not in self.strides:
+            raise DensevitError(f"stride {stride} is not offered for patch size {self.patch_size}; "
+                                f"choose from {', '.join(map(str, self.strides))}")
+        return self._ext
 
     # ------------------------------------------------------------------ images
     def add_image(self, image: Union[str, Path, Image.Image, bytes], name: Optional[str] = None) -> ExploreImage:
@@ -316,7 +311,7 @@ class Explorer:
         self.check_tokens(index, s)
         ext = self.extractor(s.stride)
         item = self.images[index]
-        x, grid, _ = ext.preprocess_with_image(item.image, s.load_size)
+        x, grid, _ = ext.preprocess_with_image(item.image, s.load_size, stride=s.stride)
         return ext, x, dataclasses.replace(grid, image_hw=item.original_hw)
 
     def _stack(self, index: int, s: Settings) -> Dict[str, Any]:
@@ -328,7 +323,7 @@ class Explorer:
             return hit
         ext, x, grid = self._network_input(index, s)
         layers = tuple(range(ext.depth))
-        feats = ext.extract(x, layers, (s.facet,), saliency=True, image_hw=grid.original_hw)
+        feats = ext.extract(x, layers, (s.facet,), saliency=True, image_hw=grid.original_hw, stride=s.stride)
         raw = torch.stack([feats.descriptors[(l, s.facet)][0] for l in layers]).float().cpu()
         entry = {"raw": raw, "grid": grid, "saliency": feats.saliency[0].float().cpu()}
         return self._cache.put(key, entry)
@@ -341,7 +336,7 @@ class Explorer:
             return hit
         ext, x, grid = self._network_input(index, s)
         layers = tuple(range(ext.depth))
-        qks = ext.attention_inputs(x, layers)
+        qks = ext.attention_inputs(x, layers, stride=s.stride)
         q = torch.stack([qks[l][0][0] for l in layers]).float().cpu()
         k = torch.stack([qks[l][1][0] for l in layers]).float().cpu()
         return self._cache.put(key, {"query": q, "key": k, "grid": grid, "scale": torch.tensor(qks[0][2]),
@@ -353,7 +348,8 @@ class Explorer:
         item = self.images[index]
         from densevit.io.images import resized_hw
 
-        return ext.grid(resized_hw((item.image.height, item.image.width), s.load_size), item.original_hw)
+        return ext.grid(resized_hw((item.image.height, item.image.width), s.load_size), item.original_hw,
+                        stride=s.stride)
 
     def descriptors(self, index: int, settings: Optional[Settings] = None) -> torch.Tensor:
         """L2-normalised descriptors ``TxD`` of image ``index`` (log-binned with ``settings.bin``), cached."""
