@@ -195,6 +195,16 @@ def check_upsampling(how: str) -> None:
         raise DensevitError(f"unknown mask up-sampling {how!r}; choose from {', '.join(UPSAMPLINGS)}")
 
 
+def check_clustering_options(max_points_per_centroid, saliency_source: str, upsample: str) -> None:
+    """The checks co-segmentation and part co-segmentation share: the k-means training cap, the saliency source
+    (:data:`SALIENCY_SOURCES`) and the up-sampling rule (:data:`UPSAMPLINGS`); one-line errors."""
+    if max_points_per_centroid is not None and max_points_per_centroid < 1:
+        raise DensevitError(f"max points per centroid must be >= 1, got {max_points_per_centroid}")
+    if saliency_source not in SALIENCY_SOURCES:
+        raise DensevitError(f"unknown saliency source {saliency_source!r}; choose from {', '.join(SALIENCY_SOURCES)}")
+    check_upsampling(upsample)
+
+
 def mask_to_input(mask: np.ndarray, grid: TokenGrid, how: str = "reference") -> np.ndarray:
     """A token mask (``T`` or ``hxw`` bool) -> the resized input's pixels (``HixWi`` bool). ``how``
     (:data:`UPSAMPLINGS`): ``"reference"`` resizes the ``hxw`` boolean image with PIL (a 1-bit image, which PIL

@@ -50,10 +50,9 @@ from densevit.errors import DensevitError
 from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID, elbow_kmeans, kmeans
 
 from .common import (
-    SALIENCY_SOURCES,
     ImageFeatures,
     ImageInput,
-    check_upsampling,
+    check_clustering_options,
     extract_set,
     input_to_image,
     l2_normalize,
@@ -104,12 +103,7 @@ class CosegConfig:
             raise DensevitError(f"GrabCut kernel must be >= 1, got {self.grabcut_kernel}")
         if not self.k_range or min(self.k_range) < 1:
             raise DensevitError("k range must hold positive cluster counts")
-        if self.max_points_per_centroid is not None and self.max_points_per_centroid < 1:
-            raise DensevitError(f"max points per centroid must be >= 1, got {self.max_points_per_centroid}")
-        if self.saliency_source not in SALIENCY_SOURCES:
-            raise DensevitError(f"unknown saliency source {self.saliency_source!r}; choose from "
-                                f"{', '.join(SALIENCY_SOURCES)}")
-        check_upsampling(self.upsample_masks)
+        check_clustering_options(self.max_points_per_centroid, self.saliency_source, self.upsample_masks)
         if self.grabcut_seeding not in GRABCUT_SEEDINGS:
             raise DensevitError(f"unknown GrabCut seeding {self.grabcut_seeding!r}; choose from "
                                 f"{', '.join(GRABCUT_SEEDINGS)}")

@@ -48,10 +48,9 @@ from densevit.errors import DensevitError
 from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
 
 from .common import (
-    SALIENCY_SOURCES,
     ImageFeatures,
     ImageInput,
-    check_upsampling,
+    check_clustering_options,
     extract_features,
     image_name,
     input_to_image,
@@ -111,12 +110,7 @@ class PartsegConfig:
             raise DensevitError(f"unknown CRF backend {self.crf!r}; choose from {', '.join(CRF_BACKENDS)}")
         if not 0 < self.votes_percentage <= 100 or self.sample_interval < 1 or self.crf_iters < 0:
             raise DensevitError("votes percentage must be in (0, 100], sample interval >= 1, CRF iterations >= 0")
-        if self.max_points_per_centroid is not None and self.max_points_per_centroid < 1:
-            raise DensevitError(f"max points per centroid must be >= 1, got {self.max_points_per_centroid}")
-        if self.saliency_source not in SALIENCY_SOURCES:
-            raise DensevitError(f"unknown saliency source {self.saliency_source!r}; choose from "
-                                f"{', '.join(SALIENCY_SOURCES)}")
-        check_upsampling(self.upsample_masks)
+        check_clustering_options(self.max_points_per_centroid, self.saliency_source, self.upsample_masks)
 
 
 @dataclass
