@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import DensevitError, WeightsNotFoundError
+from .locate import WEIGHTS_ENV
 from .registry import BackboneSpec, get_spec
 
-WEIGHTS_ENV = "DENSEVIT_WEIGHTS"
 _DROP_PREFIXES = ("module.", "backbone.", "encoder.")
 
 
