@@ -17,8 +17,11 @@ from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.features.extractor import ViTExtractor
+from densevit.features.options import bin_opt, facet_opt, layer_opt, load_size_opt
 from densevit.io.images import load_image, load_resized, resize_short_side, to_tensor
+from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
 from densevit.models.grid import TokenGrid, grid_shape
+from densevit.options import opt, zero_is_none
 from densevit.storage.store import FeatureStore
 
 ImageInput = Union[str, Path, Image.Image]
@@ -37,6 +40,46 @@ UPSAMPLINGS = ("reference", "token-centre")
 resize of the token map to the resized image for co-segmentation masks; ``torch.nn.Upsample(mode="nearest")`` of
 the CRF unaries for part co-segmentation). ``"token-centre"``: every pixel takes the token whose centre is nearest
 (:class:`~densevit.coords.TokenGrid`; the grid's geometry, the same rule as every other densevit map)."""
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """What co-segmentation and part co-segmentation share (defaults: the reference's): the descriptors, the
+    k-means of every set's descriptors, the saliency votes, and how token maps become pixels."""
+
+    load_size: Optional[int] = load_size_opt(224)
+    layer: int = layer_opt(11)
+    facet: str = facet_opt("key")
+    bin: bool = bin_opt(False)
+    thresh: float = opt(0.065, "saliency threshold of a cluster vote")
+    elbow: float = opt(0.975, "elbow coefficient for choosing k")
+    k_range: Tuple[int, ...] = opt(tuple(range(1, 15)), "cluster counts tried", cli=False)
+    votes_percentage: float = opt(75.0, "%% of images that must vote for a cluster to make it foreground")
+    sample_interval: int = opt(100, "fit k-means on every n-th descriptor of each image")
+    n_iter: int = opt(300, "k-means iterations (the reference's FAISS niter)", cli=False)
+    n_redo: int = opt(10, "k-means restarts (the reference's FAISS nredo)", cli=False)
+    seed: int = opt(FAISS_KMEANS_SEED, "k-means seed (default: FAISS's own, as the reference)")
+    max_points_per_centroid: Optional[int] = opt(
+        FAISS_MAX_POINTS_PER_CENTROID, "FAISS k-means trains on a random subsample of at most this many rows per "
+        "centroid (FAISS's default, as the reference); 0: train on every sampled descriptor", parse=zero_is_none)
+    saliency_source: str = opt(
+        "reference", "reference: saliency from a second, stride-8 pass on the half-size image (the reference's "
+        "low_res_saliency_maps); same-pass: the CLS attention of the descriptor pass (one forward pass fewer; needed "
+        "with --store)", choices=SALIENCY_SOURCES)
+    upsample_masks: str = opt(
+        "reference", "token map -> pixels of the resized image: reference (nearest resize, as the reference) or "
+        "token-centre (each pixel takes the token whose centre is nearest)", choices=UPSAMPLINGS)
+    backend: str = opt("auto", "nearest-neighbour / k-means backend (densevit.matching)", cli=False)
+
+    def validate(self) -> None:
+        """One-line errors for the shared parameters (the k-means cap, saliency source, up-sampling rule)."""
+        if not 0 < self.votes_percentage <= 100:
+            raise DensevitError(f"votes percentage must be in (0, 100], got {self.votes_percentage}")
+        if self.sample_interval < 1 or self.n_iter < 1 or self.n_redo < 1:
+            raise DensevitError("sample interval and k-means iterations/restarts must be >= 1")
+        if not self.k_range or min(self.k_range) < 1:
+            raise DensevitError("k range must hold positive cluster counts")
+        check_clustering_options(self.max_points_per_centroid, self.saliency_source, self.upsample_masks)
 
 
 @dataclass

@@ -36,9 +36,11 @@ import numpy as np
 import torch
 
 from densevit.errors import DensevitError
+from densevit.features.options import bin_opt, facet_opt, layer_opt, load_size_opt
 from densevit.matching.cluster import kmeans
 from densevit.matching.knn import nearest_both_ways
 from densevit.matching.transfer import transfer_points
+from densevit.options import opt
 
 from .common import ImageFeatures, ImageInput, extract_features, image_name, l2_normalize
 
@@ -54,18 +56,22 @@ __all__ = ["CLUSTERINGS", "FG_TESTS", "CorrespondenceConfig", "Correspondences",
 class CorrespondenceConfig:
     """Correspondence parameters (defaults: the paper's / reference's)."""
 
-    load_size: Optional[int] = 224
-    layer: int = 9
-    facet: str = "key"
-    bin: bool = True
-    thresh: float = 0.05                # saliency threshold (both tokens of a buddy pair)
-    num_pairs: int = 10
-    n_iter: int = 300                   # k-means iterations (scikit-learn's max_iter / FAISS niter)
-    n_redo: int = 10                    # k-means restarts (scikit-learn's n_init / FAISS nredo)
-    seed: int = 0                       # scikit-learn random_state (the reference's 0) / FAISS seed
-    clustering: str = "sklearn"         # "sklearn" (reference) | "faiss"
-    fg_test: str = "reference"          # "reference" | "both" (both tokens salient)
-    backend: str = "auto"
+    load_size: Optional[int] = load_size_opt(224)
+    layer: int = layer_opt(9)
+    facet: str = facet_opt("key")
+    bin: bool = bin_opt(True)
+    thresh: float = opt(0.05, "saliency threshold of both points of a pair")
+    num_pairs: int = opt(10, "number of point pairs")
+    n_iter: int = opt(300, "k-means iterations (scikit-learn's max_iter / FAISS niter)", cli=False)
+    n_redo: int = opt(10, "k-means restarts (scikit-learn's n_init / FAISS nredo)", cli=False)
+    seed: int = opt(0, "k-means seed (scikit-learn's random_state, the reference's 0; or the FAISS seed)")
+    clustering: str = opt("sklearn", "k-means of the best buddies: sklearn (scikit-learn KMeans with 10 restarts, "
+                                     "the reference) or faiss (FAISS k-means: faster on many buddies, other "
+                                     "clusters)", choices=CLUSTERINGS)
+    fg_test: str = opt("reference", "which best buddies count as foreground: reference (A's token salient and the "
+                                    "nearest neighbour of some salient token of B, as the reference) or both (both "
+                                    "tokens salient)", choices=FG_TESTS)
+    backend: str = opt("auto", "nearest-neighbour backend (densevit.matching)", cli=False)
 
     def validate(self) -> None:
         if self.num_pairs < 1:

@@ -49,10 +49,12 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID, elbow_kmeans, kmeans
 
+from densevit.options import opt
+
 from .common import (
+    ClusteringConfig,
     ImageFeatures,
     ImageInput,
-    check_clustering_options,
     extract_set,
     input_to_image,
     l2_normalize,
@@ -67,43 +69,28 @@ GRABCUT_SEEDINGS = ("set", "image")
 
 
 @dataclass(frozen=True)
-class CosegConfig:
+class CosegConfig(ClusteringConfig):
     """Co-segmentation parameters (defaults: the reference's ``find_cosegmentation``)."""
 
-    load_size: Optional[int] = 224      # short side of the network input (None: original size)
-    layer: int = 11
-    facet: str = "key"
-    bin: bool = False
-    thresh: float = 0.065               # saliency threshold of a vote
-    elbow: float = 0.975                # elbow coefficient for choosing k
-    k_range: Tuple[int, ...] = tuple(range(1, 15))
-    votes_percentage: float = 75.0      # % of (inlier) images that must vote for a foreground cluster
-    sample_interval: int = 100          # k-means trained on every n-th descriptor of each image
-    n_iter: int = 300                   # k-means iterations / restarts (reference: faiss niter=300, nredo=10)
-    n_redo: int = 10
-    seed: int = FAISS_KMEANS_SEED       # k-means seed (FAISS's default, the reference's)
-    max_points_per_centroid: Optional[int] = FAISS_MAX_POINTS_PER_CENTROID  # FAISS's cap (None: train on all)
-    saliency_source: str = "reference"  # "reference" (low-res pass) | "same-pass"
-    upsample_masks: str = "reference"   # "reference" (PIL nearest) | "token-centre"
-    remove_outliers: bool = False
-    outliers_thresh: float = 0.7
-    grabcut: bool = True
-    grabcut_iters: int = 5
-    grabcut_kernel: int = 7             # erosion kernel side for the sure fg / bg seeds
-    grabcut_seed: int = 0               # OpenCV RNG seed (0 = its initial state, an unseeded process's)
-    grabcut_seeding: str = "set"        # "set": one stream through the set (reference) | "image": reseed per image
-    backend: str = "auto"               # densevit.index backend
+    remove_outliers: bool = opt(False, "leave out images whose CLS descriptor is far from the set's mean (they get "
+                                       "empty masks)", negatable=False)
+    outliers_thresh: float = opt(0.7, "cosine similarity to the mean CLS descriptor below which an image is an "
+                                      "outlier")
+    grabcut: bool = opt(True, "skip the GrabCut refinement", flag="--no-grabcut", invert=True)
+    grabcut_iters: int = opt(5, "GrabCut iterations", cli=False)
+    grabcut_kernel: int = opt(7, "erosion kernel side for GrabCut's sure foreground / background seeds", cli=False)
+    grabcut_seed: int = opt(0, "seed of OpenCV's random generator for GrabCut (0: its initial state, what the "
+                               "unseeded reference draws)")
+    grabcut_seeding: str = opt("set", "set: seed once per set, the images draw from one stream in order (the "
+                                      "reference); image: reseed before each image (a mask does not depend on the "
+                                      "set's other images)", choices=GRABCUT_SEEDINGS)
 
     def validate(self) -> None:
-        if not 0 < self.votes_percentage <= 100:
-            raise DensevitError(f"votes percentage must be in (0, 100], got {self.votes_percentage}")
-        if self.sample_interval < 1 or self.n_iter < 1 or self.n_redo < 1 or self.grabcut_iters < 1:
-            raise DensevitError("sample interval, k-means iterations/restarts and GrabCut iterations must be >= 1")
+        super().validate()
+        if self.grabcut_iters < 1:
+            raise DensevitError(f"GrabCut iterations must be >= 1, got {self.grabcut_iters}")
         if self.grabcut_kernel < 1:
             raise DensevitError(f"GrabCut kernel must be >= 1, got {self.grabcut_kernel}")
-        if not self.k_range or min(self.k_range) < 1:
-            raise DensevitError("k range must hold positive cluster counts")
-        check_clustering_options(self.max_points_per_centroid, self.saliency_source, self.upsample_masks)
         if self.grabcut_seeding not in GRABCUT_SEEDINGS:
             raise DensevitError(f"unknown GrabCut seeding {self.grabcut_seeding!r}; choose from "
                                 f"{', '.join(GRABCUT_SEEDINGS)}")

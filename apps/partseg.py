@@ -45,12 +45,13 @@ import torch
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
+
+from densevit.options import opt
 
 from .common import (
+    ClusteringConfig,
     ImageFeatures,
     ImageInput,
-    check_clustering_options,
     extract_features,
     image_name,
     input_to_image,
@@ -69,48 +70,36 @@ CRF_BACKENDS = ("auto", "dense", "approx", "none")
 
 
 @dataclass(frozen=True)
-class PartsegConfig:
-    """Part co-segmentation parameters (defaults: the reference's)."""
+class PartsegConfig(ClusteringConfig):
+    """Part co-segmentation parameters (defaults: the reference's ``find_part_cosegmentation``; the k-means seed
+    also draws the augmentation crops)."""
 
-    load_size: Optional[int] = 224
-    layer: int = 11
-    facet: str = "key"
-    bin: bool = False
-    thresh: float = 0.065
-    elbow: float = 0.975
-    k_range: Tuple[int, ...] = tuple(range(1, 15))
-    votes_percentage: float = 75.0
-    sample_interval: int = 100
-    n_iter: int = 300
-    n_redo: int = 10
-    num_parts: int = 4
-    num_crop_augmentations: int = 0
-    crop_fraction: float = 0.95
-    three_stages: bool = False
-    elbow_second_stage: float = 0.94
-    crf: str = "auto"
-    crf_iters: int = 10
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 50.0
-    bilateral_sxy: float = 5.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 15.0
-    seed: int = FAISS_KMEANS_SEED       # k-means seed (FAISS's default, the reference's) and augmentation crops
-    max_points_per_centroid: Optional[int] = FAISS_MAX_POINTS_PER_CENTROID  # FAISS's cap (None: train on all)
-    saliency_source: str = "reference"  # "reference" (low-res pass) | "same-pass"
-    upsample_masks: str = "reference"   # "reference" (torch nearest) | "token-centre"
-    backend: str = "auto"
+    num_parts: int = opt(4, "number of parts")
+    num_crop_augmentations: int = opt(0, "random 95%% crops of each image and of its flip added to the clustering "
+                                         "(helps small, varied sets)")
+    crop_fraction: float = opt(0.95, "side of an augmentation crop, as a fraction of the image's", cli=False)
+    three_stages: bool = opt(False, "three clustering stages (foreground, common parts, parts): for sets with "
+                                    "distractors", negatable=False)
+    elbow_second_stage: float = opt(0.94, "elbow coefficient of the second stage (three stages only)")
+    crf: str = opt("auto", "smoothing: dense CRF (pydensecrf), its approximation, none; auto = dense if installed",
+                   choices=CRF_BACKENDS)
+    crf_iters: int = opt(10, "mean-field iterations")
+    gaussian_sxy: float = opt(3.0, "CRF smoothness kernel: spatial sigma", cli=False)
+    gaussian_compat: float = opt(50.0, "CRF smoothness kernel: weight", cli=False)
+    bilateral_sxy: float = opt(5.0, "CRF appearance kernel: spatial sigma", cli=False)
+    bilateral_srgb: float = opt(13.0, "CRF appearance kernel: colour sigma", cli=False)
+    bilateral_compat: float = opt(15.0, "CRF appearance kernel: weight", cli=False)
 
     def validate(self) -> None:
+        super().validate()
         if self.num_parts < 1:
             raise DensevitError(f"number of parts must be >= 1, got {self.num_parts}")
         if self.num_crop_augmentations < 0 or not 0 < self.crop_fraction <= 1:
             raise DensevitError("crop augmentations must be >= 0 and the crop fraction in (0, 1]")
         if self.crf not in CRF_BACKENDS:
             raise DensevitError(f"unknown CRF backend {self.crf!r}; choose from {', '.join(CRF_BACKENDS)}")
-        if not 0 < self.votes_percentage <= 100 or self.sample_interval < 1 or self.crf_iters < 0:
-            raise DensevitError("votes percentage must be in (0, 100], sample interval >= 1, CRF iterations >= 0")
-        check_clustering_options(self.max_points_per_centroid, self.saliency_source, self.upsample_masks)
+        if self.crf_iters < 0:
+            raise DensevitError("CRF iterations must be >= 0")
 
 
 @dataclass

@@ -10,17 +10,44 @@ convention).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from densevit.errors import DensevitError
+from densevit.features.options import bin_opt, facet_opt, layer_opt, load_size_opt
 from densevit.models.grid import TokenGrid
+from densevit.options import opt
 
 from .common import ImageInput, extract_set
 
-__all__ = ["PCAImage", "descriptor_pca", "pca_features"]
+__all__ = ["PCAConfig", "PCAImage", "descriptor_pca", "pca_features"]
+
+
+@dataclass(frozen=True)
+class PCAConfig:
+    """What a PCA picture shows (defaults: the reference's ``pca.py``)."""
+
+    load_size: Optional[int] = load_size_opt(224)
+    layer: int = layer_opt(11)
+    facet: str = facet_opt("key")
+    bin: bool = bin_opt(False)
+    n_components: int = opt(4, "principal components to fit")
+    rgb: Optional[Tuple[int, int, int]] = opt(None, "components shown as R G B (0-based; default: the last three)",
+                                              metavar="I")
+    per_image: bool = opt(False, "fit one PCA per image instead of one per set", negatable=False)
+
+    def validate(self) -> None:
+        if self.n_components < 1:
+            raise DensevitError(f"--n-components must be >= 1, got {self.n_components}")
+        if self.rgb and any(not 0 <= i < self.n_components for i in self.rgb):
+            raise DensevitError(f"--rgb components must lie in 0..{self.n_components - 1}")
+
+    @property
+    def shown(self) -> Tuple[int, int, int]:
+        """The components drawn as R, G, B."""
+        return tuple(self.rgb) if self.rgb else (-3, -2, -1)
 
 
 @dataclass

@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.features.options import facet_opt, layer_opt
 from densevit.io.images import image_size, load_image, to_tensor
 from densevit.models.grid import TokenGrid
+from densevit.options import opt
 from densevit.runtime.threads import prefetch_map
 
 FrameLike = Union[str, Path, Image.Image, np.ndarray]
@@ -65,17 +67,18 @@ class VOSConfig:
         tile: query tile side in tokens for the neighbourhood search (speed/memory only, not results).
     """
 
-    short_side: int = 480
-    multiple: int = 64
-    n_last_frames: int = 7
-    neighborhood: int = 12
-    topk: int = 5
-    temperature: float = 0.1
-    layer: int = -1
-    facet: str = "token_norm"
-    minmax_norm: bool = True
-    batch_size: int = 8
-    tile: int = 16
+    short_side: int = opt(480, "resize the shorter frame side to this")
+    multiple: int = opt(64, "floor the longer side to a multiple of this (1: keep the aspect ratio)")
+    n_last_frames: int = opt(7, "context: the first frame plus this many preceding frames")
+    neighborhood: int = opt(12, "only match tokens within this many tokens of the query position (0: anywhere)")
+    topk: int = opt(5, "neighbours per token over the whole context")
+    temperature: float = opt(0.1, "affinity exp(cos / temperature)")
+    layer: int = layer_opt(-1)
+    facet: str = facet_opt("token_norm")
+    minmax_norm: bool = opt(True, "skip the per-label min-max normalisation before the argmax",
+                            flag="--no-minmax-norm", invert=True)
+    batch_size: int = opt(8, "frames per forward pass")
+    tile: int = opt(16, "query tile side in tokens for the neighbourhood search (speed/memory only)", cli=False)
 
     def validate(self) -> None:
         if self.short_side < 1 or self.multiple < 1:

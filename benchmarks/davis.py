@@ -34,10 +34,20 @@ from densevit.apps.cli.vos import add_protocol_args, config_from_args, discovery
 from densevit.apps.discovery.core import discover_mask
 from densevit.apps.vos import propagate
 
-from densevit.cli.common import add_backbone_args, build_extractor, run_cli
+from densevit.cli.common import add_model_flags, build_extractor, run_cli
 from densevit.errors import DensevitError
-from densevit.eval.datasets.davis import DavisDataset, labels_for_year, read_mask, write_mask
-from densevit.eval.metrics.davis import GLOBAL_COLUMNS, SEQUENCE_COLUMNS, DavisScores, evaluate_semisupervised
+from densevit.eval.datasets.davis import (
+    DavisDataset,
+    labels_for_year,
+    read_mask,
+    write_mask,
+)
+from densevit.eval.metrics.davis import (
+    GLOBAL_COLUMNS,
+    SEQUENCE_COLUMNS,
+    DavisScores,
+    evaluate_semisupervised,
+)
 from densevit.io.paths import shared_dir
 from densevit.runtime import dist
 from densevit.runtime.threads import BackgroundWriter
@@ -64,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsupervised", action="store_true",
                    help="no first mask: discover the object in the first frame, score every frame (DAVIS-2016)")
     add_protocol_args(p)
-    add_backbone_args(p, stride=None, load_size=None, layer=-1, facet="token_norm")
+    add_model_flags(p, stride="patch")
     add_discover_args(p, prefix="discover-", load_size=-1)
     return p
 
@@ -72,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_of(args: argparse.Namespace) -> Dict[str, object]:
     """Everything that changes the predicted masks."""
     keys = ("backbone", "weights", "stride", "dtype", "layer", "facet", "short_side", "multiple", "n_last_frames",
-            "neighborhood", "topk", "temperature", "no_minmax_norm", "max_frames", "year")
+            "neighborhood", "topk", "temperature", "minmax_norm", "max_frames", "year")
     s = {k: getattr(args, k) for k in keys}
     if args.unsupervised:  # only then: semi-supervised folders keep their settings
         s["unsupervised"] = True
@@ -153,11 +163,6 @@ def print_tables(split: str, g: Dict[str, float], rows: List[Dict[str, object]],
         print(f"{r['Sequence']:<{width}}  {r['J-Mean']:6.3f}  {r['F-Mean']:6.3f}  {fps}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    with dist.session() as ctx:
-        return _main(argv, ctx)
-
-
 def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
     args = build_parser().parse_args(argv)
     args.device = ctx.device(args.device)
@@ -176,19 +181,13 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
 
     timing: Dict[str, dict] = {}
     if not args.eval_only:
-        state = None
-        if ctx.is_main:
-            try:
-                check_settings(out, settings_of(args), args.recompute)
-                todo = [s for s in ds.sequences if args.recompute or not (out / s / DONE).is_file()]
-                n_frames = {s: len(ds.frames(s)[:args.max_frames]) for s in todo}
-                state = ("ok", dist.deal(todo, [n_frames[s] for s in todo], ctx.world_size))
-            except DensevitError as exc:
-                state = ("error", str(exc))
-        state = ctx.broadcast(state)
-        if state[0] == "error":
-            raise DensevitError(state[1])
-        mine = state[1][ctx.rank]
+        def plan() -> List[List[str]]:
+            check_settings(out, settings_of(args), args.recompute)
+            todo = [s for s in ds.sequences if args.recompute or not (out / s / DONE).is_file()]
+            n_frames = {s: len(ds.frames(s)[:args.max_frames]) for s in todo}
+            return dist.deal(todo, [n_frames[s] for s in todo], ctx.world_size)
+
+        mine = ctx.on_main(plan)[ctx.rank]
         extractor = None
         for i, seq in enumerate(mine):
             if extractor is None:
@@ -228,6 +227,7 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
     return 0
 
 
+main = dist.main_with_session(_main)
 entry = run_cli(main, PROG)
 
 if __name__ == "__main__":

@@ -24,19 +24,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(_REPO))
+import numpy as np
+from densevit.apps.cli.discover import add_discover_args, config_from_args
+from densevit.apps.discovery.core import (
+    METHODS,
+    box_iou,
+    discover_features,
+    extract_discovery_features,
+    mask_box,
+)
 
-import numpy as np  # noqa: E402
-from densevit.apps.cli.discover import add_discover_args, config_from_args  # noqa: E402
-from densevit.apps.discovery.core import METHODS, box_iou, discover_features, extract_discovery_features, mask_box
-
-from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # noqa: E402
-from densevit.errors import DensevitError  # noqa: E402
-from densevit.eval.datasets.davis import DavisDataset, write_mask  # noqa: E402
-from densevit.eval.metrics.davis import db_eval_iou  # noqa: E402
-from densevit.io.paths import shared_dir  # noqa: E402
+from densevit.cli.common import add_model_flags, build_extractor, run_cli
+from densevit.errors import DensevitError
+from densevit.eval.datasets.davis import DavisDataset, write_mask
+from densevit.eval.metrics.davis import db_eval_iou
+from densevit.io.paths import shared_dir
 
 PROG = "benchmarks/discover.py"
 COLUMNS = ("Method", "Sequence", "Frames", "CorLoc", "J-Mean", "J-Recall")
@@ -58,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute", action="store_true", help="start over (also when the settings changed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_discover_args(p, method=False)
-    add_backbone_args(p, stride=None, load_size=None, layer=-1, facet="key")
-    p.set_defaults(backbone="dino_vits16")
+    add_model_flags(p, stride="patch", backbone="dino_vits16")
     return p
 
 

@@ -15,21 +15,16 @@ import argparse
 import csv
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from densevit.apps.explore.session import Explorer, Settings
+from densevit.apps.explore.web import _map
 from PIL import Image, ImageOps
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from densevit.apps.explore.session import Explorer, Settings  # noqa: E402
-from densevit.apps.explore.web import _map  # noqa: E402
-
-from densevit.io.paths import example_images, golden_weights  # noqa: E402
+from densevit.io.paths import example_images, golden_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +117,7 @@ def main() -> None:
         for r in rows:
             w.writerow({**r, **meta})
     out.with_suffix(".json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
-    print(f"\n| images | tokens x dims | click median | click p95 | + encoding median | + encoding p95 |")
+    print("\n| images | tokens x dims | click median | click p95 | + encoding median | + encoding p95 |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['images']} | {r['tokens_per_image']} x {r['dims']} | {r['compute_median_ms']:.1f} ms | "

@@ -25,12 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-
-from densevit.cli.common import run_cli  # noqa: E402
-from densevit.errors import DensevitError  # noqa: E402
+from densevit.cli.common import run_cli
+from densevit.errors import DensevitError
 
 PROG = "index_scale.py"
 

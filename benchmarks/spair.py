@@ -17,18 +17,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(_REPO))
-
-from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # noqa: E402
-from densevit.errors import DensevitError  # noqa: E402
-from densevit.eval.datasets.spair import PAIR_FLAGS, SPLITS, SPair  # noqa: E402
+from densevit.cli.common import add_backbone_args, build_extractor, run_cli
+from densevit.errors import DensevitError
+from densevit.eval.datasets.spair import PAIR_FLAGS, SPLITS, SPair
 from densevit.eval.keypoints import (
     EvalPair,
     ImageDescriber,
@@ -38,8 +33,8 @@ from densevit.eval.keypoints import (
     check_facet,
     evaluate_pair,
 )
-from densevit.runtime import dist  # noqa: E402
-from densevit.storage.cache import file_fingerprint  # noqa: E402
+from densevit.runtime import dist
+from densevit.storage.cache import file_fingerprint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,16 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace results of other settings in --out")
     p.add_argument("--cache", default=None, help="on-disk descriptor cache folder (reused across runs)")
     p.add_argument("--keep-images", type=int, default=32, help="descriptor sets kept in memory")
-    add_backbone_args(p, stride=4, load_size=224, layer=9, facet="key")
+    add_backbone_args(p, stride="half", load_size=224, layer=9, facet="key")
     p.add_argument("--bin", action="store_true", help="log-binned descriptors")
     e = add_scoring_args(p)
     e.add_argument("--no-breakdown", action="store_true", help="no rows per difficulty flag")
     return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    with dist.session() as ctx:
-        return _main(argv, ctx)
 
 
 def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
@@ -81,18 +71,15 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
                 "load_size": args.load_size, "layer": args.layer, "facet": args.facet, "bin": args.bin,
                 "dtype": args.dtype, "transfer": vars(transfer), "categories": args.categories,
                 "limit": args.limit, "device": args.device, "cache": args.cache}
-    state = None
-    if ctx.is_main:
-        try:
-            log = ResultsLog(args.out, settings, overwrite=args.overwrite,
-                             volatile=("categories", "limit", "device", "cache"))
-            state = ("ok", [n for n in dataset.names if not log.done(n)])
-        except DensevitError as exc:
-            state = ("error", str(exc))
-    state = ctx.broadcast(state)
-    if state[0] == "error":
-        raise DensevitError(state[1])
-    all_todo = state[1]
+    log = None
+
+    def plan() -> List[str]:
+        nonlocal log
+        log = ResultsLog(args.out, settings, overwrite=args.overwrite, volatile=("categories", "limit", "device",
+                                                                                 "cache"))
+        return [n for n in dataset.names if not log.done(n)]
+
+    all_todo = ctx.on_main(plan)
     if not ctx.is_main:
         log = ResultsLog.for_rank(args.out, ctx.rank)
     todo = ctx.shard(all_todo)
@@ -135,6 +122,8 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
         print(f"all {len(dataset)} pairs already done; results in {log.dir}")
     return 0
 
+
+main = dist.main_with_session(_main)
 
 if __name__ == "__main__":
     run_cli(main, "benchmarks/spair.py")()

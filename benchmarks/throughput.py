@@ -37,15 +37,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(_REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from densevit.errors import DensevitError  # noqa: E402
-from densevit.io.paths import example_images, golden_weights, shared_dir  # noqa: E402
+from densevit.errors import DensevitError
+from densevit.io.paths import example_images, golden_weights, shared_dir
 
 PROG = "benchmarks/throughput.py"
 

@@ -14,18 +14,12 @@ Example (CPU, golden random weights):
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import List, Optional, Sequence
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(_REPO))
-
-from densevit.cli.common import add_backbone_args, build_extractor, run_cli  # noqa: E402
-from densevit.errors import DensevitError  # noqa: E402
-from densevit.eval.datasets.warp import WarpConfig, default_sources, make_warp_pair  # noqa: E402
+from densevit.cli.common import add_backbone_args, build_extractor, run_cli
+from densevit.errors import DensevitError
+from densevit.eval.datasets.warp import WarpConfig, default_sources, make_warp_pair
 from densevit.eval.keypoints import (
     EvalPair,
     ImageDescriber,
@@ -44,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (resumed when it holds results of the same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace results of other settings in --out")
-    add_backbone_args(p, stride=4, load_size=224, layer=9, facet="key")
+    add_backbone_args(p, stride="half", load_size=224, layer=9, facet="key")
     p.add_argument("--bin", action="store_true", help="log-binned descriptors")
     d = p.add_argument_group("pairs")
     d.add_argument("--pairs", type=int, default=56, help="number of warp pairs (cycling over the sources)")

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("errors", ["densevit.errors", "densevit.version"]),
+    ("errors", ["densevit.errors", "densevit.version", "densevit.options"]),
     ("runtime", ["densevit.runtime"]),
     ("io", ["densevit.io"]),
     ("models", ["densevit.models"]),

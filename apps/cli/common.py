@@ -9,13 +9,23 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from densevit.cli.common import WritesIntoInputsError, check_outputs, check_readable, drop_unreadable, report_unreadable
+from densevit.cli.common import (
+    OutputOptions,
+    WritesIntoInputsError,
+    check_outputs,
+    check_readable,
+    drop_unreadable,
+    report_unreadable,
+)
+from densevit.cli.flags import add_config_flags
 from densevit.errors import DensevitError
+from densevit.options import opt
 
 __all__ = ["add_io_args", "load_size_arg", "is_folder_of_sets", "check_readable", "drop_unreadable",
            "report_unreadable", "run_sets", "stems"]
@@ -25,16 +35,21 @@ Process = Callable[[str, List[Path], Path], Tuple[str, Dict]]
 Planned = Callable[[str, List[Path], Path], List[Path]]
 
 
-def add_io_args(parser: argparse.ArgumentParser) -> None:
-    """Positional inputs, --out, --overwrite, --quiet, --max-side."""
-    parser.add_argument("inputs", nargs="+",
-                        help="image files, a folder of images, or a folder of sets (one sub-folder per set)")
-    parser.add_argument("-o", "--out", required=True, help="output folder (one sub-folder per set for a folder "
-                        "of sets)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--max-side", type=int, default=1024,
-                        help="longest side of the overlay pictures in pixels (raw masks keep the original size)")
+@dataclass(frozen=True)
+class SetsIO:
+    """The inputs and pictures of the set commands (the output folder and its rules: :class:`OutputOptions`)."""
+
+    inputs: Tuple[str, ...] = opt((), "image files, a folder of images, or a folder of sets (one sub-folder per set)",
+                                  positional=True, nargs="+")
+    max_side: int = opt(1024, "longest side of the overlay pictures in pixels (raw masks keep the original size)")
+
+
+def add_io_args(parser: argparse.ArgumentParser, **tweak: Dict) -> None:
+    """Positional inputs, -o/--out, --overwrite, --quiet, --max-side (``tweak``: metadata changes by field)."""
+    add_config_flags(parser, SetsIO, only=["inputs"], tweak=tweak)
+    add_config_flags(parser, OutputOptions, tweak={"out": {"help": "output folder (one sub-folder per set for a "
+                                                           "folder of sets)"}, **tweak})
+    add_config_flags(parser, SetsIO, only=["max_side"], tweak=tweak)
 
 
 def load_size_arg(value: int) -> Optional[int]:

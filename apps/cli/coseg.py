@@ -12,44 +12,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from densevit.cli.common import add_backbone_args, add_store_arg, build_source, gather_sets, run_cli
+from densevit.cli import flags
+from densevit.cli.common import add_model_flags, add_store_arg, build_source, gather_sets, run_cli
+from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
 
 from .. import draw
-from ..common import SALIENCY_SOURCES, UPSAMPLINGS
-from ..coseg import GRABCUT_SEEDINGS, CosegConfig, cosegment
-from .common import add_io_args, load_size_arg, run_sets, stems
+from ..coseg import CosegConfig, cosegment
+from .common import add_io_args, run_sets, stems
 
 PROG = "densevit-coseg"
-
-
-def add_coseg_args(parser: argparse.ArgumentParser, d=CosegConfig()) -> None:
-    """Clustering, voting, saliency and up-sampling flags shared by co-segmentation and part co-segmentation."""
-    g = parser.add_argument_group("co-segmentation (defaults: the reference's)")
-    g.add_argument("--bin", action=argparse.BooleanOptionalAction, default=d.bin, help="log-binned descriptors")
-    g.add_argument("--thresh", type=float, default=d.thresh, help="saliency threshold of a cluster vote")
-    g.add_argument("--elbow", type=float, default=d.elbow, help="elbow coefficient for choosing k")
-    g.add_argument("--votes-percentage", type=float, default=d.votes_percentage,
-                   help="%% of images that must vote for a cluster to make it foreground")
-    g.add_argument("--sample-interval", type=int, default=d.sample_interval,
-                   help="fit k-means on every n-th descriptor of each image")
-    g.add_argument("--seed", type=int, default=d.seed,
-                   help="k-means seed (default: FAISS's own, as the reference)")
-    g.add_argument("--max-points-per-centroid", type=int, default=d.max_points_per_centroid,
-                   help="FAISS k-means trains on a random subsample of at most this many rows per centroid "
-                        "(FAISS's default, as the reference); 0: train on every sampled descriptor")
-    g.add_argument("--saliency-source", choices=SALIENCY_SOURCES, default=d.saliency_source,
-                   help="reference: saliency from a second, stride-8 pass on the half-size image (the reference's "
-                        "low_res_saliency_maps); same-pass: the CLS attention of the descriptor pass (one forward "
-                        "pass fewer; needed with --store)")
-    g.add_argument("--upsample-masks", choices=UPSAMPLINGS, default=d.upsample_masks,
-                   help="token map -> pixels of the resized image: reference (nearest resize, as the reference) "
-                        "or token-centre (each pixel takes the token whose centre is nearest)")
-
-
-def kmeans_cap_arg(value: int) -> Optional[int]:
-    """``--max-points-per-centroid`` 0 (or less) means: no cap."""
-    return None if value is None or value <= 0 else int(value)
 
 
 def check_saliency_source(args: argparse.Namespace) -> None:
@@ -60,36 +32,17 @@ def check_saliency_source(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Co-segment the common foreground object of each set of "
-                                "images (ViT descriptors: k-means, saliency voting, GrabCut).")
+    p = make_parser(PROG, "Co-segment the common foreground object of each set of images (ViT descriptors: "
+                    "k-means, saliency voting, GrabCut).")
     add_io_args(p)
-    add_coseg_args(p)
-    d = CosegConfig()
-    g = p.add_argument_group("refinement and outliers")
-    g.add_argument("--no-grabcut", action="store_true", help="skip the GrabCut refinement")
-    g.add_argument("--grabcut-seed", type=int, default=d.grabcut_seed,
-                   help="seed of OpenCV's random generator for GrabCut (0: its initial state, what the unseeded "
-                        "reference draws)")
-    g.add_argument("--grabcut-seeding", choices=GRABCUT_SEEDINGS, default=d.grabcut_seeding,
-                   help="set: seed once per set, the images draw from one stream in order (the reference); "
-                        "image: reseed before each image (a mask does not depend on the set's other images)")
-    g.add_argument("--remove-outliers", action="store_true",
-                   help="leave out images whose CLS descriptor is far from the set's mean (they get empty masks)")
-    g.add_argument("--outliers-thresh", type=float, default=d.outliers_thresh,
-                   help="cosine similarity to the mean CLS descriptor below which an image is an outlier")
-    add_backbone_args(p, stride=4, load_size=224, layer=11, facet="key")
+    add_config_flags(p, CosegConfig, title="co-segmentation (defaults: the reference's)")
+    add_model_flags(p)
     add_store_arg(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> CosegConfig:
-    cfg = CosegConfig(load_size=load_size_arg(args.load_size), layer=args.layer, facet=args.facet, bin=args.bin,
-                      thresh=args.thresh, elbow=args.elbow, votes_percentage=args.votes_percentage,
-                      sample_interval=args.sample_interval, remove_outliers=args.remove_outliers,
-                      outliers_thresh=args.outliers_thresh, grabcut=not args.no_grabcut, seed=args.seed,
-                      max_points_per_centroid=kmeans_cap_arg(args.max_points_per_centroid),
-                      saliency_source=args.saliency_source, upsample_masks=args.upsample_masks,
-                      grabcut_seed=args.grabcut_seed, grabcut_seeding=args.grabcut_seeding)
+    cfg = flags.config_from_args(CosegConfig, args)
     cfg.validate()
     return cfg
 

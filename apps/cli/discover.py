@@ -18,9 +18,11 @@ from typing import Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
+from densevit.cli import flags
 from densevit.cli.common import (
+    OutputOptions,
     WritesIntoInputsError,
-    add_backbone_args,
+    add_model_flags,
     build_extractor,
     check_outputs,
     gather_images,
@@ -28,12 +30,13 @@ from densevit.cli.common import (
     run_cli,
     skip_unreadable,
 )
+from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
 from densevit.io.images import UnreadableImageError
 
 from .. import draw
-from ..discovery.core import FITS, METHODS, REFINES, SOLVERS, DiscoverConfig, discover
-from .common import load_size_arg, stems
+from ..discovery.core import DiscoverConfig, discover
+from .common import SetsIO, stems
 
 PROG = "densevit-discover"
 MAP_NAME = {"tokencut": "eigvec", "lost": "degree"}
@@ -42,63 +45,34 @@ MAP_NAME = {"tokencut": "eigvec", "lost": "degree"}
 def add_discover_args(parser: argparse.ArgumentParser, prefix: str = "", load_size: int = 0,
                       method: bool = True) -> None:
     """Flags of :class:`DiscoverConfig` (defaults: the papers'); ``prefix`` (e.g. ``"discover-"``) names them
-    apart from another tool's flags; ``method=False`` leaves out ``--method``."""
-    d = DiscoverConfig()
-    g = parser.add_argument_group("object discovery (defaults: the papers')")
-    if method:
-        g.add_argument(f"--{prefix}method", default=d.method, choices=METHODS, help="TokenCut or LOST")
-    g.add_argument(f"--{prefix}load-size", type=int, default=load_size,
-                   help="resize the shorter image side to this (0: the original size, as the papers"
-                        + ("; -1: the propagation's --short-side)" if load_size < 0 else ")"))
-    g.add_argument(f"--{prefix}fit", default=d.fit, choices=FITS,
-                   help="grid fitting: pad to a multiple of the patch (papers), round each side to one "
-                        "(TokenCut's saliency script), or crop the last partial patch")
-    g.add_argument(f"--{prefix}tau", type=float, default=d.tau, help="TokenCut graph threshold")
-    g.add_argument(f"--{prefix}eps", type=float, default=d.eps, help="TokenCut weight of edges below tau")
-    g.add_argument(f"--{prefix}no-binary-graph", action="store_true",
-                   help="TokenCut ablation: similarities as edge weights above tau instead of 1")
-    g.add_argument(f"--{prefix}solver", default=d.solver, choices=SOLVERS,
-                   help="eigh: symmetric-normalised standard problem (default); generalized: TokenCut's "
-                        "eigh(D - W, D) call with a dense D (same vector, slower)")
-    g.add_argument(f"--{prefix}k-patches", type=int, default=d.k_patches,
-                   help="LOST: lowest-degree patches considered in the seed expansion")
-    g.add_argument(f"--{prefix}refine", default=d.refine, choices=REFINES,
-                   help="mask refinement: none, a dense CRF (pydensecrf when installed, else approximate), or "
-                        "TokenCut's bilateral solver (at the original resolution)")
-    g.add_argument(f"--{prefix}sigma-spatial", type=float, default=d.sigma_spatial, help="bilateral solver")
-    g.add_argument(f"--{prefix}sigma-luma", type=float, default=d.sigma_luma, help="bilateral solver")
-    g.add_argument(f"--{prefix}sigma-chroma", type=float, default=d.sigma_chroma, help="bilateral solver")
-    g.add_argument(f"--{prefix}max-tokens", type=int, default=d.max_tokens,
-                   help="refuse larger token grids (the graph is dense T x T)")
+    apart from another tool's flags (and leaves out --layer/--facet: the last block's keys); ``method=False``
+    leaves out ``--method``; ``load_size`` -1: the propagation's --short-side."""
+    skip = (() if method else ("method",)) + (("layer", "facet") if prefix else ())
+    help_load = "resize the shorter image side to this (0: the original size, as the papers" + (
+        "; -1: the propagation's --short-side)" if load_size < 0 else ")")
+    add_config_flags(parser, DiscoverConfig, title="object discovery (defaults: the papers')", prefix=prefix,
+                     skip=skip, defaults={"load_size": load_size}, tweak={"load_size": {"help": help_load}})
 
 
 def config_from_args(args: argparse.Namespace, prefix: str = "", layer: Optional[int] = None,
                      facet: Optional[str] = None) -> DiscoverConfig:
-    """:class:`DiscoverConfig` from the flags of :func:`add_discover_args` (and --layer / --facet)."""
-    a = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix.replace("-", "_"))} \
-        if prefix else vars(args)
-    cfg = DiscoverConfig(method=a.get("method", DiscoverConfig.method), load_size=load_size_arg(a["load_size"]), fit=a["fit"],
-                         layer=args.layer if layer is None else layer, facet=args.facet if facet is None else facet,
-                         tau=a["tau"], eps=a["eps"], binary_graph=not a["no_binary_graph"], solver=a["solver"],
-                         k_patches=a["k_patches"], refine=a["refine"], max_tokens=a["max_tokens"],
-                         sigma_spatial=a["sigma_spatial"], sigma_luma=a["sigma_luma"],
-                         sigma_chroma=a["sigma_chroma"])
+    """:class:`DiscoverConfig` from the flags of :func:`add_discover_args` (``layer``/``facet`` override)."""
+    fixed = {k: v for k, v in (("layer", layer), ("facet", facet)) if v is not None}
+    cfg = flags.config_from_args(DiscoverConfig, args, prefix=prefix, **fixed)
     cfg.validate()
     return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Discover the main object of each image without labels "
-                                "(TokenCut normalized cut or LOST seed expansion on ViT keys).")
-    p.add_argument("inputs", nargs="+", help="image files or folders of images")
-    p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--max-side", type=int, default=1024,
-                   help="longest side of the pictures in pixels (masks keep the original size)")
+    p = make_parser(PROG, "Discover the main object of each image without labels (TokenCut normalized cut or "
+                    "LOST seed expansion on ViT keys).")
+    add_config_flags(p, SetsIO, only=["inputs"], tweak={"inputs": {"help": "image files or folders of images"}})
+    add_config_flags(p, OutputOptions)
+    add_config_flags(p, SetsIO, only=["max_side"],
+                     tweak={"max_side": {"help": "longest side of the pictures in pixels (masks keep the original "
+                                                 "size)"}})
     add_discover_args(p)
-    add_backbone_args(p, stride=None, load_size=None, layer=-1, facet="key")
-    p.set_defaults(backbone="dino_vits16")
+    add_model_flags(p, stride="patch", backbone="dino_vits16")
     return p
 
 

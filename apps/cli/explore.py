@@ -19,33 +19,42 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
-from densevit.cli.common import add_backbone_args, gather_images, run_cli
+from densevit.cli.common import add_backbone_args, gather_images, resolve_stride, run_cli
+from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
-
-from .common import load_size_arg
+from densevit.options import opt, zero_is_none
 
 PROG = "densevit-explore"
 INSTALL_HINT = 'the explorer needs FastAPI and uvicorn: pip install "densevit[explore]" (or pip install fastapi ' \
                'uvicorn python-multipart)'
 
 
+@dataclass(frozen=True)
+class ExploreOptions:
+    """The explorer's server, its Save folder and its cache."""
+
+    inputs: Tuple[str, ...] = opt((), "image files or folders of images (more can be uploaded in the page)",
+                                  positional=True, nargs="*")
+    host: str = opt("127.0.0.1", "address to bind (this machine only by default)")
+    port: int = opt(7860, "port (0: any free port)")
+    allow_host: Tuple[str, ...] = opt((), "another Host name the page may be opened by (repeatable; loopback names "
+                                          "and the bound address are always allowed)", action="append",
+                                      metavar="NAME", nargs=None, type=str)
+    out: str = opt("explore_out", "folder Save writes to", short=("-o",))
+    cache_gb: float = opt(6.0, "memory for cached descriptors")
+    replay: Optional[str] = opt(None, "recompute a saved finding and print its matches (no server)", metavar="JSON")
+    quiet: bool = opt(False, "no request log", negatable=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Interactive explorer of dense ViT descriptors: similarity "
-                                "maps, attention, saliency and PCA in a local web page.")
-    p.add_argument("inputs", nargs="*", help="image files or folders of images (more can be uploaded in the page)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="another Host name the page may be opened by (repeatable; loopback names and the bound "
-                        "address are always allowed)")
-    p.add_argument("--out", default="explore_out", help="folder Save writes to")
-    p.add_argument("--cache-gb", type=float, default=6.0, help="memory for cached descriptors")
-    p.add_argument("--replay", metavar="JSON", help="recompute a saved finding and print its matches (no server)")
-    p.add_argument("--quiet", action="store_true", help="no request log")
-    add_backbone_args(p, stride=4, load_size=224, layer=None, facet=None)
+    p = make_parser(PROG, "Interactive explorer of dense ViT descriptors: similarity maps, attention, saliency and "
+                    "PCA in a local web page.")
+    add_config_flags(p, ExploreOptions, defaults={"allow_host": []})
+    add_backbone_args(p, stride="half", load_size=224, layer=None, facet=None)
     return p
 
 
@@ -96,8 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..explore.web import allowed_hosts, create_app
 
     images = gather_images(args.inputs) if args.inputs else []
-    ex = Explorer(args.backbone, weights=args.weights, device=args.device, dtype=args.dtype, stride=args.stride,
-                  load_size=load_size_arg(args.load_size), cache_gb=args.cache_gb)
+    ex = Explorer(args.backbone, weights=args.weights, device=args.device, dtype=args.dtype, stride=resolve_stride(args),
+                  load_size=zero_is_none(args.load_size), cache_gb=args.cache_gb)
     for path in images:  # one bad file is reported and skipped
         try:
             item = ex.add_image(path)

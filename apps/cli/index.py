@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from densevit.cli.common import check_outputs, report_unreadable, run_cli, skip_unreadable
+from densevit.cli.common import OutputOptions, check_outputs, report_unreadable, run_cli, skip_unreadable
+from densevit.cli.flags import HelpFormatter, add_config_flags, config_from_args, make_parser
 from densevit.errors import DensevitError
 from densevit.io.images import UnreadableImageError, load_image
+from densevit.options import opt
 from densevit.storage import patch_index as pi
 
 from .. import draw
@@ -39,45 +41,42 @@ def _pair(text: str, n: int, what: str) -> Tuple[float, ...]:
     return vals
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """One search: the index, the query image and its point(s) or box, how many matches, where to write."""
+
+    index: Optional[str] = opt(None, "index folder (densevit-index build)", positional=True)
+    image: Optional[str] = opt(None, "query image: a stored image's key or path, or any image (extracted with the "
+                                     "store's settings; needs --weights)", required=True)
+    point: Optional[Tuple[float, float]] = opt(None, "X,Y in original-image pixels (repeatable)", action="append",
+                                               type=lambda t: _pair(t, 2, "--point"), nargs=None)
+    box: Optional[Tuple[float, float, float, float]] = opt(
+        None, "X0,Y0,X1,Y1: one query from the mean descriptor of the box", type=lambda t: _pair(t, 4, "--box"),
+        nargs=None)
+    k: int = opt(20, f"matches per query (1..{pi.MAX_K}; the contact sheet shows the best {SHEET_MATCHES})",
+                 flag="-k")
+    store: Optional[str] = opt(None, "the feature store (default: the one the index was built from)")
+    weights: Optional[str] = opt(None, "weights to extract a query image that is not in the store")
+    nprobe: Optional[int] = opt(None, "IVF lists visited (default: the index's)")
+    rerank: Optional[int] = opt(None, "ivf-pq candidates re-scored (default: the index's)")
+    device: Optional[str] = opt(None, "cpu or cuda (default: cuda when available)")
+    crop: Optional[float] = opt(None, "contact-sheet crop side in original pixels (default: 12 tokens)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="A patch index over a feature store: build it, search it.")
+    p = make_parser(PROG, "A patch index over a feature store: build it, search it.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="index every token of a feature store")
+    b = sub.add_parser("build", help="index every token of a feature store", formatter_class=HelpFormatter)
     b.add_argument("store", help="feature store folder (densevit-extract --store)")
-    b.add_argument("-o", "--out", required=True, help="index folder to write")
-    b.add_argument("--kind", default="ivf-pq", choices=pi.KINDS, help="flat: exact; ivf-pq: compact (default)")
-    b.add_argument("--layer", type=int, default=None, help="stored layer (default: the store's only one)")
-    b.add_argument("--facet", default=None, help="stored facet (default: the store's only one)")
-    b.add_argument("--salient-only", action="store_true", help="only tokens with saliency >= --saliency-threshold")
-    b.add_argument("--saliency-threshold", type=float, default=0.5)
-    b.add_argument("--sample-stride", type=int, default=1, help="index every K-th token row and column")
-    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default about 4 sqrt(N))")
-    b.add_argument("--pq-m", type=int, default=None, help="PQ bytes per vector (default D/4)")
-    b.add_argument("--hnsw-m", type=int, default=32)
-    b.add_argument("--train-size", type=int, default=200_000, help="vectors sampled for training")
-    b.add_argument("--nprobe", type=int, default=16, help="default IVF lists visited per query")
-    b.add_argument("--rerank", type=int, default=1000, help="ivf-pq candidates re-scored exactly from the store")
-    b.add_argument("--overwrite", action="store_true")
-    b.add_argument("--quiet", action="store_true")
-    s = sub.add_parser("search", help="the best-matching locations of a point or box across the collection")
-    s.add_argument("index", help="index folder (densevit-index build)")
-    s.add_argument("--image", required=True, help="query image: a stored image's key or path, or any image "
-                   "(extracted with the store's settings; needs --weights)")
-    s.add_argument("--point", action="append", type=lambda t: _pair(t, 2, "--point"), default=None,
-                   help="X,Y in original-image pixels (repeatable)")
-    s.add_argument("--box", type=lambda t: _pair(t, 4, "--box"), default=None, help="X0,Y0,X1,Y1: one query "
-                   "from the mean descriptor of the box")
-    s.add_argument("-k", type=int, default=20, help=f"matches per query (1..{pi.MAX_K}; the contact sheet shows "
-                   f"the best {SHEET_MATCHES})")
-    s.add_argument("--out", required=True, help="output folder (JSON + contact sheets)")
-    s.add_argument("--store", default=None, help="the feature store (default: the one the index was built from)")
-    s.add_argument("--weights", default=None, help="weights to extract a query image that is not in the store")
-    s.add_argument("--nprobe", type=int, default=None, help="IVF lists visited (default: the index's)")
-    s.add_argument("--rerank", type=int, default=None, help="ivf-pq candidates re-scored (default: the index's)")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--crop", type=float, default=None, help="contact-sheet crop side in original pixels "
-                   "(default: 12 tokens)")
-    s.add_argument("--overwrite", action="store_true")
+    add_config_flags(b, OutputOptions, only=["out"], tweak={"out": {"help": "index folder to write"}})
+    add_config_flags(b, pi.IndexConfig)
+    add_config_flags(b, OutputOptions, only=["overwrite", "quiet"])
+    s = sub.add_parser("search", help="the best-matching locations of a point or box across the collection",
+                       formatter_class=HelpFormatter)
+    add_config_flags(s, SearchOptions, only=["index", "image", "point", "box", "k"])
+    add_config_flags(s, OutputOptions, only=["out"], tweak={"out": {"help": "output folder (JSON + contact sheets)"}})
+    add_config_flags(s, SearchOptions, only=["store", "weights", "nprobe", "rerank", "device", "crop"])
+    add_config_flags(s, OutputOptions, only=["overwrite"])
     return p
 
 
@@ -86,10 +85,7 @@ def _build(args: argparse.Namespace) -> int:
     check_outputs([args.store], folders=[out])
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DensevitError(f"{out} exists and is not empty; pass --overwrite to replace the index")
-    cfg = pi.IndexConfig(kind=args.kind, layer=args.layer, facet=args.facet, sample_stride=args.sample_stride,
-                         salient_only=args.salient_only, saliency_threshold=args.saliency_threshold,
-                         nlist=args.nlist, pq_m=args.pq_m, hnsw_m=args.hnsw_m, train_size=args.train_size,
-                         nprobe=args.nprobe, rerank=args.rerank)
+    cfg = config_from_args(pi.IndexConfig, args)
     t = time.perf_counter()
     index = pi.build_index(args.store, out, cfg, progress=not args.quiet)
     size = sum((out / n).stat().st_size for n in index.meta["files"])

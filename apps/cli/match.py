@@ -12,51 +12,47 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from densevit.cli.common import add_backbone_args, add_store_arg, build_source, gather_sets, run_cli
+from densevit.cli import flags
+from densevit.cli.common import add_model_flags, add_store_arg, build_source, gather_sets, run_cli
+from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
 from densevit.matching.transfer import REFINE
+from densevit.options import opt
 
 from .. import draw
 from ..correspondence import (
-    CLUSTERINGS,
-    FG_TESTS,
     CorrespondenceConfig,
     find_correspondences_features,
     pair_features,
     transfer_keypoints_features,
 )
-from .common import add_io_args, load_size_arg, run_sets, stems
+from .common import add_io_args, run_sets, stems
 
 PROG = "densevit-match"
 
 
+@dataclass(frozen=True)
+class TransferOptions:
+    """Points of image A to carry over to image B."""
+
+    points: Optional[str] = opt(None, "JSON file of points [[x, y], ...] (or {\"points\": [...]}) in image A's "
+                                      "pixels to transfer to image B by nearest neighbour")
+    refine: str = opt("none", "sub-token refinement of transferred points", choices=REFINE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Find semantic point correspondences between two images "
-                                "(best buddies of ViT descriptors on salient regions, k-means pick).")
+    p = make_parser(PROG, "Find semantic point correspondences between two images (best buddies of ViT "
+                    "descriptors on salient regions, k-means pick).")
     add_io_args(p)
-    d = CorrespondenceConfig()
-    g = p.add_argument_group("correspondences (defaults: the reference's)")
-    g.add_argument("--num-pairs", type=int, default=d.num_pairs, help="number of point pairs")
-    g.add_argument("--thresh", type=float, default=d.thresh, help="saliency threshold of both points of a pair")
-    g.add_argument("--bin", action=argparse.BooleanOptionalAction, default=d.bin, help="log-binned descriptors")
-    g.add_argument("--seed", type=int, default=d.seed,
-                   help="k-means seed (scikit-learn's random_state, the reference's 0; or the FAISS seed)")
-    g.add_argument("--clustering", choices=CLUSTERINGS, default=d.clustering,
-                   help="k-means of the best buddies: sklearn (scikit-learn KMeans with 10 restarts, the reference) "
-                        "or faiss (FAISS k-means: faster on many buddies, other clusters)")
-    g.add_argument("--fg-test", choices=FG_TESTS, default=d.fg_test,
-                   help="which best buddies count as foreground: reference (A's token salient and the nearest "
-                        "neighbour of some salient token of B, as the reference) or both (both tokens salient)")
-    g.add_argument("--points", default=None,
-                   help="JSON file of points [[x, y], ...] (or {\"points\": [...]}) in image A's pixels to transfer "
-                        "to image B by nearest neighbour")
-    g.add_argument("--refine", choices=REFINE, default="none", help="sub-token refinement of transferred points")
-    add_backbone_args(p, stride=4, load_size=224, layer=9, facet="key")
+    add_config_flags(p, CorrespondenceConfig, title="correspondences (defaults: the reference's)")
+    add_config_flags(p, TransferOptions, title="point transfer")
+    add_model_flags(p)
     add_store_arg(p)
     return p
 
@@ -80,9 +76,7 @@ def read_points(path: str) -> np.ndarray:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = CorrespondenceConfig(load_size=load_size_arg(args.load_size), layer=args.layer, facet=args.facet,
-                               bin=args.bin, thresh=args.thresh, num_pairs=args.num_pairs, seed=args.seed,
-                               clustering=args.clustering, fg_test=args.fg_test)
+    cfg = flags.config_from_args(CorrespondenceConfig, args)
     cfg.validate()
     query = read_points(args.points) if args.points else None
     sets = gather_sets(args.inputs)

@@ -16,50 +16,33 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from densevit.cli.common import add_backbone_args, add_store_arg, build_source, gather_sets, run_cli
+from densevit.cli import flags
+from densevit.cli.common import add_model_flags, add_store_arg, build_source, gather_sets, run_cli
+from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
 
 from .. import draw
-from ..partseg import CRF_BACKENDS, PartsegConfig, crf_backend, part_cosegment
-from .common import add_io_args, load_size_arg, run_sets, stems
-from .coseg import add_coseg_args, check_saliency_source, kmeans_cap_arg
+from ..partseg import PartsegConfig, crf_backend, part_cosegment
+from .common import add_io_args, run_sets, stems
+from .coseg import check_saliency_source
 
 PROG = "densevit-partseg"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Co-segment the common object of each set of images "
-                                "into parts consistent across the set (ViT descriptors, k-means, dense CRF).")
+    p = make_parser(PROG, "Co-segment the common object of each set of images into parts consistent across the "
+                    "set (ViT descriptors, k-means, dense CRF).")
     add_io_args(p)
-    d = PartsegConfig()
-    add_coseg_args(p, d)
-    g = p.add_argument_group("parts (defaults: the paper's)")
-    g.add_argument("--num-parts", type=int, default=d.num_parts, help="number of parts")
-    g.add_argument("--num-crop-augmentations", type=int, default=d.num_crop_augmentations,
-                   help="random 95%% crops of each image and of its flip added to the clustering (helps small, "
-                        "varied sets)")
-    g.add_argument("--three-stages", action="store_true",
-                   help="three clustering stages (foreground, common parts, parts): for sets with distractors")
-    g.add_argument("--elbow-second-stage", type=float, default=d.elbow_second_stage,
-                   help="elbow coefficient of the second stage (three stages only)")
-    g.add_argument("--crf", choices=CRF_BACKENDS, default=d.crf,
-                   help="smoothing: dense CRF (pydensecrf), its approximation, none; auto = dense if installed")
-    g.add_argument("--crf-iters", type=int, default=d.crf_iters, help="mean-field iterations")
-    add_backbone_args(p, stride=4, load_size=224, layer=11, facet="key")
+    add_config_flags(p, PartsegConfig, title="part co-segmentation (defaults: the reference's)")
+    add_model_flags(p)
     add_store_arg(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> PartsegConfig:
-    cfg = PartsegConfig(load_size=load_size_arg(args.load_size), layer=args.layer, facet=args.facet, bin=args.bin,
-                        thresh=args.thresh, elbow=args.elbow, votes_percentage=args.votes_percentage,
-                        sample_interval=args.sample_interval, num_parts=args.num_parts,
-                        num_crop_augmentations=args.num_crop_augmentations, three_stages=args.three_stages,
-                        elbow_second_stage=args.elbow_second_stage, crf=args.crf, crf_iters=args.crf_iters,
-                        seed=args.seed, max_points_per_centroid=kmeans_cap_arg(args.max_points_per_centroid),
-                        saliency_source=args.saliency_source, upsample_masks=args.upsample_masks)
+    cfg = flags.config_from_args(PartsegConfig, args)
     cfg.validate()
-    crf_backend(cfg.crf)
+    crf_backend(cfg.crf)                        # dense asked for and pydensecrf missing: one line now
     return cfg
 
 

@@ -12,14 +12,18 @@ optionally an overlay animation (GIF, or MP4/AVI through OpenCV).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-from densevit.cli.common import add_backbone_args, build_extractor, check_outputs, gather_images, run_cli
+from densevit.cli import flags
+from densevit.cli.common import OutputOptions, add_model_flags, build_extractor, check_outputs, gather_images, run_cli
+from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
+from densevit.options import opt
 from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.io.images import load_image
 from densevit.runtime.threads import BackgroundWriter
@@ -33,29 +37,28 @@ from .discover import config_from_args as discover_config_from_args
 PROG = "densevit-vos"
 
 
+@dataclass(frozen=True)
+class VOSIO:
+    """The frames, the first frame's object, and the optional animation."""
+
+    frames: Optional[str] = opt(None, "folder of frames (sorted by file name)", required=True)
+    first_mask: Optional[str] = opt(None, "mask of the first frame: palette PNG of object ids, or greyscale (e.g. "
+                                          "0/255)")
+    discover: bool = opt(False, "unsupervised: discover the object in the first frame (no mask given)",
+                         negatable=False)
+    gif: Optional[str] = opt(None, "also write an overlay animation to this .gif file")
+    video: Optional[str] = opt(None, "also write an overlay video to this .mp4/.avi file")
+    fps: float = opt(10.0, "frame rate of the GIF/video")
+    alpha: float = opt(0.5, "mask opacity in the overlay")
+
+
 def add_protocol_args(parser: argparse.ArgumentParser) -> None:
     """Flags of :class:`VOSConfig` (defaults: DINO's DAVIS protocol)."""
-    d = VOSConfig()
-    g = parser.add_argument_group("propagation (defaults: DINO's DAVIS protocol)")
-    g.add_argument("--short-side", type=int, default=d.short_side, help="resize the shorter frame side to this")
-    g.add_argument("--multiple", type=int, default=d.multiple,
-                   help="floor the longer side to a multiple of this (1: keep the aspect ratio)")
-    g.add_argument("--n-last-frames", type=int, default=d.n_last_frames,
-                   help="context: the first frame plus this many preceding frames")
-    g.add_argument("--neighborhood", type=int, default=d.neighborhood,
-                   help="only match tokens within this many tokens of the query position (0: anywhere)")
-    g.add_argument("--topk", type=int, default=d.topk, help="neighbours per token over the whole context")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="affinity exp(cos / temperature)")
-    g.add_argument("--no-minmax-norm", action="store_true",
-                   help="skip the per-label min-max normalisation before the argmax")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per forward pass")
+    add_config_flags(parser, VOSConfig, title="propagation (defaults: DINO's DAVIS protocol)")
 
 
 def config_from_args(args: argparse.Namespace) -> VOSConfig:
-    cfg = VOSConfig(short_side=args.short_side, multiple=args.multiple, n_last_frames=args.n_last_frames,
-                    neighborhood=args.neighborhood, topk=args.topk, temperature=args.temperature,
-                    layer=args.layer, facet=args.facet, minmax_norm=not args.no_minmax_norm,
-                    batch_size=args.batch_size)
+    cfg = flags.config_from_args(VOSConfig, args)
     cfg.validate()
     return cfg
 
@@ -106,23 +109,16 @@ class _VideoSink:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Propagate a first-frame object mask through a video "
-                                "(label propagation on ViT features, DINO's protocol).")
-    p.add_argument("--frames", required=True, help="folder of frames (sorted by file name)")
-    first = p.add_mutually_exclusive_group(required=True)
-    first.add_argument("--first-mask",
-                       help="mask of the first frame: palette PNG of object ids, or greyscale (e.g. 0/255)")
-    first.add_argument("--discover", action="store_true",
-                       help="unsupervised: discover the object in the first frame (no mask given)")
-    p.add_argument("--out", required=True, help="output folder for the per-frame indexed PNG masks")
-    p.add_argument("--gif", default=None, help="also write an overlay animation to this .gif file")
-    p.add_argument("--video", default=None, help="also write an overlay video to this .mp4/.avi file")
-    p.add_argument("--fps", type=float, default=10.0, help="frame rate of the GIF/video")
-    p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = make_parser(PROG, "Propagate a first-frame object mask through a video (label propagation on ViT "
+                    "features, DINO's protocol).")
+    add_config_flags(p, VOSIO, only=["frames"])
+    add_config_flags(p.add_mutually_exclusive_group(required=True), VOSIO, only=["first_mask", "discover"])
+    add_config_flags(p, OutputOptions, only=["out"],
+                     tweak={"out": {"help": "output folder for the per-frame indexed PNG masks"}})
+    add_config_flags(p, VOSIO, only=["gif", "video", "fps", "alpha"])
+    add_config_flags(p, OutputOptions, only=["overwrite", "quiet"])
     add_protocol_args(p)
-    add_backbone_args(p, stride=None, load_size=None, layer=-1, facet="token_norm")
+    add_model_flags(p, stride="patch")
     add_discover_args(p, prefix="discover-", load_size=-1)
     return p
 

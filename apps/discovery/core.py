@@ -71,9 +71,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.features.options import facet_opt, layer_opt
 from densevit.io.images import load_image, resized_hw, to_tensor
 from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
+from densevit.options import opt, zero_is_none
 
 from ..common import ImageInput, image_name, input_to_image, tokens_to_image
 
@@ -109,24 +111,29 @@ class DiscoverConfig:
             TokenCut); large photos need a ``load_size``.
     """
 
-    method: str = "tokencut"
-    load_size: Optional[int] = None
-    fit: str = "pad"
-    layer: int = -1
-    facet: str = "key"
-    tau: float = 0.2
-    eps: float = 1e-5
-    binary_graph: bool = True
-    solver: str = "eigh"
-    k_patches: int = 100
-    refine: str = "none"
-    crf: str = "auto"
-    crf_iters: int = 10
-    crf_confidence: float = 0.9
-    sigma_spatial: float = 16.0
-    sigma_luma: float = 16.0
-    sigma_chroma: float = 8.0
-    max_tokens: int = 12000
+    method: str = opt("tokencut", "TokenCut or LOST", choices=METHODS)
+    load_size: Optional[int] = opt(None, "resize the shorter image side to this (0: the original size, as the "
+                                         "papers)", parse=zero_is_none)
+    fit: str = opt("pad", "grid fitting: pad to a multiple of the patch (papers), round each side to one "
+                          "(TokenCut's saliency script), or crop the last partial patch", choices=FITS)
+    layer: int = layer_opt(-1)
+    facet: str = facet_opt("key")
+    tau: float = opt(0.2, "TokenCut graph threshold")
+    eps: float = opt(1e-5, "TokenCut weight of edges below tau")
+    binary_graph: bool = opt(True, "TokenCut ablation: similarities as edge weights above tau instead of 1",
+                             flag="--no-binary-graph", invert=True)
+    solver: str = opt("eigh", "eigh: symmetric-normalised standard problem (default); generalized: TokenCut's "
+                              "eigh(D - W, D) call with a dense D (same vector, slower)", choices=SOLVERS)
+    k_patches: int = opt(100, "LOST: lowest-degree patches considered in the seed expansion")
+    refine: str = opt("none", "mask refinement: none, a dense CRF (pydensecrf when installed, else approximate), or "
+                              "TokenCut's bilateral solver (at the original resolution)", choices=REFINES)
+    crf: str = opt("auto", "CRF backend of --refine crf", cli=False)
+    crf_iters: int = opt(10, "CRF mean-field iterations", cli=False)
+    crf_confidence: float = opt(0.9, "CRF unary probability of the discovered label", cli=False)
+    sigma_spatial: float = opt(16.0, "bilateral solver")
+    sigma_luma: float = opt(16.0, "bilateral solver")
+    sigma_chroma: float = opt(8.0, "bilateral solver")
+    max_tokens: int = opt(12000, "refuse larger token grids (the graph is dense T x T)")
 
     def validate(self) -> None:
         for name, value, allowed in (("method", self.method, METHODS), ("fit", self.fit, FITS),

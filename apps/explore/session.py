@@ -172,7 +172,7 @@ class Explorer:
     """
 
     def __init__(self, backbone: str = "dino_vits8", weights: Union[str, Path, None] = None, device=None,
-                 dtype: str = "float32", stride: int = 4, load_size: Optional[int] = 224, cache_gb: float = 6.0,
+                 dtype: str = "float32", stride: Optional[int] = None, load_size: Optional[int] = 224, cache_gb: float = 6.0,
                  max_side: int = MAX_SIDE, max_tokens: int = MAX_TOKENS, extractor=None) -> None:
         from densevit.features.extractor import ViTExtractor
 
@@ -180,6 +180,10 @@ class Explorer:
             backbone, device, dtype = extractor.spec.name, extractor.device, extractor.dtype
         self.backbone, self.weights, self.device, self.dtype = backbone, weights, device, dtype
         self.max_side, self.max_tokens = max_side, max_tokens
+        if stride is None and extractor is None:
+            from densevit.models.registry import get_spec
+
+            stride = get_spec(backbone).fine_stride        # half the patch: valid on every backbone
         self._ext = extractor or ViTExtractor(backbone, stride=stride, weights=weights, device=device, dtype=dtype)
         self.defaults = Settings(layer=self._ext.depth - 1, stride=self._ext.stride, load_size=load_size)
         self.images: List[ExploreImage] = []

@@ -16,50 +16,74 @@ import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DensevitError
-from .common import add_backbone_args, check_outputs, drop_unreadable, gather_images, report_unreadable, run_cli
+from ..eval.analysis.sweep import SWEEP_FACETS
+from ..options import opt
+from .common import (
+    OutputOptions,
+    add_backbone_args,
+    check_outputs,
+    drop_unreadable,
+    gather_images,
+    report_unreadable,
+    run_cli,
+)
+from .flags import add_config_flags, make_parser
 
 ANALYSES = ("attention", "cka", "sweep")
+DAVIS_YEARS = ("2016", "2017")
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """What densevit-analyze runs, on which models, images and layers."""
+
+    images: Tuple[str, ...] = opt((), "image files and/or folders of images (the analysis set)", positional=True,
+                                  nargs="+")
+    analyses: Tuple[str, ...] = opt(("attention", "cka"), "what to run (sweep needs task data)", choices=ANALYSES)
+    compare: Tuple[str, ...] = opt((), "another model to analyse side by side (repeatable); WEIGHTS: file or "
+                                       "'random'", action="append", metavar="BACKBONE[=WEIGHTS]", nargs=None,
+                                   type=str)
+    layers: Optional[Tuple[int, ...]] = opt(None, "blocks to analyse (default: all)")
+    max_images: Optional[int] = opt(None, "use at most this many images")
+    radius: int = opt(2, "largest |dy|, |dx| of candidate offsets (tokens)", group="attention")
+    threshold: float = opt(0.5, "offset local head: dominant offset fraction at least this", group="attention")
+    cka_facet: str = opt("token", "representation compared", choices=SWEEP_FACETS, group="cka")
+    cka_max_tokens: int = opt(1024, "tokens sampled per image (one minibatch)", group="cka")
+    biased: bool = opt(False, "biased HSIC (default: unbiased HSIC_1)", negatable=False, group="cka")
+    tasks: Optional[Tuple[str, ...]] = opt(None, "tasks to sweep (default: all available)", metavar="TASK",
+                                           group="sweep")
+    sweep_facets: Tuple[str, ...] = opt(("key",), "facets swept", choices=SWEEP_FACETS, group="sweep")
+    warp_pairs: Optional[int] = opt(None, "warp_pck: synthetic warp pairs of the input images (default: 2 per "
+                                          "image)", group="sweep")
+    davis_root: Optional[str] = opt(None, "DAVIS folder (default: <shared>/data/davis2016)", group="sweep")
+    davis_year: str = opt("2016", "DAVIS release", choices=DAVIS_YEARS, group="sweep")
+    davis_sequences: Optional[Tuple[str, ...]] = opt(None, "DAVIS sequences (default: the first)", group="sweep")
+    davis_frames: int = opt(6, "frames per DAVIS sequence", group="sweep")
+    seed: int = opt(0, "seed of the sweep's sampling", group="sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..eval.analysis.sweep import SWEEP_FACETS, known_tasks
+    from ..eval.analysis.sweep import known_tasks
 
-    p = argparse.ArgumentParser(prog="densevit-analyze", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files and/or folders of images (the analysis set)")
-    p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--analyses", nargs="+", choices=ANALYSES, default=["attention", "cka"],
-                   help="what to run (default: attention cka; sweep needs task data)")
-    add_backbone_args(p, stride=None, load_size=224, layer=None, facet=None)
-    p.add_argument("--compare", action="append", default=[], metavar="BACKBONE[=WEIGHTS]",
-                   help="another model to analyse side by side (repeatable); WEIGHTS: file or 'random'")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="blocks to analyse (default: all)")
-    p.add_argument("--max-images", type=int, default=None, help="use at most this many images")
-    g = p.add_argument_group("attention")
-    g.add_argument("--radius", type=int, default=2, help="largest |dy|, |dx| of candidate offsets (tokens)")
-    g.add_argument("--threshold", type=float, default=0.5,
-                   help="offset local head: dominant offset fraction at least this")
-    g = p.add_argument_group("cka")
-    g.add_argument("--cka-facet", default="token", choices=list(SWEEP_FACETS), help="representation compared")
-    g.add_argument("--cka-max-tokens", type=int, default=1024, help="tokens sampled per image (one minibatch)")
-    g.add_argument("--biased", action="store_true", help="biased HSIC (default: unbiased HSIC_1)")
-    g = p.add_argument_group("sweep")
-    g.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
-                   help=f"tasks to sweep (known: {', '.join(known_tasks()) or 'none'}; default: all available)")
-    g.add_argument("--sweep-facets", nargs="+", default=["key"], choices=list(SWEEP_FACETS))
-    g.add_argument("--warp-pairs", type=int, default=None,
-                   help="warp_pck: synthetic warp pairs of the input images (default: 2 per image)")
-    g.add_argument("--davis-root", default=None, help="DAVIS folder (default: <shared>/data/davis2016)")
-    g.add_argument("--davis-year", default="2016", choices=["2016", "2017"])
-    g.add_argument("--davis-sequences", nargs="+", default=None, help="DAVIS sequences (default: the first)")
-    g.add_argument("--davis-frames", type=int, default=6, help="frames per DAVIS sequence")
-    g.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = make_parser("densevit-analyze", __doc__)
+    groups = {}
+    for name, f in AnalyzeOptions.__dataclass_fields__.items():
+        groups.setdefault(f.metadata.get("group"), []).append(name)
+    add_config_flags(p, AnalyzeOptions, only=groups[None][:2], defaults={"analyses": ["attention", "cka"]})
+    add_config_flags(p, OutputOptions, only=["out"])
+    add_backbone_args(p, stride="patch", load_size=224, layer=None, facet=None)
+    add_config_flags(p, AnalyzeOptions, only=groups[None][2:], defaults={"compare": []})
+    tasks_help = f"tasks to sweep (known: {', '.join(known_tasks()) or 'none'}; default: all available)"
+    for title in ("attention", "cka", "sweep"):
+        add_config_flags(p, AnalyzeOptions, only=groups[title], title=title, tweak={"tasks": {"help": tasks_help}},
+                         defaults={"sweep_facets": ["key"]})
+    add_config_flags(p, OutputOptions, only=["overwrite", "quiet"],
+                     tweak={"quiet": {"help": "no progress bars", "aliases": ("--no-progress",)}})
     return p
 
 
@@ -193,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for label, name, weights in models}
     build = built.__getitem__
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
+    progress = not args.quiet
 
     written: List[Path] = []
     summary: Dict[str, object] = {

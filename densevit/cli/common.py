@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from ..errors import DensevitError
+from ..features.options import FeatureOptions
 from ..io.files import PathLike, WritesIntoInputsError, check_outputs, ensure_writable  # noqa: F401 (flags' users)
 from ..io.images import (  # noqa: F401
     IMAGE_SUFFIXES,
@@ -18,6 +20,8 @@ from ..io.images import (  # noqa: F401
     report_unreadable,
     skip_unreadable,
 )
+from ..options import opt
+from .flags import add_config_flags
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callable[[Optional[Sequence[str]]], int]:
@@ -39,41 +43,67 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callab
     return entry
 
 
-class _Given(argparse.Action):
-    """Store a flag's value and remember that it was given (with ``--store`` a given flag must agree with the
-    store's settings; one left out takes the store's)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, values)
-        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+DTYPES = ("float32", "float16", "bfloat16")
+STRIDE_RULES = {"half": "half the patch size (4 for /8, 7 for /14, 8 for /16): the finer stride of Amir et al.",
+                "patch": "the patch size"}
 
 
-def add_backbone_args(parser: argparse.ArgumentParser, *, stride: Optional[int] = 4, load_size: Optional[int] = 224,
+@dataclass(frozen=True)
+class ModelOptions:
+    """The flags that choose and configure the extractor."""
+
+    backbone: str = opt("dino_vits8", "backbone name (see `densevit-extract --list-backbones`)")
+    weights: Optional[str] = opt(None, "weights: a checkpoint file, 'random', or unset to search $DENSEVIT_WEIGHTS "
+                                       "then the timm hub")
+    stride: Optional[int] = opt(None, "patch-embedding stride (must divide the patch size)")
+    device: Optional[str] = opt(None, "cpu, cuda, cuda:N (default: cuda when available)")
+    dtype: str = opt("float32", "model dtype", choices=DTYPES)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where a command writes, and how loudly."""
+
+    out: Optional[str] = opt(None, "output folder", short=("-o",), required=True)
+    overwrite: bool = opt(False, "replace existing output files", negatable=False)
+    quiet: bool = opt(False, "no progress bar", negatable=False)
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, stride: str = "half", backbone: Optional[str] = None) -> None:
+    """Add the :class:`ModelOptions` flags; a stride not given is ``stride``'s rule of :data:`STRIDE_RULES`
+    (:func:`resolve_stride`), so the defaults suit every backbone."""
+    add_config_flags(parser, ModelOptions, title="backbone", defaults={"backbone": backbone} if backbone else None,
+                     tweak={"stride": {"help": ModelOptions.__dataclass_fields__["stride"].metadata["help"]
+                                       + f" (default: {STRIDE_RULES[stride]})"}})
+    parser.set_defaults(stride_rule=stride)
+
+
+def resolve_stride(args: argparse.Namespace) -> int:
+    """``--stride``, or the command's rule (:func:`add_model_flags`) applied to the backbone's patch size."""
+    if args.stride is not None:
+        return args.stride
+    from ..models.registry import get_spec
+
+    spec = get_spec(args.backbone)
+    return spec.fine_stride if getattr(args, "stride_rule", "patch") == "half" else spec.patch_size
+
+
+def add_backbone_args(parser: argparse.ArgumentParser, *, stride: str = "half", load_size: Optional[int] = 224,
                       layer: Optional[int] = 11, facet: Optional[str] = "key") -> None:
-    """Add the flags that choose and configure the extractor (backbone, weights, stride, device, dtype...)."""
-    g = parser.add_argument_group("backbone")
-    g.add_argument("--backbone", action=_Given, default="dino_vits8", help="backbone name (see `densevit-extract --list-backbones`)")
-    g.add_argument("--weights", action=_Given, default=None,
-                   help="weights: a checkpoint file, 'random', or unset to search $DENSEVIT_WEIGHTS then the timm hub")
-    g.add_argument("--stride", action=_Given, type=int, default=stride, help="patch-embedding stride (must divide the patch size)")
-    if load_size is not None:
-        g.add_argument("--load-size", action=_Given, type=int, default=load_size, help="resize the shorter image side to this")
-    if layer is not None:
-        g.add_argument("--layer", type=int, default=layer, help="block index, 0-based (-1 = last)")
-    if facet is not None:
-        from ..features.extractor import FACETS
-
-        g.add_argument("--facet", default=facet, choices=list(FACETS),
-                       help="key/query: before RoPE on rotary backbones (key_rope/query_rope: after it)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    g.add_argument("--dtype", action=_Given, default="float32", choices=["float32", "float16", "bfloat16"])
+    """:func:`add_model_flags` and, for commands without a config of their own, the :class:`FeatureOptions`
+    flags with these defaults (None: no such flag)."""
+    add_model_flags(parser, stride=stride)
+    wanted = {"load_size": load_size, "layer": layer, "facet": facet}
+    add_config_flags(parser, FeatureOptions, title="descriptors", only=[k for k, v in wanted.items() if v is not None],
+                     defaults={k: v for k, v in wanted.items() if v is not None})
 
 
 def build_extractor(args: argparse.Namespace):
-    """Build a ViTExtractor from the flags added by :func:`add_backbone_args`."""
+    """Build a ViTExtractor from the :class:`ModelOptions` flags."""
     from ..features.extractor import ViTExtractor
 
-    return ViTExtractor(args.backbone, stride=args.stride, weights=args.weights, device=args.device, dtype=args.dtype)
+    return ViTExtractor(args.backbone, stride=resolve_stride(args), weights=args.weights, device=args.device,
+                        dtype=args.dtype)
 
 
 def add_store_arg(parser: argparse.ArgumentParser) -> None:

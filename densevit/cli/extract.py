@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from ..errors import DensevitError
-from ..features.extractor import FACETS
 from ..io.images import UnreadableImageError
 from ..models.registry import BACKBONES
+from ..options import opt
+from ..storage.extract import ExtractionConfig
 from .common import (
-    add_backbone_args,
+    OutputOptions,
+    add_model_flags,
     build_extractor,
     check_outputs,
     gather_images,
@@ -23,45 +26,46 @@ from .common import (
     run_cli,
     skip_unreadable,
 )
+from .flags import add_config_flags, config_from_args, make_parser
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """densevit-extract's own flags (what to read and write besides :class:`ExtractionConfig`)."""
+
+    images: Tuple[str, ...] = opt((), "image files and/or folders of images", positional=True, nargs="*")
+    store: Optional[str] = opt(None, "feature store folder: raw descriptors of every image in safetensors shards "
+                                     "with a manifest; rerunning the same command finishes what is missing, another "
+                                     "image list adds its images (the stored ones are kept); one writer at a time; "
+                                     "run under `torchrun --nproc_per_node N` for N processes")
+    recursive: bool = opt(False, "also take images in sub-folders of folder inputs", negatable=False)
+    stats: Optional[str] = opt(None, "write the run's timing report (images, decode/forward/write/wait seconds per "
+                                     "rank) to this JSON file")
+    bin: bool = opt(False, "log-binned descriptors (17 bins)", negatable=False)
+    include_cls: bool = opt(False, "keep the CLS token as the first descriptor", negatable=False)
+    list_backbones: bool = opt(False, "list the known backbones and exit", negatable=False)
+
+
+_DATASET = ("store", "prune", "batch_size", "workers", "writers", "store_dtype", "shard_size", "fast_decode",
+            "recursive", "content_hash", "stats")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="densevit-extract", description=__doc__)
-    p.add_argument("images", nargs="*", help="image files and/or folders of images")
-    p.add_argument("-o", "--out", help="output folder (one <image-stem>.npz per image)")
-    add_backbone_args(p, layer=None, facet=None)
-    p.add_argument("--layer", type=int, nargs="+", default=[11],
-                   help="block index, 0-based (-1 = last); several with --store")
-    p.add_argument("--facet", nargs="+", default=["key"],
-                   choices=list(FACETS), help="facet(s); several with --store (key_rope/query_rope: after the "
-                   "rotary embedding, rotary backbones only)")
+    p = make_parser("densevit-extract", __doc__)
+    add_config_flags(p, ExtractOptions, only=["images"])
+    add_config_flags(p, OutputOptions, only=["out"], tweak={"out": {
+        "required": False, "help": "output folder (one <image-stem>.npz per image)"}})
+    add_model_flags(p)
+    add_config_flags(p, ExtractionConfig, only=["load_size", "layers", "facets"], title="descriptors")
     d = p.add_argument_group("dataset mode (a feature store instead of .npz files)")
-    d.add_argument("--store", help="feature store folder: raw descriptors of every image in safetensors shards "
-                   "with a manifest; rerunning the same command finishes what is missing, another image list "
-                   "adds its images (the stored ones are kept); one writer at a time; run under "
-                   "`torchrun --nproc_per_node N` for N processes")
-    d.add_argument("--prune", action="store_true",
-                   help="remove the stored images that are not in this run's list (and replace stored images "
-                   "that have an input's key but another file)")
-    d.add_argument("--batch-size", type=int, default=8, help="images per forward pass (one resized shape)")
-    d.add_argument("--workers", type=int, default=2, help="decoding worker processes per rank (0: in the main one)")
-    d.add_argument("--writers", type=int, default=2, help="shard-writing threads per rank")
-    d.add_argument("--store-dtype", default="float16", choices=["float16", "float32"], help="stored descriptor dtype")
-    d.add_argument("--shard-size", type=int, default=256, help="images per shard")
-    d.add_argument("--fast-decode", action="store_true",
-                   help="decode large JPEGs at a reduced scale (PIL draft mode) before the exact resize")
-    d.add_argument("--recursive", action="store_true", help="also take images in sub-folders of folder inputs")
-    d.add_argument("--content-hash", action="store_true",
-                   help="identify source images by SHA-256 of their bytes (default: path, size and mtime)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.add_argument("--stats", help="write the run's timing report (images, decode/forward/write/wait seconds per "
-                   "rank) to this JSON file")
-    p.add_argument("--bin", action="store_true", help="log-binned descriptors (17 bins)")
-    p.add_argument("--saliency", action="store_true", help="also write the CLS-attention saliency map")
-    p.add_argument("--include-cls", action="store_true", help="keep the CLS token as the first descriptor")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing output files (with --store: empty the store first)")
-    p.add_argument("--list-backbones", action="store_true", help="list the known backbones and exit")
+    for cls in (ExtractOptions, ExtractionConfig):
+        add_config_flags(d, cls, only=[n for n in _DATASET if n in cls.__dataclass_fields__])
+    add_config_flags(d, OutputOptions, only=["quiet"])
+    add_config_flags(p, ExtractionConfig, only=["saliency"])
+    add_config_flags(p, ExtractOptions, only=["bin", "include_cls"])
+    add_config_flags(p, OutputOptions, only=["overwrite"], tweak={"overwrite": {
+        "help": "replace existing output files (with --store: empty the store first)"}})
+    add_config_flags(p, ExtractOptions, only=["list_backbones"])
     return p
 
 
@@ -83,9 +87,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError("--prune applies to a feature store (--store DIR)")
     if not args.images or not args.out:
         raise DensevitError("give at least one image and an output folder (-o OUT), or a feature store (--store DIR)")
-    if len(args.layer) != 1 or len(args.facet) != 1:
+    if len(args.layers) != 1 or len(args.facets) != 1:
         raise DensevitError("several layers or facets need a feature store (--store DIR); .npz files hold one")
-    args.layer, args.facet = args.layer[0], args.facet[0]
+    layer, facet = args.layers[0], args.facets[0]
     images = gather_images(args.images)
     out_dir = Path(args.out)
     targets = [out_dir / f"{img.stem}.npz" for img in images]
@@ -99,15 +103,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not todo:
         return 0
     ext = build_extractor(args)
-    ext.resolve_layer(args.layer)  # validate before any work
-    layer = args.layer
+    ext.resolve_layer(layer)  # validate before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     unreadable = []
     for img, target in tqdm(todo, desc="extract", unit="img", disable=len(todo) < 2):
         try:
             x, grid = ext.preprocess(img, args.load_size)
-            feats = ext.extract(x, (layer,), (args.facet,), bin=args.bin, include_cls=args.include_cls,
+            feats = ext.extract(x, (layer,), (facet,), bin=args.bin, include_cls=args.include_cls,
                                 saliency=args.saliency, image_hw=grid.image_hw)
         except UnreadableImageError as exc:
             skip_unreadable("densevit-extract", exc)
@@ -117,12 +120,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tqdm.write(f"densevit-extract: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        desc = feats.descriptors[(layer, args.facet)][0].float().cpu().numpy()
-        if args.facet == "attn":
+        desc = feats.descriptors[(layer, facet)][0].float().cpu().numpy()
+        if facet == "attn":
             desc = _flatten_attn(desc)
         arrays = dict(descriptors=desc, num_patches=np.array(grid.shape), input_hw=np.array(grid.input_hw),
                       image_hw=np.array(grid.original_hw), stride=np.array(ext.stride),
-                      patch_size=np.array(ext.patch_size), layer=np.array(args.layer), facet=np.array(args.facet),
+                      patch_size=np.array(ext.patch_size), layer=np.array(layer), facet=np.array(facet),
                       backbone=np.array(ext.spec.name), binned=np.array(args.bin))
         if feats.saliency is not None:
             arrays["saliency"] = feats.saliency[0].float().cpu().numpy()
@@ -135,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _store_main(args: argparse.Namespace) -> int:
     """Dataset mode: every rank (one process, or each one torchrun started) runs this."""
     from ..runtime import dist
-    from ..storage.extract import ExtractionConfig, extract_to_store, gather_dataset
+    from ..storage.extract import extract_to_store, gather_dataset
 
     if not args.images:
         raise DensevitError("give images or folders to extract into the store")
@@ -149,13 +152,9 @@ def _store_main(args: argparse.Namespace) -> int:
         items = gather_dataset(args.images, args.recursive)
         args.device = ctx.device(args.device)
         ext = build_extractor(args)
-        for l in args.layer:
+        for l in args.layers:
             ext.resolve_layer(l)
-        cfg = ExtractionConfig(layers=args.layer, facets=args.facet, load_size=args.load_size, saliency=args.saliency,
-                               store_dtype=args.store_dtype, fast_decode=args.fast_decode, batch_size=args.batch_size,
-                               workers=args.workers, writers=args.writers, shard_size=args.shard_size,
-                               content_hash=args.content_hash, overwrite=args.overwrite, prune=args.prune,
-                               progress=not args.quiet)
+        cfg = config_from_args(ExtractionConfig, args, overwrite=args.overwrite, progress=not args.quiet)
         report = extract_to_store(ext, items, Path(args.store), cfg, args.weights, ctx)
     if ctx.is_main:
         print(f"store {args.store}: {_change_line(report.change, args.overwrite)}")

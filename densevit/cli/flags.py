@@ -1,22 +1,42 @@
-"""Command-line flags generated from a config dataclass, so a parameter is written once (its field, with the
-help text in the field's metadata): :func:`add_config_flags` adds the flags, :func:`config_from_args` builds the
-config back from the parsed arguments.
+"""Command-line flags generated from config dataclasses, so a parameter is written once: its field, with its help
+text in the field's metadata (:func:`opt`). :func:`add_config_flags` adds the flags, :func:`config_from_args`
+builds the config back from the parsed arguments, :func:`make_parser` is every command's parser (defaults shown in
+``--help``, ``--version``).
 
-Metadata keys of a field (all optional): ``help``, ``choices``, ``flag`` (the option string; default
-``--field-name``), ``aliases`` (more option strings), ``cli`` (False: no flag for this field)."""
+Metadata keys of a field (all optional): ``help``; ``choices``; ``flag`` (the option string; default
+``--field-name``); ``aliases`` (more option strings); ``cli`` (False: no flag); ``negatable`` (bool fields:
+True (default) gives ``--x/--no-x``, False a plain ``--x``); ``invert`` (bool fields whose flag is ``--no-x``:
+given, the field is False); ``parse`` (a function applied to the parsed value, e.g. :func:`zero_is_none`);
+``type``, ``nargs``, ``metavar``, ``required``, ``action`` (``"append"``), ``positional`` (True: an argument
+without dashes).
+
+Every flag added here remembers that it was given (``args.given``, a frozenset of destinations), so a command
+can tell a value typed on the command line from a default (e.g. flags that must agree with a feature store)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import typing
-from typing import Any, Dict, Iterable, Optional, Tuple, Type
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type
 
-__all__ = ["add_config_flags", "config_from_args", "flag_name"]
+from ..options import opt, zero_is_none
+from ..version import __version__
+
+__all__ = ["opt", "add_config_flags", "config_from_args", "flag_name", "make_parser", "zero_is_none",
+           "HelpFormatter"]
+
+_MISSING = dataclasses.MISSING
 
 
-def flag_name(f: dataclasses.Field) -> str:
-    """The option string of a field: ``metadata["flag"]`` or ``--`` + the field name with dashes."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+def flag_name(f: dataclasses.Field, prefix: str = "", meta: Optional[Mapping[str, Any]] = None) -> str:
+    """The option string of a field: ``metadata["flag"]`` or ``--`` + the field name with dashes, after
+    ``--`` + ``prefix``."""
+    name = (f.metadata if meta is None else meta).get("flag") or "--" + f.name.replace("_", "-")
+    return "--" + prefix + name[2:] if prefix and name.startswith("--") else name
+
+
+def _dest(f: dataclasses.Field, prefix: str) -> str:
+    return prefix.replace("-", "_") + f.name
 
 
 def _unwrap(tp: Any) -> Tuple[Any, bool]:
@@ -27,61 +47,120 @@ def _unwrap(tp: Any) -> Tuple[Any, bool]:
     return tp, False
 
 
-def _kwargs(f: dataclasses.Field, tp: Any, default: Any) -> Dict[str, Any]:
-    """argparse keyword arguments of one field (type, nargs, bool action, choices, help, default)."""
+def _recording(cls: type) -> type:
+    """``cls`` (an argparse action) that also adds its destination to ``namespace.given``."""
+
+    class Given(cls):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            super().__call__(parser, namespace, values, option_string)
+            namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+    Given.__name__ = f"Given{cls.__name__}"
+    return Given
+
+
+_STORE = _recording(argparse._StoreAction)
+_CONST = _recording(argparse._StoreConstAction)
+_APPEND = _recording(argparse._AppendAction)
+_BOOL = _recording(argparse.BooleanOptionalAction)
+
+
+def _kwargs(f: dataclasses.Field, tp: Any, default: Any, meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """argparse keyword arguments of one field (action, type, nargs, choices, help, default)."""
     inner, _ = _unwrap(tp)
-    kw: Dict[str, Any] = {"default": default, "dest": f.name}
-    if "help" in f.metadata:
-        kw["help"] = f.metadata["help"]
-    if "choices" in f.metadata:
-        kw["choices"] = list(f.metadata["choices"])
+    kw: Dict[str, Any] = {"default": default, "help": meta.get("help") or None}
+    for key in ("choices", "metavar", "required"):
+        if key in meta:
+            kw[key] = list(meta[key]) if key == "choices" else meta[key]
     if inner is bool:
-        kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable", True) else "store_true"
+        if meta.get("invert"):
+            kw.update(action=_CONST, const=not default)
+        elif meta.get("negatable", True):
+            kw["action"] = _BOOL
+        else:
+            kw.update(action=_CONST, const=True)
         return kw
+    kw["action"] = _APPEND if meta.get("action") == "append" else _STORE
     if typing.get_origin(inner) in (tuple, list):
         args = [a for a in typing.get_args(inner) if a is not Ellipsis]
         kw["nargs"] = "+" if Ellipsis in typing.get_args(inner) or typing.get_origin(inner) is list else len(args)
         if args and args[0] in (int, float, str):
             kw["type"] = args[0]
-        return kw
-    if inner in (int, float, str):
+    elif inner in (int, float, str):
         kw["type"] = inner
+    for key in ("type", "nargs"):
+        if key in meta:
+            kw[key] = meta[key]
     return kw
 
 
-def add_config_flags(parser: "argparse._ActionsContainer", cls: Type, *, only: Optional[Iterable[str]] = None,
-                     skip: Iterable[str] = (), defaults: Optional[Dict[str, Any]] = None) -> None:
-    """Add one flag per field of the dataclass ``cls`` (or of the fields named in ``only``), default the field's
-    default (or ``defaults[name]``), help and choices from the field's metadata."""
+def add_config_flags(parser: "argparse._ActionsContainer", cls: Type, *, title: Optional[str] = None,
+                     prefix: str = "", only: Optional[Iterable[str]] = None, skip: Iterable[str] = (),
+                     defaults: Optional[Mapping[str, Any]] = None,
+                     tweak: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
+    """Add one flag per field of the dataclass ``cls`` (or of the fields named in ``only``): default the field's
+    default (or ``defaults[name]``), help, choices and the rest from its metadata (updated by ``tweak[name]``);
+    in a group named ``title`` if given; option strings and destinations after ``prefix`` (e.g. ``"discover-"``)."""
     hints = typing.get_type_hints(cls)
-    wanted = None if only is None else set(only)
-    defaults = defaults or {}
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False or f.name in skip or (wanted is not None and f.name not in wanted):
+    wanted = None if only is None else list(only)
+    defaults, tweak = defaults or {}, tweak or {}
+    target = parser.add_argument_group(title) if title else parser
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in wanted if wanted is not None else list(fields):
+        f = fields[name]
+        meta = {**f.metadata, **tweak.get(name, {})}
+        if meta.get("cli") is False or name in skip:
             continue
-        if f.name in defaults:
-            default = defaults[f.name]
-        elif f.default is not dataclasses.MISSING:
+        if name in defaults:
+            default = defaults[name]
+        elif f.default is not _MISSING:
             default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        elif f.default_factory is not _MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
-        parser.add_argument(flag_name(f), *f.metadata.get("aliases", ()), **_kwargs(f, hints[f.name], default))
+        kw = _kwargs(f, hints[name], default, meta)
+        if meta.get("positional"):
+            kw.pop("required", None)
+            target.add_argument(_dest(f, prefix), **kw)
+        else:
+            target.add_argument(*meta.get("short", ()), flag_name(f, prefix, meta),
+                                *meta.get("aliases", ()), dest=_dest(f, prefix), **kw)
 
 
-def config_from_args(cls: Type, args: argparse.Namespace, **overrides: Any):
-    """Build ``cls`` from the parsed arguments: every field that has a flag in ``args`` (tuples made tuples),
-    then ``overrides``; fields without a flag keep their defaults."""
+def config_from_args(cls: Type, args: argparse.Namespace, *, prefix: str = "", **overrides: Any):
+    """Build ``cls`` from the parsed arguments: every field that has a flag in ``args`` (after its ``parse``
+    function; tuples made tuples), then ``overrides``; fields without a flag keep their defaults."""
     hints = typing.get_type_hints(cls)
     values: Dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.name in overrides or not hasattr(args, f.name):
+        dest = _dest(f, prefix)
+        if f.name in overrides or not f.init or not hasattr(args, dest):
             continue
-        v = getattr(args, f.name)
+        v = getattr(args, dest)
         inner, _ = _unwrap(hints[f.name])
         if v is not None and typing.get_origin(inner) is tuple:
             v = tuple(v)
+        if "parse" in f.metadata:
+            v = f.metadata["parse"](v)
         values[f.name] = v
     values.update(overrides)
     return cls(**values)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every flag's default (left out where it is None or False: the help says what that means)
+    and the description's own line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def make_parser(prog: str, description: Optional[str] = None, **kw: Any) -> argparse.ArgumentParser:
+    """The parser of a densevit command: defaults shown in ``--help``, ``--version``."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, **kw)
+    p.add_argument("--version", action="version", version=f"{prog} (densevit) {__version__}")
+    return p

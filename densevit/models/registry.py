@@ -44,6 +44,12 @@ class BackboneSpec:
         return f"{self.timm_arch}.{self.hub_tag}"
 
     @property
+    def fine_stride(self) -> int:
+        """Half the patch size (4 for /8, 7 for /14, 8 for /16): the finer stride of Amir et al. (2021), the default
+        of the dense-descriptor commands on every backbone."""
+        return self.patch_size // 2
+
+    @property
     def saliency_layer(self) -> int:
         """Block whose CLS attention gives the saliency map (the last one)."""
         return self.depth - 1

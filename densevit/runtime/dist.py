@@ -10,10 +10,12 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ..errors import DensevitError
 
 T = TypeVar("T")
 
@@ -51,6 +53,20 @@ class DistContext:
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` computed on rank 0 only, its result on every rank; a :class:`DensevitError` it raises is
+        raised on every rank (so all ranks stop with the same one-line message)."""
+        state: Any = None
+        if self.is_main:
+            try:
+                state = ("ok", fn())
+            except DensevitError as exc:
+                state = ("error", exc)
+        state = self.broadcast(state)
+        if state[0] == "error":
+            raise state[1]
+        return state[1]
 
     def gather(self, obj: T) -> List[T]:
         """Every rank's ``obj`` (in rank order) on every rank."""
@@ -114,3 +130,15 @@ def session(timeout_minutes: float = 60.0) -> Iterator[DistContext]:
         finish(ctx, clean=False)
         raise
     finish(ctx)
+
+
+def main_with_session(body: Callable[[Optional[Sequence[str]], DistContext], int]
+                      ) -> Callable[[Optional[Sequence[str]]], int]:
+    """``main(argv)`` of a command that runs alone or under torchrun: ``body(argv, ctx)`` inside :func:`session`."""
+
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        with session() as ctx:
+            return body(argv, ctx)
+
+    main.__doc__ = body.__doc__
+    return main

@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..errors import DensevitError
+from ..features.extractor import FACETS
+from ..features.options import load_size_opt
 from ..io.images import (
     IMAGE_SUFFIXES,
     image_size,
@@ -37,6 +39,7 @@ from ..io.images import (
     to_uint8_tensor,
 )
 from ..models.grid import grid_shape
+from ..options import opt
 from ..runtime.dist import DistContext
 from ..runtime.threads import BackgroundWriter, prefetch_map
 from .cache import file_fingerprint, file_sha256, key_digest
@@ -50,20 +53,24 @@ __all__ = ["ExtractionConfig", "ExtractionReport", "StorePlan", "gather_dataset"
 class ExtractionConfig:
     """What to extract and how. ``layers`` may be negative (resolved against the backbone)."""
 
-    layers: Sequence[int] = (11,)
-    facets: Sequence[str] = ("key",)
-    load_size: Optional[int] = 224
-    saliency: bool = False
-    store_dtype: str = "float16"
-    fast_decode: bool = False
-    batch_size: int = 8
-    workers: int = 2
-    writers: int = 2
-    shard_size: int = 256
-    content_hash: bool = False
-    overwrite: bool = False
-    prune: bool = False
-    progress: bool = True
+    layers: Tuple[int, ...] = opt((11,), "block index, 0-based (-1 = last); several with --store", flag="--layer")
+    facets: Tuple[str, ...] = opt(("key",), "facet(s); several with --store (key_rope/query_rope: after the rotary "
+                                            "embedding, rotary backbones only)", flag="--facet", choices=FACETS)
+    load_size: Optional[int] = load_size_opt(224)
+    saliency: bool = opt(False, "also write the CLS-attention saliency map", negatable=False)
+    store_dtype: str = opt("float16", "stored descriptor dtype", choices=("float16", "float32"))
+    fast_decode: bool = opt(False, "decode large JPEGs at a reduced scale (PIL draft mode) before the exact resize",
+                            negatable=False)
+    batch_size: int = opt(8, "images per forward pass (one resized shape)")
+    workers: int = opt(2, "decoding worker processes per rank (0: in the main one)")
+    writers: int = opt(2, "shard-writing threads per rank")
+    shard_size: int = opt(256, "images per shard")
+    content_hash: bool = opt(False, "identify source images by SHA-256 of their bytes (default: path, size and "
+                                    "mtime)", negatable=False)
+    overwrite: bool = opt(False, "empty the store first", cli=False)
+    prune: bool = opt(False, "remove the stored images that are not in this run's list (and replace stored images "
+                             "that have an input's key but another file)", negatable=False)
+    progress: bool = opt(True, "progress bar", cli=False)
 
 
 @dataclass
@@ -372,21 +379,16 @@ def extract_to_store(extractor, items: Sequence[Tuple[str, Path]], store_root: P
     plan to the manifest. Returns the merged report on rank 0 (this rank's elsewhere); unreadable images are
     reported in ``report.failed``, and printed as one line each."""
     layers = [extractor.resolve_layer(l) for l in cfg.layers]
-    state: Any = None
     lock_holder: Optional[StoreWriter] = None
     try:
-        if ctx.is_main:
-            try:
-                settings = store_settings(extractor, cfg, weights)
-                lock_holder = StoreWriter(store_root, settings)
-                lock_holder.prepare(cfg.overwrite)
-                state = ("ok", settings, plan_store(lock_holder, items, extractor.patch_size, extractor.stride, cfg))
-            except DensevitError as exc:
-                state = ("error", str(exc))
-        state = ctx.broadcast(state)
-        if state[0] == "error":
-            raise DensevitError(state[1])
-        _, settings, plan = state
+        def prepare() -> Tuple[Dict[str, Any], Any]:
+            nonlocal lock_holder
+            settings = store_settings(extractor, cfg, weights)
+            lock_holder = StoreWriter(store_root, settings)
+            lock_holder.prepare(cfg.overwrite)
+            return settings, plan_store(lock_holder, items, extractor.patch_size, extractor.stride, cfg)
+
+        settings, plan = ctx.on_main(prepare)
         writer = lock_holder or StoreWriter(store_root, settings)
         pending = plan.pending
         mine = ctx.shard(pending, [len(s["images"]) * s["input_hw"][0] * s["input_hw"][1] for s in pending])

@@ -33,6 +33,7 @@ from ..errors import DensevitError
 from ..io.files import verify_file
 from ..matching import knn as knn_index
 from ..models.grid import TokenGrid
+from ..options import opt
 from ..runtime.device import select_device
 from .cache import atomic_write, file_sha256
 from .store import FeatureStore
@@ -70,21 +71,21 @@ class IndexConfig:
         chunk_images: images added to the index at a time.
     """
 
-    kind: str = "ivf-pq"
-    layer: Optional[int] = None
-    facet: Optional[str] = None
-    sample_stride: int = 1
-    salient_only: bool = False
-    saliency_threshold: float = 0.5
-    nlist: Optional[int] = None
-    pq_m: Optional[int] = None
-    hnsw_m: int = 32
-    train_size: int = 200_000
-    nprobe: int = 16
-    ef_search: int = 64
-    rerank: int = 1000
-    chunk_images: int = 64
-    seed: int = 0
+    kind: str = opt("ivf-pq", "flat: exact; ivf-pq: compact", choices=KINDS)
+    layer: Optional[int] = opt(None, "stored layer (default: the store's only one)")
+    facet: Optional[str] = opt(None, "stored facet (default: the store's only one)")
+    sample_stride: int = opt(1, "index every K-th token row and column")
+    salient_only: bool = opt(False, "only tokens with saliency >= --saliency-threshold", negatable=False)
+    saliency_threshold: float = opt(0.5, "CLS-attention saliency a token needs with --salient-only")
+    nlist: Optional[int] = opt(None, "IVF lists (default about 4 sqrt(N))")
+    pq_m: Optional[int] = opt(None, "PQ bytes per vector (default D/4)")
+    hnsw_m: int = opt(32, "HNSW neighbours per node")
+    train_size: int = opt(200_000, "vectors sampled for training")
+    nprobe: int = opt(16, "default IVF lists visited per query")
+    ef_search: int = opt(64, "HNSW candidate list size", cli=False)
+    rerank: int = opt(1000, "ivf-pq candidates re-scored exactly from the store")
+    chunk_images: int = opt(64, "images added to the index at a time", cli=False)
+    seed: int = opt(0, "training sample seed", cli=False)
 
     def check(self) -> None:
         if self.kind not in KINDS:
