@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,17 +16,13 @@ from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.features.extractor import ViTExtractor
+from densevit.features.source import FeatureSource, ImageFeatures, ImageInput, image_name  # noqa: F401
 from densevit.features.options import bin_opt, facet_opt, layer_opt, load_size_opt
-from densevit.io.images import load_image, load_resized, resize_short_side, to_tensor
+from densevit.io.images import to_tensor
 from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
 from densevit.models.grid import TokenGrid, grid_shape
 from densevit.options import opt, zero_is_none
-from densevit.storage.store import FeatureStore
 
-ImageInput = Union[str, Path, Image.Image]
-# Where an application's features come from: a forward pass of the extractor, or a feature store's reads
-# (``densevit-extract --store``; its backbone, weights, stride and load size apply).
-FeatureSource = Union[ViTExtractor, FeatureStore]
 
 SALIENCY_SOURCES = ("reference", "same-pass")
 """Where co-segmentation's saliency comes from. ``"reference"``: the reference's default
@@ -82,37 +77,6 @@ class ClusteringConfig:
         check_clustering_options(self.max_points_per_centroid, self.saliency_source, self.upsample_masks)
 
 
-@dataclass
-class ImageFeatures:
-    """One image's descriptors and saliency from a single forward pass.
-
-    Attributes:
-        name: file stem (or ``"image<i>"`` for in-memory images).
-        image: the original RGB image; resized: the network input before normalisation (load size).
-        grid: token layout (``T = h * w`` tokens, row-major).
-        descriptors: ``TxD`` float32 on the CPU (not normalised).
-        saliency: ``T`` in [0, 1] (CLS attention of the last layer), or None.
-        cls: ``D`` CLS descriptor of the same layer/facet (unbinned), or None.
-    """
-
-    name: str
-    image: Image.Image
-    resized: Image.Image
-    grid: TokenGrid
-    descriptors: torch.Tensor
-    saliency: Optional[torch.Tensor] = None
-    cls: Optional[torch.Tensor] = None
-
-    @property
-    def image_hw(self) -> Tuple[int, int]:
-        return self.grid.original_hw
-
-
-def image_name(image: ImageInput, index: int) -> str:
-    """A readable name for an input: the file stem, or ``image<index>``."""
-    return Path(image).stem if isinstance(image, (str, Path)) else f"image{index}"
-
-
 def extract_features(source: FeatureSource, image: ImageInput, load_size: Optional[int], layer: int, facet: str,
                      bin: bool = False, saliency: bool = True, include_cls: bool = False,
                      name: Optional[str] = None, saliency_source: str = "same-pass") -> ImageFeatures:
@@ -125,21 +89,14 @@ def extract_features(source: FeatureSource, image: ImageInput, load_size: Option
     if saliency_source not in SALIENCY_SOURCES:
         raise DensevitError(f"unknown saliency source {saliency_source!r}; choose from {', '.join(SALIENCY_SOURCES)}")
     low_res = saliency and saliency_source == "reference"
-    if isinstance(source, FeatureStore):
-        if low_res:
-            raise DensevitError("a feature store holds the saliency of its own pass only: use the saliency "
-                                "source 'same-pass' (--saliency-source same-pass) with a store")
-        return read_features(source, image, layer, facet, bin, saliency, include_cls, name)
-    img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-    x, grid, resized = source.preprocess_with_image(img, load_size)
-    feats = source.extract(x, (layer,), (facet,), bin=bin, saliency=saliency and not low_res, image_hw=grid.image_hw)
-    desc = feats.descriptors[(layer, facet)][0].float()
-    cls = feats.cls[(layer, facet)][0].float().cpu() if include_cls else None
+    if low_res and not source.runs_model:
+        raise DensevitError("a feature store holds the saliency of its own pass only: use the saliency "
+                            "source 'same-pass' (--saliency-source same-pass) with a store")
+    f = source.image_features(image, load_size, layer, facet, bin=bin, saliency=saliency and not low_res,
+                              include_cls=include_cls, name=name)
     if low_res:
-        sal = reference_saliency(source, img, grid, load_size)
-    else:
-        sal = feats.saliency[0].float().cpu() if feats.saliency is not None else None
-    return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc.cpu(), sal, cls)
+        f.saliency = reference_saliency(source, f.image, f.grid, load_size)
+    return f
 
 
 def reference_saliency(extractor: ViTExtractor, image: Image.Image, grid: TokenGrid,
@@ -166,29 +123,6 @@ def reference_saliency(extractor: ViTExtractor, image: Image.Image, grid: TokenG
     return torch.from_numpy(np.asarray(up, dtype=np.float32).reshape(-1).copy())
 
 
-def read_features(store: FeatureStore, image: ImageInput, layer: int, facet: str, bin: bool = False,
-                  saliency: bool = True, include_cls: bool = False, name: Optional[str] = None) -> ImageFeatures:
-    """:func:`extract_features` from a store: stored descriptors (log-binned now when ``bin``), saliency and CLS
-    descriptor; the image read and resized as the extraction did (the store's load size and decoding)."""
-    if not isinstance(image, (str, Path)):
-        raise DensevitError("a feature store holds features of image files only, not of images made in memory "
-                            "(such as augmentations)")
-    grid = store.grid(image)                      # a one-line StoreError when the image is not in the store
-    img = load_image(image)
-    if (img.height, img.width) != tuple(grid.original_hw):
-        raise DensevitError(f"{image} is {img.width}x{img.height} pixels but was {grid.original_hw[1]}x"
-                            f"{grid.original_hw[0]} when store {store.root} was made; re-extract it")
-    load_size = store.settings.get("load_size") or None
-    if store.settings.get("fast_decode") and load_size is not None:
-        resized = load_resized(image, load_size, fast_jpeg=True)[0]
-    else:
-        resized = resize_short_side(img, load_size)
-    desc = store.descriptors(image, layer, facet, bin=bin)
-    sal = store.saliency(image) if saliency else None
-    cls = store.cls(image, layer, facet) if include_cls else None
-    return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc, sal, cls)
-
-
 def extract_set(source: FeatureSource, images: Sequence[ImageInput], load_size: Optional[int], layer: int,
                 facet: str, bin: bool = False, saliency: bool = True, include_cls: bool = False,
                 saliency_source: str = "same-pass") -> list:
@@ -211,22 +145,11 @@ def _input_grid(grid: TokenGrid) -> TokenGrid:
     return dataclasses.replace(grid, image_hw=tuple(grid.input_hw))
 
 
-def _axis_tokens(grid: TokenGrid, out_hw: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
-    """Token row of every pixel row and token column of every pixel column of an image of ``out_hw`` pixels
-    (the original image of ``grid``): nearest token centre to each pixel centre, by ``grid.pixels_to_tokens``."""
-    H, W = out_hw
-    xs = torch.arange(W, dtype=torch.float64) + 0.5
-    ys = torch.arange(H, dtype=torch.float64) + 0.5
-    cols = grid.unflat(grid.pixels_to_tokens(torch.stack([xs, torch.full_like(xs, 0.5)], 1)))[1]
-    rows = grid.unflat(grid.pixels_to_tokens(torch.stack([torch.full_like(ys, 0.5), ys], 1)))[0]
-    return rows.numpy(), cols.numpy()
-
-
 def tokens_to_image(values: np.ndarray, grid: TokenGrid, where: str = "image") -> np.ndarray:
     """Per-token values (``T`` or ``TxC``, row-major) -> a pixel map (``HxW`` or ``HxWxC``), each pixel taking
     its nearest token's value. ``where``: ``"image"`` (original pixels) or ``"input"`` (resized pixels)."""
     g = grid if where == "image" else _input_grid(grid)
-    rows, cols = _axis_tokens(g, g.original_hw)
+    rows, cols = (t.numpy() for t in g.pixel_tokens())
     h, w = grid.shape
     v = np.asarray(values)
     v = v.reshape((h, w) + v.shape[1:])

@@ -39,7 +39,7 @@ from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import image_size, load_image, to_tensor
+from densevit.io.images import image_size, to_rgb, to_tensor
 from densevit.models.grid import TokenGrid
 from densevit.options import opt
 from densevit.runtime.threads import prefetch_map
@@ -106,14 +106,8 @@ def input_size(image_hw: Tuple[int, int], short_side: int = 480, multiple: int =
 
 
 def _as_rgb(frame: FrameLike) -> Image.Image:
-    if isinstance(frame, (str, Path)):
-        return load_image(frame)
-    if isinstance(frame, Image.Image):
-        return frame.convert("RGB")
-    arr = np.asarray(frame)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise DensevitError(f"frames given as arrays must be HxWx3 uint8 RGB, got {arr.shape} {arr.dtype}")
-    return Image.fromarray(arr)
+    """A frame (file, PIL image or ``HxWx3`` uint8 array) as RGB: :func:`densevit.io.images.to_rgb`."""
+    return to_rgb(frame)
 
 
 def load_frame(frame: FrameLike, input_hw: Tuple[int, int], mean: Sequence[float], std: Sequence[float]
@@ -146,17 +140,8 @@ def mask_to_labels(mask: np.ndarray, grid: TokenGrid, ids: Sequence[int]) -> tor
 
 def upsample_grid(grid: TokenGrid, device: torch.device) -> torch.Tensor:
     """``grid_sample`` coordinates ``1xH0xW0x2`` that read a token map at each original pixel's centre
-    (bilinear between token centres, clamped at the border)."""
-    H0, W0 = grid.original_hw
-    h, w = grid.shape
-    xs = torch.arange(W0, dtype=torch.float64) + 0.5
-    ys = torch.arange(H0, dtype=torch.float64) + 0.5
-    cols = grid.pixels_to_grid(torch.stack([xs, torch.zeros_like(xs)], 1))[:, 0]
-    rows = grid.pixels_to_grid(torch.stack([torch.zeros_like(ys), ys], 1))[:, 1]
-    gx = cols / max(w - 1, 1) * 2 - 1 if w > 1 else torch.zeros_like(cols)
-    gy = rows / max(h - 1, 1) * 2 - 1 if h > 1 else torch.zeros_like(rows)
-    g = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)
-    return g.float().unsqueeze(0).to(device)
+    (:meth:`TokenGrid.sampling_grid`), on ``device``."""
+    return grid.sampling_grid().to(device)
 
 
 def labels_to_mask(labels: torch.Tensor, grid: TokenGrid, ids_lut: torch.Tensor, sample_grid: torch.Tensor,

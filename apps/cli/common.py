@@ -24,6 +24,7 @@ from densevit.cli.common import (
     report_unreadable,
 )
 from densevit.cli.flags import add_config_flags
+from densevit.io.images import decode_once
 from densevit.errors import DensevitError
 from densevit.options import opt
 
@@ -87,29 +88,30 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     for name, images in bar:
         bar.set_postfix_str(name)
         out_dir = out_root / name if nested else out_root
-        images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "")
-        unreadable += bad
-        try:
-            if len(images) < min_images:
-                raise DensevitError(f"needs at least {min_images} image{'s' if min_images > 1 else ''}, "
-                                    f"found {len(images)}")
-            if max_images is not None and len(images) > max_images:
-                raise DensevitError(f"needs exactly {max_images} images, found {len(images)}")
-            check_outputs(inputs, files=planned(name, images, out_dir) + [out_dir / "summary.json"],
-                          overwrite=args.overwrite)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            line, summary = process(name, images, out_dir)
-            summary = {"set": name, "images": [str(p) for p in images], **summary,
-                       **({"unreadable": [str(p) for p in bad]} if bad else {}),
-                       "seconds": round(time.perf_counter() - t0, 3)}
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            tqdm.write(f"{name}: {line} [{summary['seconds']:.1f} s]", file=sys.stdout)
-        except WritesIntoInputsError:
-            raise
-        except DensevitError as exc:
-            failures += 1
-            tqdm.write(f"{prog}: set {name}: error: {exc}", file=sys.stderr)
+        with decode_once():                 # checked, then extracted, from one decoding
+            images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "")
+            unreadable += bad
+            try:
+                if len(images) < min_images:
+                    raise DensevitError(f"needs at least {min_images} image{'s' if min_images > 1 else ''}, "
+                                        f"found {len(images)}")
+                if max_images is not None and len(images) > max_images:
+                    raise DensevitError(f"needs exactly {max_images} images, found {len(images)}")
+                check_outputs(inputs, files=planned(name, images, out_dir) + [out_dir / "summary.json"],
+                              overwrite=args.overwrite)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                t0 = time.perf_counter()
+                line, summary = process(name, images, out_dir)
+                summary = {"set": name, "images": [str(p) for p in images], **summary,
+                           **({"unreadable": [str(p) for p in bad]} if bad else {}),
+                           "seconds": round(time.perf_counter() - t0, 3)}
+                (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                tqdm.write(f"{name}: {line} [{summary['seconds']:.1f} s]", file=sys.stdout)
+            except WritesIntoInputsError:
+                raise
+            except DensevitError as exc:
+                failures += 1
+                tqdm.write(f"{prog}: set {name}: error: {exc}", file=sys.stderr)
     bar.close()
     if failures:
         print(f"{prog}: {failures} of {len(sets)} set(s) failed", file=sys.stderr)

@@ -131,7 +131,7 @@ def build_source(args: argparse.Namespace, *, saliency: bool = False, cls: bool 
         raise StoreError(f"--{flag} {value} conflicts with store {store.root}, made with {flag} {stored}; "
                          f"leave it out to use the store's")
     layer = store.resolve_layer(args.layer)
-    store._pick(layer, args.facet)             # the layer/facet is stored
+    store.select(layer, args.facet)             # the layer/facet is stored
     if saliency and not s.get("saliency"):
         raise StoreError(f"this application needs saliency maps, and store {store.root} was made without "
                          f"--saliency")

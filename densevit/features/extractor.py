@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DensevitError
-from ..io.images import ImageLike, preprocess
+from ..io.images import ImageLike, preprocess, to_rgb
 from ..models.families import BlockFamily, make_adapter
 from ..models.grid import TokenGrid, grid_shape
 from ..models.posenc import DINO, resample_pos_embed
@@ -31,6 +31,7 @@ from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
 from .binning import log_bin
+from .source import ImageFeatures, ImageInput, image_name
 
 FACETS = ("key", "query", "value", "token", "token_norm", "attn", "key_rope", "query_rope")
 _QKV_INDEX = {"query": 0, "key": 1, "value": 2, "query_rope": 3, "key_rope": 4}
@@ -136,6 +137,21 @@ class ViTExtractor(nn.Module):
                                 f"{self.patch_size}-pixel patch of {self.spec.name}")
         grid = self.grid(tuple(x.shape[-2:]), image_hw, stride)
         return x.unsqueeze(0).to(self.device), grid, resized
+
+    runs_model = True       # FeatureSource: more passes of the model are possible
+
+    def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
+                       bin: bool = False, saliency: bool = True, include_cls: bool = False,
+                       name: Optional[str] = None) -> ImageFeatures:
+        """:class:`~densevit.features.source.FeatureSource`: ONE forward pass of ``image`` (a file, decoded once;
+        or an image in memory, by the same mode and EXIF rules) for block ``layer``, ``facet``."""
+        img = to_rgb(image)
+        x, grid, resized = self.preprocess_with_image(img, load_size)
+        feats = self.extract(x, (layer,), (facet,), bin=bin, saliency=saliency, image_hw=grid.image_hw)
+        desc = feats.descriptors[(layer, facet)][0].float().cpu()
+        cls = feats.cls[(layer, facet)][0].float().cpu() if include_cls else None
+        sal = feats.saliency[0].float().cpu() if saliency and feats.saliency is not None else None
+        return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc, sal, cls)
 
     # ------------------------------------------------------------------ internals
     def resolve_layer(self, layer: int) -> int:

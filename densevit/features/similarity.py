@@ -143,16 +143,5 @@ def grid_extent(grid: TokenGrid) -> Tuple[float, float, float, float]:
 
 def upsample_map(values: torch.Tensor, grid: TokenGrid, out_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """A per-token map (``T``) -> ``HxW`` at the original image size (or ``out_hw`` spanning the same image),
-    bilinear between token centres (clamped at the border); pixel centres map through ``grid``."""
-    h, w = grid.shape
-    H0, W0 = grid.original_hw
-    H, W = out_hw or (H0, W0)
-    xs = (torch.arange(W, dtype=torch.float64) + 0.5) * (W0 / W)
-    ys = (torch.arange(H, dtype=torch.float64) + 0.5) * (H0 / H)
-    gx = grid.pixels_to_grid(torch.stack([xs, torch.zeros_like(xs)], 1))[:, 0]
-    gy = grid.pixels_to_grid(torch.stack([torch.zeros_like(ys), ys], 1))[:, 1]
-    nx = (gx / max(w - 1, 1) * 2 - 1).float()
-    ny = (gy / max(h - 1, 1) * 2 - 1).float()
-    sample = torch.stack(torch.broadcast_tensors(nx[None, :], ny[:, None]), dim=-1)[None]   # 1xHxWx2 (x, y)
-    m = values.float().reshape(1, 1, h, w).cpu()
-    return F.grid_sample(m, sample, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+    bilinear between token centres (clamped at the border): :meth:`TokenGrid.upsample`."""
+    return grid.upsample(values.float().cpu(), out_hw)

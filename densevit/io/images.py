@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import DensevitError
+from ..errors import DensevitError, InvalidArgumentError
 from .files import PathLike
 
 ImageLike = Union[str, Path, Image.Image]
@@ -99,12 +99,57 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_DECODED = threading.local()      # decode_once(): {file identity: decoded image} of this thread's scope
+
+
+@contextmanager
+def decode_once() -> Iterator[None]:
+    """``with decode_once():`` every :func:`load_image` (and :func:`check_readable`) of an unchanged file inside
+    decodes it once: checking an input and extracting it read the same decoded image (the scope holds the decoded
+    images until it ends; nested scopes share the outer one)."""
+    outer = getattr(_DECODED, "cache", None)
+    if outer is None:
+        _DECODED.cache = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _DECODED.cache = None
+
+
+def _identity(path: Path) -> Optional[Tuple[str, int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
 def load_image(path: Union[str, Path]) -> Image.Image:
-    """Read an image file as 8-bit RGB, applying its EXIF orientation."""
+    """Read an image file as 8-bit RGB, applying its EXIF orientation (inside :func:`decode_once`, once)."""
+    cache = getattr(_DECODED, "cache", None)
+    key = _identity(Path(path)) if cache is not None else None
+    if key is not None and key in cache:
+        return cache[key]
     with open_image(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_8bit_rgb(img)
+        img = _to_8bit_rgb(ImageOps.exif_transpose(img))
+    if key is not None:
+        cache[key] = img
+    return img
+
+
+def to_rgb(image: "ImageLike") -> Image.Image:
+    """The one rule for every image densevit reads: a file through :func:`load_image`; a PIL image with its EXIF
+    orientation applied and any mode made 8-bit RGB, as a file's; an ``HxWx3`` uint8 array as RGB."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return _to_8bit_rgb(ImageOps.exif_transpose(image))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise InvalidArgumentError(f"images given as arrays must be HxWx3 uint8 RGB, got {arr.shape} {arr.dtype}")
+    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 def resized_hw(image_hw: Tuple[int, int], load_size: int | None) -> Tuple[int, int]:
@@ -193,7 +238,7 @@ def preprocess(image: ImageLike, load_size: int | None, mean: Sequence[float], s
 
     Returns ``(x 3xHxW, resized PIL image, original (H0, W0))``.
     """
-    img = load_image(image) if isinstance(image, (str, Path)) else _to_8bit_rgb(image)
+    img = to_rgb(image)
     original_hw = (img.height, img.width)
     resized = resize_short_side(img, load_size)
     return to_tensor(resized, mean, std), resized, original_hw
@@ -251,8 +296,12 @@ def skip_unreadable(prog: str, reason: object, where: str = "") -> None:
 def check_readable(path: Path) -> None:
     """Raise :class:`UnreadableImageError` with one line if ``path`` cannot be decoded as an
     image. Decodes the whole file (JPEGs at reduced scale, which still reads every byte), so truncated and
-    garbage files are caught, and images over the size limit (:func:`max_pixels`)."""
-    load_resized(path, 16, fast_jpeg=True)
+    garbage files are caught, and images over the size limit (:func:`max_pixels`). Inside :func:`decode_once`
+    the file is decoded in full, once, for the work that follows."""
+    if getattr(_DECODED, "cache", None) is not None:
+        load_image(path)
+    else:
+        load_resized(path, 16, fast_jpeg=True)
 
 
 def drop_unreadable(prog: str, images: Sequence[Path], where: str = "") -> Tuple[List[Path], List[Path]]:

@@ -8,7 +8,7 @@ The original image relates to the resized one by the per-axis scale ``image_hw /
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -106,3 +106,44 @@ class TokenGrid:
         cols = g[:, 0].clamp(0, w - 1).long()
         rows = g[:, 1].clamp(0, h - 1).long()
         return self.flat(rows, cols)
+
+    def _pixel_centres(self, out_hw: Optional[Tuple[int, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x of every pixel column and y of every pixel row (float64, original-image pixels) of an image of
+        ``out_hw`` pixels spanning the original image (default: the original image)."""
+        H0, W0 = self.original_hw
+        H, W = out_hw or (H0, W0)
+        xs = (torch.arange(W, dtype=torch.float64) + 0.5) * (W0 / W)
+        ys = (torch.arange(H, dtype=torch.float64) + 0.5) * (H0 / H)
+        return xs, ys
+
+    def pixel_tokens(self, out_hw: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(rows H, cols W)``: the token row of every pixel row and the token column of every pixel column of an
+        image of ``out_hw`` pixels spanning the original (nearest token centre; the mapping is separable, so a
+        full map is one gather ``map[rows[:, None], cols[None, :]]``)."""
+        xs, ys = self._pixel_centres(out_hw)
+        cols = self.unflat(self.pixels_to_tokens(torch.stack([xs, torch.full_like(xs, 0.5)], 1)))[1]
+        rows = self.unflat(self.pixels_to_tokens(torch.stack([torch.full_like(ys, 0.5), ys], 1)))[0]
+        return rows, cols
+
+    def sampling_grid(self, out_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """``1 x H x W x 2`` (x, y) coordinates for ``F.grid_sample(..., align_corners=True)`` that read an
+        ``h x w`` token map at the centre of every pixel of an ``out_hw`` image spanning the original (default:
+        the original size): bilinear between token centres, clamped at the border by ``padding_mode="border"``."""
+        h, w = self.shape
+        xs, ys = self._pixel_centres(out_hw)
+        cols = self.pixels_to_grid(torch.stack([xs, torch.zeros_like(xs)], 1))[:, 0]
+        rows = self.pixels_to_grid(torch.stack([torch.zeros_like(ys), ys], 1))[:, 1]
+        gx = cols / max(w - 1, 1) * 2 - 1 if w > 1 else torch.zeros_like(cols)
+        gy = rows / max(h - 1, 1) * 2 - 1 if h > 1 else torch.zeros_like(rows)
+        return torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1).float().unsqueeze(0)
+
+    def upsample(self, maps: torch.Tensor, out_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Token maps ``C x T`` (or ``T``) -> ``C x H x W`` (or ``H x W``) pixel maps, bilinear between token
+        centres (:meth:`sampling_grid`)."""
+        import torch.nn.functional as F
+
+        h, w = self.shape
+        m = maps.reshape(1, -1, h, w)
+        up = F.grid_sample(m, self.sampling_grid(out_hw).to(m.device), mode="bilinear", padding_mode="border",
+                           align_corners=True)[0]
+        return up[0] if maps.dim() == 1 else up

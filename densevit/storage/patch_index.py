@@ -268,7 +268,7 @@ def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cf
     """Index every selected token of ``store`` into the folder ``out`` (see the module docstring)."""
     cfg.check()
     st = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    layer, facet = st._pick(cfg.layer, cfg.facet)
+    layer, facet = st.select(cfg.layer, cfg.facet)
     if facet == "attn":
         raise DensevitError("facet attn holds attention maps, not descriptors; index key, query, value or token")
     if cfg.salient_only and not st.settings.get("saliency"):

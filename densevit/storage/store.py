@@ -45,7 +45,9 @@ import torch
 
 from ..errors import DensevitError
 from ..features.binning import log_bin
+from ..features.source import ImageFeatures, ImageInput, image_name
 from ..io.files import verify_file
+from ..io.images import load_image, load_resized, resize_short_side
 from ..models.grid import TokenGrid
 from .cache import atomic_write, canonical_key, file_sha256, key_digest
 
@@ -529,7 +531,9 @@ class FeatureStore:
         name = tensor_name(self.resolve_layer(layer), facet, cls=True)
         return all(name in s["tensors"] for s in self.manifest["shards"].values())
 
-    def _pick(self, layer: Optional[int], facet: Optional[str]) -> Tuple[int, str]:
+    def select(self, layer: Optional[int] = None, facet: Optional[str] = None) -> Tuple[int, str]:
+        """The stored ``(layer, facet)`` meant by ``layer`` / ``facet`` (None: the store's only one; a negative
+        layer counts from the end); a one-line :class:`StoreError` when it is not stored."""
         if layer is not None:
             layer = self.resolve_layer(layer)
         if layer is None:
@@ -561,10 +565,36 @@ class FeatureStore:
         return x
 
     # --------------------------------------------------------------------- public reads
+    runs_model = False      # FeatureSource: only what was extracted
+
+    def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
+                       bin: bool = False, saliency: bool = True, include_cls: bool = False,
+                       name: Optional[str] = None) -> ImageFeatures:
+        """:class:`~densevit.features.source.FeatureSource`: the stored descriptors of image file ``image``
+        (log-binned now when ``bin``), saliency and CLS descriptor; the image read and resized as the extraction
+        did (the store's load size and decoding: ``load_size`` is ignored)."""
+        if not isinstance(image, (str, Path)):
+            raise StoreError("a feature store holds features of image files only, not of images made in memory "
+                             "(such as augmentations)")
+        grid = self.grid(image)                       # a one-line StoreError when the image is not in the store
+        img = load_image(image)
+        if (img.height, img.width) != tuple(grid.original_hw):
+            raise StoreError(f"{image} is {img.width}x{img.height} pixels but was {grid.original_hw[1]}x"
+                             f"{grid.original_hw[0]} when store {self.root} was made; re-extract it")
+        size = self.settings.get("load_size") or None
+        if self.settings.get("fast_decode") and size is not None:
+            resized = load_resized(image, size, fast_jpeg=True)[0]
+        else:
+            resized = resize_short_side(img, size)
+        desc = self.descriptors(image, layer, facet, bin=bin)
+        sal = self.saliency(image) if saliency else None
+        cls = self.cls(image, layer, facet) if include_cls else None
+        return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc, sal, cls)
+
     def descriptors(self, image: Union[str, Path], layer: Optional[int] = None, facet: Optional[str] = None,
                     bin: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``TxD`` descriptors of one image (``Tx(17*D)`` log-binned with ``bin``), row-major token order."""
-        layer, facet = self._pick(layer, facet)
+        layer, facet = self.select(layer, facet)
         e = self._entry(image)
         raw = self._rows(e["shard"], tensor_name(layer, facet), e["offset"], e["offset"] + 1)
         return self._finish(raw, facet, self._grid(e["shard"], e["image_hw"]), bin, dtype)[0]
@@ -572,7 +602,7 @@ class FeatureStore:
     def cls(self, image: Union[str, Path], layer: Optional[int] = None, facet: Optional[str] = None
             ) -> torch.Tensor:
         """``D`` CLS descriptor of one image (float32)."""
-        layer, facet = self._pick(layer, facet)
+        layer, facet = self.select(layer, facet)
         e = self._entry(image)
         return self._rows(e["shard"], tensor_name(layer, facet, cls=True), e["offset"], e["offset"] + 1)[0].float()
 
@@ -586,7 +616,7 @@ class FeatureStore:
     def batches(self, batch_size: int = 32, layer: Optional[int] = None, facet: Optional[str] = None,
                 bin: bool = False, dtype: torch.dtype = torch.float32) -> Iterator[StoreBatch]:
         """Every stored image in batches of up to ``batch_size`` images of one resized shape (shard order)."""
-        layer, facet = self._pick(layer, facet)
+        layer, facet = self.select(layer, facet)
         by_shard: Dict[str, List[Tuple[str, Dict[str, Any]]]] = {}
         for key, e in self.manifest["images"].items():
             by_shard.setdefault(e["shard"], []).append((key, e))
@@ -611,7 +641,7 @@ class FeatureStore:
                layer: Optional[int] = None, facet: Optional[str] = None) -> torch.Tensor:
         """Raw descriptors ``NxD`` (float32) of token ``tokens[i]`` of the image at ``offsets[i]`` of shard
         ``shards[shard_no[i]]``, gathered from the memory-mapped shards (no whole image is read)."""
-        layer, facet = self._pick(layer, facet)
+        layer, facet = self.select(layer, facet)
         name = tensor_name(layer, facet)
         out: Optional[np.ndarray] = None
         for s in np.unique(shard_no):
