@@ -1,0 +1,85 @@
+"""Checkpoints in Hugging Face transformers' layout load exactly: transformers' own ``Dinov2Model``,
+``Dinov2WithRegistersModel`` and ``DINOv3ViTModel`` (configurations of dinov2_vits14 / dinov2_vits14_reg /
+dinov3_vits16, seeded random weights with every bias and layer scale perturbed so none is trivial), saved with
+``save_pretrained`` into ``tmp_path`` and loaded through densevit, give transformers' per-layer hidden states and
+``last_hidden_state`` per token (cosine >= 0.99999) on the example cat photograph.
+
+Positional resampling: transformers' ``Dinov2Model`` resamples its position embedding bicubically *by size*,
+the official DINOv2 code (which densevit follows) *by scale factor* (+0.1); the two agree only at the
+checkpoint's own grid, 37 x 37 (518 x 518 pixels), where neither resamples, so the model without registers is
+compared there. ``Dinov2WithRegistersModel`` resamples by size with antialiasing, as the official register models
+do, and DINOv3 has no position table (RoPE): both are compared at a smaller, non-square size.
+"""
+import pytest
+import transformers
+import numpy as np
+import torch
+from PIL import Image
+
+from densevit import ViTExtractor, get_spec
+from densevit.models.registry import HF_REPOS, IMAGENET_MEAN, IMAGENET_STD
+
+
+
+S14 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518)
+CASES = {
+    "dinov2_vits14": ("Dinov2Config", "Dinov2Model", S14, (518, 518)),
+    "dinov2_vits14_reg": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel",
+                          dict(S14, num_register_tokens=4), (196, 252)),
+    "dinov3_vits16": ("DINOv3ViTConfig", "DINOv3ViTModel", dict(num_register_tokens=4), (160, 224)),
+}
+
+
+def _image(shared, hw):
+    img = Image.open(shared / "data" / "images" / "cat.jpg").convert("RGB").resize(hw[::-1], Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)
+    return ((x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])[None]
+
+
+def _hf_model(name, folder):
+    cfg_cls, model_cls, kw, _ = CASES[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "mask_token" not in n:          # biases, layer scales, norms, tokens: all non-trivial
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(folder)
+    return model
+
+
+def _min_cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_transformers_checkpoint_reproduces_transformers(name, shared, tmp_path):
+    ref = _hf_model(name, tmp_path / "hf")
+    x = _image(shared, CASES[name][3])
+    with torch.no_grad():
+        out = ref(pixel_values=x, output_hidden_states=True)
+    ext = ViTExtractor(name, stride=get_spec(name).patch_size, weights=tmp_path / "hf", device="cpu")
+    depth = ext.depth
+    feats = ext.extract(x, tuple(range(depth)), ("token", "token_norm"), include_cls=True)
+    hidden = out.hidden_states[-depth:]                    # each block's output (transformers adds the embeddings)
+    P = ext.num_prefix_tokens                              # CLS, registers, then patches in both
+    keep = lambda t: torch.cat([t[:, :1], t[:, P:]], dim=1)  # noqa: E731  densevit drops registers
+    cos = [_min_cos(feats.descriptors[(i, "token")], keep(hidden[i])) for i in range(depth)]
+    last = _min_cos(feats.descriptors[(depth - 1, "token_norm")], keep(out.last_hidden_state))
+    print(f"{name}: 1 - min per-token cosine: blocks {1 - min(cos):.2e}, last_hidden_state {1 - last:.2e}")
+    assert min(cos) >= 0.99999 and last >= 0.99999, (cos, last)
+
+
+def test_model_safetensors_alone_and_hub_alias(shared, tmp_path):
+    """The ``model.safetensors`` of a transformers folder loads on its own (no config.json), and the Hub id is an
+    alias of the registry name."""
+    _hf_model("dinov3_vits16", tmp_path / "hf")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "alone" / "model.safetensors")
+    a = ViTExtractor(HF_REPOS["dinov3_vits16"], weights=tmp_path / "alone" / "model.safetensors", device="cpu")
+    assert a.spec.name == "dinov3_vits16"
+    b = ViTExtractor("dinov3_vits16", weights=tmp_path / "alone" / "model.safetensors", device="cpu")
+    x = _image(shared, (64, 80))
+    assert torch.equal(a.extract(x, (11,), ("token",)).descriptors[(11, "token")],
+                       b.extract(x, (11,), ("token",)).descriptors[(11, "token")])
