@@ -1,5 +1,6 @@
 """Weight resolution: explicit files, $DENSEVIT_WEIGHTS, official layouts, random, and clear errors."""
 import os
+import re
 
 import pytest
 import torch
@@ -81,11 +82,14 @@ def test_offline_without_weights_gives_actionable_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.delenv("DENSEVIT_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never download in a test
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(WeightsNotFoundError, match="--weights FILE.*DENSEVIT_WEIGHTS.*--weights random") as info:
+    with pytest.raises(WeightsNotFoundError, match="weights='FILE'.*DENSEVIT_WEIGHTS.*weights='random'") as info:
         load_backbone("dino_vits16")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "--weights" not in str(info.value)
+    assert re.search("--weights FILE.*DENSEVIT_WEIGHTS.*--weights random", info.value.cli_message)
+    assert "\n" not in info.value.cli_message
 
 
 def test_random_weights_are_seeded():

@@ -83,12 +83,18 @@ def _folder_files(path: Path) -> List[Path]:
     raise DensevitError(f"weights folder {path} holds none of {', '.join(_FOLDER_FILES + _INDEX_FILES)}")
 
 
+def weights_files(path: Union[str, Path]) -> List[Path]:
+    """The file(s) whose bytes are the weights ``path`` names: the file itself, or a folder's checkpoint(s)."""
+    path = Path(path)
+    return _folder_files(path) if path.is_dir() else [path]
+
+
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     """Read a checkpoint (``.pth``/``.pt``/``.bin`` torch file, ``.safetensors``, or a transformers
     ``save_pretrained`` folder, sharded or not) as a flat state dict."""
     path = Path(path)
     sd: Dict[str, Any] = {}
-    for f in _folder_files(path) if path.is_dir() else [path]:
+    for f in weights_files(path):
         part = _read_file(f)
         if not isinstance(part, dict):
             raise DensevitError(f"weights file {f} does not hold a state dict")
