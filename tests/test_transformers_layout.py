@@ -83,3 +83,31 @@ def test_model_safetensors_alone_and_hub_alias(shared, tmp_path):
     x = _image(shared, (64, 80))
     assert torch.equal(a.extract(x, (11,), ("token",)).descriptors[(11, "token")],
                        b.extract(x, (11,), ("token",)).descriptors[(11, "token")])
+
+
+def test_strict_rule_and_config(tmp_path):
+    """The transformers converters keep the strict rule: DINOv3's key bias must be zero, a tensor the backbone
+    has no place for is an error unless zero, another family's checkpoint names the backbones that fit; the RoPE
+    periods follow the folder's ``rope_theta``."""
+    from safetensors.torch import load_file, save_file
+
+    from densevit import DensevitError, load_backbone
+
+    cfg = transformers.DINOv3ViTConfig(num_register_tokens=4, key_bias=True, rope_theta=50.0)
+    torch.manual_seed(0)
+    transformers.DINOv3ViTModel(cfg).save_pretrained(tmp_path / "v3")    # zero biases: the key bias loads
+    model, _ = load_backbone("dinov3_vits16", tmp_path / "v3")
+    torch.testing.assert_close(model.rope.periods, 50.0 ** torch.arange(0, 1, 4 / 64), rtol=0, atol=0)
+    sd = load_file(str(tmp_path / "v3" / "model.safetensors"))
+    sd["layer.3.attention.k_proj.bias"] = torch.full((384,), 0.1)
+    save_file(sd, str(tmp_path / "v3" / "model.safetensors"))
+    with pytest.raises(DensevitError, match=r"blocks\.3\.attn\.qkv\.bias: the key bias is not zero"):
+        load_backbone("dinov3_vits16", tmp_path / "v3")
+    sd["layer.3.attention.k_proj.bias"] = torch.zeros(384)
+    sd["pooler.dense.weight"] = torch.ones(2, 2)
+    save_file(sd, str(tmp_path / "v3" / "model.safetensors"))
+    with pytest.raises(DensevitError, match="unexpected key 'pooler.dense.weight'"):
+        load_backbone("dinov3_vits16", tmp_path / "v3")
+    with pytest.raises(DensevitError, match="transformers DINOv3ViTModel checkpoint, not one of dinov2_vits14; "
+                                            "use backbone dinov3_vits16 or dinov3_vits16plus"):
+        load_backbone("dinov2_vits14", tmp_path / "v3")
