@@ -111,3 +111,39 @@ def test_strict_rule_and_config(tmp_path):
     with pytest.raises(DensevitError, match="transformers DINOv3ViTModel checkpoint, not one of dinov2_vits14; "
                                             "use backbone dinov3_vits16 or dinov3_vits16plus"):
         load_backbone("dinov2_vits14", tmp_path / "v3")
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14_reg", "dinov3_vits16"])
+def test_in_memory_state_dict_names(name, tmp_path):
+    """``torch.save(model.state_dict())`` of a transformers >= 5 model (its in-memory names: ``q_proj``,
+    ``o_proj``, DINOv3's ``model.layer``) loads to the same weights as its ``save_pretrained`` folder."""
+    from densevit import load_backbone
+
+    model = _hf_model(name, tmp_path / "hf")
+    torch.save(model.state_dict(), tmp_path / "memory.pth")
+    assert any(".q_proj." in k for k in model.state_dict())
+    a, _ = load_backbone(name, tmp_path / "memory.pth")
+    b, _ = load_backbone(name, tmp_path / "hf")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_swiglu_dinov2_converts_to_the_official_w12_w3(tmp_path):
+    """DINOv2 ViT-g's SwiGLU in transformers' layout (``weights_in`` / ``weights_out`` in the file,
+    ``gate/up/down_proj`` in memory) becomes the official ``w12`` / ``w3``, packed gate first."""
+    from safetensors.torch import load_file
+
+    from densevit.models.convert_hf import dinov2_to_official
+
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14,
+                                    image_size=28, use_swiglu_ffn=True)
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(cfg)
+    model.save_pretrained(tmp_path)
+    from_file = dinov2_to_official(load_file(str(tmp_path / "model.safetensors")), {})
+    from_memory = dinov2_to_official(model.state_dict(), {})
+    assert from_file.keys() == from_memory.keys() and all(torch.equal(from_file[k], from_memory[k]) for k in from_file)
+    mlp = model.encoder.layer[0].mlp
+    assert torch.equal(from_file["blocks.0.mlp.w12.weight"], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    assert torch.equal(from_file["blocks.0.mlp.w3.weight"], mlp.down_proj.weight)
+    assert not any(k.startswith("encoder.") for k in from_file)

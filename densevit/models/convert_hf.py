@@ -75,11 +75,21 @@ _V2_RENAMES = (
 )
 
 
+_V2_MEMORY = ((r"\.attention\.o_proj\.", ".attention.output.dense."), (r"\.mlp\.down_proj\.", ".mlp.weights_out."))
+
+
 def dinov2_to_official(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Tensors:
-    """``Dinov2Model`` and ``Dinov2WithRegistersModel`` (same keys but ``register_tokens``) -> official DINOv2."""
-    sd = dict(sd)
-    for i in sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.attention\.attention\.", k))}):
-        _stack_qkv(sd, f"encoder.layer.{i}.attention.attention.", "query key value", f"blocks.{i}.attn.")
+    """``Dinov2Model`` and ``Dinov2WithRegistersModel`` (same keys but ``register_tokens``) -> official DINOv2.
+    Also reads the names transformers >= 5 uses in memory (``model.state_dict()``: ``q/k/v/o_proj``, the SwiGLU
+    ``gate/up/down_proj``), which its ``save_pretrained`` turns back into the Hub's."""
+    sd = {_rename(k, _V2_MEMORY): v for k, v in sd.items()}
+    for k in [k for k in sd if k.endswith(".mlp.gate_proj.weight") or k.endswith(".mlp.gate_proj.bias")]:
+        pre, _, leaf = k.rpartition(".mlp.gate_proj.")
+        sd[f"{pre}.mlp.weights_in.{leaf}"] = torch.cat([sd.pop(k), sd.pop(f"{pre}.mlp.up_proj.{leaf}")])
+    for i in sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.attention\.", k))}):
+        pre = f"encoder.layer.{i}.attention."
+        names = "q_proj k_proj v_proj" if pre + "q_proj.weight" in sd else "attention.query attention.key attention.value"
+        _stack_qkv(sd, pre, names, f"blocks.{i}.attn.")
     return {_rename(k, _V2_RENAMES): v for k, v in sd.items()}
 
 
