@@ -161,3 +161,21 @@ def test_unreachable_endpoint_is_offline(places, monkeypatch):
     assert locate.hub_online() == (False, "http://192.0.2.1 (unreachable)")
     with pytest.raises(WeightsNotFoundError, match=r"4\) download from http://192\.0\.2\.1 \(unreachable\)"):
         load_backbone("dino_vits16")
+
+
+def test_sharded_transformers_checkpoint_in_the_hf_cache(places):
+    """A sharded ``save_pretrained`` checkpoint (index + shards, as the Hub holds the largest models) is read as
+    its snapshot folder, from the cache or given explicitly."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(num_register_tokens=4))
+    model.save_pretrained(places / "saved", max_shard_size="30MB")
+    assert len(list((places / "saved").glob("model-*.safetensors"))) > 1
+    hf_cache_file("facebook/dinov3-vits16-pretrain-lvd1689m", places / "saved")
+    spec = get_spec("dinov3_vits16")
+    assert find_local_weights(spec) == (locate.hf_cache_dir() / "models--facebook--dinov3-vits16-pretrain-lvd1689m"
+                                        / "snapshots" / "0123456789abcdef0123456789abcdef01234567")
+    found, _ = load_backbone("dinov3_vits16")
+    explicit, _ = load_backbone("dinov3_vits16", places / "saved")
+    assert all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), explicit.state_dict().values()))

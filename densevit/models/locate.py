@@ -19,7 +19,8 @@ __all__ = ["WEIGHTS_ENV", "checkpoint_dirs", "find_checkpoint", "describe_search
            "hub_endpoint", "hub_offline_reason", "probe_target", "hub_online", "PROBE_TIMEOUT"]
 
 WEIGHTS_ENV = "DENSEVIT_WEIGHTS"
-HF_FILES = ("model.safetensors", "pytorch_model.bin")   # what a Hub repo of timm or transformers holds
+# what a Hub repo of timm or transformers holds (an index: a sharded checkpoint, read as its snapshot folder)
+HF_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 PROBE_TIMEOUT = 0.5                                      # seconds: one connection attempt to the hub (or proxy)
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -73,7 +74,8 @@ def hf_cache_dir() -> Path:
 
 def find_in_hf_cache(repo_ids: Sequence[str], file_names: Sequence[str] = HF_FILES) -> Optional[Path]:
     """The first of ``file_names`` cached (any revision the cache's ``main`` ref points at) for the first repo of
-    ``repo_ids`` that has one, through ``huggingface_hub.try_to_load_from_cache`` (no network)."""
+    ``repo_ids`` that has one, through ``huggingface_hub.try_to_load_from_cache`` (no network); for a sharded
+    checkpoint's index, the snapshot folder that holds it and its shards."""
     from huggingface_hub import try_to_load_from_cache
 
     cache = str(hf_cache_dir())
@@ -81,7 +83,7 @@ def find_in_hf_cache(repo_ids: Sequence[str], file_names: Sequence[str] = HF_FIL
         for name in file_names:
             got = try_to_load_from_cache(repo, name, cache_dir=cache)
             if isinstance(got, str) and Path(got).is_file():
-                return Path(got)
+                return Path(got).parent if name.endswith(".index.json") else Path(got)
     return None
 
 

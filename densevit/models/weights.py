@@ -7,11 +7,10 @@ official transformers one); a download from timm's Hub repository, tried only wh
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -307,22 +306,6 @@ def _not_found(spec: BackboneSpec, download: str) -> WeightsNotFoundError:
         f"or use weights='random' for a smoke run",
         head + f"Pass --weights FILE (a checkpoint, transformers folder or model.safetensors), {where}, "
         f"or use --weights random for a smoke run")
-
-
-@contextlib.contextmanager
-def _hub_offline(offline: bool) -> Iterator[None]:
-    """Make huggingface_hub read only its local cache while inside (no network retries)."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - timm always brings it
-        yield
-        return
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = previous or offline
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 def _load_from_hub(spec: BackboneSpec) -> nn.Module:
