@@ -152,15 +152,22 @@ def test_probe_target_honours_endpoint_and_proxies(places, monkeypatch):
 
 
 def test_unreachable_endpoint_is_offline(places, monkeypatch):
-    """A mirror that does not answer (TEST-NET-1 address, never routed) is offline after one short attempt."""
+    """A mirror that does not answer is offline after one short attempt: a closed port on this machine (refused
+    at once), and an address of IPv6's discard-only prefix (RFC 6666: never routed; the attempt times out)."""
     monkeypatch.delenv("HF_HUB_OFFLINE")
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1")
-    assert locate.hub_online() == (False, "http://192.0.2.1 (unreachable)")
-    with pytest.raises(WeightsNotFoundError, match=r"4\) download from http://192\.0\.2\.1 \(unreachable\)"):
+    with socket.socket() as s:          # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    closed = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("HF_ENDPOINT", closed)
+    assert locate.hub_online() == (False, f"{closed} (unreachable)")
+    with pytest.raises(WeightsNotFoundError, match=r"4\) download from " + re.escape(closed) + r" \(unreachable\)"):
         load_backbone("dino_vits16")
+    monkeypatch.setenv("HF_ENDPOINT", "http://[100::1]")
+    assert locate.hub_online() == (False, "http://[100::1] (unreachable)")
 
 
 def test_sharded_transformers_checkpoint_in_the_hf_cache(places):
