@@ -6,7 +6,12 @@ class DensevitError(Exception):
 
 
 class WeightsNotFoundError(DensevitError):
-    """Pretrained weights could not be found locally nor downloaded."""
+    """Pretrained weights could not be found locally nor downloaded. ``str()`` words the advice for Python
+    (``weights=...``); :attr:`cli_message` words it for the command line (``--weights ...``)."""
+
+    def __init__(self, message: str, cli_message: str = "") -> None:
+        super().__init__(message)
+        self.cli_message = cli_message or message
 
 
 class InvalidArgumentError(DensevitError, ValueError):

@@ -1,5 +1,6 @@
 """Weight resolution: explicit files, $DENSEVIT_WEIGHTS, official layouts, random, and clear errors."""
 import os
+import re
 
 import pytest
 import torch
@@ -81,11 +82,14 @@ def test_offline_without_weights_gives_actionable_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.delenv("DENSEVIT_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never download in a test
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(WeightsNotFoundError, match="--weights FILE.*DENSEVIT_WEIGHTS.*--weights random") as info:
+    with pytest.raises(WeightsNotFoundError, match="weights='FILE'.*DENSEVIT_WEIGHTS.*weights='random'") as info:
         load_backbone("dino_vits16")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "--weights" not in str(info.value)
+    assert re.search("--weights FILE.*DENSEVIT_WEIGHTS.*--weights random", info.value.cli_message)
+    assert "\n" not in info.value.cli_message
 
 
 def test_random_weights_are_seeded():
@@ -136,3 +140,18 @@ def test_loading_builds_on_the_meta_device_and_equals_a_loaded_random_model(shar
         assert torch.equal(meta.eval().forward_features(x), plain.eval().forward_features(x))
     built, _ = load_backbone(name, path)
     assert same_weights(built, plain) and not any(t.is_meta for t in tensors(built).values())
+
+
+def test_weights_fingerprint_of_a_transformers_folder(tmp_path, golden_path):
+    """A folder given as weights is identified by its checkpoint file's bytes, as a file is (stores record it)."""
+    import shutil
+
+    from densevit.io.files import file_sha256
+    from densevit.storage.extract import weights_fingerprint
+
+    (tmp_path / "saved").mkdir()
+    shutil.copy(golden_path, tmp_path / "saved" / "pytorch_model.bin")
+    got = weights_fingerprint(str(tmp_path / "saved"), "dino_vits8")
+    assert got == {"source": "file", "name": "saved", "size": golden_path.stat().st_size,
+                   "sha256": file_sha256(golden_path)}
+    assert weights_fingerprint(str(golden_path), "dino_vits8")["sha256"] == got["sha256"]

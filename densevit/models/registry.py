@@ -108,11 +108,25 @@ BACKBONES: Dict[str, BackboneSpec] = {s.name: s for s in [
 ]}
 
 
+# The official Hugging Face repositories in transformers' layout (Dinov2Model, Dinov2WithRegistersModel,
+# DINOv3ViTModel), by registry name: searched in the local Hub cache, and accepted as aliases of the name.
+HF_REPOS: Dict[str, str] = {
+    **{f"dinov2_vit{s}14": f"facebook/dinov2-{n}" for s, n in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))},
+    **{f"dinov2_vit{s}14_reg": f"facebook/dinov2-with-registers-{n}"
+       for s, n in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))},
+    **{f"dinov3_{a}": f"facebook/dinov3-{a}-pretrain-lvd1689m"
+       for a in ("vits16", "vits16plus", "vitb16", "vitl16", "vith16plus", "vit7b16")},
+    "dinov3_vitl16_sat": "facebook/dinov3-vitl16-pretrain-sat493m",
+}
+HUB_ALIASES: Dict[str, str] = {repo: name for name, repo in HF_REPOS.items()}
+
+
 def get_spec(name: str) -> BackboneSpec:
-    """Look up a backbone by its densevit name."""
+    """Look up a backbone by its densevit name or its Hugging Face Hub id (``facebook/dinov2-small``)."""
     from ..errors import DensevitError
 
     try:
-        return BACKBONES[name]
+        return BACKBONES[HUB_ALIASES.get(name, name)]
     except KeyError:
-        raise DensevitError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+        raise DensevitError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)} "
+                            f"(or a Hub id such as {HF_REPOS['dinov2_vits14']})") from None

@@ -1,21 +1,25 @@
 """Building a backbone and finding its weights.
 
-Order: an explicit file; a file with a conventional name in the folder ``$DENSEVIT_WEIGHTS``; timm's hub
-download. ``"random"`` builds seeded random weights (tests, smoke runs).
+Order: an explicit file or transformers folder; the local places of :mod:`densevit.models.locate`
+(``$DENSEVIT_WEIGHTS``, torch.hub's checkpoint folder, the Hugging Face cache: timm's repository, then the
+official transformers one); a download from timm's Hub repository, tried only when the Hub is reachable.
+``"random"`` builds seeded random weights (tests, smoke runs).
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..errors import DensevitError, WeightsNotFoundError
-from .locate import WEIGHTS_ENV
-from .registry import BackboneSpec, get_spec
+from . import convert_hf
+from .locate import WEIGHTS_ENV, find_checkpoint, find_in_hf_cache, hf_cache_dir, hub_online, torch_hub_checkpoints
+from .posenc import DINOV2_REG
+from .registry import BACKBONES, HF_REPOS, BackboneSpec, get_spec
 
 _DROP_PREFIXES = ("module.", "backbone.", "encoder.")
 
@@ -51,32 +55,74 @@ def _materialize_buffers(model: nn.Module) -> None:
             module.init_non_persistent_buffers()
 
 
-def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint (``.pth``/``.pt``/``.bin`` torch file or ``.safetensors``) as a flat state dict."""
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _read_file(path: Path) -> Dict[str, Any]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / not a checkpoint
         raise DensevitError(f"cannot read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(sd, dict):
-        raise DensevitError(f"weights file {path} does not hold a state dict")
+
+
+def _folder_files(path: Path) -> List[Path]:
+    """The checkpoint file(s) of a ``save_pretrained`` folder: one file, or the shards its index names."""
+    for name in _FOLDER_FILES:
+        if (path / name).is_file():
+            return [path / name]
+    for name in _INDEX_FILES:
+        if (path / name).is_file():
+            shards = sorted(set(json.loads((path / name).read_text())["weight_map"].values()))
+            return [path / s for s in shards]
+    raise DensevitError(f"weights folder {path} holds none of {', '.join(_FOLDER_FILES + _INDEX_FILES)}")
+
+
+def weights_files(path: Union[str, Path]) -> List[Path]:
+    """The file(s) whose bytes are the weights ``path`` names: the file itself, or a folder's checkpoint(s)."""
+    path = Path(path)
+    return _folder_files(path) if path.is_dir() else [path]
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint (``.pth``/``.pt``/``.bin`` torch file, ``.safetensors``, or a transformers
+    ``save_pretrained`` folder, sharded or not) as a flat state dict."""
+    path = Path(path)
+    sd: Dict[str, Any] = {}
+    for f in weights_files(path):
+        part = _read_file(f)
+        if not isinstance(part, dict):
+            raise DensevitError(f"weights file {f} does not hold a state dict")
+        sd.update(part)
     for key in ("teacher", "model", "state_dict"):  # DINO full checkpoints keep the teacher as the model
         if key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
     out = {}
+    keep = convert_hf.detect(sd) is not None    # transformers' own "encoder." is part of its layout
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             continue
-        for pre in _DROP_PREFIXES:
+        for pre in () if keep else _DROP_PREFIXES:
             if k.startswith(pre):
                 k = k[len(pre):]
         out[k] = v
     return out
+
+
+def read_hf_config(path: Path) -> Dict[str, Any]:
+    """The transformers ``config.json`` of a folder (or next to a file in one), ``{}`` without one."""
+    path = Path(path)
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise DensevitError(f"cannot read {cfg}: {exc}") from exc
+    return data if isinstance(data, dict) and "model_type" in data else {}
 
 
 Converted = Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
@@ -152,13 +198,36 @@ CONVERTERS = {"timm": _convert_timm, "dino": _convert_timm, "dinov2": _convert_d
               "clip": _convert_clip}
 
 
-def _fit_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec, source: str) -> Converted:
-    """Convert an official layout to timm's and check every key and shape, naming the first misfit.
+def _from_transformers(sd: Dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec, source: str,
+                       config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """A transformers checkpoint (recognised by its keys) in the official layout of ``spec``; any other layout
+    unchanged. A transformers class that is not ``spec``'s is an error naming the backbones that fit it."""
+    kind = convert_hf.detect(sd)
+    if kind is None:
+        return sd
+    def fits(s: BackboneSpec) -> bool:
+        return s.layout == convert_hf.layout_of(kind) and (s.pos == DINOV2_REG) == (kind == convert_hf.DINOV2_REG)
+
+    if not fits(spec):
+        dim = sd["embeddings.cls_token"].shape[-1]
+        names = [n for n, s in BACKBONES.items() if fits(s) and s.embed_dim == dim]
+        raise DensevitError(f"weights {source} are a transformers {kind} checkpoint, not one of {spec.name}"
+                            + (f"; use backbone {' or '.join(names)}" if names else ""))
+    eps = config.get("layer_norm_eps")
+    if eps is not None and abs(float(eps) - float(model.norm.eps)) > 1e-12:
+        raise DensevitError(f"weights {source}: config.json has layer_norm_eps={eps}, {spec.name} uses {model.norm.eps}")
+    return convert_hf.CONVERTERS[kind](sd, config)
+
+
+def _fit_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec, source: str,
+                    config: Optional[Dict[str, Any]] = None) -> Converted:
+    """Convert a transformers or official layout to timm's and check every key and shape, naming the first misfit.
 
     Nothing is dropped silently: a tensor of the file that the model has no place for is an error unless it is
     exactly zero (or a classification head, which a backbone has not), and every tensor of the model must come
     from the file."""
     expected = model.state_dict()
+    sd = _from_transformers(sd, model, spec, source, config or {})
     sd, extras = CONVERTERS[spec.layout](sd, model)
     for k, v in expected.items():
         if k not in sd:
@@ -185,13 +254,13 @@ def _set_extras(model: nn.Module, extras: Dict[str, torch.Tensor], spec: Backbon
 
 
 def load_weights_file(model: nn.Module, spec: BackboneSpec, path: Union[str, Path]) -> None:
-    """Load a checkpoint file into ``model`` (float32 model; fp16 files are upcast).
+    """Load a checkpoint file or transformers folder into ``model`` (float32 model; fp16 files are upcast).
 
     A model built on the meta device (``create_model(spec, "meta")``) takes the file's tensors as its own
     (``assign=True``: nothing is initialised and then overwritten), and its non-persistent buffers are computed
     afterwards; the result equals loading into a randomly initialised model."""
     path = Path(path)
-    sd, extras = _fit_state_dict(read_state_dict(path), model, spec, str(path))
+    sd, extras = _fit_state_dict(read_state_dict(path), model, spec, str(path), read_hf_config(path))
     meta = bool(_meta_tensors(model))
     if meta:
         expected = model.state_dict()
@@ -206,63 +275,56 @@ def load_weights_file(model: nn.Module, spec: BackboneSpec, path: Union[str, Pat
         raise DensevitError(f"weights {path} leave {spec.name} without values for {left[0]!r}")
 
 
+def _hf_repos(spec: BackboneSpec) -> List[str]:
+    """The Hub repositories whose cached files fit ``spec``: timm's, then the official transformers one."""
+    return [f"timm/{spec.hub_name}"] + ([HF_REPOS[spec.name]] if spec.name in HF_REPOS else [])
+
+
 def find_local_weights(spec: BackboneSpec) -> Optional[Path]:
-    """A file for ``spec`` in ``$DENSEVIT_WEIGHTS`` under a conventional name, if any."""
-    root = os.environ.get(WEIGHTS_ENV)
-    if not root:
-        return None
-    root_path = Path(root)
-    candidates = [root_path / f for f in spec.weight_files]
-    candidates += [root_path / spec.hub_name / "model.safetensors", root_path / spec.hub_name / "pytorch_model.bin"]
-    return next((c for c in candidates if c.is_file()), None)
+    """A local file for ``spec``: under a conventional name in ``$DENSEVIT_WEIGHTS`` or torch.hub's checkpoint
+    folder, else in the Hugging Face cache (timm's repository, then the transformers one), if any."""
+    names = list(spec.weight_files) + [f"{spec.hub_name}/{f}" for f in _FOLDER_FILES]
+    return find_checkpoint(names) or find_in_hf_cache(_hf_repos(spec))
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the weights hub answers at all (so an offline machine fails at once instead of retrying)."""
-    import socket
-
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def _places(spec: BackboneSpec) -> List[str]:
+    """Every local place :func:`find_local_weights` looks in, in order, one phrase each."""
+    env = os.environ.get(WEIGHTS_ENV)
+    first = spec.weight_files[0] if spec.weight_files else f"{spec.name}.pth"
+    return [f"${WEIGHTS_ENV}={env}" if env else f"${WEIGHTS_ENV} (unset)", f"{torch_hub_checkpoints()}/{first}",
+            f"Hugging Face cache {hf_cache_dir()} ({', '.join(_hf_repos(spec))})"]
 
 
-@contextlib.contextmanager
-def _hub_offline(offline: bool) -> Iterator[None]:
-    """Make huggingface_hub read only its local cache while inside (no network retries)."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - timm always brings it
-        yield
-        return
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = previous or offline
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
+def _not_found(spec: BackboneSpec, download: str) -> WeightsNotFoundError:
+    """The one-line error listing every place looked in, with its advice worded for Python and for the CLI."""
+    first = spec.weight_files[0] if spec.weight_files else f"{spec.name}.pth"
+    looked = "; ".join(f"{i}) {p}" for i, p in enumerate(_places(spec) + [f"download from {download}"], 1))
+    head = f"no weights for {spec.name}; looked in {looked}. "
+    where = f"put {first} in ${WEIGHTS_ENV} or torch.hub's checkpoint folder"
+    return WeightsNotFoundError(
+        head + f"Pass weights='FILE' (a checkpoint, transformers folder or model.safetensors), {where}, "
+        f"or use weights='random' for a smoke run",
+        head + f"Pass --weights FILE (a checkpoint, transformers folder or model.safetensors), {where}, "
+        f"or use --weights random for a smoke run")
 
 
 def _load_from_hub(spec: BackboneSpec) -> nn.Module:
+    """timm's pretrained model from the Hub, tried only when :func:`hub_online` says so (no fixed wait)."""
     import timm
 
+    online, where = hub_online()
+    if not online:
+        raise _not_found(spec, where)
     try:
-        with _hub_offline(not _hub_reachable()):
-            return timm.create_model(spec.hub_name, pretrained=True, num_classes=0)
+        return timm.create_model(spec.hub_name, pretrained=True, num_classes=0)
     except Exception as exc:
-        where = os.environ.get(WEIGHTS_ENV)
-        raise WeightsNotFoundError(
-            f"no weights for {spec.name}: "
-            + (f"none of {spec.weight_files[0]!r}... in ${WEIGHTS_ENV}={where}, " if where else f"${WEIGHTS_ENV} unset, ")
-            + f"and 'timm/{spec.hub_name}' is neither in the local hub cache nor downloadable (offline?); "
-            f"pass --weights FILE, put {spec.weight_files[0] if spec.weight_files else spec.name + '.pth'} in a folder "
-            f"named by ${WEIGHTS_ENV}, or use --weights random for a smoke run") from exc
+        raise _not_found(spec, f"{where} (failed: {type(exc).__name__})") from exc
 
 
 def load_backbone(name: str, weights: Union[str, Path, None] = None, seed: int = 0) -> tuple[nn.Module, BackboneSpec]:
-    """Build backbone ``name`` in eval mode with weights from ``weights`` (file path or ``"random"``), else from
-    ``$DENSEVIT_WEIGHTS``, else timm's hub. Raises :class:`WeightsNotFoundError` with one actionable line."""
+    """Build backbone ``name`` (registry name or Hub id) in eval mode with weights from ``weights`` (a checkpoint
+    file, a transformers folder, or ``"random"``), else from the first local place of :func:`find_local_weights`,
+    else a download. Raises :class:`WeightsNotFoundError` with one line listing where it looked."""
     spec = get_spec(name)
     if weights is not None and str(weights) == "random":
         with torch.random.fork_rng(devices=[]):
@@ -270,7 +332,7 @@ def load_backbone(name: str, weights: Union[str, Path, None] = None, seed: int =
             model = create_model(spec)
     elif weights is not None:
         path = Path(weights)
-        if not path.is_file():
+        if not path.exists():
             raise DensevitError(f"weights file not found: {path}")
         model = create_model(spec, "meta")
         load_weights_file(model, spec, path)

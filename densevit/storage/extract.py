@@ -138,8 +138,11 @@ def weights_fingerprint(weights: Optional[str], backbone: str) -> Dict[str, Any]
         weights = str(local)
     if str(weights) == "random":
         return {"source": "random"}
-    p = Path(weights)
-    return {"source": "file", "name": p.name, "size": p.stat().st_size, "sha256": file_sha256(p)}
+    from ..models.weights import weights_files
+
+    p, files = Path(weights), weights_files(weights)   # a transformers folder: its checkpoint file(s)
+    digest = file_sha256(files[0]) if len(files) == 1 else ",".join(file_sha256(f) for f in files)
+    return {"source": "file", "name": p.name, "size": sum(f.stat().st_size for f in files), "sha256": digest}
 
 
 def store_settings(extractor, cfg: ExtractionConfig, weights: Optional[str]) -> Dict[str, Any]:
