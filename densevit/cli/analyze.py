@@ -93,7 +93,7 @@ def _slug(label: str) -> str:
 
 def _parse_models(args: argparse.Namespace) -> List[Tuple[str, str, Optional[str]]]:
     """``[(label, backbone, weights)]``: the main model then every --compare."""
-    from ..models.registry import BACKBONES
+    from ..models.registry import get_spec
 
     models = [(args.backbone, args.weights)]
     for item in args.compare:
@@ -101,8 +101,7 @@ def _parse_models(args: argparse.Namespace) -> List[Tuple[str, str, Optional[str
         models.append((name.strip(), weights.strip() or None))
     out, seen = [], {}
     for name, weights in models:
-        if name not in BACKBONES:
-            raise DensevitError(f"unknown backbone {name!r}; see `densevit-extract --list-backbones`")
+        name = get_spec(name).name            # a Hub id is an alias; unknown names: a one-line error
         label = name if weights in (None, "") else f"{name}-{'random' if weights == 'random' else Path(weights).stem}"
         seen[label] = seen.get(label, 0) + 1
         if seen[label] > 1:
@@ -169,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..eval.analysis import sweep as sw
     from ..features.extractor import ViTExtractor
     from ..io.paths import shared_dir
-    from ..models.registry import BACKBONES
+    from ..models.registry import get_spec
 
     images = gather_images(args.images)
     if args.max_images is not None:
@@ -198,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if t not in avail:
                 raise DensevitError(f"task {t} is not available in this installation")
     for _, name, _ in models:                         # layer indices checked before any work
-        att.resolve_layers(BACKBONES[name].depth, args.layers)
+        att.resolve_layers(get_spec(name).depth, args.layers)
     task_objs = []
     if tasks:                                         # tasks read their data now: bad paths fail early
         if args.warp_pairs is not None and args.warp_pairs < 1:

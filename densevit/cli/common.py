@@ -31,7 +31,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callab
         try:
             code = main(argv)
         except DensevitError as exc:
-            print(f"{prog}: error: {exc}", file=sys.stderr)
+            print(f"{prog}: error: {getattr(exc, 'cli_message', exc)}", file=sys.stderr)
             code = 2
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
@@ -53,8 +53,9 @@ class ModelOptions:
     """The flags that choose and configure the extractor."""
 
     backbone: str = opt("dino_vits8", "backbone name (see `densevit-extract --list-backbones`)")
-    weights: Optional[str] = opt(None, "weights: a checkpoint file, 'random', or unset to search $DENSEVIT_WEIGHTS "
-                                       "then the timm hub")
+    weights: Optional[str] = opt(None, "a checkpoint file, a transformers folder / model.safetensors, 'random', or "
+                                       "unset to search $DENSEVIT_WEIGHTS, torch.hub's checkpoints, the Hugging Face "
+                                       "cache, then download")
     stride: Optional[int] = opt(None, "patch-embedding stride (must divide the patch size)")
     device: Optional[str] = opt(None, "cpu, cuda, cuda:N (default: cuda when available)")
     dtype: str = opt("float32", "model dtype", choices=DTYPES)
