@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DensevitError
+from ..io.files import atomic_write
 from ..io.images import UnreadableImageError
 from ..models.registry import BACKBONES
 from ..options import opt
@@ -105,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ext = build_extractor(args)
     ext.resolve_layer(layer)  # validate before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    failures = written = 0
     unreadable = []
     for img, target in tqdm(todo, desc="extract", unit="img", disable=len(todo) < 2):
         try:
@@ -129,9 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       backbone=np.array(ext.spec.name), binned=np.array(args.bin))
         if feats.saliency is not None:
             arrays["saliency"] = feats.saliency[0].float().cpu().numpy()
-        tmp = target.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(target)
+        atomic_write(target, lambda f: np.savez(f, **arrays))
+        written += 1
+    print(f"densevit-extract: {written} descriptor file(s) written to {out_dir}"
+          + (f", {skipped} existing kept" if skipped else "") + (f", {failures} failed" if failures else ""))
     return max(1 if failures else 0, report_unreadable("densevit-extract", unreadable))
 
 
