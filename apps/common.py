@@ -16,13 +16,17 @@ from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.features.extractor import ViTExtractor
-from densevit.features.source import FeatureSource, ImageFeatures, ImageInput, image_name  # noqa: F401
-from densevit.features.options import bin_opt, facet_opt, layer_opt, load_size_opt
+from densevit.features.options import FeatureOptions
+from densevit.features.source import (  # noqa: F401
+    FeatureSource,
+    ImageFeatures,
+    ImageInput,
+    image_name,
+)
 from densevit.io.images import to_tensor
 from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
 from densevit.models.grid import TokenGrid, grid_shape
 from densevit.options import opt, zero_is_none
-
 
 SALIENCY_SOURCES = ("reference", "same-pass")
 """Where co-segmentation's saliency comes from. ``"reference"``: the reference's default
@@ -38,14 +42,11 @@ the CRF unaries for part co-segmentation). ``"token-centre"``: every pixel takes
 
 
 @dataclass(frozen=True)
-class ClusteringConfig:
-    """What co-segmentation and part co-segmentation share (defaults: the reference's): the descriptors, the
-    k-means of every set's descriptors, the saliency votes, and how token maps become pixels."""
+class ClusteringConfig(FeatureOptions):
+    """What co-segmentation and part co-segmentation share (defaults: the reference's): the descriptors (key
+    facet of layer 11, unbinned, load size 224), the k-means of every set's descriptors, the saliency votes, and
+    how token maps become pixels."""
 
-    load_size: Optional[int] = load_size_opt(224)
-    layer: int = layer_opt(11)
-    facet: str = facet_opt("key")
-    bin: bool = bin_opt(False)
     thresh: float = opt(0.065, "saliency threshold of a cluster vote")
     elbow: float = opt(0.975, "elbow coefficient for choosing k")
     k_range: Tuple[int, ...] = opt(tuple(range(1, 15)), "cluster counts tried", cli=False)

@@ -36,13 +36,19 @@ import numpy as np
 import torch
 
 from densevit.errors import DensevitError
-from densevit.features.options import bin_opt, facet_opt, layer_opt, load_size_opt
+from densevit.features.options import FeatureOptions, bin_opt, layer_opt
 from densevit.matching.cluster import kmeans
 from densevit.matching.knn import nearest_both_ways
 from densevit.matching.transfer import transfer_points
 from densevit.options import opt
 
-from .common import ImageFeatures, ImageInput, extract_features, image_name, l2_normalize
+from .common import (
+    ImageFeatures,
+    ImageInput,
+    extract_features,
+    image_name,
+    l2_normalize,
+)
 
 CLUSTERINGS = ("sklearn", "faiss")
 FG_TESTS = ("reference", "both")
@@ -53,12 +59,10 @@ __all__ = ["CLUSTERINGS", "FG_TESTS", "CorrespondenceConfig", "Correspondences",
 
 
 @dataclass(frozen=True)
-class CorrespondenceConfig:
+class CorrespondenceConfig(FeatureOptions):
     """Correspondence parameters (defaults: the paper's / reference's)."""
 
-    load_size: Optional[int] = load_size_opt(224)
     layer: int = layer_opt(9)
-    facet: str = facet_opt("key")
     bin: bool = bin_opt(True)
     thresh: float = opt(0.05, "saliency threshold of both points of a pair")
     num_pairs: int = opt(10, "number of point pairs")

@@ -47,8 +47,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID, elbow_kmeans, kmeans
-
+from densevit.matching.cluster import (
+    FAISS_KMEANS_SEED,
+    FAISS_MAX_POINTS_PER_CENTROID,
+    elbow_kmeans,
+    kmeans,
+)
 from densevit.options import opt
 
 from .common import (

@@ -45,7 +45,6 @@ import torch
 from PIL import Image
 
 from densevit.errors import DensevitError
-
 from densevit.options import opt
 
 from .common import (

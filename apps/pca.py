@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from densevit.errors import DensevitError
-from densevit.features.options import bin_opt, facet_opt, layer_opt, load_size_opt
+from densevit.features.options import FeatureOptions
 from densevit.models.grid import TokenGrid
 from densevit.options import opt
 
@@ -26,13 +26,9 @@ __all__ = ["PCAConfig", "PCAImage", "descriptor_pca", "pca_features"]
 
 
 @dataclass(frozen=True)
-class PCAConfig:
-    """What a PCA picture shows (defaults: the reference's ``pca.py``)."""
+class PCAConfig(FeatureOptions):
+    """What a PCA picture shows (defaults: the reference's ``pca.py``: key facet of layer 11, unbinned)."""
 
-    load_size: Optional[int] = load_size_opt(224)
-    layer: int = layer_opt(11)
-    facet: str = facet_opt("key")
-    bin: bool = bin_opt(False)
     n_components: int = opt(4, "principal components to fit")
     rgb: Optional[Tuple[int, int, int]] = opt(None, "components shown as R G B (0-based; default: the last three)",
                                               metavar="I")

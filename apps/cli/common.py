@@ -15,17 +15,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from densevit.cli.common import (
+from densevit.cli.common import (  # noqa: F401  (check_readable, report_unreadable: the apps' names)
     OutputOptions,
     WritesIntoInputsError,
+    add_model_flags,
+    add_store_arg,
     check_outputs,
     check_readable,
     drop_unreadable,
     report_unreadable,
 )
-from densevit.cli.flags import add_config_flags
-from densevit.io.images import decode_once
+from densevit.cli.flags import add_config_flags, config_from_args, make_parser
 from densevit.errors import DensevitError
+from densevit.io.images import decode_once
 from densevit.options import opt
 
 __all__ = ["add_io_args", "load_size_arg", "is_folder_of_sets", "check_readable", "drop_unreadable",
@@ -51,6 +53,25 @@ def add_io_args(parser: argparse.ArgumentParser, **tweak: Dict) -> None:
     add_config_flags(parser, OutputOptions, tweak={"out": {"help": "output folder (one sub-folder per set for a "
                                                            "folder of sets)"}, **tweak})
     add_config_flags(parser, SetsIO, only=["max_side"], tweak=tweak)
+
+
+def sets_parser(prog: str, description: str, *configs: Tuple[type, str]) -> argparse.ArgumentParser:
+    """The parser of a set command: inputs and outputs (:func:`add_io_args`), the flags of each ``(config class,
+    group title)``, the model flags and ``--store``."""
+    p = make_parser(prog, description)
+    add_io_args(p)
+    for cls, title in configs:
+        add_config_flags(p, cls, title=title)
+    add_model_flags(p)
+    add_store_arg(p)
+    return p
+
+
+def validated_config(cls: type, args: argparse.Namespace):
+    """``cls`` built from the parsed flags and validated (one-line errors)."""
+    cfg = config_from_args(cls, args)
+    cfg.validate()
+    return cfg
 
 
 def load_size_arg(value: int) -> Optional[int]:

@@ -12,14 +12,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from densevit.cli import flags
-from densevit.cli.common import add_model_flags, add_store_arg, build_source, gather_sets, run_cli
-from densevit.cli.flags import add_config_flags, make_parser
+from densevit.cli.common import build_source, gather_sets, run_cli
 from densevit.errors import DensevitError
 
 from .. import draw
 from ..coseg import CosegConfig, cosegment
-from .common import add_io_args, run_sets, stems
+from .common import run_sets, sets_parser, stems, validated_config
 
 PROG = "densevit-coseg"
 
@@ -32,19 +30,13 @@ def check_saliency_source(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(PROG, "Co-segment the common foreground object of each set of images (ViT descriptors: "
-                    "k-means, saliency voting, GrabCut).")
-    add_io_args(p)
-    add_config_flags(p, CosegConfig, title="co-segmentation (defaults: the reference's)")
-    add_model_flags(p)
-    add_store_arg(p)
-    return p
+    return sets_parser(PROG, "Co-segment the common foreground object of each set of images (ViT descriptors: "
+                       "k-means, saliency voting, GrabCut).", (CosegConfig, "co-segmentation (defaults: the "
+                                                                             "reference's)"))
 
 
 def config_from_args(args: argparse.Namespace) -> CosegConfig:
-    cfg = flags.config_from_args(CosegConfig, args)
-    cfg.validate()
-    return cfg
+    return validated_config(CosegConfig, args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,8 +18,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from densevit.cli.common import OutputOptions, check_outputs, report_unreadable, run_cli, skip_unreadable
-from densevit.cli.flags import HelpFormatter, add_config_flags, config_from_args, make_parser
+from densevit.cli.common import (
+    OutputOptions,
+    check_outputs,
+    report_unreadable,
+    run_cli,
+    skip_unreadable,
+)
+from densevit.cli.flags import (
+    HelpFormatter,
+    add_config_flags,
+    config_from_args,
+    make_parser,
+)
 from densevit.errors import DensevitError
 from densevit.io.images import UnreadableImageError, load_image
 from densevit.options import opt

@@ -18,9 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from densevit.cli import flags
-from densevit.cli.common import add_model_flags, add_store_arg, build_source, gather_sets, run_cli
-from densevit.cli.flags import add_config_flags, make_parser
+from densevit.cli.common import build_source, gather_sets, run_cli
 from densevit.errors import DensevitError
 from densevit.matching.transfer import REFINE
 from densevit.options import opt
@@ -32,7 +30,7 @@ from ..correspondence import (
     pair_features,
     transfer_keypoints_features,
 )
-from .common import add_io_args, run_sets, stems
+from .common import run_sets, sets_parser, stems, validated_config
 
 PROG = "densevit-match"
 
@@ -47,14 +45,10 @@ class TransferOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(PROG, "Find semantic point correspondences between two images (best buddies of ViT "
-                    "descriptors on salient regions, k-means pick).")
-    add_io_args(p)
-    add_config_flags(p, CorrespondenceConfig, title="correspondences (defaults: the reference's)")
-    add_config_flags(p, TransferOptions, title="point transfer")
-    add_model_flags(p)
-    add_store_arg(p)
-    return p
+    return sets_parser(PROG, "Find semantic point correspondences between two images (best buddies of ViT "
+                       "descriptors on salient regions, k-means pick).",
+                       (CorrespondenceConfig, "correspondences (defaults: the reference's)"),
+                       (TransferOptions, "point transfer"))
 
 
 def read_points(path: str) -> np.ndarray:
@@ -76,8 +70,7 @@ def read_points(path: str) -> np.ndarray:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = flags.config_from_args(CorrespondenceConfig, args)
-    cfg.validate()
+    cfg = validated_config(CorrespondenceConfig, args)
     query = read_points(args.points) if args.points else None
     sets = gather_sets(args.inputs)
     source = build_source(args, saliency=True)

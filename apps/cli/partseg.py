@@ -16,32 +16,25 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from densevit.cli import flags
-from densevit.cli.common import add_model_flags, add_store_arg, build_source, gather_sets, run_cli
-from densevit.cli.flags import add_config_flags, make_parser
+from densevit.cli.common import build_source, gather_sets, run_cli
 from densevit.errors import DensevitError
 
 from .. import draw
 from ..partseg import PartsegConfig, crf_backend, part_cosegment
-from .common import add_io_args, run_sets, stems
+from .common import run_sets, sets_parser, stems, validated_config
 from .coseg import check_saliency_source
 
 PROG = "densevit-partseg"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(PROG, "Co-segment the common object of each set of images into parts consistent across the "
-                    "set (ViT descriptors, k-means, dense CRF).")
-    add_io_args(p)
-    add_config_flags(p, PartsegConfig, title="part co-segmentation (defaults: the reference's)")
-    add_model_flags(p)
-    add_store_arg(p)
-    return p
+    return sets_parser(PROG, "Co-segment the common object of each set of images into parts consistent across "
+                       "the set (ViT descriptors, k-means, dense CRF).",
+                       (PartsegConfig, "part co-segmentation (defaults: the reference's)"))
 
 
 def config_from_args(args: argparse.Namespace) -> PartsegConfig:
-    cfg = flags.config_from_args(PartsegConfig, args)
-    cfg.validate()
+    cfg = validated_config(PartsegConfig, args)
     crf_backend(cfg.crf)                        # dense asked for and pydensecrf missing: one line now
     return cfg
 

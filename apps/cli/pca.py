@@ -14,31 +14,24 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from densevit.cli import flags
-from densevit.cli.common import add_model_flags, add_store_arg, build_source, gather_sets, run_cli
-from densevit.cli.flags import add_config_flags, make_parser
+from densevit.cli.common import build_source, gather_sets, run_cli
 
 from .. import draw
 from ..common import extract_set
 from ..pca import PCAConfig, pca_features
-from .common import add_io_args, run_sets, stems
+from .common import run_sets, sets_parser, stems, validated_config
 
 PROG = "densevit-pca"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(PROG, "Show ViT descriptors as RGB: a PCA of the descriptors of each set of images.")
-    add_io_args(p)
-    add_config_flags(p, PCAConfig, title="PCA")
-    add_model_flags(p)
-    add_store_arg(p)
-    return p
+    return sets_parser(PROG, "Show ViT descriptors as RGB: a PCA of the descriptors of each set of images.",
+                       (PCAConfig, "PCA"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = flags.config_from_args(PCAConfig, args)
-    cfg.validate()
+    cfg = validated_config(PCAConfig, args)
     rgb = cfg.shown
     sets = gather_sets(args.inputs)
     source = build_source(args)

@@ -36,7 +36,14 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.storage.cache import atomic_write
 
-from .session import DESCRIPTOR_FACETS, MAX_LOAD_SIZE, Explorer, ImageMap, Settings, encode_png
+from .session import (
+    DESCRIPTOR_FACETS,
+    MAX_LOAD_SIZE,
+    Explorer,
+    ImageMap,
+    Settings,
+    encode_png,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 DISPLAY_SIDE = 1024  # images are sent to the page at most this large (the page scales them)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..errors import DensevitError
 from ..io.files import atomic_write
-from ..io.images import UnreadableImageError
+from ..io.images import UnreadableImageError, report_unreadable, skip_unreadable
 from ..models.registry import BACKBONES
 from ..options import opt
 from ..storage.extract import ExtractionConfig
@@ -23,9 +23,7 @@ from .common import (
     build_extractor,
     check_outputs,
     gather_images,
-    report_unreadable,
     run_cli,
-    skip_unreadable,
 )
 from .flags import add_config_flags, config_from_args, make_parser
 

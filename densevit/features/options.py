@@ -34,8 +34,10 @@ def bin_opt(default: bool = False) -> Any:
 
 @dataclass(frozen=True)
 class FeatureOptions:
-    """Which descriptors a command reads, for commands without a config of their own."""
+    """Which descriptors are read: the base of every app's config (each overrides the defaults it changes), and
+    the flags of commands without a config of their own."""
 
     load_size: Optional[int] = load_size_opt()
     layer: int = layer_opt()
     facet: str = facet_opt()
+    bin: bool = bin_opt()
