@@ -12,7 +12,7 @@ middle and the last block (``get_intermediate_layers(norm=False)``), the key pro
 
 ViT-L, ViT-g (with and without registers) and ViT-H+ are proven whole. ViT-7B (6.7B parameters, 27 GB in
 float32) does not fit this machine: the same code path is proven on the official ``dinov3_vit7b16`` builder with
-``depth=2`` at full width (every other setting, and so every tensor shape of a block, as the official 7B: no
+``depth=2`` (its own arguments passed on to ``_make_dinov3_vit`` with only ``depth`` replaced) at full width (every other setting, and so every tensor shape of a block, as the official 7B: no
 q / k / v bias, SwiGLU aligned to 64, untied local CLS norm, layer scale, RoPE base 100, 4 storage tokens),
 loaded into timm's ``vit_7b_patch16_dinov3`` with ``depth=2`` by the same converter; the full 40-block registry
 entry, loader and conversion are checked on the meta device (every official key maps, every shape agrees).
