@@ -27,6 +27,7 @@ from ..io.images import ImageLike, preprocess, to_rgb
 from ..models.families import BlockFamily, make_adapter
 from ..models.grid import TokenGrid, grid_shape
 from ..models.posenc import DINO, resample_pos_embed
+from ..models.own import adopt_module
 from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
@@ -69,20 +70,29 @@ class ViTExtractor(nn.Module):
     """Dense ViT descriptor extractor.
 
     Args:
-        backbone: densevit backbone name (see :data:`densevit.backbones.BACKBONES`).
+        backbone: densevit backbone name (see :data:`densevit.backbones.BACKBONES`; default ``dino_vits8``).
         stride: patch-embedding stride; must divide the patch size (default: the patch size).
         weights: checkpoint path, ``"random"``, or ``None`` to search ``$DENSEVIT_WEIGHTS`` then timm's hub.
         device: where to run (``None``: CUDA when available).
         dtype: ``float32``, ``float16`` or ``bfloat16``.
+        model: your own module instead of a registry build (:mod:`densevit.models.own`): a timm
+            ``VisionTransformer`` / ``Eva`` (used as it is, moved to ``device`` / ``dtype``) or an official DINO /
+            DINOv2 / DINOv3 module (converted exactly from its state dict). ``backbone`` then names the registry
+            entry whose preprocessing and position rules it follows (default: found from the module).
     """
 
-    def __init__(self, backbone: str = "dino_vits8", stride: Optional[int] = None,
+    def __init__(self, backbone: Optional[str] = None, stride: Optional[int] = None,
                  weights: Union[str, Path, None] = None, device: DeviceLike = None,
-                 dtype: Union[str, torch.dtype, None] = torch.float32) -> None:
+                 dtype: Union[str, torch.dtype, None] = torch.float32, model: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.device = select_device(device)
         self.dtype = parse_dtype(dtype)
-        model, spec = load_backbone(backbone, weights)
+        if model is not None:
+            if weights is not None:
+                raise DensevitError("pass either model= or weights=, not both")
+            model, spec = adopt_module(model, backbone)
+        else:
+            model, spec = load_backbone(backbone or "dino_vits8", weights)
         self.spec: BackboneSpec = spec
         self.model = model
         self.patch_size = spec.patch_size

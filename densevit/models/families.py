@@ -29,6 +29,9 @@ class BlockFamily:
 
     block_types: Tuple[str, ...] = ("Block",)
     attn_types: Tuple[str, ...] = ("Attention",)
+    # Feed-forwards run as the block's own module: timm's Mlp, and the SwiGLU ones of DINOv2 ViT-g (GluMlp,
+    # timm's SwiGLUPacked: fused w12) and DINOv3 ViT-H+ / 7B (SwiGLU: separate gate / value projections).
+    mlp_types: Tuple[str, ...] = ("Mlp", "GluMlp", "SwiGLU")
 
     def __init__(self, model: nn.Module, pos: PosEncoding, patch_size: int, stride: int) -> None:
         self.model = model
@@ -43,9 +46,9 @@ class BlockFamily:
     def check(self, blk: nn.Module) -> None:
         """Raise if ``blk`` is not a block this adapter knows how to run exactly."""
         if type(blk).__name__ not in self.block_types or type(blk.attn).__name__ not in self.attn_types \
-                or getattr(blk.attn, "gate", None) is not None:
-            raise DensevitError(f"unsupported block type {type(blk).__name__}/{type(blk.attn).__name__} "
-                                f"for the {type(self).__name__} adapter")
+                or getattr(blk.attn, "gate", None) is not None or type(blk.mlp).__name__ not in self.mlp_types:
+            raise DensevitError(f"unsupported block type {type(blk).__name__}/{type(blk.attn).__name__}/"
+                                f"{type(blk.mlp).__name__} for the {type(self).__name__} adapter")
 
     @property
     def num_prefix_tokens(self) -> int:

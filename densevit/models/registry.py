@@ -84,6 +84,15 @@ BACKBONES: Dict[str, BackboneSpec] = {s.name: s for s in [
           ["dinov2_vits14_reg4_pretrain.pth"], **_V2_REG),
     _spec("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2", "lvd142m", 14, 768, 12, 12, "dinov2",
           ["dinov2_vitb14_reg4_pretrain.pth"], **_V2_REG),
+    # ViT-L/14 and ViT-g/14 (ViT-g: fused SwiGLU feed-forward, timm's SwiGLUPacked).
+    _spec("dinov2_vitl14", "vit_large_patch14_dinov2", "lvd142m", 14, 1024, 24, 16, "dinov2",
+          ["dinov2_vitl14_pretrain.pth"], **_V2),
+    _spec("dinov2_vitg14", "vit_giant_patch14_dinov2", "lvd142m", 14, 1536, 40, 24, "dinov2",
+          ["dinov2_vitg14_pretrain.pth"], **_V2),
+    _spec("dinov2_vitl14_reg", "vit_large_patch14_reg4_dinov2", "lvd142m", 14, 1024, 24, 16, "dinov2",
+          ["dinov2_vitl14_reg4_pretrain.pth"], **_V2_REG),
+    _spec("dinov2_vitg14_reg", "vit_giant_patch14_reg4_dinov2", "lvd142m", 14, 1536, 40, 24, "dinov2",
+          ["dinov2_vitg14_reg4_pretrain.pth"], **_V2_REG),
     # DINOv3 (Simeoni et al. 2025): Eva blocks, axial RoPE, 4 storage tokens, layer scale, masked key bias.
     # timm's *_qkvb models keep the q / v biases of the official checkpoints.
     _spec("dinov3_vits16", "vit_small_patch16_dinov3_qkvb", "lvd1689m", 16, 384, 12, 6, "dinov3",
@@ -96,6 +105,12 @@ BACKBONES: Dict[str, BackboneSpec] = {s.name: s for s in [
           ["dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"], **_V3),
     _spec("dinov3_vitl16_sat", "vit_large_patch16_dinov3_qkvb", "sat493m", 16, 1024, 24, 16, "dinov3",
           ["dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"], mean=SAT_MEAN, std=SAT_STD, **_V3),
+    # ViT-H+/16 and ViT-7B/16: SwiGLU feed-forward (timm's SwiGLU); the 7B has no q / k / v bias (timm's model
+    # without _qkvb) and its untied local-crop CLS norm (training only) is not used at inference.
+    _spec("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3_qkvb", "lvd1689m", 16, 1280, 32, 20, "dinov3",
+          ["dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"], **_V3),
+    _spec("dinov3_vit7b16", "vit_7b_patch16_dinov3", "lvd1689m", 16, 4096, 40, 32, "dinov3",
+          ["dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth"], **_V3),
     # Differently supervised ViTs, for comparisons with the same code (timm is their reference implementation).
     _spec("sup_vits16", "vit_small_patch16_224", "augreg_in21k_ft_in1k", 16, 384, 12, 6, "supervised", [],
           mean=INCEPTION_MEAN, std=INCEPTION_STD, pos=TIMM),

@@ -133,12 +133,22 @@ def _convert_timm(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
     return sd, {}
 
 
+_V2_SWIGLU = ((".mlp.w12.", ".mlp.fc1."), (".mlp.w3.", ".mlp.fc2."))
+
+
 def _convert_dinov2(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
     """facebookresearch/dinov2 layout -> timm. With registers, timm's model keeps no position for the prefix
-    tokens, so the CLS position is folded into the CLS token (the official code adds it there)."""
-    if "register_tokens" not in sd and "mask_token" not in sd:
+    tokens, so the CLS position is folded into the CLS token (the official code adds it there). ViT-g's fused
+    SwiGLU ``w12`` (gate rows first, as the official ``chunk(2)`` reads them) / ``w3`` are timm's packed
+    ``SwiGLUPacked`` ``fc1`` / ``fc2``, unchanged."""
+    if "register_tokens" not in sd and "mask_token" not in sd and not any(".mlp.w12." in k for k in sd):
         return sd, {}
     sd = dict(sd)
+    for k in [k for k in sd if ".mlp.w12." in k or ".mlp.w3." in k]:
+        new = k
+        for a, b in _V2_SWIGLU:
+            new = new.replace(a, b)
+        sd[new] = sd.pop(k)
     sd.pop("mask_token", None)  # masked-image training only: the official inference never reads it
     if "register_tokens" in sd:
         sd["reg_token"] = sd.pop("register_tokens")
@@ -260,7 +270,14 @@ def load_weights_file(model: nn.Module, spec: BackboneSpec, path: Union[str, Pat
     (``assign=True``: nothing is initialised and then overwritten), and its non-persistent buffers are computed
     afterwards; the result equals loading into a randomly initialised model."""
     path = Path(path)
-    sd, extras = _fit_state_dict(read_state_dict(path), model, spec, str(path), read_hf_config(path))
+    load_state(model, spec, read_state_dict(path), str(path), read_hf_config(path))
+
+
+def load_state(model: nn.Module, spec: BackboneSpec, state: Dict[str, torch.Tensor], source: str,
+               hf_config: Optional[Dict[str, Any]] = None) -> None:
+    """:func:`load_weights_file` for a state dict already in memory (``source`` names it in errors; ``hf_config``:
+    a transformers checkpoint's ``config.json``)."""
+    sd, extras = _fit_state_dict(state, model, spec, source, hf_config)
     meta = bool(_meta_tensors(model))
     if meta:
         expected = model.state_dict()
@@ -269,10 +286,10 @@ def load_weights_file(model: nn.Module, spec: BackboneSpec, path: Union[str, Pat
         _materialize_buffers(model)
     else:
         model.load_state_dict(sd, strict=True)
-    _set_extras(model, extras, spec, str(path))
+    _set_extras(model, extras, spec, source)
     left = _meta_tensors(model)
     if left:
-        raise DensevitError(f"weights {path} leave {spec.name} without values for {left[0]!r}")
+        raise DensevitError(f"weights {source} leave {spec.name} without values for {left[0]!r}")
 
 
 def _hf_repos(spec: BackboneSpec) -> List[str]:
