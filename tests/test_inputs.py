@@ -48,6 +48,14 @@ def test_batch_tensor_and_list(ext, small):
     assert [tuple(p[0].shape[-2:]) for p in pairs] == [tuple(x.shape[-2:]), tuple(x.shape[-2:])[::-1]]
 
 
+def test_load_size_pair_is_the_size(ext, small):
+    x, grid = ext.preprocess(small[1], (32, 56))
+    assert tuple(x.shape[-2:]) == (32, 56) == grid.input_hw
+    for bad in ((32,), (32, 0), 0):
+        with pytest.raises(DensevitError):
+            ext.preprocess(small[1], bad)
+
+
 def test_in_memory_images_follow_the_rules_of_files(tmp_path):
     """EXIF orientation of an opened (not yet transposed) PIL image, alpha, greyscale and 16-bit arrays."""
     rng = np.random.default_rng(0)

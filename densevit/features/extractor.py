@@ -43,6 +43,7 @@ from .binning import log_bin
 FACETS = ("key", "query", "value", "token", "token_norm", "attn", "key_rope", "query_rope")
 OUTPUT_FORMATS = ("NLC", "NCHW", "NHWC")   # timm's names: tokens BxTxD (the default), maps BxDxhxw, BxhxwxD
 Images = Union[ImageLike, Sequence[ImageLike]]
+LIST_BATCH = 16                            # items of one input size run together when extract is given a list
 _QKV_INDEX = {"query": 0, "key": 1, "value": 2, "query_rope": 3, "key_rope": 4}
 
 
@@ -344,8 +345,9 @@ class ViTExtractor(nn.Module):
 
     def _extract_images(self, images: Images, load_size: LoadSize, options: dict
                         ) -> Union[Features, List[Features]]:
-        """:meth:`extract` of images (module doc): each item preprocessed, the items of one input size run as one
-        batch, the results returned per item in input order (one :class:`Features` for a single image)."""
+        """:meth:`extract` of images (module doc): each item preprocessed, the items of one input size run together
+        (:data:`LIST_BATCH` at a time), the results returned per item in input order (one :class:`Features` for a
+        single image)."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         prepared = []
         for item in items:
@@ -358,7 +360,8 @@ class ViTExtractor(nn.Module):
         for i, (t, _) in enumerate(prepared):
             by_size.setdefault(tuple(t.shape[-2:]), []).append(i)
         out: List[Optional[Features]] = [None] * len(prepared)
-        for idx in by_size.values():
+        chunks = [idx[k:k + LIST_BATCH] for idx in by_size.values() for k in range(0, len(idx), LIST_BATCH)]
+        for idx in chunks:
             feats = self.extract(torch.cat([prepared[i][0] for i in idx]), **options)
             start = 0
             for i in idx:
@@ -376,7 +379,7 @@ class ViTExtractor(nn.Module):
         """``nn.Module.to``: the backbone moved / cast through its adapter (which keeps what must stay exact, e.g.
         DINOv3's RoPE periods in float32); :attr:`device` and :attr:`dtype` follow."""
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        device = self.device if device is None else device
+        device = self.device if device is None else select_device(str(device))
         dtype = self.dtype if dtype is None else parse_dtype(dtype)
         self.adapter.to(device, dtype)
         for child in self.children():

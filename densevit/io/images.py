@@ -133,8 +133,9 @@ def resized_hw(image_hw: Tuple[int, int], load_size: LoadSize) -> Tuple[int, int
 
 def check_load_size(load_size: LoadSize) -> None:
     """A load size is ``None``, a positive side or a pair of positive sides ``(h, w)``."""
-    sides = load_size if isinstance(load_size, (tuple, list)) else (load_size,)
-    if load_size is not None and (len(sides) not in (1, 2) or min(sides) < 1):
+    pair = isinstance(load_size, (tuple, list))
+    sides = tuple(load_size) if pair else (load_size,)
+    if load_size is not None and ((pair and len(sides) != 2) or min(sides) < 1):
         raise DensevitError(f"load size must be positive, got {load_size}")
 
 
