@@ -313,8 +313,9 @@ class ViTExtractor(nn.Module):
         facets, layers = tuple(facets), tuple(layers)
         self._check_output_fmt(output_fmt, facets, include_cls)
         if not _is_model_input(x):
-            return self._extract_images(x, load_size, dict(layers=layers, facets=facets, bin=bin, include_cls=include_cls,
-                                                           saliency=saliency, stride=stride, output_fmt=output_fmt))
+            options = dict(layers=layers, facets=facets, bin=bin, include_cls=include_cls, saliency=saliency,
+                           stride=stride, output_fmt=output_fmt)
+            return self._extract_images(x, load_size, options)
         x = x if x.dim() != 3 else x.unsqueeze(0)
         plan = self._plan(x, layers, facets, bin, include_cls, saliency)
         grid = self.grid(tuple(x.shape[-2:]), image_hw, stride)
