@@ -39,7 +39,7 @@ from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import image_size, to_rgb, to_tensor
+from densevit.io.images import as_pil, image_size, to_tensor
 from densevit.models.grid import TokenGrid
 from densevit.options import opt
 from densevit.runtime.threads import prefetch_map
@@ -106,8 +106,8 @@ def input_size(image_hw: Tuple[int, int], short_side: int = 480, multiple: int =
 
 
 def _as_rgb(frame: FrameLike) -> Image.Image:
-    """A frame (file, PIL image or ``HxWx3`` uint8 array) as RGB: :func:`densevit.io.images.to_rgb`."""
-    return to_rgb(frame)
+    """A frame (file, PIL image or ``HxWx3`` uint8 array) as RGB: :func:`densevit.io.images.as_pil`."""
+    return as_pil(frame)
 
 
 def load_frame(frame: FrameLike, input_hw: Tuple[int, int], mean: Sequence[float], std: Sequence[float]

@@ -32,6 +32,8 @@ def test_regular_install_from_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "densevit/apps/__init__.py" in names
     assert "densevit/apps/explore/static/index.html" in names  # the explorer's page ships with the package
+    assert "densevit/py.typed" in names                          # type hints are shipped (PEP 561)
+    assert "densevit/compat/dvf.py" in names
     assert not any(n.startswith("apps/") for n in names)
     site = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
@@ -40,4 +42,5 @@ def test_regular_install_from_wheel(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(site), "PATH": ""}, check=True).stdout.split("\n")
     assert Path(out[0]).resolve().is_relative_to(site.resolve() / "densevit" / "apps")
+    assert (site / "densevit" / "py.typed").is_file()
     assert out[1] == "None"  # no bare `apps` importable from the install

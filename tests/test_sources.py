@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from densevit.apps.cli import pca as pca_cli
+from densevit.apps.coseg import CosegConfig, cosegment
 from PIL import Image
 
 import densevit.io.images as images_mod
-from densevit.apps.cli import pca as pca_cli
-from densevit.apps.coseg import CosegConfig, cosegment
 from densevit.features.source import FeatureSource, ImageFeatures
-from densevit.io.images import decode_once, load_image, to_rgb
+from densevit.io.images import as_pil, decode_once, load_image
 from densevit.models.grid import TokenGrid
 
 
@@ -68,19 +68,21 @@ def test_images_in_memory_follow_the_file_rules(tmp_path, make_extractor):
     rgb.save(tmp_path / "rot.jpg", exif=exif, quality=95)
     for name in ("deep.png", "rot.jpg"):
         from_file = load_image(tmp_path / name)
-        in_memory = to_rgb(Image.open(tmp_path / name))
+        in_memory = as_pil(Image.open(tmp_path / name))
         assert in_memory.size == from_file.size
         np.testing.assert_array_equal(np.asarray(in_memory), np.asarray(from_file))
     ext = make_extractor(8)
     a = ext.image_features(tmp_path / "deep.png", 32, 11, "key", saliency=False)
     b = ext.image_features(Image.open(tmp_path / "deep.png"), 32, 11, "key", saliency=False)
     assert torch.equal(a.descriptors, b.descriptors)
-    from densevit.apps.common import extract_features          # the apps' path (it used .convert("RGB"))
+    from densevit.apps.common import (
+        extract_features,  # the apps' path (it used .convert("RGB"))
+    )
 
     c = extract_features(ext, Image.open(tmp_path / "deep.png"), 32, 11, "key", saliency=False)
     assert torch.equal(a.descriptors, c.descriptors)
-    with pytest.raises(ValueError, match="HxWx3 uint8"):
-        to_rgb(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="HxWx4"):
+        as_pil(np.zeros((4, 4, 5), np.uint8))
 
 
 def test_decode_once_reads_each_unchanged_file_once(tmp_path, monkeypatch):

@@ -71,7 +71,7 @@ from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import resized_hw, to_rgb, to_tensor
+from densevit.io.images import as_pil, resized_hw, to_tensor
 from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
@@ -332,7 +332,7 @@ def extract_discovery_features(extractor, image: ImageInput, cfg: DiscoverConfig
     """Read one image, bring it to a token grid as ``cfg.fit`` says and extract ``cfg.layer``/``cfg.facet``
     descriptors in one forward pass."""
     cfg.validate()
-    img = to_rgb(image)
+    img = as_pil(image)
     p = extractor.patch_size
     H0, W0 = img.height, img.width
     if cfg.fit == "round":

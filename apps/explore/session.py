@@ -31,7 +31,7 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features import similarity as sim
 from densevit.features.binning import log_bin
-from densevit.io.images import load_image, to_rgb
+from densevit.io.images import as_pil, load_image
 from densevit.models.grid import TokenGrid
 
 __all__ = ["Settings", "ExploreImage", "ImageMap", "SimilarityResult", "AttentionResult", "Explorer",
@@ -235,7 +235,7 @@ class Explorer:
                 f.flush()
                 img = self._read(f.name, name or "upload")
         elif isinstance(image, Image.Image):
-            img = to_rgb(image)
+            img = as_pil(image)
         else:
             img = self._read(image, Path(image).name)
         name = name or (Path(image).name if source else f"image{len(self.images)}")

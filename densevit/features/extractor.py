@@ -9,13 +9,21 @@ Facets of block ``l`` (0-based):
     ``token``: the block output; ``token_norm``: the block output through the model's final norm;
     ``attn``: the attention probabilities, ``B x heads x T x T``.
 Descriptors are ``B x T x D`` with ``T = h * w`` patch tokens in row-major grid order (prefix tokens dropped
-unless ``include_cls``, which keeps the CLS token first; register tokens are always dropped).
+unless ``include_cls``, which keeps the CLS token first; register tokens are always dropped), or, with
+``output_fmt="NCHW"`` (timm's name; ``"NHWC"`` too), ``B x D x h x w`` maps (saliency ``B x h x w``).
+
+Inputs: :meth:`ViTExtractor.preprocess` takes images (a path, a PIL image, an ``HxWx3`` numpy array, a
+``3xHxW`` / ``Bx3xHxW`` tensor with floats in ``[0, 1]`` unnormalised RGB or uint8 ``0..255``, or a list of
+them; the rules are :mod:`densevit.io.images`'s) and normalises them by the backbone's mean / std.
+:meth:`ViTExtractor.extract` takes model input as before (a *floating-point* ``Bx3xHxW`` or ``3xHxW`` tensor,
+already normalised, as ``preprocess`` returns it) or any other image or list, preprocessed first at
+``load_size``; a list gives one :class:`Features` per item, in input order, the items batched by size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +31,11 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DensevitError
-from ..io.images import ImageLike, preprocess, to_rgb
+from ..io.images import ImageLike, LoadSize, as_pil, preprocess, split_images
 from ..models.families import BlockFamily, make_adapter
 from ..models.grid import TokenGrid, grid_shape
-from ..models.posenc import DINO, resample_pos_embed
 from ..models.own import adopt_module
+from ..models.posenc import DINO, resample_pos_embed
 from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
@@ -35,6 +43,9 @@ from .binning import log_bin
 from .source import ImageFeatures, ImageInput, image_name
 
 FACETS = ("key", "query", "value", "token", "token_norm", "attn", "key_rope", "query_rope")
+OUTPUT_FORMATS = ("NLC", "NCHW", "NHWC")   # timm's names: tokens BxTxD (the default), maps BxDxhxw, BxhxwxD
+Images = Union[ImageLike, Sequence[ImageLike]]
+LIST_BATCH = 16                            # items of one input size run together when extract is given a list
 _QKV_INDEX = {"query": 0, "key": 1, "value": 2, "query_rope": 3, "key_rope": 4}
 
 
@@ -59,6 +70,32 @@ class _Plan:
     def last(self) -> int:
         layers = list(self.facets) + ([self.saliency_layer] if self.saliency_layer is not None else [])
         return max(layers)
+
+
+def _is_model_input(x: object) -> bool:
+    """A floating-point ``[B]x3xHxW`` tensor is model input (already normalised); anything else is an image."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() in (3, 4)
+
+
+def _formatted(feats: Features, output_fmt: str) -> Features:
+    """``feats`` with its patch descriptors (``BxTxD``) and saliency (``BxT``) laid out as ``output_fmt``."""
+    if output_fmt == "NLC":
+        return feats
+    h, w = feats.grid.shape
+
+    def grid(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(t.shape[0], h, w, t.shape[-1])
+        return t if output_fmt == "NHWC" else t.permute(0, 3, 1, 2).contiguous()
+
+    sal = None if feats.saliency is None else feats.saliency.reshape(-1, h, w)
+    return replace(feats, descriptors={k: grid(v) for k, v in feats.descriptors.items()}, saliency=sal)
+
+
+def _batch_slice(feats: Features, start: int, stop: int, grid: TokenGrid) -> Features:
+    """Images ``start:stop`` of a batch's :class:`Features`, with their own ``grid``."""
+    sal = None if feats.saliency is None else feats.saliency[start:stop]
+    return Features({k: v[start:stop] for k, v in feats.descriptors.items()}, grid, sal,
+                    {k: v[start:stop] for k, v in feats.cls.items()})
 
 
 def interpolate_pos_embed(patch_pos: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
@@ -131,13 +168,18 @@ class ViTExtractor(nn.Module):
         grid_shape(input_hw, self.patch_size, s)  # validates the size
         return TokenGrid(self.patch_size, s, tuple(input_hw), tuple(image_hw) if image_hw else None)
 
-    def preprocess(self, image: ImageLike, load_size: Optional[int] = 224, stride: Optional[int] = None
-                   ) -> Tuple[torch.Tensor, TokenGrid]:
-        """Read/resize/normalise one image for this backbone: ``(x 1x3xHxW on self.device, grid at stride)``."""
-        x, grid, _ = self.preprocess_with_image(image, load_size, stride)
-        return x, grid
+    def preprocess(self, image: Images, load_size: LoadSize = 224, stride: Optional[int] = None
+                   ) -> Union[Tuple[torch.Tensor, TokenGrid], List[Tuple[torch.Tensor, TokenGrid]]]:
+        """Read/resize/normalise one image for this backbone: ``(x 1x3xHxW on self.device, grid at stride)``; a
+        ``Bx3xHxW`` tensor gives ``(x Bx3xHxW, grid)``; a list gives that per item, in order (module doc)."""
+        if isinstance(image, (list, tuple)):
+            return [self.preprocess(one, load_size, stride) for one in image]
+        parts = [self.preprocess_with_image(one, load_size, stride) for one in split_images(image)]
+        if not parts:
+            raise DensevitError("no images given (an empty batch)")
+        return torch.cat([x for x, _, _ in parts]), parts[0][1]
 
-    def preprocess_with_image(self, image: ImageLike, load_size: Optional[int] = 224, stride: Optional[int] = None
+    def preprocess_with_image(self, image: ImageLike, load_size: LoadSize = 224, stride: Optional[int] = None
                               ) -> Tuple[torch.Tensor, TokenGrid, "Image.Image"]:
         """:meth:`preprocess` that also returns the resized RGB image (for drawing or refinement at load size)."""
         x, resized, image_hw = preprocess(image, load_size, self.spec.mean, self.spec.std)
@@ -155,7 +197,7 @@ class ViTExtractor(nn.Module):
                        name: Optional[str] = None) -> ImageFeatures:
         """:class:`~densevit.features.source.FeatureSource`: ONE forward pass of ``image`` (a file, decoded once;
         or an image in memory, by the same mode and EXIF rules) for block ``layer``, ``facet``."""
-        img = to_rgb(image)
+        img = as_pil(image)
         x, grid, resized = self.preprocess_with_image(img, load_size)
         feats = self.extract(x, (layer,), (facet,), bin=bin, saliency=saliency, image_hw=grid.image_hw)
         desc = feats.descriptors[(layer, facet)][0].float().cpu()
@@ -273,9 +315,10 @@ class ViTExtractor(nn.Module):
             yield i, {f: self._descriptor(f, rec[f], bin, include_cls, grid_hw) for f in facets}
 
     @torch.inference_mode()
-    def extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
+    def extract(self, x: Union[torch.Tensor, Images], layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
                 bin: bool = False, include_cls: bool = False, saliency: bool = False,
-                image_hw: Optional[Tuple[int, int]] = None, stride: Optional[int] = None) -> Features:
+                image_hw: Optional[Tuple[int, int]] = None, stride: Optional[int] = None,
+                load_size: LoadSize = 224, output_fmt: str = "NLC") -> Union[Features, List[Features]]:
         """Every ``(layer, facet)`` combination asked for, and optionally saliency, in one forward pass that stops
         after the deepest block needed.
 
@@ -285,12 +328,21 @@ class ViTExtractor(nn.Module):
             image_hw: original image size, recorded in the returned grid for pixel mapping.
             stride: patch-embedding stride of this call (divides the patch size; default :attr:`stride`); the
                 model is not changed.
+            load_size: the load size of images that are not model input (module doc).
+            output_fmt: ``"NLC"`` (tokens, the default), ``"NCHW"`` or ``"NHWC"`` (maps; not with ``include_cls``
+                nor ``attn``).
         Returns:
             :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
             keyed by the layer as given by the caller, and ``cls[(layer, facet)]``: the CLS token's unbinned
-            descriptor ``BxD`` (not for ``attn``), whatever ``include_cls`` and ``bin``.
+            descriptor ``BxD`` (not for ``attn``), whatever ``include_cls`` and ``bin``; for a list, one per item.
         """
         facets, layers = tuple(facets), tuple(layers)
+        self._check_output_fmt(output_fmt, facets, include_cls)
+        if not _is_model_input(x):
+            options = dict(layers=layers, facets=facets, bin=bin, include_cls=include_cls, saliency=saliency,
+                           stride=stride, output_fmt=output_fmt)
+            return self._extract_images(x, load_size, options)
+        x = x if x.dim() != 3 else x.unsqueeze(0)
         plan = self._plan(x, layers, facets, bin, include_cls, saliency)
         grid = self.grid(tuple(x.shape[-2:]), image_hw, stride)
         by_block: Dict[int, Dict[str, torch.Tensor]] = {}
@@ -305,7 +357,69 @@ class ViTExtractor(nn.Module):
         descriptors = {(l, f): by_block[self.resolve_layer(l)][f] for l in layers for f in facets}
         cls = {(l, f): cls_block[self.resolve_layer(l)][f] for l in layers for f in facets
                if f in cls_block[self.resolve_layer(l)] and self.model.cls_token is not None}
-        return Features(descriptors, grid, sal_map, cls)
+        return _formatted(Features(descriptors, grid, sal_map, cls), output_fmt)
+
+    forward = extract     # the module's call is :meth:`extract`
+
+    # ------------------------------------------------------------------ inputs, formats, placement
+    @staticmethod
+    def _check_output_fmt(output_fmt: str, facets: Sequence[str], include_cls: bool) -> None:
+        if output_fmt not in OUTPUT_FORMATS:
+            raise DensevitError(f"unknown output_fmt {output_fmt!r}; choose from {', '.join(OUTPUT_FORMATS)}")
+        if output_fmt != "NLC" and (include_cls or "attn" in facets):
+            raise DensevitError(f"output_fmt {output_fmt!r} lays out patch descriptors on their grid "
+                                f"(not with include_cls nor attn)")
+
+    def _extract_images(self, images: Images, load_size: LoadSize, options: dict
+                        ) -> Union[Features, List[Features]]:
+        """:meth:`extract` of images (module doc): each item preprocessed, the items of one input size run together
+        (:data:`LIST_BATCH` at a time), the results returned per item in input order (one :class:`Features` for a
+        single image)."""
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        prepared = []
+        for item in items:
+            if _is_model_input(item):
+                t = (item if item.dim() != 3 else item.unsqueeze(0)).to(self.device)
+                prepared.append((t, self.grid(tuple(t.shape[-2:]), None, options["stride"])))
+            else:
+                prepared.append(self.preprocess(item, load_size, options["stride"]))
+        by_size: Dict[Tuple[int, int], List[int]] = {}
+        for i, (t, _) in enumerate(prepared):
+            by_size.setdefault(tuple(t.shape[-2:]), []).append(i)
+        out: List[Optional[Features]] = [None] * len(prepared)
+        chunks = [idx[k:k + LIST_BATCH] for idx in by_size.values() for k in range(0, len(idx), LIST_BATCH)]
+        for idx in chunks:
+            feats = self.extract(torch.cat([prepared[i][0] for i in idx]), **options)
+            start = 0
+            for i in idx:
+                t, grid = prepared[i]
+                out[i] = _batch_slice(feats, start, start + t.shape[0], grid)
+                start += t.shape[0]
+        return out if isinstance(images, (list, tuple)) else out[0]
+
+    def _placement(self) -> None:
+        """:attr:`device` and :attr:`dtype` read back from the backbone's parameters."""
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def to(self, *args, **kwargs) -> "ViTExtractor":
+        """``nn.Module.to``: the backbone moved / cast through its adapter (which keeps what must stay exact, e.g.
+        DINOv3's RoPE periods in float32); :attr:`device` and :attr:`dtype` follow."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        device = self.device if device is None else select_device(str(device))
+        dtype = self.dtype if dtype is None else parse_dtype(dtype)
+        self.adapter.to(device, dtype)
+        for child in self.children():
+            if child is not self.model:
+                child.to(device, dtype)
+        self._placement()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.cuda()``, ``.cpu()``, ``.half()``, ``.bfloat16()``, ``.float()``...: where ``fn`` sends a floating
+        tensor of the current placement is where :meth:`to` sends the extractor."""
+        probe = fn(torch.zeros((), dtype=self.dtype, device=self.device))
+        return self.to(probe.device, probe.dtype)
 
     @torch.inference_mode()
     def attention_inputs(self, x: torch.Tensor, layers: Iterable[int], stride: Optional[int] = None) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, float]]:

@@ -3,7 +3,14 @@
 Every image file densevit reads is opened by :func:`open_image`, which applies the one size rule: an image of
 more than :func:`max_pixels` pixels (``$DENSEVIT_MAX_PIXELS``, default 178,956,970: PIL's own refusal
 threshold, about 13,377 x 13,377) is refused with :class:`UnreadableImageError` before any pixel is decoded,
-and commands skip it like any other unreadable image."""
+and commands skip it like any other unreadable image.
+
+Images in memory follow the same rules as files (:func:`as_pil`): a PIL image has its EXIF orientation applied
+and any mode made 8-bit RGB; a numpy array is ``HxW`` / ``HxWx1`` / ``HxWx3`` / ``HxWx4`` (channels last, RGB
+order, as PIL and imageio give it; OpenCV's BGR must be flipped first), a torch tensor ``3xHxW`` (channels
+first, as torchvision gives it); integer values are ``0..255`` (``uint16``: ``0..65535``), floating-point ones
+``[0, 1]`` unnormalised RGB, rounded to 8 bits like a decoded file. The backbone's mean / std normalisation is
+applied by :func:`preprocess`, never expected from the caller."""
 from __future__ import annotations
 
 import os
@@ -21,7 +28,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import DensevitError, InvalidArgumentError
 from .files import PathLike
 
-ImageLike = Union[str, Path, Image.Image]
+ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+"""One image: a file path, a PIL image, an ``HxW[xC]`` numpy array or a ``3xHxW`` tensor (see the module doc)."""
 
 MAX_PIXELS_ENV = "DENSEVIT_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 2 * 89_478_485       # PIL's default refusal threshold (2 x Image.MAX_IMAGE_PIXELS)
@@ -139,35 +147,36 @@ def load_image(path: Union[str, Path]) -> Image.Image:
     return img
 
 
-def to_rgb(image: "ImageLike") -> Image.Image:
-    """The one rule for every image densevit reads: a file through :func:`load_image`; a PIL image with its EXIF
-    orientation applied and any mode made 8-bit RGB, as a file's; an ``HxWx3`` uint8 array as RGB."""
-    if isinstance(image, (str, Path)):
-        return load_image(image)
-    if isinstance(image, Image.Image):
-        return _to_8bit_rgb(ImageOps.exif_transpose(image))
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise InvalidArgumentError(f"images given as arrays must be HxWx3 uint8 RGB, got {arr.shape} {arr.dtype}")
-    return Image.fromarray(np.ascontiguousarray(arr))
+LoadSize = Union[int, Tuple[int, int], None]
 
 
-def resized_hw(image_hw: Tuple[int, int], load_size: int | None) -> Tuple[int, int]:
-    """Size after resizing the shorter side to ``load_size`` (the longer side floored), as torchvision's Resize."""
+def resized_hw(image_hw: Tuple[int, int], load_size: LoadSize) -> Tuple[int, int]:
+    """Size after resizing the shorter side to ``load_size`` (the longer side floored), as torchvision's Resize;
+    a pair ``(h, w)`` is that size exactly (torchvision's rule too)."""
     h, w = image_hw
     if load_size is None:
         return h, w
+    if isinstance(load_size, (tuple, list)):
+        return int(load_size[0]), int(load_size[1])
     if h <= w:
         return load_size, int(load_size * w / h)
     return int(load_size * h / w), load_size
 
 
-def resize_short_side(img: Image.Image, load_size: int | None) -> Image.Image:
-    """Resize so the shorter side is ``load_size`` with PIL's Lanczos filter (as the reference extractor)."""
+def check_load_size(load_size: LoadSize) -> None:
+    """A load size is ``None``, a positive side or a pair of positive sides ``(h, w)``."""
+    pair = isinstance(load_size, (tuple, list))
+    sides = tuple(load_size) if pair else (load_size,)
+    if load_size is not None and ((pair and len(sides) != 2) or min(sides) < 1):
+        raise InvalidArgumentError(f"load size must be positive, got {load_size}")
+
+
+def resize_short_side(img: Image.Image, load_size: LoadSize) -> Image.Image:
+    """Resize so the shorter side is ``load_size`` (or to ``(h, w)`` exactly) with PIL's Lanczos filter (as the
+    reference extractor)."""
     if load_size is None:
         return img
-    if load_size < 1:
-        raise DensevitError(f"load size must be positive, got {load_size}")
+    check_load_size(load_size)
     h, w = resized_hw((img.height, img.width), load_size)
     if (h, w) == (img.height, img.width):
         return img
@@ -203,7 +212,7 @@ def image_size(path: Union[str, Path]) -> Tuple[int, int]:
     return (w, h) if orientation in _SWAPPING_ORIENTATIONS else (h, w)
 
 
-def load_resized(path: Union[str, Path], load_size: int | None, fast_jpeg: bool = False
+def load_resized(path: Union[str, Path], load_size: LoadSize, fast_jpeg: bool = False
                  ) -> Tuple[Image.Image, Tuple[int, int]]:
     """Read an image and resize its shorter side to ``load_size``: ``(resized RGB image, original (H0, W0))``.
 
@@ -212,7 +221,7 @@ def load_resized(path: Union[str, Path], load_size: int | None, fast_jpeg: bool 
     with Lanczos to exactly the size the exact path gives: photographs many times larger than the load size
     decode several times faster, with nearly identical descriptors (see README).
     """
-    if not fast_jpeg or load_size is None:
+    if not fast_jpeg or load_size is None or isinstance(load_size, (tuple, list)):
         img = load_image(path)
         return resize_short_side(img, load_size), (img.height, img.width)
     with open_image(path) as img:
@@ -224,21 +233,76 @@ def load_resized(path: Union[str, Path], load_size: int | None, fast_jpeg: bool 
         orientation = img.getexif().get(0x0112, 1)
         img = _to_8bit_rgb(ImageOps.exif_transpose(img))
     original_hw = (w0, h0) if orientation in _SWAPPING_ORIENTATIONS else (h0, w0)
-    if load_size < 1:
-        raise DensevitError(f"load size must be positive, got {load_size}")
+    check_load_size(load_size)
     h, w = resized_hw(original_hw, load_size)
     if (img.height, img.width) != (h, w):
         img = img.resize((w, h), Image.LANCZOS)
     return img, original_hw
 
 
-def preprocess(image: ImageLike, load_size: int | None, mean: Sequence[float], std: Sequence[float]
+_FLOAT_SLACK = 1.0 / 512      # float images may overshoot [0, 1] by round-off (half a uint8 step, at most)
+
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    """``HxW`` / ``HxWx{1,3,4}`` array (channels last) -> PIL image, floats in [0, 1] rounded to 8 bits."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise InvalidArgumentError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4 (channels last), "
+                            f"got shape {a.shape}")
+    if a.dtype.kind == "f":
+        if a.size and (not np.isfinite(a).all() or a.min() < -_FLOAT_SLACK or a.max() > 1 + _FLOAT_SLACK):
+            raise InvalidArgumentError(f"a floating-point image must be RGB in [0, 1] (values from {a.min():.3g} to "
+                                f"{a.max():.3g}); a normalised tensor is model input: give it to extract")
+        a = np.clip(np.asarray(a, np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8 and not (a.dtype == np.uint16 and a.ndim == 2):   # uint16 greyscale: PIL's I;16
+        raise InvalidArgumentError(f"an image array must be uint8 (0..255), uint16 greyscale or float in [0, 1], "
+                            f"got {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def as_pil(image: ImageLike) -> Image.Image:
+    """One image in memory or on disk -> 8-bit RGB PIL image, by the rules of files: EXIF orientation applied,
+    any mode converted as :func:`load_image` does. Tensors are ``3xHxW`` (or ``1x3xHxW``), arrays channels
+    last (module doc)."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return _to_8bit_rgb(ImageOps.exif_transpose(image))
+    if isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.dim() == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise InvalidArgumentError(f"an image tensor must be 3xHxW or 1x3xHxW (channels first), got shape "
+                                f"{tuple(image.shape)}")
+        return _to_8bit_rgb(_array_to_pil(t.permute(1, 2, 0).cpu().float().numpy() if t.is_floating_point()
+                                          else t.permute(1, 2, 0).cpu().numpy()))
+    if isinstance(image, np.ndarray):
+        return _to_8bit_rgb(_array_to_pil(image))
+    raise InvalidArgumentError(f"not an image: {type(image).__name__} (give a path, a PIL image, an HxWx3 array or a "
+                        f"3xHxW tensor)")
+
+
+def split_images(images: Union[ImageLike, Sequence[ImageLike]]) -> List[ImageLike]:
+    """The single images of ``images``: a list or tuple is its items, a ``Bx3xHxW`` tensor its ``B`` images,
+    anything else one image."""
+    if isinstance(images, (list, tuple)):
+        return [one for item in images for one in split_images(item)]
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return list(images.unbind(0))
+    return [images]
+
+
+def preprocess(image: ImageLike, load_size: LoadSize, mean: Sequence[float], std: Sequence[float]
                ) -> Tuple[torch.Tensor, Image.Image, Tuple[int, int]]:
-    """Read (if a path), resize the shorter side and normalise.
+    """Read (if a path) or take one image (:func:`as_pil`), resize the shorter side and normalise.
 
     Returns ``(x 3xHxW, resized PIL image, original (H0, W0))``.
     """
-    img = to_rgb(image)
+    img = as_pil(image)
     original_hw = (img.height, img.width)
     resized = resize_short_side(img, load_size)
     return to_tensor(resized, mean, std), resized, original_hw

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ...errors import DensevitError
-from ...io.images import open_image, to_rgb
+from ...io.images import as_pil, open_image
 from ...io.paths import shared_dir
 
 
@@ -87,7 +87,7 @@ def load_source_image(path: Union[str, Path], max_side: Optional[int] = 512) -> 
     with open_image(path) as img:
         if max_side:
             img.draft("RGB", (max_side, max_side))
-        img = to_rgb(img)
+        img = as_pil(img)
     if max_side and max(img.size) > max_side:
         f = max_side / max(img.size)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.LANCZOS)
