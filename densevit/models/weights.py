@@ -229,6 +229,18 @@ def _from_transformers(sd: Dict[str, torch.Tensor], model: nn.Module, spec: Back
     return convert_hf.CONVERTERS[kind](sd, config)
 
 
+def _suggest(sd: Dict[str, torch.Tensor], spec: BackboneSpec) -> str:
+    """``"; they fit backbone dino_vits8"``: the registered backbones of ``spec``'s checkpoint layout
+    whose patch size, width and depth are the file's (converted to timm's keys), for a misfit's message."""
+    w = sd.get("patch_embed.proj.weight")
+    if w is None or w.dim() != 4:
+        return ""
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    names = [s.name for s in BACKBONES.values() if s.layout == spec.layout and s.name != spec.name
+             and (s.patch_size, s.embed_dim, s.depth) == (w.shape[-1], w.shape[0], depth)]
+    return f"; they fit backbone {' or '.join(names)}" if names else ""
+
+
 def _fit_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec, source: str,
                     config: Optional[Dict[str, Any]] = None) -> Converted:
     """Convert a transformers or official layout to timm's and check every key and shape, naming the first misfit.
@@ -241,10 +253,10 @@ def _fit_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, spec: Backbon
     sd, extras = CONVERTERS[spec.layout](sd, model)
     for k, v in expected.items():
         if k not in sd:
-            raise DensevitError(f"weights {source} do not fit {spec.name}: missing key {k!r}")
+            raise DensevitError(f"weights {source} do not fit {spec.name}: missing key {k!r}{_suggest(sd, spec)}")
         if tuple(sd[k].shape) != tuple(v.shape):
             raise DensevitError(f"weights {source} do not fit {spec.name}: {k!r} has shape {tuple(sd[k].shape)}, "
-                                f"the model expects {tuple(v.shape)}")
+                                f"the model expects {tuple(v.shape)}{_suggest(sd, spec)}")
     extra = [k for k in sd if k not in expected and not k.startswith("head") and torch.count_nonzero(sd[k])]
     if extra:
         raise DensevitError(f"weights {source} do not fit {spec.name}: unexpected key {extra[0]!r}")
