@@ -9,9 +9,10 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -33,7 +34,7 @@ from densevit.options import opt
 __all__ = ["add_io_args", "load_size_arg", "is_folder_of_sets", "check_readable", "drop_unreadable",
            "report_unreadable", "run_sets", "stems"]
 
-# process(name, images, out_dir) -> (summary line, summary dict written as summary.json)
+# process(name, images, out_dir) -> (summary line, summary dict written as summary.json; its "timings" rounded)
 Process = Callable[[str, List[Path], Path], Tuple[str, Dict]]
 Planned = Callable[[str, List[Path], Path], List[Path]]
 
@@ -65,6 +66,44 @@ def sets_parser(prog: str, description: str, *configs: Tuple[type, str]) -> argp
     add_model_flags(p)
     add_store_arg(p)
     return p
+
+
+def check_saliency_source(args: argparse.Namespace) -> None:
+    """The reference's saliency needs a second pass of the model, which a feature store cannot give."""
+    if getattr(args, "store", None) and args.saliency_source == "reference":
+        raise DensevitError("--store holds the saliency of its own pass only: add --saliency-source same-pass "
+                            "(the reference's low-resolution saliency needs the model)")
+
+
+def clustering_inputs(args: argparse.Namespace, cls: bool = False):
+    """``(sets, source)`` of co-segmentation and part co-segmentation: the input sets, and the feature source
+    checked for what they read (saliency; the CLS descriptors with ``cls``; the reference's saliency needs the
+    model)."""
+    from densevit.cli.common import build_source, gather_sets
+
+    sets = gather_sets(args.inputs)
+    source = build_source(args, saliency=True, cls=cls)
+    check_saliency_source(args)
+    return sets, source
+
+
+@contextmanager
+def timed(timings: Dict[str, float], step: str) -> Iterator[None]:
+    """``with timed(res.timings, "drawing"):`` records the block's wall time under ``step``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[step] = time.perf_counter() - t
+
+
+def planned_pictures(*kinds: str) -> Planned:
+    """``planned`` of :func:`run_sets` for commands writing ``<stem>_<kind>.png`` per image of a set."""
+
+    def planned(name: str, images: List[Path], out: Path) -> List[Path]:
+        return [out / f"{s}_{kind}.png" for s in stems(images) for kind in kinds]
+
+    return planned
 
 
 def validated_config(cls: type, args: argparse.Namespace):
@@ -123,6 +162,8 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
                 out_dir.mkdir(parents=True, exist_ok=True)
                 t0 = time.perf_counter()
                 line, summary = process(name, images, out_dir)
+                if "timings" in summary:                     # seconds per step, to the millisecond
+                    summary["timings"] = {k: round(float(v), 3) for k, v in summary["timings"].items()}
                 summary = {"set": name, "images": [str(p) for p in images], **summary,
                            **({"unreadable": [str(p) for p in bad]} if bad else {}),
                            "seconds": round(time.perf_counter() - t0, 3)}

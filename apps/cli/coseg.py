@@ -8,25 +8,16 @@ checkerboard, outline in red); per set ``summary.json``, and one summary line on
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from densevit.cli.common import build_source, gather_sets, run_cli
-from densevit.errors import DensevitError
+from densevit.cli.common import run_cli
 
 from .. import draw
 from ..coseg import CosegConfig, cosegment
-from .common import run_sets, sets_parser, stems, validated_config
+from .common import clustering_inputs, planned_pictures, run_sets, sets_parser, stems, timed, validated_config
 
 PROG = "densevit-coseg"
-
-
-def check_saliency_source(args: argparse.Namespace) -> None:
-    """The reference's saliency needs a second pass of the model, which a feature store cannot give."""
-    if getattr(args, "store", None) and args.saliency_source == "reference":
-        raise DensevitError("--store holds the saliency of its own pass only: add --saliency-source same-pass "
-                            "(the reference's low-resolution saliency needs the model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,22 +33,16 @@ def config_from_args(args: argparse.Namespace) -> CosegConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    sets = gather_sets(args.inputs)
-    source = build_source(args, saliency=True, cls=cfg.remove_outliers)
-    check_saliency_source(args)
-
-    def planned(name: str, images: List[Path], out: Path) -> List[Path]:
-        return [out / f"{s}_{kind}.png" for s in stems(images) for kind in ("mask", "overlay")]
+    sets, source = clustering_inputs(args, cls=cfg.remove_outliers)
+    planned = planned_pictures("mask", "overlay")
 
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
         res = cosegment(source, images, cfg)
-        t = time.perf_counter()
-        fractions = []
-        for stem, image, mask in zip(stems(images), res.images, res.masks):
-            draw.save_mask(out / f"{stem}_mask.png", mask)
-            draw.save_rgb(out / f"{stem}_overlay.png", draw.mask_overlay(image, mask, max_side=args.max_side))
-            fractions.append(float(mask.mean()))
-        res.timings["drawing"] = time.perf_counter() - t
+        fractions = [float(mask.mean()) for mask in res.masks]
+        with timed(res.timings, "drawing"):
+            for stem, image, mask in zip(stems(images), res.images, res.masks):
+                draw.save_mask(out / f"{stem}_mask.png", mask)
+                draw.save_rgb(out / f"{stem}_overlay.png", draw.mask_overlay(image, mask, max_side=args.max_side))
         outliers = [n for n, keep in zip(res.names, res.inliers) if not keep]
         line = (f"{len(images)} images, k={res.k} clusters, salient {res.salient.tolist()}, foreground "
                 + " / ".join(f"{100 * f:.1f}%" for f in fractions)
@@ -66,10 +51,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "foreground_fraction": dict(zip(res.names, fractions)),
                    "inliers": dict(zip(res.names, map(bool, res.inliers))),
                    "grabcut_applied": dict(zip(res.names, res.grabcut_applied)),
-                   "timings": {k: round(v, 3) for k, v in res.timings.items()}}
+                   "timings": res.timings}
         return line, summary
 
-    return run_sets(PROG, args, sets, planned, process, min_images=2)
+    return run_sets(PROG, args, sets, planned, process)          # at least two images a set
 
 
 entry = run_cli(main, PROG)

@@ -113,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             line += f"; transferred {len(query)} points"
         timings["drawing"] = time.perf_counter() - t
         return line, {"pairs": len(res.points_a), "num_buddies": res.num_buddies,
-                      "timings": {k: round(v, 3) for k, v in timings.items()}}
+                      "timings": timings}
 
     return run_sets(PROG, args, sets, planned, process, min_images=2, max_images=2, more_inputs=[args.points])
 

@@ -10,19 +10,17 @@ otherwise its documented approximation (``--crf approx``).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from densevit.cli.common import build_source, gather_sets, run_cli
+from densevit.cli.common import run_cli
 from densevit.errors import DensevitError
 
 from .. import draw
 from ..partseg import PartsegConfig, crf_backend, part_cosegment
-from .common import run_sets, sets_parser, stems, validated_config
-from .coseg import check_saliency_source
+from .common import clustering_inputs, planned_pictures, run_sets, sets_parser, stems, timed, validated_config
 
 PROG = "densevit-partseg"
 
@@ -42,33 +40,27 @@ def config_from_args(args: argparse.Namespace) -> PartsegConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    sets = gather_sets(args.inputs)
     if args.store and cfg.num_crop_augmentations:
         raise DensevitError("--num-crop-augmentations needs the model (crops of each image and of its flip are "
                             "not in a feature store); leave it out with --store")
-    source = build_source(args, saliency=True)
-    check_saliency_source(args)
-
-    def planned(name: str, images: List[Path], out: Path) -> List[Path]:
-        return [out / f"{s}_{kind}.png" for s in stems(images) for kind in ("parts", "overlay")]
+    sets, source = clustering_inputs(args)
+    planned = planned_pictures("parts", "overlay")
 
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
         res = part_cosegment(source, images, cfg)
-        t = time.perf_counter()
-        coverage = []
-        for stem, image, parts in zip(stems(images), res.images, res.parts):
-            draw.save_labels(out / f"{stem}_parts.png", parts)
-            draw.save_rgb(out / f"{stem}_overlay.png", draw.parts_overlay(image, parts, res.num_parts,
-                                                                          max_side=args.max_side))
-            coverage.append(np.bincount(parts.ravel() + 1, minlength=res.num_parts + 1)[1:] / parts.size)
-        res.timings["drawing"] = time.perf_counter() - t
+        coverage = [np.bincount(p.ravel() + 1, minlength=res.num_parts + 1)[1:] / p.size for p in res.parts]
+        with timed(res.timings, "drawing"):
+            for stem, image, parts in zip(stems(images), res.images, res.parts):
+                draw.save_labels(out / f"{stem}_parts.png", parts)
+                draw.save_rgb(out / f"{stem}_overlay.png", draw.parts_overlay(image, parts, res.num_parts,
+                                                                              max_side=args.max_side))
         line = (f"{len(images)} images, {res.num_parts} parts (k={res.k_fg} stage-1 clusters, salient "
                 f"{res.salient.tolist()}), crf {res.crf}, part pixels "
                 + " / ".join(f"{100 * c.sum():.1f}%" for c in coverage))
         summary = {"num_parts": res.num_parts, "k_stage1": res.k_fg, "salient_clusters": res.salient.tolist(),
                    "common_clusters": None if res.common is None else res.common.tolist(), "crf": res.crf,
                    "part_fraction": {n: [round(float(v), 5) for v in c] for n, c in zip(res.names, coverage)},
-                   "timings": {k: round(v, 3) for k, v in res.timings.items()}}
+                   "timings": res.timings}
         return line, summary
 
     return run_sets(PROG, args, sets, planned, process, min_images=2)

@@ -20,16 +20,11 @@ import numpy as np
 from PIL import Image
 
 from densevit.cli import flags
-from densevit.cli.common import (
-    OutputOptions,
-    add_model_flags,
-    build_extractor,
-    check_outputs,
-    gather_images,
-    run_cli,
-)
+from densevit.cli.common import OutputOptions, add_model_flags, build_extractor, run_cli
 from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
+from densevit.io.files import check_outputs
+from densevit.io.images import gather_images
 from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.io.images import load_image
 from densevit.options import opt

@@ -12,19 +12,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DensevitError
-from ..io.files import atomic_write
-from ..io.images import UnreadableImageError, report_unreadable, skip_unreadable
+from ..io.files import atomic_write, check_outputs
+from ..io.images import UnreadableImageError, gather_images, report_unreadable, skip_unreadable
 from ..models.registry import BACKBONES
 from ..options import opt
 from ..storage.extract import ExtractionConfig
-from .common import (
-    OutputOptions,
-    add_model_flags,
-    build_extractor,
-    check_outputs,
-    gather_images,
-    run_cli,
-)
+from .common import OutputOptions, add_model_flags, build_extractor, run_cli
 from .flags import add_config_flags, config_from_args, make_parser
 
 
@@ -106,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = written = 0
     unreadable = []
-    for img, target in tqdm(todo, desc="extract", unit="img", disable=len(todo) < 2):
+    for img, target in tqdm(todo, desc="extract", unit="img", disable=args.quiet or len(todo) < 2):
         try:
             x, grid = ext.preprocess(img, args.load_size)
             feats = ext.extract(x, (layer,), (facet,), bin=args.bin, include_cls=args.include_cls,
