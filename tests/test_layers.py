@@ -19,6 +19,7 @@ LAYERS = [
     ("runtime", ["densevit.runtime"]),
     ("io", ["densevit.io"]),
     ("models", ["densevit.models"]),
+    ("upsample", ["densevit.upsample"]),
     ("features", ["densevit.features"]),
     ("matching", ["densevit.matching"]),
     ("storage", ["densevit.storage"]),

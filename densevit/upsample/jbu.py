@@ -25,7 +25,8 @@ def bilinear(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tup
 
 
 def jbu(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[int, int]] = None,
-        sigma_spatial: float = 1.0, sigma_range: float = 0.1, radius: Optional[int] = None) -> torch.Tensor:
+        sigma_spatial: float = 1.0, sigma_range: float = 0.1, radius: Optional[int] = None,
+        rows_per_chunk: Optional[int] = None) -> torch.Tensor:
     """Joint bilateral upsampling: each output pixel ``p`` averages the low-res features ``f(q)`` of the cells
     ``q`` within ``radius`` (default ``ceil(2 * sigma_spatial)``) of its nearest cell, weighted by
     ``exp(-|p_low - q|^2 / (2 sigma_spatial^2)) * exp(-|I(p) - I_low(q)|^2 / (2 sigma_range^2))``.
@@ -33,7 +34,9 @@ def jbu(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[in
     ``p_low`` is ``p``'s continuous position on the low-res grid (``align_corners=False`` convention), so
     ``sigma_spatial`` is in low-res cells; ``I`` is the guide resized to the output size, ``I_low`` the guide
     resized (bilinearly) to the low-res grid, both in ``[0, 1]``. Cells outside the grid do not count. Runs over
-    chunks of output rows so that memory stays bounded (a few hundred MB at 448 px and 768 channels).
+    chunks of ``rows_per_chunk`` output rows (default: as many as keep one gather within
+    :data:`~densevit.upsample.window.GATHER_BUDGET` elements), so memory stays bounded (about 300 MB at 448 px
+    and 768 channels).
     """
     check_inputs(features, image)
     if sigma_spatial <= 0 or sigma_range <= 0:
@@ -52,7 +55,7 @@ def jbu(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[in
     for b in range(B):
         g_hi = guide[b].reshape(3, -1)
         g_lo = guide_low[b].reshape(3, -1)
-        for win in windows((h, w), (H, W), r, rows_for(K, W, C), features.device):
+        for win in windows((h, w), (H, W), r, rows_per_chunk or rows_for(K, W, C), features.device):
             inside = (win.rows >= 0) & (win.rows < h) & (win.cols >= 0) & (win.cols < w)
             rr, cc = win.rows.clamp(0, h - 1), win.cols.clamp(0, w - 1)
             d2 = (win.u[None] - rr) ** 2 + (win.v[None] - cc) ** 2

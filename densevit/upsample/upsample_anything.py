@@ -69,7 +69,8 @@ def _log_weights(win: Window, kernels: Kernels, radius_map: torch.Tensor, guide:
     W = guide.shape[-1]
     rr, cc = win.rows.clamp(0, h - 1), win.cols.clamp(0, w - 1)
     flat = rr * w + cc
-    sx, sy, th, sr = (m.reshape(-1)[flat] for m in kernels.maps())
+    pick = flat.reshape(-1)
+    sx, sy, th, sr = (m.reshape(-1).index_select(0, pick).view_as(flat) for m in kernels.maps())
     sx, sy, sr = sx.clamp_min(1e-6), sy.clamp_min(1e-6), sr.clamp_min(1e-6)
     Y = torch.arange(win.y0, win.y1, device=guide.device, dtype=torch.float32)[:, None].expand(-1, W).reshape(-1)
     X = torch.arange(W, device=guide.device, dtype=torch.float32)[None, :].expand(win.y1 - win.y0, -1).reshape(-1)
@@ -80,7 +81,7 @@ def _log_weights(win: Window, kernels: Kernels, radius_map: torch.Tensor, guide:
     y_p = -dx * sin_t + dy * cos_t
     log_ws = -(x_p ** 2) / (2 * sx ** 2 + 1e-8) - (y_p ** 2) / (2 * sy ** 2 + 1e-8)
     pix = guide.reshape(3, -1)[:, win.y0 * W:win.y1 * W]
-    diff2 = ((pix[:, None, :] - guide_low.reshape(3, -1)[:, flat]) ** 2).sum(0)
+    diff2 = ((pix[:, None, :] - guide_low.reshape(3, -1).index_select(1, pick).view(3, *flat.shape)) ** 2).sum(0)
     log_wr = -diff2 / (2.0 * sr * sr + 1e-8)
     inside = (win.dy ** 2 + win.dx ** 2) <= radius_map.reshape(-1)[win.y0 * W:win.y1 * W][None] ** 2
     return (log_ws + log_wr).masked_fill(~inside, float("-inf")), rr, cc
