@@ -1,7 +1,7 @@
 """The package's folders are layers: no module imports from a layer above its own, and there is no import cycle.
 
-Lowest first (README, Architecture): errors, runtime, io, models, features, matching, storage, apps, eval,
-commands (``densevit.cli`` and ``densevit.apps.cli``), then the package's front door ``densevit/__init__.py``.
+Lowest first (README, Architecture): errors, runtime, io, models, upsample, features, matching, storage, apps,
+eval, commands (``densevit.cli`` and ``densevit.apps.cli``), then the package's front door ``densevit/__init__.py``.
 Every import counts, at module level or inside a function. The one-release aliases at the old module paths
 (CHANGELOG.md) are not part of any layer.
 """

@@ -198,3 +198,40 @@ def test_anyup_checkpoint_found_by_name_or_one_line_error(tmp_path, monkeypatch)
     assert torch.equal(model.rope.freqs, ref.rope.freqs)
     with pytest.raises(WeightsNotFoundError, match="no file"):
         load_anyup(tmp_path / "nope.pth")
+
+
+# ------------------------------------------------------------------ the extractor hook
+
+@pytest.fixture(scope="module")
+def extractor(golden_path):
+    from densevit import ViTExtractor
+    return ViTExtractor("dino_vits8", weights=str(golden_path), device="cpu")
+
+
+def test_extract_upsampled_is_on_the_pixel_grid(extractor):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 48, 64)
+    raw = extractor.extract(x, (11,), ("key",))
+    up = extractor.extract(x, (11,), ("key",), saliency=True, upsample="bilinear")
+    grid = up.grid
+    assert grid.shape == (48, 64) and grid.num_tokens == 48 * 64
+    assert torch.equal(grid.pixels_to_tokens(torch.tensor([[10.7, 3.2]])), torch.tensor([3 * 64 + 10]))
+    d = up.descriptors[(11, "key")]
+    assert d.shape == (1, 48 * 64, 384) and up.saliency.shape == (1, 48 * 64)
+    # 48 x 64 at patch 8 tiles exactly: the map is the token map interpolated with pixel centres aligned.
+    tokens = raw.descriptors[(11, "key")][0].t().reshape(1, 384, 6, 8)
+    ref = F.interpolate(tokens, size=(48, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(d[0].t().reshape(1, 384, 48, 64), ref, atol=1e-6)
+
+
+def test_extract_upsampled_at_a_finer_stride_covers_the_input(extractor):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 40, 48)
+    up = extractor.extract(x, (11,), ("key",), stride=4, upsample="jbu", out_size=(20, 24))
+    assert up.descriptors[(11, "key")].shape == (1, 20 * 24, 384)
+    assert up.grid.input_hw == (20, 24) and up.grid.original_hw == (40, 48)
+    m = up.descriptors[(11, "key")][0].view(20, 24, 384)
+    # The stride-4 cells start 2 input pixels (1 output pixel) in: the border repeats the first row/column.
+    assert torch.equal(m[0], m[1]) and torch.equal(m[:, 0], m[:, 1])
+    with pytest.raises(Exception, match="attn"):
+        extractor.extract(x, (11,), ("attn",), upsample="bilinear")

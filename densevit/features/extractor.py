@@ -249,7 +249,9 @@ class ViTExtractor(nn.Module):
     @torch.inference_mode()
     def extract(self, x: torch.Tensor, layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
                 bin: bool = False, include_cls: bool = False, saliency: bool = False,
-                image_hw: Optional[Tuple[int, int]] = None, stride: Optional[int] = None) -> Features:
+                image_hw: Optional[Tuple[int, int]] = None, stride: Optional[int] = None,
+                upsample: Optional[str] = None, out_size: Optional[Tuple[int, int]] = None,
+                upsample_options: Optional[Dict[str, object]] = None) -> Features:
         """Every ``(layer, facet)`` combination asked for, and optionally saliency, in one forward pass that stops
         after the deepest block needed.
 
@@ -259,6 +261,10 @@ class ViTExtractor(nn.Module):
             image_hw: original image size, recorded in the returned grid for pixel mapping.
             stride: patch-embedding stride of this call (divides the patch size; default :attr:`stride`); the
                 model is not changed.
+            upsample: a :data:`densevit.upsample.UPSAMPLERS` method (``bilinear``, ``jbu``, ``anyup``,
+                ``upsample_anything``): the descriptors (and saliency) are upsampled, guided by ``x``, to the input
+                size or ``out_size`` and the returned grid is :meth:`TokenGrid.pixels` (one token per pixel);
+                ``upsample_options`` go to the method. Not with ``attn``.
         Returns:
             :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
             keyed by the layer as given by the caller, and ``cls[(layer, facet)]``: the CLS token's unbinned
@@ -279,7 +285,10 @@ class ViTExtractor(nn.Module):
         descriptors = {(l, f): by_block[self.resolve_layer(l)][f] for l in layers for f in facets}
         cls = {(l, f): cls_block[self.resolve_layer(l)][f] for l in layers for f in facets
                if f in cls_block[self.resolve_layer(l)] and self.model.cls_token is not None}
-        return Features(descriptors, grid, sal_map, cls)
+        out = Features(descriptors, grid, sal_map, cls)
+        if upsample is not None:
+            out = _upsampled(out, x, self.spec, upsample, out_size, dict(upsample_options or {}))
+        return out
 
     @torch.inference_mode()
     def attention_inputs(self, x: torch.Tensor, layers: Iterable[int], stride: Optional[int] = None) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, float]]:
@@ -316,3 +325,41 @@ class ViTExtractor(nn.Module):
         for blk in self.model.blocks[: self.resolve_layer(layer) + 1]:
             tokens = self._block(blk, tokens, rope, set(), False, None)
         return tokens
+
+
+def _upsampled(feats: Features, x: torch.Tensor, spec: BackboneSpec, method: str,
+               out_size: Optional[Tuple[int, int]], options: Dict[str, object]) -> Features:
+    """``feats`` upsampled onto the pixel grid of ``x`` (or ``out_size``).
+
+    The tokens' cells (stride ``s``, centred on the token centres) tile the input region from ``(p - s) / 2``
+    to ``(p - s) / 2 + s * h`` (rows; the same for columns): the features are upsampled onto that region, guided
+    by the same region of the image, and the border outside it takes the nearest value."""
+    from ..upsample import upsample as run
+
+    if any(f == "attn" for _, f in feats.descriptors):
+        raise DensevitError("the attn facet cannot be upsampled; ask for key, query, value or token facets")
+    grid = feats.grid
+    H, W = grid.input_hw
+    Ho, Wo = (int(out_size[0]), int(out_size[1])) if out_size is not None else (H, W)
+    h, w = grid.shape
+    off = (grid.patch_size - grid.stride) / 2
+    top, left = round(off * Ho / H), round(off * Wo / W)
+    bottom, right = min(Ho, round((off + grid.stride * h) * Ho / H)), min(Wo, round((off + grid.stride * w) * Wo / W))
+    mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
+    std = x.new_tensor(spec.std).view(1, 3, 1, 1)
+    guide = (x.float() * std + mean).clamp(0, 1)
+    if (Ho, Wo) != (H, W):
+        guide = F.interpolate(guide, size=(Ho, Wo), mode="bilinear", align_corners=False).clamp(0, 1)
+    guide = guide[..., top:bottom, left:right]
+    pad = (left, Wo - right, top, Ho - bottom)
+
+    def one(t: torch.Tensor) -> torch.Tensor:  # B x T x D -> B x (Ho*Wo) x D
+        B, _, D = t.shape
+        m = t.transpose(1, 2).reshape(B, D, h, w)
+        up = run(m, guide, method, out_size=(bottom - top, right - left), **options)
+        up = F.pad(up, pad, mode="replicate") if any(pad) else up
+        return up.reshape(B, D, Ho * Wo).transpose(1, 2)
+
+    descriptors = {k: one(v) for k, v in feats.descriptors.items()}
+    saliency = one(feats.saliency[..., None])[..., 0] if feats.saliency is not None else None
+    return Features(descriptors, TokenGrid.pixels((Ho, Wo), grid.original_hw), saliency, feats.cls)
