@@ -186,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 s = ext.patch_size // 4
                 picture = pca_picture(maps, x, ext, [k for k in ["patch stride", f"stride {s}"] if k in maps] +
                                       [m for m in args.methods if m in maps])
-                picture.save(args.out / "pca.png")
+                picture.quantize(256).save(args.out / "pca.png", optimize=True)  # small enough to commit
     meta = dict(device=str(device), torch=torch.__version__, machine=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), layer=LAYER, facet=FACET, image=str(args.image),
                 weights="golden random (pipeline check, not a quality claim)", anyup_weights=args.anyup_weights)
