@@ -35,8 +35,8 @@ def jbu(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[in
     ``sigma_spatial`` is in low-res cells; ``I`` is the guide resized to the output size, ``I_low`` the guide
     resized (bilinearly) to the low-res grid, both in ``[0, 1]``. Cells outside the grid do not count. Runs over
     chunks of ``rows_per_chunk`` output rows (default: as many as keep one gather within
-    :data:`~densevit.upsample.window.GATHER_BUDGET` elements), so memory stays bounded (about 300 MB at 448 px
-    and 768 channels).
+    :data:`~densevit.upsample.window.GATHER_BUDGET` elements), so the working memory stays bounded (measured:
+    about 0.5 GB beyond the 0.6 GB output for 768 channels from 56x56 to 448x448).
     """
     check_inputs(features, image)
     if sigma_spatial <= 0 or sigma_range <= 0:
