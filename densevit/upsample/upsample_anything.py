@@ -5,7 +5,7 @@ and a range sigma ``sigma_r``. They are fitted by reconstructing the guide image
 bicubically downsampled copy with the same kernels (L1 loss), then applied to the features. Defaults are those of
 the official code (github.com/seominseok0429/Upsample-Anything-A-Simple-and-Hard-to-Beat-Baseline-for-Feature-
 Upsampling, ``UPA`` and ``LearnablePixelwiseAnisoJBU_NoParent``): parameters stored as ``log sigma`` (initial
-sigma 16 output pixels, range sigma 0.12) and ``atanh``-like ``theta_raw = 0`` (``theta = pi * tanh(raw)``); Adam
+sigma 16 output pixels, range sigma 0.12) and ``theta_raw = 0`` with ``theta = pi * tanh(theta_raw)``; Adam
 at lr 0.1 with the per-step decay ``(1e-9 / 1e-1) ** (1 / 5100)``; 51 optimiser steps (the official loop stops at
 step 50 of its 5100-step schedule); window radius 8 cells, shrunk per pixel to ``ceil(2 * max(sigma_x,
 sigma_y))`` (a disc); the window centred on the nearest cell, clamped at the border (edge cells repeat).
@@ -120,9 +120,10 @@ def fit_kernels(guide: torch.Tensor, low_hw: Tuple[int, int], scale: int, steps:
                 init_sigma_r: float = INIT_SIGMA_R, amp: Optional[bool] = None,
                 rows_per_chunk: Optional[int] = None) -> Kernels:
     """Fit the kernels on one ``3 x H x W`` guide in ``[0, 1]`` (``H = scale * h``): reconstruct it from its
-    bicubic ``1/scale`` copy, L1 loss, Adam with the exponential schedule. ``rows_per_chunk`` (default: the
-    whole image) evaluates the loss over chunks of output rows, each back-propagated in turn: the same gradient
-    (the loss is a sum over pixels) in bounded memory. ``amp`` (default: on CUDA) is the official float16
+    bicubic ``1/scale`` copy, L1 loss, Adam with the exponential schedule. The loss is evaluated over chunks of
+    ``rows_per_chunk`` output rows (default: as many as keep ``K x rows x W`` within a sixteenth of
+    :data:`~densevit.upsample.window.GATHER_BUDGET`), each back-propagated in turn: the same gradient as the
+    official single pass (the loss is a sum over pixels) in bounded memory. ``amp`` (default: on CUDA) is the official float16
     autocast + GradScaler path."""
     h, w = low_hw
     H, W = guide.shape[-2:]
@@ -140,7 +141,7 @@ def fit_kernels(guide: torch.Tensor, low_hw: Tuple[int, int], scale: int, steps:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else nullcontext
     guide_low = F.interpolate(guide[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     K = (2 * radius + 1) ** 2
-    rows = rows_per_chunk or H
+    rows = rows_per_chunk or rows_for(K, W, 16)
     n = 3 * H * W
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
