@@ -147,13 +147,14 @@ def pca_picture(maps: Dict[str, object], x: torch.Tensor, ext: ViTExtractor, ord
 
 
 def format_table(rows: List[dict]) -> str:
-    lines = ["| backbone | load size (input) | method | output grid | time s | extra peak GiB | mean cos to stride trick |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| backbone | load size (input) | method | output grid | time s | extra peak GiB "
+             "| mean cos to stride trick |", "|---|---|---|---|---:|---:|---:|"]
     for r in rows:
         t = "-" if r["seconds"] is None else f"{r['seconds']:.3f}"
         m = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         c = r.get("note") or ("-" if r["cosine"] is None else f"{r['cosine']:.3f}")
-        lines.append(f"| {r['backbone']} | {r['size']} ({r['input']}) | {r['method']} | {r['output']} | {t} | {m} | {c} |")
+        lines.append(f"| {r['backbone']} | {r['size']} ({r['input']}) | {r['method']} | {r['output']} "
+                     f"| {t} | {m} | {c} |")
     return "\n".join(lines)
 
 

@@ -175,7 +175,7 @@ def test_anyup_matches_official():
     assert cos.min() >= 0.99999
 
 
-def test_anyup_loading_is_strict(tmp_path):
+def test_anyup_loading_is_strict():
     state = torch.load(FIX / "anyup_random_fp16.pth", weights_only=True)
     extra = dict(state, **{"extra.weight": torch.zeros(1)})
     with pytest.raises(InvalidArgumentError, match="1 unknown key"):
@@ -233,5 +233,5 @@ def test_extract_upsampled_at_a_finer_stride_covers_the_input(extractor):
     m = up.descriptors[(11, "key")][0].view(20, 24, 384)
     # The stride-4 cells start 2 input pixels (1 output pixel) in: the border repeats the first row/column.
     assert torch.equal(m[0], m[1]) and torch.equal(m[:, 0], m[:, 1])
-    with pytest.raises(Exception, match="attn"):
+    with pytest.raises(InvalidArgumentError, match="attn"):
         extractor.extract(x, (11,), ("attn",), upsample="bilinear")

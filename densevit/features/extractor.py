@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..errors import DensevitError
+from ..errors import DensevitError, InvalidArgumentError
 from ..io.images import ImageLike, preprocess
 from ..models.families import BlockFamily, make_adapter
 from ..models.grid import TokenGrid, grid_shape
@@ -30,6 +30,7 @@ from ..models.posenc import DINO, resample_pos_embed
 from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
+from ..upsample import upsample as run_upsampler
 from .binning import log_bin
 
 FACETS = ("key", "query", "value", "token", "token_norm", "attn", "key_rope", "query_rope")
@@ -334,10 +335,8 @@ def _upsampled(feats: Features, x: torch.Tensor, spec: BackboneSpec, method: str
     The tokens' cells (stride ``s``, centred on the token centres) tile the input region from ``(p - s) / 2``
     to ``(p - s) / 2 + s * h`` (rows; the same for columns): the features are upsampled onto that region, guided
     by the same region of the image, and the border outside it takes the nearest value."""
-    from ..upsample import upsample as run
-
     if any(f == "attn" for _, f in feats.descriptors):
-        raise DensevitError("the attn facet cannot be upsampled; ask for key, query, value or token facets")
+        raise InvalidArgumentError("the attn facet cannot be upsampled; ask for key, query, value or token facets")
     grid = feats.grid
     H, W = grid.input_hw
     Ho, Wo = (int(out_size[0]), int(out_size[1])) if out_size is not None else (H, W)
@@ -356,7 +355,7 @@ def _upsampled(feats: Features, x: torch.Tensor, spec: BackboneSpec, method: str
     def one(t: torch.Tensor) -> torch.Tensor:  # B x T x D -> B x (Ho*Wo) x D
         B, _, D = t.shape
         m = t.transpose(1, 2).reshape(B, D, h, w)
-        up = run(m, guide, method, out_size=(bottom - top, right - left), **options)
+        up = run_upsampler(m, guide, method, out_size=(bottom - top, right - left), **options)
         up = F.pad(up, pad, mode="replicate") if any(pad) else up
         return up.reshape(B, D, Ho * Wo).transpose(1, 2)
 

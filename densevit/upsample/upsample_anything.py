@@ -123,8 +123,8 @@ def fit_kernels(guide: torch.Tensor, low_hw: Tuple[int, int], scale: int, steps:
     bicubic ``1/scale`` copy, L1 loss, Adam with the exponential schedule. The loss is evaluated over chunks of
     ``rows_per_chunk`` output rows (default: as many as keep ``K x rows x W`` within a sixteenth of
     :data:`~densevit.upsample.window.GATHER_BUDGET`), each back-propagated in turn: the same gradient as the
-    official single pass (the loss is a sum over pixels) in bounded memory. ``amp`` (default: on CUDA) is the official float16
-    autocast + GradScaler path."""
+    official single pass (the loss is a sum over pixels) in bounded memory. ``amp`` (default: on CUDA) is the
+    official float16 autocast + GradScaler path."""
     h, w = low_hw
     H, W = guide.shape[-2:]
     guide = guide.float()
