@@ -235,3 +235,22 @@ def test_extract_upsampled_at_a_finer_stride_covers_the_input(extractor):
     assert torch.equal(m[0], m[1]) and torch.equal(m[:, 0], m[:, 1])
     with pytest.raises(InvalidArgumentError, match="attn"):
         extractor.extract(x, (11,), ("attn",), upsample="bilinear")
+
+
+def test_benchmark_script_writes_table_json_and_picture(tmp_path, golden_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "upsample.py"
+    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--device", "cpu", "--backbones",
+                          "dino_vits8", "--sizes", "64", "--methods", "bilinear", "jbu", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["patch stride 8", "stride trick 4", "bilinear to /4", "jbu to /4",
+                                           "stride trick 2", "bilinear to /2", "jbu to /2"]
+    assert all(r["cosine"] is None or -1 <= r["cosine"] <= 1 for r in rows)
+    assert "| jbu to /2 |" in (tmp_path / "table.md").read_text()
+    from PIL import Image
+    assert Image.open(tmp_path / "pca.png").width > Image.open(tmp_path / "pca.png").height
