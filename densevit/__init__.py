@@ -6,9 +6,12 @@ from .models.grid import TokenGrid
 from .models.registry import BACKBONES, BackboneSpec, get_spec
 from .models.weights import load_backbone
 from .runtime.device import select_device
+from . import upsample
+from .upsample import UPSAMPLERS
 from .version import __version__
 
 __all__ = [
     "BACKBONES", "BackboneSpec", "get_spec", "TokenGrid", "select_device", "DensevitError", "WeightsNotFoundError",
-    "FACETS", "Features", "ViTExtractor", "load_image", "preprocess", "load_backbone", "__version__",
+    "FACETS", "Features", "ViTExtractor", "load_image", "preprocess", "load_backbone", "upsample", "UPSAMPLERS",
+    "__version__",
 ]

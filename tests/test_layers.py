@@ -1,7 +1,8 @@
 """The package's folders are layers: no module imports from a layer above its own, and there is no import cycle.
 
-Lowest first (README, Architecture): errors, runtime, io, models, features, compat, matching, storage, apps, eval,
-commands (``densevit.cli`` and ``densevit.apps.cli``), then the package's front door ``densevit/__init__.py``.
+Lowest first (README, Architecture): errors, runtime, io, models, upsample, features, compat, matching, storage,
+apps, eval, commands (``densevit.cli`` and ``densevit.apps.cli``), then the package's front door
+``densevit/__init__.py``.
 Every import counts, at module level or inside a function. The one-release aliases at the old module paths
 (CHANGELOG.md) are not part of any layer.
 """
@@ -19,6 +20,7 @@ LAYERS = [
     ("runtime", ["densevit.runtime"]),
     ("io", ["densevit.io"]),
     ("models", ["densevit.models"]),
+    ("upsample", ["densevit.upsample"]),
     ("features", ["densevit.features"]),
     ("compat", ["densevit.compat"]),
     ("matching", ["densevit.matching"]),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..errors import DensevitError
+from ..errors import DensevitError, InvalidArgumentError
 from ..io.images import ImageLike, LoadSize, as_pil, preprocess, split_images
 from ..models.families import BlockFamily, make_adapter
 from ..models.grid import TokenGrid, grid_shape
@@ -39,6 +39,7 @@ from ..models.posenc import DINO, resample_pos_embed
 from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
+from ..upsample import upsample as run_upsampler
 from .binning import log_bin
 from .source import ImageFeatures, ImageInput, image_name
 
@@ -318,7 +319,9 @@ class ViTExtractor(nn.Module):
     def extract(self, x: Union[torch.Tensor, Images], layers: Iterable[int] = (11,), facets: Iterable[str] = ("key",),
                 bin: bool = False, include_cls: bool = False, saliency: bool = False,
                 image_hw: Optional[Tuple[int, int]] = None, stride: Optional[int] = None,
-                load_size: LoadSize = 224, output_fmt: str = "NLC") -> Union[Features, List[Features]]:
+                load_size: LoadSize = 224, output_fmt: str = "NLC", upsample: Optional[str] = None,
+                out_size: Optional[Tuple[int, int]] = None, upsample_options: Optional[Dict[str, object]] = None
+                ) -> Union[Features, List[Features]]:
         """Every ``(layer, facet)`` combination asked for, and optionally saliency, in one forward pass that stops
         after the deepest block needed.
 
@@ -331,6 +334,10 @@ class ViTExtractor(nn.Module):
             load_size: the load size of images that are not model input (module doc).
             output_fmt: ``"NLC"`` (tokens, the default), ``"NCHW"`` or ``"NHWC"`` (maps; not with ``include_cls``
                 nor ``attn``).
+            upsample: a :data:`densevit.upsample.UPSAMPLERS` method (``bilinear``, ``jbu``, ``anyup``,
+                ``upsample_anything``): the descriptors (and saliency) are upsampled, guided by ``x``, to the input
+                size or ``out_size`` and the returned grid is :meth:`TokenGrid.pixels` (one token per pixel);
+                ``upsample_options`` go to the method. Not with ``attn``.
         Returns:
             :class:`Features` with ``descriptors[(layer, facet)]`` of shape ``BxTxD`` (``attn``: ``BxheadsxTxT``),
             keyed by the layer as given by the caller, and ``cls[(layer, facet)]``: the CLS token's unbinned
@@ -340,7 +347,8 @@ class ViTExtractor(nn.Module):
         self._check_output_fmt(output_fmt, facets, include_cls)
         if not _is_model_input(x):
             options = dict(layers=layers, facets=facets, bin=bin, include_cls=include_cls, saliency=saliency,
-                           stride=stride, output_fmt=output_fmt)
+                           stride=stride, output_fmt=output_fmt, upsample=upsample, out_size=out_size,
+                           upsample_options=upsample_options)
             return self._extract_images(x, load_size, options)
         x = x if x.dim() != 3 else x.unsqueeze(0)
         plan = self._plan(x, layers, facets, bin, include_cls, saliency)
@@ -357,7 +365,10 @@ class ViTExtractor(nn.Module):
         descriptors = {(l, f): by_block[self.resolve_layer(l)][f] for l in layers for f in facets}
         cls = {(l, f): cls_block[self.resolve_layer(l)][f] for l in layers for f in facets
                if f in cls_block[self.resolve_layer(l)] and self.model.cls_token is not None}
-        return _formatted(Features(descriptors, grid, sal_map, cls), output_fmt)
+        out = Features(descriptors, grid, sal_map, cls)
+        if upsample is not None:
+            out = _upsampled(out, x, self.spec, upsample, out_size, dict(upsample_options or {}))
+        return _formatted(out, output_fmt)
 
     forward = extract     # the module's call is :meth:`extract`
 
@@ -456,3 +467,39 @@ class ViTExtractor(nn.Module):
         for blk in self.model.blocks[: self.resolve_layer(layer) + 1]:
             tokens = self._block(blk, tokens, rope, set(), False, None)
         return tokens
+
+
+def _upsampled(feats: Features, x: torch.Tensor, spec: BackboneSpec, method: str,
+               out_size: Optional[Tuple[int, int]], options: Dict[str, object]) -> Features:
+    """``feats`` upsampled onto the pixel grid of ``x`` (or ``out_size``).
+
+    The tokens' cells (stride ``s``, centred on the token centres) tile the input region from ``(p - s) / 2``
+    to ``(p - s) / 2 + s * h`` (rows; the same for columns): the features are upsampled onto that region, guided
+    by the same region of the image, and the border outside it takes the nearest value."""
+    if any(f == "attn" for _, f in feats.descriptors):
+        raise InvalidArgumentError("the attn facet cannot be upsampled; ask for key, query, value or token facets")
+    grid = feats.grid
+    H, W = grid.input_hw
+    Ho, Wo = (int(out_size[0]), int(out_size[1])) if out_size is not None else (H, W)
+    h, w = grid.shape
+    off = (grid.patch_size - grid.stride) / 2
+    top, left = round(off * Ho / H), round(off * Wo / W)
+    bottom, right = min(Ho, round((off + grid.stride * h) * Ho / H)), min(Wo, round((off + grid.stride * w) * Wo / W))
+    mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
+    std = x.new_tensor(spec.std).view(1, 3, 1, 1)
+    guide = (x.float() * std + mean).clamp(0, 1)
+    if (Ho, Wo) != (H, W):
+        guide = F.interpolate(guide, size=(Ho, Wo), mode="bilinear", align_corners=False).clamp(0, 1)
+    guide = guide[..., top:bottom, left:right]
+    pad = (left, Wo - right, top, Ho - bottom)
+
+    def one(t: torch.Tensor) -> torch.Tensor:  # B x T x D -> B x (Ho*Wo) x D
+        B, _, D = t.shape
+        m = t.transpose(1, 2).reshape(B, D, h, w)
+        up = run_upsampler(m, guide, method, out_size=(bottom - top, right - left), **options)
+        up = F.pad(up, pad, mode="replicate") if any(pad) else up
+        return up.reshape(B, D, Ho * Wo).transpose(1, 2)
+
+    descriptors = {k: one(v) for k, v in feats.descriptors.items()}
+    saliency = one(feats.saliency[..., None])[..., 0] if feats.saliency is not None else None
+    return Features(descriptors, TokenGrid.pixels((Ho, Wo), grid.original_hw), saliency, feats.cls)

@@ -32,6 +32,12 @@ class TokenGrid:
     input_hw: Tuple[int, int]
     image_hw: Tuple[int, int] | None = None
 
+    @classmethod
+    def pixels(cls, input_hw: Tuple[int, int], image_hw: Tuple[int, int] | None = None) -> "TokenGrid":
+        """One token per pixel of an ``input_hw`` map (patch 1, stride 1: token ``(i, j)`` is pixel ``(i, j)``,
+        centre ``(j + 0.5, i + 0.5)``), e.g. upsampled features; ``image_hw`` as for any grid."""
+        return cls(1, 1, tuple(input_hw), tuple(image_hw) if image_hw is not None else None)
+
     @property
     def shape(self) -> Tuple[int, int]:
         """``(h, w)``: token rows and columns."""
