@@ -78,13 +78,14 @@ def check_saliency_source(args: argparse.Namespace) -> None:
 def clustering_inputs(args: argparse.Namespace, cls: bool = False):
     """``(sets, source)`` of co-segmentation and part co-segmentation: the input sets, and the feature source
     checked for what they read (saliency; the CLS descriptors with ``cls``; the reference's saliency needs the
-    model)."""
+    model; with ``--upsample``, pixel-dense features: :class:`~densevit.features.upsampled.UpsampledSource`)."""
     from densevit.cli.common import build_source, gather_sets
+    from densevit.features.upsampled import UpsampleOptions, upsampled
 
     sets = gather_sets(args.inputs)
     source = build_source(args, saliency=True, cls=cls)
     check_saliency_source(args)
-    return sets, source
+    return sets, upsampled(source, config_from_args(UpsampleOptions, args))
 
 
 @contextmanager

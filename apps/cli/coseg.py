@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from densevit.cli.common import run_cli
 
 from .. import draw
+from densevit.features.upsampled import UpsampleOptions
+
 from ..coseg import CosegConfig, cosegment
 from .common import clustering_inputs, planned_pictures, run_sets, sets_parser, stems, timed, validated_config
 
@@ -23,7 +25,8 @@ PROG = "densevit-coseg"
 def build_parser() -> argparse.ArgumentParser:
     return sets_parser(PROG, "Co-segment the common foreground object of each set of images (ViT descriptors: "
                        "k-means, saliency voting, GrabCut).", (CosegConfig, "co-segmentation (defaults: the "
-                                                                             "reference's)"))
+                                                                             "reference's)"),
+                       (UpsampleOptions, "pixel-dense features"))
 
 
 def config_from_args(args: argparse.Namespace) -> CosegConfig:

@@ -19,6 +19,8 @@ from densevit.cli.common import run_cli
 from densevit.errors import DensevitError
 
 from .. import draw
+from densevit.features.upsampled import UpsampleOptions
+
 from ..partseg import PartsegConfig, crf_backend, part_cosegment
 from .common import clustering_inputs, planned_pictures, run_sets, sets_parser, stems, timed, validated_config
 
@@ -28,7 +30,8 @@ PROG = "densevit-partseg"
 def build_parser() -> argparse.ArgumentParser:
     return sets_parser(PROG, "Co-segment the common object of each set of images into parts consistent across "
                        "the set (ViT descriptors, k-means, dense CRF).",
-                       (PartsegConfig, "part co-segmentation (defaults: the reference's)"))
+                       (PartsegConfig, "part co-segmentation (defaults: the reference's)"),
+                       (UpsampleOptions, "pixel-dense features"))
 
 
 def config_from_args(args: argparse.Namespace) -> PartsegConfig:

@@ -80,13 +80,16 @@ def add_model_flags(parser: argparse.ArgumentParser, *, stride: str = "half", ba
 
 
 def resolve_stride(args: argparse.Namespace) -> int:
-    """``--stride``, or the command's rule (:func:`add_model_flags`) applied to the backbone's patch size."""
+    """``--stride``, or the command's rule (:func:`add_model_flags`) applied to the backbone's patch size; with
+    ``--upsample`` the patch size (pixel-dense features come from the upsampler, not the stride trick)."""
     if args.stride is not None:
         return args.stride
     from ..models.registry import get_spec
 
     spec = get_spec(args.backbone)
-    return spec.fine_stride if getattr(args, "stride_rule", "patch") == "half" else spec.patch_size
+    if getattr(args, "stride_rule", "patch") == "half" and not getattr(args, "upsample", None):
+        return spec.fine_stride
+    return spec.patch_size
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, *, stride: str = "half", load_size: Optional[int] = 224,

@@ -15,6 +15,7 @@ from ..errors import DensevitError
 from ..io.files import atomic_write, check_outputs
 from ..io.images import UnreadableImageError, gather_images, report_unreadable, skip_unreadable
 from ..models.registry import BACKBONES
+from ..features.upsampled import UpsampleOptions
 from ..options import opt
 from ..storage.extract import ExtractionConfig
 from .common import OutputOptions, add_model_flags, build_extractor, run_cli
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, ExtractOptions, only=["bin", "include_cls"])
     add_config_flags(p, OutputOptions, only=["overwrite"], tweak={"overwrite": {
         "help": "replace existing output files (with --store: empty the store first)"}})
+    add_config_flags(p, UpsampleOptions, title="pixel-dense features (.npz files; a store keeps raw maps)")
     add_config_flags(p, ExtractOptions, only=["list_backbones"])
     return p
 
@@ -73,8 +75,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name:18s} {spec.hub_name:42s} patch {spec.patch_size:2d}  {spec.supervision:10s} "
                   f"{spec.pos.describe()}")
         return 0
+    up = config_from_args(UpsampleOptions, args)
     if args.store:
+        if up.upsample:
+            raise DensevitError("a store keeps the raw patch-stride maps; upsample them when reading "
+                                "(e.g. densevit-coseg --store S --upsample jbu); drop --upsample")
         return _store_main(args)
+    if up.upsample and (args.include_cls or args.facets == ("attn",)):
+        raise DensevitError("--upsample gives pixel maps of patch descriptors: not with --include-cls or attn")
     if args.prune:
         raise DensevitError("--prune applies to a feature store (--store DIR)")
     if not args.images or not args.out:
@@ -103,7 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             x, grid = ext.preprocess(img, args.load_size)
             feats = ext.extract(x, (layer,), (facet,), bin=args.bin, include_cls=args.include_cls,
-                                saliency=args.saliency, image_hw=grid.image_hw)
+                                saliency=args.saliency, image_hw=grid.image_hw, upsample=up.upsample,
+                                upsample_options=up.options())
+            grid = feats.grid
         except UnreadableImageError as exc:
             skip_unreadable("densevit-extract", exc)
             unreadable.append(img)
@@ -116,9 +126,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if facet == "attn":
             desc = _flatten_attn(desc)
         arrays = dict(descriptors=desc, num_patches=np.array(grid.shape), input_hw=np.array(grid.input_hw),
-                      image_hw=np.array(grid.original_hw), stride=np.array(ext.stride),
-                      patch_size=np.array(ext.patch_size), layer=np.array(layer), facet=np.array(facet),
+                      image_hw=np.array(grid.original_hw), stride=np.array(grid.stride),
+                      patch_size=np.array(grid.patch_size), layer=np.array(layer), facet=np.array(facet),
                       backbone=np.array(ext.spec.name), binned=np.array(args.bin))
+        if up.upsample:     # one token per input pixel: stride and patch size 1, extracted at extraction_stride
+            arrays.update(upsample=np.array(up.upsample), extraction_stride=np.array(ext.stride))
         if feats.saliency is not None:
             arrays["saliency"] = feats.saliency[0].float().cpu().numpy()
         atomic_write(target, lambda f: np.savez(f, **arrays))

@@ -39,7 +39,7 @@ from ..models.posenc import DINO, resample_pos_embed
 from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
-from ..upsample import upsample as run_upsampler
+from ..upsample import upsample_tokens
 from .binning import log_bin
 from .source import ImageFeatures, ImageInput, image_name
 
@@ -471,35 +471,18 @@ class ViTExtractor(nn.Module):
 
 def _upsampled(feats: Features, x: torch.Tensor, spec: BackboneSpec, method: str,
                out_size: Optional[Tuple[int, int]], options: Dict[str, object]) -> Features:
-    """``feats`` upsampled onto the pixel grid of ``x`` (or ``out_size``).
-
-    The tokens' cells (stride ``s``, centred on the token centres) tile the input region from ``(p - s) / 2``
-    to ``(p - s) / 2 + s * h`` (rows; the same for columns): the features are upsampled onto that region, guided
-    by the same region of the image, and the border outside it takes the nearest value."""
+    """``feats`` upsampled onto the pixel grid of ``x`` (or ``out_size``): :func:`densevit.upsample.upsample_tokens`
+    guided by ``x`` brought back to RGB in ``[0, 1]``."""
     if any(f == "attn" for _, f in feats.descriptors):
         raise InvalidArgumentError("the attn facet cannot be upsampled; ask for key, query, value or token facets")
-    grid = feats.grid
-    H, W = grid.input_hw
-    Ho, Wo = (int(out_size[0]), int(out_size[1])) if out_size is not None else (H, W)
-    h, w = grid.shape
-    off = (grid.patch_size - grid.stride) / 2
-    top, left = round(off * Ho / H), round(off * Wo / W)
-    bottom, right = min(Ho, round((off + grid.stride * h) * Ho / H)), min(Wo, round((off + grid.stride * w) * Wo / W))
     mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
     std = x.new_tensor(spec.std).view(1, 3, 1, 1)
     guide = (x.float() * std + mean).clamp(0, 1)
-    if (Ho, Wo) != (H, W):
-        guide = F.interpolate(guide, size=(Ho, Wo), mode="bilinear", align_corners=False).clamp(0, 1)
-    guide = guide[..., top:bottom, left:right]
-    pad = (left, Wo - right, top, Ho - bottom)
 
-    def one(t: torch.Tensor) -> torch.Tensor:  # B x T x D -> B x (Ho*Wo) x D
-        B, _, D = t.shape
-        m = t.transpose(1, 2).reshape(B, D, h, w)
-        up = run_upsampler(m, guide, method, out_size=(bottom - top, right - left), **options)
-        up = F.pad(up, pad, mode="replicate") if any(pad) else up
-        return up.reshape(B, D, Ho * Wo).transpose(1, 2)
+    def one(t: torch.Tensor) -> Tuple[torch.Tensor, TokenGrid]:
+        return upsample_tokens(t, feats.grid, guide, method, out_size, **options)
 
-    descriptors = {k: one(v) for k, v in feats.descriptors.items()}
-    saliency = one(feats.saliency[..., None])[..., 0] if feats.saliency is not None else None
-    return Features(descriptors, TokenGrid.pixels((Ho, Wo), grid.original_hw), saliency, feats.cls)
+    descriptors = {k: one(v)[0] for k, v in feats.descriptors.items()}
+    saliency = one(feats.saliency[..., None])[0][..., 0] if feats.saliency is not None else None
+    Ho, Wo = out_size if out_size is not None else feats.grid.input_hw
+    return Features(descriptors, TokenGrid.pixels((int(Ho), int(Wo)), feats.grid.original_hw), saliency, feats.cls)

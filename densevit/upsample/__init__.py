@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
 
+import torch.nn.functional as F
+
 import torch
 
 from ..errors import InvalidArgumentError
+from ..models.grid import TokenGrid
 from .anyup import CHECKPOINTS as ANYUP_CHECKPOINTS
 from .anyup import AnyUp, anyup, load_anyup
 from .jbu import bilinear, jbu
@@ -24,7 +27,7 @@ UPSAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "anyup": anyup,
 }
 
-__all__ = ["UPSAMPLERS", "upsample", "bilinear", "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup",
+__all__ = ["UPSAMPLERS", "upsample", "upsample_tokens", "bilinear", "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup",
            "ANYUP_CHECKPOINTS"]
 
 
@@ -40,3 +43,31 @@ def upsample(features: torch.Tensor, image: torch.Tensor, method: str, out_size:
         if "unexpected keyword" in str(e):
             raise InvalidArgumentError(f"upsampler {method!r}: {e}") from None
         raise
+
+
+def upsample_tokens(tokens: torch.Tensor, grid: TokenGrid, guide: torch.Tensor, method: str,
+                    out_size: Optional[Tuple[int, int]] = None, **options) -> Tuple[torch.Tensor, TokenGrid]:
+    """Token maps ``B x T x D`` on ``grid`` -> ``(B x T' x D, TokenGrid.pixels(out))``: upsampled with ``method``,
+    guided by ``guide`` (``B x 3 x H x W`` RGB in ``[0, 1]``, the grid's network input), onto the pixels of the
+    input (or of ``out_size`` spanning it).
+
+    The tokens' cells (stride ``s``, centred on the token centres) tile the input region from ``(p - s) / 2``
+    to ``(p - s) / 2 + s * h`` (rows; the same for columns): the features are upsampled onto that region, guided
+    by the same region of the image, and the border outside it takes the nearest value."""
+    H, W = grid.input_hw
+    Ho, Wo = (int(out_size[0]), int(out_size[1])) if out_size is not None else (H, W)
+    h, w = grid.shape
+    off = (grid.patch_size - grid.stride) / 2
+    top, left = round(off * Ho / H), round(off * Wo / W)
+    bottom = min(Ho, round((off + grid.stride * h) * Ho / H))
+    right = min(Wo, round((off + grid.stride * w) * Wo / W))
+    guide = guide.float().clamp(0, 1)
+    if (Ho, Wo) != tuple(guide.shape[-2:]):
+        guide = F.interpolate(guide, size=(Ho, Wo), mode="bilinear", align_corners=False).clamp(0, 1)
+    guide = guide[..., top:bottom, left:right]
+    pad = (left, Wo - right, top, Ho - bottom)
+    B, _, D = tokens.shape
+    maps = tokens.transpose(1, 2).reshape(B, D, h, w)
+    up = upsample(maps, guide, method, out_size=(bottom - top, right - left), **options)
+    up = F.pad(up, pad, mode="replicate") if any(pad) else up
+    return up.reshape(B, D, Ho * Wo).transpose(1, 2), TokenGrid.pixels((Ho, Wo), grid.original_hw)

@@ -1,0 +1,71 @@
+"""Pixel-dense features without the stride trick: a :class:`~densevit.features.source.FeatureSource` that takes
+another source's patch-stride features (the model's, or a feature store's: stores keep raw maps, upsampled at
+read time like binning) and upsamples them guided by the image (:mod:`densevit.upsample`), so every app runs on
+a one-token-per-pixel grid of the network input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from ..io.images import to_uint8_tensor
+from ..options import opt
+from ..upsample import UPSAMPLERS, upsample_tokens
+from .source import FeatureSource, ImageFeatures, ImageInput
+
+__all__ = ["UpsampleOptions", "UpsampledSource", "upsampled"]
+
+
+@dataclass(frozen=True)
+class UpsampleOptions:
+    """How pixel-dense features are made (the flags of every command that takes ``--upsample``)."""
+
+    upsample: Optional[str] = opt(None, "pixel-dense features: extract at the patch stride (unless --stride is "
+                                        "given), then upsample the maps to the network input's pixels, guided by the "
+                                        "image, with this method instead of the stride trick",
+                                  choices=tuple(UPSAMPLERS))
+    upsample_weights: Optional[str] = opt(None, "AnyUp checkpoint (anyup_paper.pth, anyup_multi_backbone.pth or "
+                                                "'random'); default: searched in $DENSEVIT_WEIGHTS and torch.hub's "
+                                                "checkpoint folder")
+
+    def options(self) -> Dict[str, Any]:
+        """Keyword arguments of the method."""
+        return {"weights": self.upsample_weights} if self.upsample == "anyup" and self.upsample_weights else {}
+
+
+class UpsampledSource:
+    """``inner``'s features upsampled with ``method`` (:data:`densevit.upsample.UPSAMPLERS`) onto the pixels of the
+    network input. Every other attribute is ``inner``'s (so the reference's low-resolution saliency pass still runs
+    on the model)."""
+
+    def __init__(self, inner: FeatureSource, method: str, options: Optional[Dict[str, Any]] = None) -> None:
+        if method not in UPSAMPLERS:
+            from ..errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"unknown upsampler {method!r}; choose from {', '.join(UPSAMPLERS)}")
+        self.inner, self.method, self.options = inner, method, dict(options or {})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def resolve_layer(self, layer: int) -> int:
+        return self.inner.resolve_layer(layer)
+
+    def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
+                       bin: bool = False, saliency: bool = True, include_cls: bool = False,
+                       name: Optional[str] = None) -> ImageFeatures:
+        """``inner``'s features of ``image``, descriptors and saliency upsampled (``T = H x W`` of the input)."""
+        f = self.inner.image_features(image, load_size, layer, facet, bin=bin, saliency=saliency,
+                                      include_cls=include_cls, name=name)
+        guide = to_uint8_tensor(f.resized)[None].float() / 255
+        desc, grid = upsample_tokens(f.descriptors[None].float(), f.grid, guide, self.method, **self.options)
+        sal = None
+        if f.saliency is not None:
+            sal = upsample_tokens(f.saliency.reshape(1, -1, 1).float(), f.grid, guide, self.method,
+                                  **self.options)[0][0, :, 0]
+        return ImageFeatures(f.name, f.image, f.resized, grid, desc[0], sal, f.cls)
+
+
+def upsampled(source: FeatureSource, opts: UpsampleOptions) -> FeatureSource:
+    """``source`` itself without ``--upsample``, else an :class:`UpsampledSource` of it."""
+    return UpsampledSource(source, opts.upsample, opts.options()) if opts.upsample else source
+

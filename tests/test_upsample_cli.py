@@ -1,0 +1,82 @@
+"""--upsample in the commands: pixel-dense maps from the patch stride (extract, coseg, partseg), the store's raw
+maps upsampled at read time, and one-line errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from densevit.apps.cli import coseg, partseg
+from densevit.cli import extract
+from densevit.features.upsampled import UpsampledSource
+from densevit.io.images import load_image
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, images):
+    d = tmp_path_factory.mktemp("small")
+    out = []
+    for i, p in enumerate(images):
+        out.append(d / f"im{i}.png")
+        load_image(p).resize((80, 64)).save(out[-1])
+    return out
+
+
+def _model(golden_path):
+    return ["--weights", str(golden_path), "--load-size", "64", "--device", "cpu"]
+
+
+def test_extract_upsample_writes_one_descriptor_per_input_pixel(tmp_path, small, golden_path, capsys):
+    assert extract.entry([str(small[0]), "-o", str(tmp_path / "o"), *_model(golden_path), "--upsample", "jbu",
+                          "--saliency"]) == 0
+    z = np.load(tmp_path / "o" / "im0.npz")
+    H, W = z["input_hw"]
+    assert (H, W) == (64, 80) and z["descriptors"].shape == (H * W, 384) and z["saliency"].shape == (H * W,)
+    assert tuple(z["num_patches"]) == (H, W) and int(z["stride"]) == 1 and int(z["extraction_stride"]) == 8
+    assert str(z["upsample"]) == "jbu"
+    code = extract.entry([str(small[0]), "--store", str(tmp_path / "s"), *_model(golden_path), "--upsample", "jbu"])
+    assert code == 2 and "store keeps the raw patch-stride maps" in capsys.readouterr().err
+
+
+def test_upsampled_source_equals_the_extractors_own_upsampling(make_extractor, small):
+    ext = make_extractor(8)
+    src = UpsampledSource(ext, "bilinear")
+    f = src.image_features(small[0], 64, 11, "key", saliency=True)
+    assert f.grid.shape == (64, 80) and f.descriptors.shape == (64 * 80, 384) and f.saliency.shape == (64 * 80,)
+    x, grid = ext.preprocess(small[0], 64)
+    direct = ext.extract(x, (11,), ("key",), image_hw=grid.image_hw, upsample="bilinear")
+    assert torch.allclose(f.descriptors, direct.descriptors[(11, "key")][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("app,kind", [(coseg, "mask"), (partseg, "parts")])
+def test_set_commands_segment_at_pixel_resolution(app, kind, tmp_path, small, golden_path):
+    out = tmp_path / "o"
+    flags = ["--thresh", "0.4", "--saliency-source", "same-pass", "--upsample", "jbu", "--quiet"]
+    if app is coseg:
+        flags.append("--no-grabcut")
+    else:
+        flags += ["--crf", "none", "--num-parts", "2"]
+    assert app.entry([*map(str, small), "-o", str(out), *_model(golden_path), *flags]) == 0
+    from PIL import Image
+
+    for i in range(2):
+        m = np.asarray(Image.open(out / f"im{i}_{kind}.png"))
+        assert m.shape == (64, 80)            # original size (the inputs are 80x64)
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] and "timings" in summary
+
+
+def test_a_stores_raw_maps_are_upsampled_at_read_time(tmp_path, small, golden_path):
+    store = tmp_path / "s"
+    assert extract.entry([*map(str, small), "--store", str(store), *_model(golden_path), "--stride", "8",
+                          "--saliency", "--quiet"]) == 0
+    out = tmp_path / "o"
+    assert coseg.entry([*map(str, small), "-o", str(out), "--store", str(store), "--saliency-source", "same-pass",
+                        "--upsample", "jbu", "--no-grabcut", "--thresh", "0.4", "--quiet"]) == 0
+    from densevit.storage.store import FeatureStore
+
+    st = FeatureStore(store)
+    f = UpsampledSource(st, "jbu").image_features(small[0], None, 11, "key")
+    assert f.grid.shape == (64, 80) and st.grid(small[0]).shape == (8, 10)     # stored raw, upsampled on read
