@@ -80,3 +80,24 @@ def test_a_stores_raw_maps_are_upsampled_at_read_time(tmp_path, small, golden_pa
     st = FeatureStore(store)
     f = UpsampledSource(st, "jbu").image_features(small[0], None, 11, "key")
     assert f.grid.shape == (64, 80) and st.grid(small[0]).shape == (8, 10)     # stored raw, upsampled on read
+
+
+def test_discover_runs_on_a_denser_upsampled_grid(tmp_path, small, golden_path):
+    import json
+
+    from densevit.apps.cli import discover
+
+    out = tmp_path / "o"
+    common = [str(small[1]), "--backbone", "dino_vits8", "--weights", str(golden_path), "--load-size", "64",
+              "--device", "cpu", "--quiet"]
+    assert discover.entry([*common, "-o", str(tmp_path / "plain")]) == 0
+    assert discover.entry([*common, "-o", str(out), "--upsample", "jbu", "--max-tokens", "1500"]) == 0
+    plain = json.loads((tmp_path / "plain" / "boxes.json").read_text())["images"]["im1"]
+    dense = json.loads((out / "boxes.json").read_text())["images"]["im1"]
+    h, w = plain["grid_hw"]
+    assert dense["grid_hw"] == [4 * h, 4 * w]                 # f = 4: the densest within 1500 tokens (8 x 10 x 16)
+    from PIL import Image
+
+    assert np.asarray(Image.open(out / "im1_mask.png")).shape == (64, 80)
+    code = discover.entry([*common, "-o", str(tmp_path / "bad"), "--upsample", "jbu", "--stride", "4"])
+    assert code == 1                                            # one line for the image, the run goes on

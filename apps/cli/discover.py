@@ -51,7 +51,9 @@ def add_discover_args(parser: argparse.ArgumentParser, prefix: str = "", load_si
     help_load = "resize the shorter image side to this (0: the original size, as the papers" + (
         "; -1: the propagation's --short-side)" if load_size < 0 else ")")
     add_config_flags(parser, DiscoverConfig, title="object discovery (defaults: the papers')", prefix=prefix,
-                     skip=skip, defaults={"load_size": load_size}, tweak={"load_size": {"help": help_load}})
+                     skip=skip, defaults={"load_size": load_size}, tweak={"load_size": {"help": help_load}, "upsample": {"help": (
+                         "discover on features upsampled with this method, guided by the image, to the densest grid "
+                         "of patch/f-pixel cells within --max-tokens (f divides the patch)")}})
 
 
 def config_from_args(args: argparse.Namespace, prefix: str = "", layer: Optional[int] = None,

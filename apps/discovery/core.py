@@ -70,11 +70,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.features.upsampled import UpsampleOptions
 from densevit.features.options import facet_opt, layer_opt
 from densevit.io.images import as_pil, resized_hw, to_tensor
 from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
+from densevit.upsample import UPSAMPLERS, upsample_tokens
 
 from ..common import ImageInput, image_name, input_to_image, tokens_to_image
 
@@ -91,7 +93,7 @@ _FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)   # scipy.nd
 
 
 @dataclass(frozen=True)
-class DiscoverConfig:
+class DiscoverConfig(UpsampleOptions):
     """Discovery parameters (defaults: the papers' / reference code's).
 
     Attributes:
@@ -108,6 +110,9 @@ class DiscoverConfig:
             probability given to the discovered label of each pixel in the unary term.
         max_tokens: refuse grids of more tokens (the graphs are dense ``TxT``: 12000 tokens take ~1.7 GiB for
             TokenCut); large photos need a ``load_size``.
+        upsample, upsample_weights: discover on upsampled features (:mod:`densevit.upsample`): the patch-stride
+            map upsampled, guided by the image, to the densest grid of cells of ``patch / f`` pixels (``f`` a
+            divisor of the patch) that stays within ``max_tokens`` (the graph is dense: pixels are out of reach).
     """
 
     method: str = opt("tokencut", "TokenCut or LOST", choices=METHODS)
@@ -147,6 +152,8 @@ class DiscoverConfig:
             raise DensevitError(f"eps must be positive, got {self.eps}")
         if self.k_patches < 1:
             raise DensevitError(f"k patches must be at least 1, got {self.k_patches}")
+        if self.upsample is not None and self.upsample not in UPSAMPLERS:
+            raise DensevitError(f"unknown upsampler {self.upsample!r}; choose from {', '.join(UPSAMPLERS)}")
         if not 0.5 <= self.crf_confidence < 1 or self.crf_iters < 0:
             raise DensevitError("CRF confidence must lie in [0.5, 1) and CRF iterations be >= 0")
 
@@ -354,7 +361,29 @@ def extract_discovery_features(extractor, image: ImageInput, cfg: DiscoverConfig
                             f"(e.g. --load-size 480) or raise the token limit")
     feats = extractor.extract(x, (cfg.layer,), (cfg.facet,), image_hw=grid.input_hw)
     desc = feats.descriptors[(cfg.layer, cfg.facet)][0].float().cpu()
+    if cfg.upsample:
+        desc, grid = _upsampled(desc, grid, x, extractor.spec, cfg)
     return DiscoveryFeatures(name or image_name(image, 0), img, resized, grid, image_grid, desc)
+
+
+def _upsampled(desc: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, cfg: DiscoverConfig
+               ) -> Tuple[torch.Tensor, TokenGrid]:
+    """Patch-stride descriptors ``TxD`` on ``grid`` -> the densest grid of ``patch / f``-pixel cells within
+    ``cfg.max_tokens`` (``f`` divides the patch), upsampled with ``cfg.upsample`` guided by the input ``x``."""
+    p, (h, w) = grid.patch_size, grid.shape
+    if grid.stride != p:
+        raise DensevitError(f"--upsample discovers on upsampled patch-stride features: leave out --stride "
+                            f"(got stride {grid.stride} for patch {p})")
+    f = max(d for d in range(1, p + 1) if p % d == 0 and h * w * d * d <= cfg.max_tokens)
+    cell = p // f
+    H, W = h * p, w * p                                   # the part of the input the tokens cover
+    mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
+    std = x.new_tensor(spec.std).view(1, 3, 1, 1)
+    guide = (x[..., :H, :W].float() * std + mean).clamp(0, 1)
+    covered = TokenGrid(p, p, (H, W))
+    up, _ = upsample_tokens(desc[None].to(guide.device), covered, guide, cfg.upsample, out_size=(h * f, w * f),
+                            **cfg.options())
+    return up[0].float().cpu(), TokenGrid(cell, cell, tuple(grid.input_hw))
 
 
 @dataclass
