@@ -38,17 +38,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.features.upsampled import UpsampleOptions
 from densevit.features.options import facet_opt, layer_opt
 from densevit.io.images import as_pil, image_size, to_tensor
 from densevit.models.grid import TokenGrid
 from densevit.options import opt
+from densevit.upsample import UPSAMPLERS, upsample_tokens
 from densevit.runtime.threads import prefetch_map
 
 FrameLike = Union[str, Path, Image.Image, np.ndarray]
 
 
 @dataclass(frozen=True)
-class VOSConfig:
+class VOSConfig(UpsampleOptions):
     """Propagation parameters (defaults: DINO's DAVIS protocol).
 
     Attributes:
@@ -79,12 +81,18 @@ class VOSConfig:
                             flag="--no-minmax-norm", invert=True)
     batch_size: int = opt(8, "frames per forward pass")
     tile: int = opt(16, "query tile side in tokens for the neighbourhood search (speed/memory only)", cli=False)
+    upsample_factor: int = opt(2, "with --upsample: propagate on cells of patch/f pixels (f divides the patch; "
+                                  "the neighbourhood grows f times, in tokens, to cover the same area)")
 
     def validate(self) -> None:
         if self.short_side < 1 or self.multiple < 1:
             raise DensevitError("short side and multiple must be positive")
         if self.n_last_frames < 0:
             raise DensevitError("the number of preceding context frames cannot be negative")
+        if self.upsample is not None and self.upsample not in UPSAMPLERS:
+            raise DensevitError(f"unknown upsampler {self.upsample!r}; choose from {', '.join(UPSAMPLERS)}")
+        if self.upsample_factor < 1:
+            raise DensevitError("the upsampling factor must be at least 1")
         if self.topk < 1:
             raise DensevitError("top-k must be at least 1")
         if not self.temperature > 0:
@@ -281,9 +289,11 @@ def propagate_labels(query: torch.Tensor, keys: Sequence[torch.Tensor], labels: 
 
 # ---------------------------------------------------------------------------------------------------- videos
 def _feature_batches(extractor, frames: Sequence[FrameLike], input_hw: Tuple[int, int],
-                     image_hw: Tuple[int, int], cfg: VOSConfig) -> Iterator[torch.Tensor]:
-    """L2-normalised features ``TxD`` (float32, on the extractor's device) of each frame, computed in batches;
-    the next frames are decoded on worker threads while the current batch runs."""
+                     image_hw: Tuple[int, int], cfg: VOSConfig, dense: Optional[TokenGrid] = None
+                     ) -> Iterator[torch.Tensor]:
+    """L2-normalised features ``TxD`` (float32, on the extractor's device) of each frame, computed in batches
+    (upsampled onto ``dense`` with ``cfg.upsample``); the next frames are decoded on worker threads while the
+    current batch runs."""
     mean, std = extractor.spec.mean, extractor.spec.std
     loaded = prefetch_map(lambda fr: load_frame(fr, input_hw, mean, std), frames, ahead=2 * cfg.batch_size)
     for s in range(0, len(frames), cfg.batch_size):
@@ -295,8 +305,32 @@ def _feature_batches(extractor, frames: Sequence[FrameLike], input_hw: Tuple[int
             xs.append(x)
         feats = extractor.extract(torch.stack(xs), layers=(cfg.layer,), facets=(cfg.facet,), image_hw=image_hw)
         d = feats.descriptors[(cfg.layer, cfg.facet)]
+        if dense is not None:
+            d = _upsampled(d, feats.grid, torch.stack(xs), extractor.spec, dense, cfg)
         for t in F.normalize(d.float(), dim=-1):
             yield t
+
+
+def dense_grid(grid: TokenGrid, factor: int) -> TokenGrid:
+    """The grid of ``patch / f``-pixel cells over the same input, for the largest ``f <= factor`` that divides the
+    patch and tiles exactly the area the patch tokens cover."""
+    p, (h, w) = grid.patch_size, grid.shape
+    H, W = grid.input_hw
+    for f in range(min(factor, p), 0, -1):
+        c = p // f
+        if p % f == 0 and (H // c, W // c) == (h * f, w * f):
+            return TokenGrid(c, c, tuple(grid.input_hw), grid.image_hw)
+    return grid
+
+
+def _upsampled(d: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, dense: TokenGrid, cfg: VOSConfig
+               ) -> torch.Tensor:
+    """Patch-stride features ``BxTxD`` -> ``BxT'xD`` on ``dense``, upsampled with ``cfg.upsample`` guided by the
+    frames ``x`` (normalised input)."""
+    mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
+    std = x.new_tensor(spec.std).view(1, 3, 1, 1)
+    return upsample_tokens(d.float(), grid, (x.float() * std + mean).clamp(0, 1), cfg.upsample,
+                           out_size=dense.shape, **cfg.options())[0]
 
 
 def _frame_size(frame: FrameLike) -> Tuple[int, int]:
@@ -342,12 +376,21 @@ def propagate(extractor, frames: Sequence[FrameLike], first_mask: np.ndarray, co
     ids = object_ids(first_mask)
     input_hw = input_size(image_hw, config.short_side, config.multiple)
     grid = extractor.grid(input_hw, image_hw)
+    dense = None
+    radius = config.neighborhood
+    if config.upsample:
+        if grid.stride != grid.patch_size:
+            raise DensevitError(f"--upsample propagates upsampled patch-stride features: leave out --stride "
+                                f"(got stride {grid.stride} for patch {grid.patch_size})")
+        dense = dense_grid(grid, config.upsample_factor)
+        radius *= dense.shape[0] // grid.shape[0]          # the same area in the denser grid's tokens
+        grid = dense
     device = extractor.device
-    search = LocalTopK(grid.shape, config.neighborhood, config.tile, device)
+    search = LocalTopK(grid.shape, radius, config.tile, device)
     sample_grid = upsample_grid(grid, device)
     ids_lut = torch.tensor(ids, dtype=torch.long, device=device)
 
-    feats = _feature_batches(extractor, frames, input_hw, image_hw, config)
+    feats = _feature_batches(extractor, frames, input_hw, image_hw, config, dense)
     first_feat = next(feats)
     first_labels = mask_to_labels(first_mask, grid, ids).to(device)
     yield first_mask.astype(np.uint8)

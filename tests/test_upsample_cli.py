@@ -101,3 +101,38 @@ def test_discover_runs_on_a_denser_upsampled_grid(tmp_path, small, golden_path):
     assert np.asarray(Image.open(out / "im1_mask.png")).shape == (64, 80)
     code = discover.entry([*common, "-o", str(tmp_path / "bad"), "--upsample", "jbu", "--stride", "4"])
     assert code == 1                                            # one line for the image, the run goes on
+
+
+def test_vos_propagates_on_upsampled_features(golden_path, tmp_path):
+    """A textured square moving right: tracked on the 2x denser upsampled grid as on the patch grid, and the
+    command takes --upsample."""
+    from densevit import ViTExtractor
+    from densevit.apps.cli import vos as vos_cli
+    from densevit.apps.vos import VOSConfig, dense_grid, propagate
+    from densevit.eval.metrics.davis import db_eval_iou
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    bg = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    tex = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    frames, masks = [], []
+    for i in range(4):
+        f, m = bg.copy(), np.zeros((96, 128), np.uint8)
+        f[32:64, 16 + 8 * i:48 + 8 * i], m[32:64, 16 + 8 * i:48 + 8 * i] = tex, 1
+        frames.append(f)
+        masks.append(m)
+    ext = ViTExtractor("dino_vits8", weights=str(golden_path), device="cpu")
+    cfg = VOSConfig(short_side=96, multiple=8, upsample="bilinear")
+    grid = ext.grid((96, 128), (96, 128))
+    assert dense_grid(grid, 2).shape == (2 * grid.shape[0], 2 * grid.shape[1])
+    out = list(propagate(ext, frames, masks[0], cfg))
+    assert min(db_eval_iou(masks[i] == 1, out[i] == 1) for i in range(1, 4)) >= 0.7
+    d = tmp_path / "frames"
+    d.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(d / f"{i:05d}.png")
+    Image.fromarray(masks[0] * 255).save(tmp_path / "m.png")
+    assert vos_cli.entry(["--frames", str(d), "--first-mask", str(tmp_path / "m.png"), "-o", str(tmp_path / "o"),
+                          "--weights", str(golden_path), "--device", "cpu", "--short-side", "96", "--multiple", "8",
+                          "--upsample", "jbu", "--quiet"]) == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 4
