@@ -236,3 +236,20 @@ def test_one_model_serves_every_stride(make, make_extractor, noise_pair):
         own.add_image(noise_pair[0])
         assert torch.equal(d, own.descriptors(0, s)) and ex.grid(0, s).stride == stride
     assert ex.extractor(8).model.patch_embed.proj.stride == (8, 8)
+
+
+def test_upsampled_descriptors_are_one_per_pixel_from_the_patch_stride(make, noise_pair):
+    a, b = noise_pair
+    ex = make(stride=4)
+    ex.add_image(a, "a")
+    ex.add_image(b, "b")
+    s = ex.settings(layer=9, stride=4, upsample="jbu")
+    assert s.stride == 8                                          # upsampled from the patch stride
+    g = ex.grid(0, s)
+    assert g.shape == (112, 144) and ex.descriptors(0, s).shape == (112 * 144, 384)
+    r = ex.similarity(0, 60.0, 50.0, s, k=3)
+    assert abs(r.maps[1].topk[0].x - (r.clicked.x + 16)) <= 8 and abs(r.maps[1].topk[0].y - r.clicked.y) <= 8
+    with pytest.raises(DensevitError, match="do not combine"):
+        ex.settings(bin=True, upsample="jbu")
+    with pytest.raises(DensevitError, match="unknown upsampler"):
+        ex.settings(upsample="nearest")

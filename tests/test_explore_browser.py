@@ -118,6 +118,21 @@ def test_click_shifted_copy_layer_switch_save_and_bad_upload(server, browser, tm
     assert map_b() != after_click
     assert "layer" not in d.find_element(By.ID, "error-text").text
 
+    # pixel-dense descriptors (upsampled from the patch stride): one token per pixel, the shift still found
+    layer3 = map_b()
+    n = renders()
+    Select(d.find_element(By.ID, "upsample")).select_by_value("bilinear")
+    wait_render(n)
+    shot("3b_upsampled")
+    assert not d.find_element(By.ID, "error").is_displayed() and map_b() != layer3
+    assert not d.find_element(By.ID, "stride").is_enabled()
+    cap = d.find_element(By.ID, "caption-1")
+    assert abs(float(cap.get_attribute("data-top-x")) - (cx + 16)) <= 8
+    n = renders()
+    Select(d.find_element(By.ID, "upsample")).select_by_value("none")
+    wait_render(n)
+    assert d.find_element(By.ID, "stride").is_enabled()
+
     # save the view: a PNG and a JSON with the clicked point and matches in original pixels
     d.find_element(By.ID, "save").click()
     WebDriverWait(d, 30).until(lambda _: "Saved" in d.find_element(By.ID, "notes").text)

@@ -33,6 +33,7 @@ from densevit.features import similarity as sim
 from densevit.features.binning import log_bin
 from densevit.io.images import as_pil, load_image
 from densevit.models.grid import TokenGrid
+from densevit.upsample import UPSAMPLERS, upsample_tokens
 
 __all__ = ["Settings", "ExploreImage", "ImageMap", "SimilarityResult", "AttentionResult", "Explorer",
            "DESCRIPTOR_FACETS", "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME"]
@@ -52,14 +53,17 @@ MAX_NAME = 255
 
 @dataclass(frozen=True)
 class Settings:
-    """What the descriptors are: block ``layer`` (0-based), ``facet``, log-binning, patch ``stride`` and the
-    ``load_size`` the shorter image side is resized to (None: original size)."""
+    """What the descriptors are: block ``layer`` (0-based), ``facet``, log-binning, patch ``stride``, the
+    ``load_size`` the shorter image side is resized to (None: original size), and ``upsample``: a
+    :data:`densevit.upsample.UPSAMPLERS` method giving pixel-dense descriptors from the patch stride (None: the
+    token grid)."""
 
     layer: int = 11
     facet: str = "key"
     bin: bool = False
     stride: int = 4
     load_size: Optional[int] = 224
+    upsample: Optional[str] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -298,6 +302,13 @@ class Explorer:
         pixels, or None for the original size)."""
         if s.facet not in DESCRIPTOR_FACETS:
             raise DensevitError(f"unknown facet {s.facet!r}; choose from {', '.join(DESCRIPTOR_FACETS)}")
+        if s.upsample is not None:
+            if s.upsample not in UPSAMPLERS:
+                raise DensevitError(f"unknown upsampler {s.upsample!r}; choose from {', '.join(UPSAMPLERS)}")
+            if s.bin:
+                raise DensevitError("log-binning and upsampling do not combine (17 x D channels per pixel); "
+                                    "turn one off")
+            s = dataclasses.replace(s, stride=self.patch_size)     # upsampled from the patch stride
         if s.stride not in self.strides:
             raise DensevitError(f"stride {s.stride} is not offered for patch size {self.patch_size}; "
                                 f"choose from {', '.join(map(str, self.strides))}")
@@ -347,13 +358,16 @@ class Explorer:
                                      "prefix": ext.num_prefix_tokens})
 
     def grid(self, index: int, settings: Optional[Settings] = None) -> TokenGrid:
+        """The token grid of image ``index`` at ``settings`` (one token per input pixel when upsampled)."""
         s = settings or self.defaults
         ext = self.extractor(s.stride)
         item = self.images[index]
         from densevit.io.images import resized_hw
 
-        return ext.grid(resized_hw((item.image.height, item.image.width), s.load_size), item.original_hw,
-                        stride=s.stride)
+        hw = resized_hw((item.image.height, item.image.width), s.load_size)
+        if s.upsample is not None:
+            return TokenGrid.pixels(hw, item.original_hw)
+        return ext.grid(hw, item.original_hw, stride=s.stride)
 
     def descriptors(self, index: int, settings: Optional[Settings] = None) -> torch.Tensor:
         """L2-normalised descriptors ``TxD`` of image ``index`` (log-binned with ``settings.bin``), cached."""
@@ -366,10 +380,21 @@ class Explorer:
                 return hit
             st = self._stack(index, s)
             d = st["raw"][s.layer]
+            if s.upsample is not None:
+                d = self._upsampled(index, s, d, st["grid"])
             if s.bin:
                 h, w = st["grid"].shape
                 d = log_bin(d.T.reshape(1, d.shape[1], h, w))[0]
             return self._cache.put(key, sim.normalize(d))
+
+    def _upsampled(self, index: int, s: Settings, d: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """Patch-stride descriptors ``TxD`` of image ``index`` upsampled with ``s.upsample`` onto the input's
+        pixels, guided by the image (:func:`densevit.upsample.upsample_tokens`)."""
+        ext, x, _ = self._network_input(index, dataclasses.replace(s, upsample=None))
+        mean = x.new_tensor(ext.spec.mean).view(1, 3, 1, 1)
+        std = x.new_tensor(ext.spec.std).view(1, 3, 1, 1)
+        guide = (x.float() * std + mean).clamp(0, 1).cpu()
+        return upsample_tokens(d[None], grid, guide, s.upsample)[0][0]
 
     def prepare(self, settings: Optional[Settings] = None, attention: bool = False) -> float:
         """Extract (or find cached) what ``settings`` need for every image, updating :attr:`progress`;

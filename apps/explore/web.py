@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.upsample import UPSAMPLERS
 from densevit.storage.cache import atomic_write
 
 from .session import (
@@ -125,6 +126,11 @@ def _settings(ex: Explorer, d: Any) -> Settings:
     if "load_size" in d:
         v = d["load_size"]
         kw["load_size"] = None if v in (None, "", "original") else _whole(v, "load size")
+    if "upsample" in d:
+        v = d["upsample"]
+        if v not in (None, "", "none") and not isinstance(v, str):
+            raise DensevitError(f"upsample must be a method name, got {_show(v)}")
+        kw["upsample"] = None if v in (None, "", "none") else v
     return ex.settings(**kw)
 
 
@@ -346,7 +352,8 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
     async def state():
         return {"backbone": ex.backbone, "weights": None if ex.weights is None else Path(str(ex.weights)).name,
                 "patch_size": ex.patch_size, "depth": ex.depth, "heads": ex.num_heads, "strides": ex.strides,
-                "facets": list(DESCRIPTOR_FACETS), "defaults": ex.defaults.as_dict(), "images": images(),
+                "facets": list(DESCRIPTOR_FACETS), "upsamplers": list(UPSAMPLERS), "defaults": ex.defaults.as_dict(),
+                "images": images(),
                 "limits": {"load_size": [ex.patch_size, MAX_LOAD_SIZE], "tokens": ex.max_tokens, "k": [1, MAX_K]}}
 
     @app.get("/api/image/{index}")

@@ -75,6 +75,7 @@ function settings() {
   return {
     layer: +$("layer").value, facet: $("facet").value, bin: $("bin").checked,
     stride: +$("stride").value, load_size: $("load_size").value === "original" ? null : +$("load_size").value,
+    upsample: $("upsample").value === "none" ? null : $("upsample").value,
   };
 }
 function fillSelect(el, values, labels, selected) {
@@ -404,7 +405,7 @@ async function save() {
   ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, W, H);
   ctx.fillStyle = "#1d232b"; ctx.font = "bold 13px system-ui, sans-serif"; ctx.textBaseline = "top";
   const s = settings();
-  ctx.fillText(`${S.meta.backbone} · ${S.mode} · layer ${s.layer} · ${s.facet}${s.bin ? " (binned)" : ""} · stride ${s.stride} · load ${s.load_size || "original"}`, pad, 8);
+  ctx.fillText(`${S.meta.backbone} · ${S.mode} · layer ${s.layer} · ${s.facet}${s.bin ? " (binned)" : ""} · stride ${s.stride}${s.upsample ? " · " + s.upsample : ""} · load ${s.load_size || "original"}`, pad, 8);
   let x = pad;
   for (const im of cards) {
     ctx.drawImage(im.canvas, x, titleH + pad, im.cw, im.ch);
@@ -438,6 +439,7 @@ async function start() {
     fillSelect($("layer"), [...Array(st.depth).keys()], null, d.layer);
     fillSelect($("facet"), st.facets, null, d.facet);
     fillSelect($("stride"), st.strides, null, d.stride);
+    fillSelect($("upsample"), ["none", ...st.upsamplers], null, d.upsample || "none");
     fillSelect($("head"), ["mean", ...Array(st.heads).keys()], ["mean of heads", ...[...Array(st.heads).keys()].map(String)], "mean");
     const ls = $("load_size");
     const want = d.load_size ? String(d.load_size) : "original";
@@ -457,7 +459,8 @@ async function start() {
 }
 
 document.querySelectorAll("input[name=mode]").forEach((el) => el.addEventListener("change", () => { setMode(el.value); refresh(); }));
-["layer", "facet", "bin", "stride", "load_size", "head", "k"].forEach((id) => $(id).addEventListener("change", refresh));
+["layer", "facet", "bin", "stride", "load_size", "upsample", "head", "k"].forEach((id) => $(id).addEventListener("change", refresh));
+$("upsample").addEventListener("change", () => { $("stride").disabled = $("upsample").value !== "none"; });
 $("opacity").addEventListener("input", () => S.images.forEach(drawCard));
 $("upload").addEventListener("change", (ev) => upload(ev.target.files));
 $("save").addEventListener("click", save);
