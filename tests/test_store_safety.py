@@ -288,3 +288,27 @@ def test_store_index_and_cache_files_follow_the_umask(tmp_path):
     assert len(files) >= 8
     assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files} == \
         {str(p.relative_to(tmp_path)): oct(0o640) for p in files}
+
+
+def test_a_store_another_writer_is_making_is_refused_as_busy(tmp_path):
+    """The second of two writers started together finds the folder with the first one's lock and shard folder but
+    no settings yet: it is told the store is being written (it was told the folder is not a store)."""
+    from densevit.storage.store import StoreError, StoreLock, StoreWriter
+
+    root = tmp_path / "st"
+    root.mkdir()
+    first = StoreLock(root).acquire()               # the first writer, between its lock and its settings
+    (root / "shards").mkdir()
+    try:
+        with pytest.raises(StoreError, match="is being written by another process"):
+            StoreWriter(root, {"backbone": "dino_vits8"}).prepare()
+    finally:
+        first.release()
+    with pytest.raises(StoreError, match="is not a densevit store"):     # its writer died: not a store
+        StoreWriter(root, {"backbone": "dino_vits8"}).prepare()
+    plain = tmp_path / "photos"
+    plain.mkdir()
+    (plain / "x.jpg").write_bytes(b"x")
+    with pytest.raises(StoreError, match="is not a densevit store"):
+        StoreWriter(plain, {"backbone": "dino_vits8"}).prepare()
+    assert sorted(p.name for p in plain.iterdir()) == ["x.jpg"]           # nothing written into it

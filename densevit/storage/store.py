@@ -235,12 +235,18 @@ class StoreWriter:
         path = self.root / SETTINGS_FILE
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root} is a file, not a store folder; use another path")
-        if (not overwrite and self.root.exists() and not path.exists()
-                and any(f.name != LOCK_FILE for f in self.root.iterdir())):
+
+        def foreign() -> bool:          # a folder with files but no store settings
+            return not overwrite and not path.exists() and any(f.name != LOCK_FILE for f in self.root.iterdir())
+
+        if self.root.exists() and foreign() and not (self.root / LOCK_FILE).exists():
             raise StoreError(f"{self.root} exists and is not a densevit store; use another folder or --overwrite")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
+        self._lock.acquire()            # a store another writer is making: refused here, naming it
         try:
+            if foreign():               # a store whose first writer died before its settings were written
+                raise StoreError(f"{self.root} exists and is not a densevit store; use another folder or "
+                                 f"--overwrite")
             self._prepare_locked(path, overwrite)
         except BaseException:
             self.close()
