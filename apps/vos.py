@@ -40,7 +40,7 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features.upsampled import UpsampleOptions
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import as_pil, image_size, to_tensor
+from densevit.io.images import as_pil, denormalize, image_size, to_tensor
 from densevit.models.grid import TokenGrid
 from densevit.options import opt
 from densevit.upsample import UPSAMPLERS, upsample_tokens
@@ -303,10 +303,11 @@ def _feature_batches(extractor, frames: Sequence[FrameLike], input_hw: Tuple[int
                 raise DensevitError(f"frame {j} is {hw[1]}x{hw[0]} but the first frame is "
                                     f"{image_hw[1]}x{image_hw[0]}; all frames of a video must have one size")
             xs.append(x)
-        feats = extractor.extract(torch.stack(xs), layers=(cfg.layer,), facets=(cfg.facet,), image_hw=image_hw)
+        batch = torch.stack(xs)
+        feats = extractor.extract(batch, layers=(cfg.layer,), facets=(cfg.facet,), image_hw=image_hw)
         d = feats.descriptors[(cfg.layer, cfg.facet)]
         if dense is not None:
-            d = _upsampled(d, feats.grid, torch.stack(xs), extractor.spec, dense, cfg)
+            d = _upsampled(d, feats.grid, batch, extractor.spec, dense, cfg)
         for t in F.normalize(d.float(), dim=-1):
             yield t
 
@@ -327,9 +328,7 @@ def _upsampled(d: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, dense: T
                ) -> torch.Tensor:
     """Patch-stride features ``BxTxD`` -> ``BxT'xD`` on ``dense``, upsampled with ``cfg.upsample`` guided by the
     frames ``x`` (normalised input)."""
-    mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
-    std = x.new_tensor(spec.std).view(1, 3, 1, 1)
-    return upsample_tokens(d.float(), grid, (x.float() * std + mean).clamp(0, 1), cfg.upsample,
+    return upsample_tokens(d.float(), grid, denormalize(x, spec.mean, spec.std), cfg.upsample,
                            out_size=dense.shape, **cfg.options())[0]
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from densevit import ViTExtractor
+from densevit.io.images import denormalize
 from densevit.io.paths import shared_dir
 from densevit.runtime.device import select_device, synchronize
 from densevit.upsample import UPSAMPLERS
@@ -126,9 +127,7 @@ def pca_picture(maps: Dict[str, object], x: torch.Tensor, ext: ViTExtractor, ord
     _, _, V = torch.pca_lowrank(base - mu, q=3, center=False)
     proj = (base - mu) @ V
     lo, hi = proj.quantile(0.01, dim=0), proj.quantile(0.99, dim=0)
-    mean = x.new_tensor(ext.spec.mean).view(3, 1, 1)
-    std = x.new_tensor(ext.spec.std).view(3, 1, 1)
-    img = ((x[0] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
+    img = (denormalize(x[0], ext.spec.mean, ext.spec.std) * 255).byte().permute(1, 2, 0).cpu().numpy()
     H, W = img.shape[:2]
     th, tw = tile, round(tile * W / H)
     tiles = [("image", Image.fromarray(img).resize((tw, th), Image.BILINEAR))]

@@ -136,3 +136,20 @@ def test_vos_propagates_on_upsampled_features(golden_path, tmp_path):
                           "--weights", str(golden_path), "--device", "cpu", "--short-side", "96", "--multiple", "8",
                           "--upsample", "jbu", "--quiet"]) == 0
     assert len(list((tmp_path / "o").glob("*.png"))) == 4
+
+
+@pytest.mark.parametrize("method", ["bilinear", "jbu"])
+def test_several_maps_of_one_image_upsample_as_one(method):
+    """Channel-wise methods upsample the descriptors and the saliency of an image in one call (Upsample Anything
+    then fits its kernels once): the same maps as one call per map."""
+    from densevit.models.grid import TokenGrid
+    from densevit.upsample import CHANNELWISE, upsample_token_maps, upsample_tokens
+
+    g = torch.Generator().manual_seed(0)
+    grid = TokenGrid(8, 8, (40, 48))
+    guide = torch.rand(1, 3, 40, 48, generator=g)
+    maps = [torch.randn(1, grid.num_tokens, 6, generator=g), torch.rand(1, grid.num_tokens, 1, generator=g)]
+    together, out_grid = upsample_token_maps(maps, grid, guide, method)
+    assert method in CHANNELWISE and out_grid.shape == (40, 48)
+    for m, t in zip(maps, together):
+        assert torch.allclose(t, upsample_tokens(m, grid, guide, method)[0], atol=1e-5)

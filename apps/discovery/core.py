@@ -72,7 +72,7 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features.upsampled import UpsampleOptions
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import as_pil, resized_hw, to_tensor
+from densevit.io.images import as_pil, denormalize, resized_hw, to_tensor
 from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
@@ -377,9 +377,7 @@ def _upsampled(desc: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, cfg: 
     f = max(d for d in range(1, p + 1) if p % d == 0 and h * w * d * d <= cfg.max_tokens)
     cell = p // f
     H, W = h * p, w * p                                   # the part of the input the tokens cover
-    mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
-    std = x.new_tensor(spec.std).view(1, 3, 1, 1)
-    guide = (x[..., :H, :W].float() * std + mean).clamp(0, 1)
+    guide = denormalize(x[..., :H, :W], spec.mean, spec.std)
     covered = TokenGrid(p, p, (H, W))
     up, _ = upsample_tokens(desc[None].to(guide.device), covered, guide, cfg.upsample, out_size=(h * f, w * f),
                             **cfg.options())

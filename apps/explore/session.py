@@ -31,7 +31,7 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features import similarity as sim
 from densevit.features.binning import log_bin
-from densevit.io.images import as_pil, load_image
+from densevit.io.images import as_pil, denormalize, load_image
 from densevit.models.grid import TokenGrid
 from densevit.upsample import UPSAMPLERS, upsample_tokens
 
@@ -340,7 +340,8 @@ class Explorer:
         layers = tuple(range(ext.depth))
         feats = ext.extract(x, layers, (s.facet,), saliency=True, image_hw=grid.original_hw, stride=s.stride)
         raw = torch.stack([feats.descriptors[(l, s.facet)][0] for l in layers]).float().cpu()
-        entry = {"raw": raw, "grid": grid, "saliency": feats.saliency[0].float().cpu()}
+        entry = {"raw": raw, "grid": grid, "saliency": feats.saliency[0].float().cpu(),
+                 "guide": denormalize(x, ext.spec.mean, ext.spec.std).cpu()}        # for upsampling
         return self._cache.put(key, entry)
 
     def _attn_inputs(self, index: int, s: Settings) -> Dict[str, Any]:
@@ -380,21 +381,12 @@ class Explorer:
                 return hit
             st = self._stack(index, s)
             d = st["raw"][s.layer]
-            if s.upsample is not None:
-                d = self._upsampled(index, s, d, st["grid"])
+            if s.upsample is not None:        # pixel-dense, guided by the image (densevit.upsample)
+                d = upsample_tokens(d[None], st["grid"], st["guide"], s.upsample)[0][0]
             if s.bin:
                 h, w = st["grid"].shape
                 d = log_bin(d.T.reshape(1, d.shape[1], h, w))[0]
             return self._cache.put(key, sim.normalize(d))
-
-    def _upsampled(self, index: int, s: Settings, d: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
-        """Patch-stride descriptors ``TxD`` of image ``index`` upsampled with ``s.upsample`` onto the input's
-        pixels, guided by the image (:func:`densevit.upsample.upsample_tokens`)."""
-        ext, x, _ = self._network_input(index, dataclasses.replace(s, upsample=None))
-        mean = x.new_tensor(ext.spec.mean).view(1, 3, 1, 1)
-        std = x.new_tensor(ext.spec.std).view(1, 3, 1, 1)
-        guide = (x.float() * std + mean).clamp(0, 1).cpu()
-        return upsample_tokens(d[None], grid, guide, s.upsample)[0][0]
 
     def prepare(self, settings: Optional[Settings] = None, attention: bool = False) -> float:
         """Extract (or find cached) what ``settings`` need for every image, updating :attr:`progress`;

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DensevitError, InvalidArgumentError
-from ..io.images import ImageLike, LoadSize, as_pil, preprocess, split_images
+from ..io.images import ImageLike, LoadSize, as_pil, denormalize, preprocess, split_images
 from ..models.families import BlockFamily, make_adapter
 from ..models.grid import TokenGrid, grid_shape
 from ..models.own import adopt_module
@@ -39,7 +39,7 @@ from ..models.posenc import DINO, resample_pos_embed
 from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
-from ..upsample import upsample_tokens
+from ..upsample import upsample_token_maps
 from .binning import log_bin
 from .source import ImageFeatures, ImageInput, image_name
 
@@ -475,14 +475,11 @@ def _upsampled(feats: Features, x: torch.Tensor, spec: BackboneSpec, method: str
     guided by ``x`` brought back to RGB in ``[0, 1]``."""
     if any(f == "attn" for _, f in feats.descriptors):
         raise InvalidArgumentError("the attn facet cannot be upsampled; ask for key, query, value or token facets")
-    mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
-    std = x.new_tensor(spec.std).view(1, 3, 1, 1)
-    guide = (x.float() * std + mean).clamp(0, 1)
-
-    def one(t: torch.Tensor) -> Tuple[torch.Tensor, TokenGrid]:
-        return upsample_tokens(t, feats.grid, guide, method, out_size, **options)
-
-    descriptors = {k: one(v)[0] for k, v in feats.descriptors.items()}
-    saliency = one(feats.saliency[..., None])[0][..., 0] if feats.saliency is not None else None
-    Ho, Wo = out_size if out_size is not None else feats.grid.input_hw
-    return Features(descriptors, TokenGrid.pixels((int(Ho), int(Wo)), feats.grid.original_hw), saliency, feats.cls)
+    keys = list(feats.descriptors)
+    maps = [feats.descriptors[k] for k in keys]
+    if feats.saliency is not None:
+        maps.append(feats.saliency[..., None])
+    up, grid = upsample_token_maps(maps, feats.grid, denormalize(x, spec.mean, spec.std), method, out_size,
+                                   **options)
+    saliency = up.pop()[..., 0] if feats.saliency is not None else None
+    return Features(dict(zip(keys, up)), grid, saliency, feats.cls)

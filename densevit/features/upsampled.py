@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from ..io.images import to_uint8_tensor
 from ..options import opt
-from ..upsample import UPSAMPLERS, upsample_tokens
+from ..upsample import UPSAMPLERS, upsample_token_maps
 from .source import FeatureSource, ImageFeatures, ImageInput
 
 __all__ = ["UpsampleOptions", "UpsampledSource", "upsampled"]
@@ -57,12 +57,11 @@ class UpsampledSource:
         f = self.inner.image_features(image, load_size, layer, facet, bin=bin, saliency=saliency,
                                       include_cls=include_cls, name=name)
         guide = to_uint8_tensor(f.resized)[None].float() / 255
-        desc, grid = upsample_tokens(f.descriptors[None].float(), f.grid, guide, self.method, **self.options)
-        sal = None
-        if f.saliency is not None:
-            sal = upsample_tokens(f.saliency.reshape(1, -1, 1).float(), f.grid, guide, self.method,
-                                  **self.options)[0][0, :, 0]
-        return ImageFeatures(f.name, f.image, f.resized, grid, desc[0], sal, f.cls)
+        maps = [f.descriptors[None].float()] + ([f.saliency.reshape(1, -1, 1).float()] if f.saliency is not None
+                                                 else [])
+        up, grid = upsample_token_maps(maps, f.grid, guide, self.method, **self.options)
+        sal = up[1][0, :, 0] if f.saliency is not None else None
+        return ImageFeatures(f.name, f.image, f.resized, grid, up[0][0], sal, f.cls)
 
 
 def upsampled(source: FeatureSource, opts: UpsampleOptions) -> FeatureSource:

@@ -196,6 +196,14 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised ``[B]x3xHxW`` (what :func:`normalize` gives) -> RGB float32 in ``[0, 1]`` (e.g. the guide image
+    of an upsampler)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() * s + m).clamp(0, 1)
+
+
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> normalised float tensor ``3xHxW``."""
     return normalize(to_uint8_tensor(img), mean, std)

@@ -7,7 +7,7 @@ model expects). Methods (:data:`UPSAMPLERS`): ``bilinear``, ``jbu`` (joint bilat
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 
@@ -27,8 +27,13 @@ UPSAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "anyup": anyup,
 }
 
-__all__ = ["UPSAMPLERS", "upsample", "upsample_tokens", "bilinear", "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup",
+__all__ = ["UPSAMPLERS", "CHANNELWISE", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear", "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup",
            "ANYUP_CHECKPOINTS"]
+
+
+CHANNELWISE = frozenset({"bilinear", "jbu", "upsample_anything"})
+"""Methods whose output channels each depend on their own input channel only (and on the guide): several maps
+of one image upsample as one (Upsample Anything fits its kernels once). AnyUp attends over all channels."""
 
 
 def upsample(features: torch.Tensor, image: torch.Tensor, method: str, out_size: Optional[Tuple[int, int]] = None,
@@ -71,3 +76,16 @@ def upsample_tokens(tokens: torch.Tensor, grid: TokenGrid, guide: torch.Tensor, 
     up = upsample(maps, guide, method, out_size=(bottom - top, right - left), **options)
     up = F.pad(up, pad, mode="replicate") if any(pad) else up
     return up.reshape(B, D, Ho * Wo).transpose(1, 2), TokenGrid.pixels((Ho, Wo), grid.original_hw)
+
+
+def upsample_token_maps(maps: Sequence[torch.Tensor], grid: TokenGrid, guide: torch.Tensor, method: str,
+                        out_size: Optional[Tuple[int, int]] = None, **options
+                        ) -> Tuple[List[torch.Tensor], TokenGrid]:
+    """:func:`upsample_tokens` of several ``B x T x D_i`` maps of the same images: one call of a
+    :data:`CHANNELWISE` method for all of them (channels concatenated), one call per map otherwise."""
+    if method in CHANNELWISE and len(maps) > 1:
+        up, out_grid = upsample_tokens(torch.cat([m.float() for m in maps], dim=-1), grid, guide, method, out_size,
+                                       **options)
+        return list(up.split([m.shape[-1] for m in maps], dim=-1)), out_grid
+    outs = [upsample_tokens(m, grid, guide, method, out_size, **options) for m in maps]
+    return [o for o, _ in outs], outs[0][1]
