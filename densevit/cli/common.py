@@ -3,13 +3,21 @@ rule (:func:`check_outputs`) and the unreadable-image lines (:func:`skip_unreada
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import DensevitError
 from ..features.options import FeatureOptions
-from ..io.files import PathLike, WritesIntoInputsError, check_outputs, ensure_writable  # noqa: F401 (flags' users)
+from ..io.files import (  # noqa: F401 (flags' users)
+    OutputWriteError,
+    PathLike,
+    WritesIntoInputsError,
+    check_outputs,
+    ensure_writable,
+)
 from ..io.images import (  # noqa: F401
     IMAGE_SUFFIXES,
     MAX_LISTED,
@@ -25,7 +33,9 @@ from .flags import add_config_flags
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callable[[Optional[Sequence[str]]], int]:
-    """Wrap a CLI ``main(argv) -> exit code`` so user errors print one line and exit 2, never a traceback."""
+    """Wrap a CLI ``main(argv) -> exit code`` so user errors print one line and exit 2, never a traceback. The one
+    error path of writing: an :class:`OSError` that reaches here (a full disk, a read-only place, a file where a
+    folder should be) is the same one line naming the path (:class:`OutputWriteError`)."""
 
     def entry(argv: Optional[Sequence[str]] = None) -> int:
         try:
@@ -33,6 +43,13 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callab
         except DensevitError as exc:
             print(f"{prog}: error: {getattr(exc, 'cli_message', exc)}", file=sys.stderr)
             code = 2
+        except OSError as exc:
+            if exc.errno in _WRITE_ERRNOS and exc.filename:
+                line = OutputWriteError.describe(Path(exc.filename), exc)
+            else:
+                line = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            print(f"{prog}: error: {line}", file=sys.stderr)
+            code = 1
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             code = 130
@@ -42,6 +59,8 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callab
 
     return entry
 
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 DTYPES = ("float32", "float16", "bfloat16")
 STRIDE_RULES = {"half": "half the patch size (4 for /8, 7 for /14, 8 for /16): the finer stride of Amir et al.",
