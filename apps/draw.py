@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from densevit.errors import InvalidArgumentError
+from densevit.io.files import atomic_write
 from densevit.models.grid import TokenGrid
 
 from .common import tokens_to_image
@@ -171,14 +172,19 @@ def pca_rgb(components: np.ndarray, grid: TokenGrid, rgb: Sequence[int] = (-3, -
 
 
 # --------------------------------------------------------------------------------------------------- files
+def save_png(path: Union[str, Path], img: Image.Image) -> None:
+    """Write a PIL image as PNG through the atomic writer (never a partial file; one-line errors)."""
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
 def save_rgb(path: Union[str, Path], rgb: np.ndarray) -> None:
     """Write an ``HxWx3`` uint8 RGB picture as PNG."""
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(path)
+    save_png(path, Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)))
 
 
 def save_mask(path: Union[str, Path], mask: np.ndarray) -> None:
     """Write a binary mask as an 8-bit greyscale PNG (0 background, 255 foreground), original resolution."""
-    Image.fromarray(np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8)).save(path)
+    save_png(path, Image.fromarray(np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8)))
 
 
 def save_labels(path: Union[str, Path], labels: np.ndarray) -> None:
@@ -191,7 +197,7 @@ def save_labels(path: Union[str, Path], labels: np.ndarray) -> None:
     pal = np.zeros((256, 3), np.uint8)
     pal[1:] = np.array([colour(i) for i in range(255)], np.uint8)
     img.putpalette(pal.reshape(-1).tolist())
-    img.save(path)
+    save_png(path, img)
 
 
 def heatmap_overlay(image: ImageLike, values: np.ndarray, alpha: float = 0.6,

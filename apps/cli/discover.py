@@ -32,6 +32,7 @@ from densevit.cli.common import (
 )
 from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
+from densevit.io.files import OutputWriteError, atomic_write_text
 from densevit.io.images import UnreadableImageError
 
 from .. import draw
@@ -131,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             x0, y0, x1, y1 = r.box
             tqdm.write(f"{stem}: {cfg.method} box ({x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}), foreground "
                        f"{100 * r.mask.mean():.1f}% [{seconds:.1f} s]", file=sys.stdout)
-        except WritesIntoInputsError:
+        except (WritesIntoInputsError, OutputWriteError):      # a full disk stops the run, in one line
             raise
         except UnreadableImageError as exc:
             unreadable.append(path)
@@ -142,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar.close()
     settings = {"backbone": args.backbone, "weights": args.weights, "stride": ext.stride,
                 **{k: v for k, v in vars(cfg).items()}}
-    boxes_path.write_text(json.dumps({"settings": settings, "images": records}, indent=2) + "\n")
+    atomic_write_text(boxes_path, json.dumps({"settings": settings, "images": records}, indent=2) + "\n")
     if failures:
         print(f"{PROG}: {failures} input(s) failed; {len(records)} image(s) written to {out}", file=sys.stderr)
     return max(1 if failures else 0, report_unreadable(PROG, unreadable))

@@ -32,6 +32,7 @@ from densevit.cli.flags import (
     make_parser,
 )
 from densevit.errors import DensevitError
+from densevit.io.files import atomic_write_text
 from densevit.io.images import UnreadableImageError, load_image
 from densevit.options import opt
 from densevit.storage import patch_index as pi
@@ -142,7 +143,10 @@ def _search(args: argparse.Namespace) -> int:
     results = [index.matches(s, i) for s, i in zip(sims, idx)]
     seconds = time.perf_counter() - t0
     query_path = index.store.source_path(image) if extractor is None else image
-    drawn = {m.image for ms in results for m in ms[:SHEET_MATCHES]} | ({image} if extractor is None else set())
+    # the folders the drawn images are read from; a query given as a stored image's path counts by its key (its
+    # path less its key would make the current folder a dataset root)
+    drawn = {m.image for ms in results for m in ms[:SHEET_MATCHES]} | (
+        {index.store.key(image)} if extractor is None else set())
     read = [args.index, index.store.root, query_path, *{str(_dataset_root(index.store, k)) for k in drawn}]
     check_outputs(read, folders=[out], files=targets, overwrite=args.overwrite)   # nothing read is written into
     query_img = load_image(query_path)
@@ -150,7 +154,7 @@ def _search(args: argparse.Namespace) -> int:
     queries = [{"point": list(p)} for p in args.point] if args.point else [{"box": list(args.box)}]
     record = {"image": image, "index": str(Path(args.index).resolve()), "k": args.k, "seconds": round(seconds, 4),
               "queries": [{**qd, "matches": [asdict(m) for m in ms]} for qd, ms in zip(queries, results)]}
-    targets[0].write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(targets[0], json.dumps(record, indent=1) + "\n")
     side = args.crop or 12 * grid.stride * max(grid.scale_xy)
     cache, unreadable = {}, []
     for i, (qd, ms) in enumerate(zip(queries, results)):

@@ -20,6 +20,7 @@ import numpy as np
 
 from densevit.cli.common import build_source, gather_sets, run_cli
 from densevit.errors import DensevitError
+from densevit.io.files import atomic_write_text
 from densevit.matching.transfer import REFINE
 from densevit.options import opt
 
@@ -30,7 +31,7 @@ from ..correspondence import (
     pair_features,
     transfer_keypoints_features,
 )
-from .common import run_sets, sets_parser, stems, validated_config
+from .common import check_sets_outputs, run_sets, sets_parser, stems, validated_config
 
 PROG = "densevit-match"
 
@@ -73,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = validated_config(CorrespondenceConfig, args)
     query = read_points(args.points) if args.points else None
     sets = gather_sets(args.inputs)
+    check_sets_outputs(args, sets, [args.points])
     source = build_source(args, saliency=True)
 
     def prefix(images: List[Path]) -> str:
@@ -101,13 +103,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "points_a": res.points_a.round(3).tolist(), "points_b": res.points_b.round(3).tolist(),
                   "saliency": res.saliency.round(5).tolist(), "similarity": res.similarity.round(5).tolist(),
                   "num_buddies": res.num_buddies}
-        (out / f"{base}_points.json").write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(out / f"{base}_points.json", json.dumps(record, indent=1) + "\n")
         line = f"{images[0].name} <-> {images[1].name}: {len(res.points_a)} pairs from {res.num_buddies} " \
                f"salient best buddies"
         if query is not None:
             moved, sims = transfer_keypoints_features(fa, fb, query, refine=args.refine)
             draw.save_rgb(out / f"{base}_transfer.png", draw.correspondence_image(fa.image, fb.image, query, moved))
-            (out / f"{base}_transfer.json").write_text(json.dumps(
+            atomic_write_text(out / f"{base}_transfer.json", json.dumps(
                 {"image_a": str(images[0]), "image_b": str(images[1]), "points_a": query.round(3).tolist(),
                  "points_b": moved.round(3).tolist(), "similarity": sims.round(5).tolist()}, indent=1) + "\n")
             line += f"; transferred {len(query)} points"

@@ -12,6 +12,9 @@ optionally an overlay animation (GIF, or MP4/AVI through OpenCV).
 from __future__ import annotations
 
 import argparse
+import errno
+import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -23,7 +26,7 @@ from densevit.cli import flags
 from densevit.cli.common import OutputOptions, add_model_flags, build_extractor, run_cli
 from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
-from densevit.io.files import check_outputs
+from densevit.io.files import OutputWriteError, atomic_path, atomic_write, check_outputs
 from densevit.io.images import gather_images
 from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.io.images import load_image
@@ -82,12 +85,15 @@ def overlay(frame: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> np.ndar
 
 
 class _VideoSink:
-    """Collects overlay frames into a GIF (PIL, frames kept palettised in memory) and/or a video (OpenCV)."""
+    """Collects overlay frames into a GIF (PIL, frames kept palettised in memory) and/or a video (OpenCV, written
+    to a temp name that replaces the video only when complete: :func:`densevit.io.files.atomic_path`)."""
 
     def __init__(self, gif: Optional[Path], video: Optional[Path], fps: float) -> None:
         self.gif, self.video, self.fps = gif, video, fps
         self.gif_frames: List[Image.Image] = []
         self.writer = None
+        self.frames = 0
+        self._tmp = ExitStack()
 
     def add(self, rgb: np.ndarray) -> None:
         if self.gif is not None:
@@ -96,18 +102,46 @@ class _VideoSink:
             import cv2
 
             if self.writer is None:
+                tmp = self._tmp.enter_context(atomic_path(self.video))
                 fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.video.suffix.lower() == ".avi" else "mp4v"))
-                self.writer = cv2.VideoWriter(str(self.video), fourcc, self.fps, (rgb.shape[1], rgb.shape[0]))
+                self.writer = cv2.VideoWriter(str(tmp), fourcc, self.fps, (rgb.shape[1], rgb.shape[0]))
+                self._written = tmp
                 if not self.writer.isOpened():
                     raise DensevitError(f"cannot open a video writer for {self.video} (try a .mp4 or .avi name)")
             self.writer.write(rgb[..., ::-1].copy())
+            self.frames += 1
 
     def close(self) -> None:
+        """Finish the animation files (each replaces its target only when complete)."""
         if self.writer is not None:
             self.writer.release()
+            self.writer = None
+            self._check_video()
+            self._tmp.close()                               # the complete video replaces its target
         if self.gif is not None and self.gif_frames:
-            self.gif_frames[0].save(self.gif, save_all=True, append_images=self.gif_frames[1:],
-                                    duration=int(round(1000 / self.fps)), loop=0)
+            frames = self.gif_frames
+            atomic_write(self.gif, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                             duration=int(round(1000 / self.fps)), loop=0))
+
+    def abort(self) -> None:
+        """Drop what was written (the run failed): no partial animation is left."""
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
+        self._tmp.__exit__(DensevitError, DensevitError("aborted"), None)
+
+    def _check_video(self) -> None:
+        """OpenCV's writer reports no write error: read the frame count back (a full disk truncates the file)."""
+        import cv2
+
+        cap = cv2.VideoCapture(str(self._written))
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if n != self.frames:
+            full = shutil.disk_usage(self._written.parent).free < (1 << 20)
+            self.abort()
+            raise OutputWriteError(self.video, OSError(errno.ENOSPC if full else errno.EIO,
+                                                       "no space left" if full else "the video writer failed"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,8 +198,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dcfg is not None:
         first_mask = discover_mask(extractor, frames[0], dcfg)
     out.mkdir(parents=True, exist_ok=True)
-    for p in extra:
-        p.parent.mkdir(parents=True, exist_ok=True)
     sink = _VideoSink(Path(args.gif) if args.gif else None, Path(args.video) if args.video else None, args.fps)
     try:
         with BackgroundWriter() as writer:
@@ -174,8 +206,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 writer.submit(write_mask, target, mask)
                 if extra:
                     sink.add(overlay(load_image(frame), mask, args.alpha))
-    finally:
-        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
     ids = [int(i) for i in np.unique(first_mask) if i != 0]
     print(f"wrote {len(targets)} masks to {out} (object ids: {', '.join(map(str, ids)) or 'none'})")
     return report_unreadable(PROG, unreadable)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DensevitError
+from ..io.files import atomic_write_text
 from ..eval.analysis.sweep import SWEEP_FACETS
 from ..options import opt
 from .common import (
@@ -146,18 +148,20 @@ def _json(obj) -> str:
 def _write_csv(path: Path, rows: Sequence[Dict[str, object]]) -> None:
     if not rows:
         return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-        w.writeheader()
-        w.writerows(rows)
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, f.getvalue())
 
 
 def _write_matrix_csv(path: Path, m, rows: Sequence[int], cols: Sequence[int], row_name: str, col_name: str) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([f"{row_name}\\{col_name}"] + [str(c) for c in cols])
-        for r, vals in zip(rows, m):
-            w.writerow([str(r)] + [f"{v:.6f}" for v in vals])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow([f"{row_name}\\{col_name}"] + [str(c) for c in cols])
+    for r, vals in zip(rows, m):
+        w.writerow([str(r)] + [f"{v:.6f}" for v in vals])
+    atomic_write_text(path, f.getvalue())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -235,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s = _slug(label)
             written += plots.plot_attention_stats(st, out_dir, prefix=f"{s}_").values()
             _write_csv(out_dir / f"{s}_attention.csv", st.records())
-            (out_dir / f"{s}_attention.json").write_text(_json(st.to_json()))
+            atomic_write_text(out_dir / f"{s}_attention.json", _json(st.to_json()))
             written += [out_dir / f"{s}_attention.csv", out_dir / f"{s}_attention.json"]
             heads = st.offset_head_list()
             summary["attention"][label] = {"offset_heads": heads,
@@ -265,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         records = sw.run_sweep(sources, task_objs, layers=args.layers, facets=args.sweep_facets, progress=progress)
         _write_csv(out_dir / "sweep.csv", records)
         best = sw.best_layers(records)
-        (out_dir / "sweep.json").write_text(_json({"records": records, "best": best}))
+        atomic_write_text(out_dir / "sweep.json", _json({"records": records, "best": best}))
         written += [out_dir / "sweep.csv", out_dir / "sweep.json"]
         for t in tasks:
             written.append(plots.plot_sweep(records, t, out_dir / f"sweep_{t}.png"))
@@ -274,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{b['model']} {b['task']} ({b['facet']}): best layer {b['layer']} score {b['score']:.4f}")
 
     summary["files"] = sorted(p.name for p in written) + ["summary.json"]
-    (out_dir / "summary.json").write_text(_json(summary))
+    atomic_write_text(out_dir / "summary.json", _json(summary))
     print(f"densevit-analyze: wrote {len(written) + 1} files to {out_dir}", file=sys.stderr)
     return report_unreadable("densevit-analyze", unreadable)
 

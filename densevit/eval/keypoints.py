@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import DensevitError
+from ..io.files import atomic_write_text
 from ..matching.transfer import transfer_points
 from ..models.grid import TokenGrid
 from ..runtime.device import synchronize
@@ -252,12 +253,12 @@ class ResultsLog:
             for r in self._read_records(f):
                 self.records.setdefault(r.name, r)
         # rewrite without cut lines so appends start on a fresh line
-        path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in self.records.values()))
+        atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in self.records.values()))
         for f in rank_files:
             f.unlink()
 
     def _write_settings(self, summary: Mapping) -> None:
-        (self.dir / "settings.json").write_text(json.dumps(
+        atomic_write_text(self.dir / "settings.json", json.dumps(
             {"settings": self.settings, "run": run_info(), "summary": dict(summary)}, indent=2) + "\n")
 
     def done(self, name: str) -> bool:
@@ -286,5 +287,5 @@ class ResultsLog:
                                   "per_image": {f"{a:g}": r.per_image[a] for a in alphas}}
         self._write_settings(summary)
         table = format_table(rows, alphas, title)
-        (self.dir / "pck.txt").write_text(table + "\n")
+        atomic_write_text(self.dir / "pck.txt", table + "\n")
         return table

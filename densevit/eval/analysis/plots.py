@@ -6,6 +6,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ...io.files import atomic_write
 from .attention import AttentionStats
 
 DPI = 120
@@ -19,8 +20,7 @@ def _figure(w: float, h: float):
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=DPI, format=path.suffix.lstrip(".") or "png"))
     return path
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ...errors import DensevitError
+from ...io.files import atomic_write
 from ...io.images import open_image
 
 PathLike = Union[str, Path]
@@ -95,8 +96,7 @@ def write_mask(path: PathLike, mask: np.ndarray, palette: np.ndarray = DAVIS_PAL
         raise DensevitError("mask ids must lie in 0..255 to be written as an indexed PNG")
     img = Image.fromarray(mask.astype(np.uint8), mode="P")
     img.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def labels_for_year(mask: np.ndarray, year: str) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ...errors import DensevitError
+from ...io.files import atomic_write_text
 
 CATEGORIES: Tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog", "horse",
@@ -151,8 +152,7 @@ def parse_image(data: Dict) -> SPairImage:
 
 def write_annotation(path: Union[str, Path], data: Dict) -> None:
     """Write an annotation dict as the release does: ``json.dumps`` defaults plus a final newline."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data) + "\n")
+    atomic_write_text(path, json.dumps(data) + "\n")
 
 
 def _read_json(path: Path) -> Dict:

@@ -14,6 +14,7 @@ threshold kind or breakdown are recomputed from the records without rerunning th
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from ...errors import DensevitError, InvalidArgumentError
+from ...io.files import atomic_write_text
 
 ALPHAS: Tuple[float, ...] = (0.05, 0.10, 0.15)
 THRESHOLDS = ("bbox", "image")
@@ -204,9 +206,10 @@ def format_table(rows: Sequence[PCKRow], alphas: Sequence[float] = ALPHAS, title
 
 def write_csv(rows: Sequence[PCKRow], path: Union[str, Path], alphas: Sequence[float] = ALPHAS) -> None:
     """Write the rows as CSV: ``group, n_pairs, n_points, pck_point@a..., pck_image@a...`` (fractions in [0, 1])."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["group", "n_pairs", "n_points"] + _columns(alphas))
-        for r in rows:
-            w.writerow([r.group, r.n_pairs, r.n_points] + [f"{r.per_point[a]:.6f}" for a in alphas]
-                       + [f"{r.per_image[a]:.6f}" for a in alphas])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["group", "n_pairs", "n_points"] + _columns(alphas))
+    for r in rows:
+        w.writerow([r.group, r.n_pairs, r.n_points] + [f"{r.per_point[a]:.6f}" for a in alphas]
+                   + [f"{r.per_image[a]:.6f}" for a in alphas])
+    atomic_write_text(path, f.getvalue())
