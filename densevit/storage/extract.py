@@ -265,7 +265,10 @@ def plan_store(writer: StoreWriter, items: Sequence[Tuple[str, Path]], patch_siz
                             f"({im['key']}: stored from {stored[im['key']]['source'].get('path')}, given "
                             f"{im['source']['path']}); rename them, or --prune to replace the stored ones")
     given = {im["key"]: im for im in images}
-    fresh = [im for im in images if stored.get(im["key"], {}).get("source") != im["source"]]
+    # after a lost manifest (the stored images recovered from the shard records) the listed images are planned
+    # as one new list, so a rerun after a kill computes exactly the shards of an uninterrupted run
+    recovered = bool(prev.get("recovered"))
+    fresh = [im for im in images if recovered or stored.get(im["key"], {}).get("source") != im["source"]]
     fresh_keys = {im["key"] for im in fresh}
     by_shard: Dict[str, List[str]] = {}
     for key, e in stored.items():

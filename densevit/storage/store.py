@@ -46,9 +46,10 @@ import torch
 from ..errors import DensevitError
 from ..features.binning import log_bin
 from ..features.source import ImageFeatures, ImageInput, image_name
-from ..io.files import verify_file
+from ..io.files import check_outputs, verify_file
 from ..io.images import load_image, load_resized, resize_short_side
 from ..models.grid import TokenGrid
+from ..io.files import human_bytes  # noqa: F401 (store users)
 from .cache import atomic_write, canonical_key, file_sha256, key_digest
 
 try:
@@ -85,13 +86,31 @@ class StoreFullError(StoreError):
                          f"finished shards are kept)")
 
 
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def store_internals(root: Union[str, Path]) -> List[Path]:
+    """The files and folders a store keeps as its own (never symbolic links: :func:`check_store_outputs`)."""
+    root = Path(root)
+    return [root / SETTINGS_FILE, root / MANIFEST_FILE, root / SHARDS_DIR, root / LOCK_FILE]
+
+
+def check_store_outputs(root: Union[str, Path], inputs: Sequence[Any] = ()) -> None:
+    """The output rule (:func:`densevit.io.files.check_outputs`) for a store folder: not inside nor around an
+    input, writable, and its internals (``shards/``, the manifest...) real files and folders, not links that
+    would lead its writes and prunes elsewhere. Checked before any model loads."""
+    check_outputs(inputs, folders=[root, Path(root) / SHARDS_DIR], overwrite=True, internals=store_internals(root))
+
+
+def check_unlocked(root: Union[str, Path]) -> None:
+    """Refuse, before any model loads, a store another writer holds (one line naming it); the lock is not kept
+    (the writer takes it in :meth:`StoreWriter.prepare`)."""
+    if (Path(root) / LOCK_FILE).is_file():
+        StoreLock(root).acquire().release()
+
+
+def _is_temp(name: str) -> bool:
+    """A temp file of the atomic writer (``.<stem>.<12 hex>.tmp``): the only stray files a store removes."""
+    parts = name.rsplit(".", 2)
+    return (name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 12
+            and all(c in "0123456789abcdef" for c in parts[1]))
 
 
 def tensor_name(layer: int, facet: str, cls: bool = False) -> str:
@@ -235,6 +254,7 @@ class StoreWriter:
         path = self.root / SETTINGS_FILE
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root} is a file, not a store folder; use another path")
+        check_outputs(internals=store_internals(self.root))     # no link leads a write or a prune elsewhere
 
         def foreign() -> bool:          # a folder with files but no store settings
             return not overwrite and not path.exists() and any(f.name != LOCK_FILE for f in self.root.iterdir())
@@ -269,21 +289,88 @@ class StoreWriter:
                     self.overwritten = sorted(_read_json(self.root / MANIFEST_FILE, "store manifest")["images"])
                 except (StoreError, KeyError, TypeError):
                     self.overwritten = []
-                shutil.rmtree(self.shard_dir, ignore_errors=True)
+                for f in self._own_shard_files(self._manifest_shards()):   # only what the store wrote
+                    f.unlink(missing_ok=True)
                 (self.root / MANIFEST_FILE).unlink(missing_ok=True)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.root.glob(".*.tmp"), *self.shard_dir.glob(".*.tmp")]:
-            stale.unlink(missing_ok=True)                  # temp files of a writer that was killed mid-write
+        for folder in (self.root, self.shard_dir):       # temp files of a writer that was killed mid-write
+            for stale in folder.iterdir():
+                if _is_temp(stale.name) and stale.is_file():
+                    stale.unlink(missing_ok=True)
         settings = {"format": FORMAT, "settings": self.settings, "digest": self.digest}
         data = (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode()
         if not path.is_file() or path.read_bytes() != data:   # unchanged: not rewritten (a full disk still reads)
             _write_file(path, data)
         self.previous = self._read_previous()
 
+    def _manifest_shards(self) -> set:
+        """The shard names the manifest lists (none when it is missing or unreadable)."""
+        try:
+            return set(_read_json(self.root / MANIFEST_FILE, "store manifest").get("shards", {}))
+        except (StoreError, AttributeError):
+            return set()
+
+    def _own_record(self, path: Path) -> Optional[Dict[str, Any]]:
+        """The shard record at ``path`` when the store wrote it (its format, and its own name inside), else None."""
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(rec, dict) and rec.get("format") == FORMAT and rec.get("shard") == path.name[:-len(".json")]
+        return rec if ok else None
+
+    def _own_shard_files(self, known: set = frozenset(), only: Optional[set] = None) -> List[Path]:
+        """The files of ``shards/`` the store wrote and recorded as its own: a shard record (its format and name
+        inside it), the shard file of such a record or of a name in ``known`` (the manifest's, the plan's). Any
+        other file there (put there by someone else) is never removed. ``only``: these shard names only."""
+        if not self.shard_dir.is_dir() or self.shard_dir.is_symlink():
+            return []
+        own = []
+        for f in self.shard_dir.iterdir():
+            if not f.is_file() or f.is_symlink():
+                continue
+            for suffix in (".safetensors", ".json"):
+                if not f.name.endswith(suffix):
+                    continue
+                stem = f.name[:-len(suffix)]
+                if only is not None and stem not in only:
+                    continue
+                if stem in known or self._own_record(self.shard_dir / f"{stem}.json") is not None:
+                    own.append(f)
+        return own
+
+    def _recover_previous(self) -> Optional[Dict[str, Any]]:
+        """The stored images when the manifest is lost: rebuilt from the shard records of these settings whose
+        shard file is there with its recorded size (newest record first for an image in two), so a run after a
+        lost manifest keeps them instead of silently dropping them."""
+        if not self.shard_dir.is_dir():
+            return None
+        recs = []
+        for f in self.shard_dir.glob("*.json"):
+            rec = self._own_record(f)
+            shard = self.shard_path(f.name[:-len(".json")])
+            if rec and rec.get("digest") == self.digest and shard.is_file() and shard.stat().st_size == rec.get("size"):
+                recs.append((f.stat().st_mtime, f.name, rec))
+        if not recs:
+            return None
+        index: Dict[str, Any] = {}
+        shards: Dict[str, Any] = {}
+        for _, _, rec in sorted(recs, key=lambda r: (r[0], r[1])):
+            name, offset = rec["shard"], 0
+            shards[name] = {k: rec[k] for k in ("size", "sha256", "input_hw", "tensors")}
+            for im in rec["images"]:
+                if im["key"] in rec.get("failed", {}):
+                    continue
+                index[im["key"]] = {"shard": name, "offset": offset, "image_hw": im["image_hw"],
+                                    "source": im["source"]}
+                offset += 1
+        return {"format": FORMAT, "settings": self.settings, "digest": self.digest, "shards": shards,
+                "images": index, "failed": {}, "recovered": True}
+
     def _read_previous(self) -> Optional[Dict[str, Any]]:
         path = self.root / MANIFEST_FILE
         if not path.exists():
-            return None
+            return self._recover_previous()
         try:
             m = _read_json(path, "store manifest")
         except StoreError as exc:
@@ -390,10 +477,11 @@ class StoreWriter:
                     "complete": not missing, "missing_shards": missing, "shards": shards, "images": index,
                     "failed": failed}
         _write_json(self.root / MANIFEST_FILE, manifest)
-        for f in self.shard_dir.iterdir():  # after the manifest: no manifest ever lists a removed shard
-            stem = f.name.split(".")[0]
-            if f.suffix in (".safetensors", ".json") and stem not in listed and stem not in missing and (
-                    prune or stem in records or stem in dead):
+        # after the manifest: no manifest ever lists a removed shard; only files the store wrote are removed
+        known = set(records) | dead | set((self.previous or {}).get("shards", {}))
+        for f in self._own_shard_files(known):
+            stem = f.name[:-len(".safetensors")] if f.name.endswith(".safetensors") else f.name[:-len(".json")]
+            if stem not in listed and stem not in missing and (prune or stem in records or stem in dead):
                 f.unlink(missing_ok=True)
         before = (self.previous or {}).get("images", {})
         self.change = {"kept": [k for k in index if k in before and before[k]["source"] == index[k]["source"]],
@@ -489,6 +577,13 @@ class FeatureStore:
             why = f" (it failed: {self.failed[str(image)]})" if str(image) in self.failed else ""
             raise StoreError(f"image {image} is not in store {self.root}{why}")
         return e
+
+    def key(self, image: Union[str, Path]) -> str:
+        """The stored key of ``image`` (a key, or the path of a stored image's file)."""
+        if str(image) in self.manifest["images"]:
+            return str(image)
+        self._entry(image)
+        return self._by_path[str(Path(image).resolve())]
 
     def source_path(self, image: Union[str, Path]) -> str:
         """The file a stored image was read from."""
