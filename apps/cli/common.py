@@ -28,6 +28,7 @@ from densevit.cli.common import (  # noqa: F401  (check_readable, report_unreada
 )
 from densevit.cli.flags import add_config_flags, config_from_args, make_parser
 from densevit.errors import DensevitError
+from densevit.io.files import OutputWriteError, atomic_write_text
 from densevit.io.images import decode_once
 from densevit.options import opt
 
@@ -83,6 +84,7 @@ def clustering_inputs(args: argparse.Namespace, cls: bool = False):
     from densevit.features.upsampled import UpsampleOptions, upsampled
 
     sets = gather_sets(args.inputs)
+    check_sets_outputs(args, sets)
     source = build_source(args, saliency=True, cls=cls)
     check_saliency_source(args)
     return sets, upsampled(source, config_from_args(UpsampleOptions, args))
@@ -126,6 +128,17 @@ def is_folder_of_sets(inputs: Sequence[str]) -> bool:
     return any(d.is_dir() for d in Path(inputs[0]).iterdir())
 
 
+def check_sets_outputs(args: argparse.Namespace, sets: List[Tuple[str, List[Path]]],
+                       more_inputs: Sequence[Optional[str]] = ()) -> None:
+    """The output rule (:func:`densevit.cli.common.check_outputs`) for the output folder of a set command and its
+    per-set folders: not in the inputs (``args.inputs``, ``--store``, ``more_inputs``), writable. Called before
+    the model loads (and again by :func:`run_sets`)."""
+    out_root = Path(args.out)
+    inputs = [*args.inputs, getattr(args, "store", None), *more_inputs]
+    nested = is_folder_of_sets(args.inputs)
+    check_outputs(inputs, folders=[out_root] + ([out_root / name for name, _ in sets] if nested else []))
+
+
 def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Path]]], planned: Planned,
              process: Process, min_images: int = 2, max_images: Optional[int] = None,
              more_inputs: Sequence[Optional[str]] = ()) -> int:
@@ -142,7 +155,7 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     nested = is_folder_of_sets(args.inputs)
     out_root = Path(args.out)
     inputs = [*args.inputs, getattr(args, "store", None), *more_inputs]
-    check_outputs(inputs, folders=[out_root] + ([out_root / name for name, _ in sets] if nested else []))
+    check_sets_outputs(args, sets, more_inputs)
     failures = 0
     unreadable: List[Path] = []
     bar = tqdm(sets, desc=prog, unit="set", disable=args.quiet or None, file=sys.stderr)
@@ -168,9 +181,9 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
                 summary = {"set": name, "images": [str(p) for p in images], **summary,
                            **({"unreadable": [str(p) for p in bad]} if bad else {}),
                            "seconds": round(time.perf_counter() - t0, 3)}
-                (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
                 tqdm.write(f"{name}: {line} [{summary['seconds']:.1f} s]", file=sys.stdout)
-            except WritesIntoInputsError:
+            except (WritesIntoInputsError, OutputWriteError):   # a full disk stops every set, in one line
                 raise
             except DensevitError as exc:
                 failures += 1

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Tuple
 
 from densevit.cli.common import (
     add_backbone_args,
+    check_outputs,
     gather_images,
     resolve_stride,
     run_cli,
@@ -110,6 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..explore.web import allowed_hosts, create_app
 
     images = gather_images(args.inputs) if args.inputs else []
+    check_outputs([*args.inputs, *images], folders=[Path(args.out)])   # Save never writes into the inputs
+    if not 0 <= args.port <= 65535:
+        raise DensevitError(f"--port must lie in 0..65535 (0: any free port), got {args.port}")
     ex = Explorer(args.backbone, weights=args.weights, device=args.device, dtype=args.dtype, stride=resolve_stride(args),
                   load_size=zero_is_none(args.load_size), cache_gb=args.cache_gb)
     for path in images:  # one bad file is reported and skipped
@@ -119,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{PROG}: note: {item.note}", file=sys.stderr)
         except DensevitError as exc:
             print(f"{PROG}: skipped: {exc}", file=sys.stderr)
-    app = create_app(ex, Path(args.out), hosts=allowed_hosts(args.host, args.allow_host))
+    app = create_app(ex, Path(args.out), hosts=allowed_hosts(args.host, args.allow_host), inputs=args.inputs)
     # requests still running 0.5 s after Ctrl-C / SIGTERM are cancelled; the worker thread is a daemon
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=not args.quiet, timeout_graceful_shutdown=0.5))

@@ -19,7 +19,7 @@ from densevit.cli.common import build_source, gather_sets, run_cli
 from .. import draw
 from ..common import extract_set
 from ..pca import PCAConfig, pca_features
-from .common import run_sets, sets_parser, stems, validated_config
+from .common import check_sets_outputs, run_sets, sets_parser, stems, validated_config
 
 PROG = "densevit-pca"
 
@@ -34,6 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = validated_config(PCAConfig, args)
     rgb = cfg.shown
     sets = gather_sets(args.inputs)
+    check_sets_outputs(args, sets)
     source = build_source(args)
 
     def features(images: List[Path]):

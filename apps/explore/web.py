@@ -21,6 +21,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import errno
 import io
 import json
 import math
@@ -28,14 +29,14 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.upsample import UPSAMPLERS
-from densevit.storage.cache import atomic_write
+from densevit.io.files import OutputWriteError, atomic_write_bytes, check_outputs
 
 from .session import (
     DESCRIPTOR_FACETS,
@@ -289,8 +290,11 @@ class Worker:
         self._jobs.put(None)
 
 
-def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: Optional[Sequence[str]] = None):
-    """The FastAPI application serving ``explorer``; Save writes into ``out_dir``. It answers only requests sent
+def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: Optional[Sequence[str]] = None,
+               inputs: Sequence[Union[str, Path]] = ()):
+    """The FastAPI application serving ``explorer``; Save writes into ``out_dir``, never into ``inputs`` (the
+    files and folders the explorer was started on) nor an image's file (:func:`densevit.io.files.check_outputs`,
+    checked again at each Save; a failed write answers one line, and leaves no partial file). It answers only requests sent
     to one of ``hosts`` (default: ``allowed_hosts("127.0.0.1")``; any other ``Host`` gets 400, which stops DNS
     rebinding) and changes state only for requests from its own page (:class:`OriginCheck`, else 403). The model
     work runs in one :class:`Worker`, queued."""
@@ -316,6 +320,10 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
     @app.exception_handler(DensevitError)
     async def _user_error(request: Request, exc: DensevitError):
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(OutputWriteError)
+    async def _write_error(request: Request, exc: OutputWriteError):    # the server's disk, not the request
+        return JSONResponse({"error": str(exc)}, status_code=507 if exc.errno == errno.ENOSPC else 500)
 
     @app.exception_handler(Stopping)
     async def _stopping(request: Request, exc: Stopping):
@@ -464,17 +472,23 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
                           "images": [{"index": i, "name": im.name, "path": im.source}
                                      for i, im in enumerate(ex.images)]}
             out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
+            read = [*inputs, *(im.source for im in ex.images if im.source)]
+            check_outputs(read, folders=[out])
             stem = time.strftime("explore_%Y%m%d-%H%M%S")
             n = 0
             while (out / f"{stem}{'' if n == 0 else f'_{n}'}.png").exists() or \
                     (out / f"{stem}{'' if n == 0 else f'_{n}'}.json").exists():
                 n += 1
             stem = f"{stem}{'' if n == 0 else f'_{n}'}"
-            atomic_write(out / f"{stem}.png", lambda f: f.write(png))
+            check_outputs(read, files=[out / f"{stem}.png", out / f"{stem}.json"])
             record["replay"] = f"densevit-explore --replay {out / (stem + '.json')}"
             text = (json.dumps(record, indent=2) + "\n").encode()
-            atomic_write(out / f"{stem}.json", lambda f: f.write(text))
+            atomic_write_bytes(out / f"{stem}.png", png)
+            try:
+                atomic_write_bytes(out / f"{stem}.json", text)
+            except OSError:
+                (out / f"{stem}.png").unlink(missing_ok=True)       # a finding is its picture and its record
+                raise
             return {"png": str(out / f"{stem}.png"), "json": str(out / f"{stem}.json")}
         return await worker.run(job)
 

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DensevitError
-from ..io.files import atomic_write, check_outputs
+from ..io.files import atomic_write, atomic_write_text, check_outputs
 from ..io.images import UnreadableImageError, gather_images, report_unreadable, skip_unreadable
 from ..models.registry import BACKBONES
 from ..features.upsampled import UpsampleOptions
@@ -152,8 +152,15 @@ def _store_main(args: argparse.Namespace) -> int:
                             " and always the CLS descriptor; drop --bin / --include-cls")
     if args.batch_size < 1 or args.workers < 0 or args.shard_size < 1 or args.writers < 1:
         raise DensevitError("--batch-size, --shard-size and --writers must be >= 1, --workers >= 0")
-    check_outputs(args.images, folders=[args.store], overwrite=True)     # the store only grows: never into inputs
+    from ..storage.store import check_store_outputs, check_unlocked
+
+    # before any model loads: the store (and its internals) never in the inputs, --stats never an input nor
+    # inside the store (it would replace its manifest), every place writable, and no other writer at work
+    check_store_outputs(args.store, args.images)
+    if args.stats:
+        check_outputs([*args.images, args.store], files=[args.stats], overwrite=True)
     with dist.session() as ctx:
+        ctx.on_main(lambda: check_unlocked(args.store))
         items = gather_dataset(args.images, args.recursive)
         args.device = ctx.device(args.device)
         ext = build_extractor(args)
@@ -172,8 +179,7 @@ def _store_main(args: argparse.Namespace) -> int:
         if args.stats:
             import json
 
-            Path(args.stats).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.stats).write_text(json.dumps(
+            atomic_write_text(args.stats, json.dumps(
                 {"world_size": ctx.world_size, "images": report.images, "computed_shards": report.computed_shards,
                  "reused_shards": report.reused_shards, "failed": report.failed, "seconds": sec,
                  "window": report.window, "per_rank": report.per_rank}, indent=1) + "\n")
