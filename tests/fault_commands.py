@@ -63,9 +63,14 @@ class Command:
         return console_entry(self.script or self.name.split(":")[0])
 
 
+def console_script(script: str):
+    """The entry point of a console script."""
+    return next(ep for ep in entry_points(group="console_scripts") if ep.name == script)
+
+
 def console_entry(script: str) -> Callable:
     """The function a console script runs (wherever its module lives)."""
-    return next(ep for ep in entry_points(group="console_scripts") if ep.name == script).load()
+    return console_script(script).load()
 
 
 def _sets(w: World, out: Path) -> List[str]:

@@ -125,13 +125,18 @@ def test_a_lost_manifest_keeps_the_stored_images(world, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- 3, 12: the explorer
 def test_explorer_refuses_to_save_into_its_inputs_before_loading(world, tmp_path, capsys, monkeypatch):
-    import apps.explore.session as session
+    import importlib
+
+    import uvicorn
 
     def refuse(*a, **k):
-        raise AssertionError("the explorer's model was built before its Save folder was checked")
+        raise AssertionError("the explorer's model was built (or its server started) before the checks")
 
-    monkeypatch.setattr(session.Explorer, "__init__", refuse)
     explore = fc.console_entry("densevit-explore")
+    script = fc.console_script("densevit-explore")              # the modules the command really runs
+    session = importlib.import_module(script.module.rsplit(".cli.", 1)[0] + ".explore.session")
+    monkeypatch.setattr(session.Explorer, "__init__", refuse)
+    monkeypatch.setattr(uvicorn.Server, "run", refuse)
     before = fc.tree_digest(world.inputs)
     assert explore([str(world.imgs), "-o", str(world.imgs), "--weights", str(world.weights)]) == 2
     assert "input folder" in capsys.readouterr().err
