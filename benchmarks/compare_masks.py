@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence
 from densevit.cli.common import run_cli
 from densevit.errors import DensevitError
 from densevit.eval.datasets.davis import read_mask
+from densevit.io.files import atomic_write_text
 
 PROG = "benchmarks/compare_masks.py"
 
@@ -101,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_report(res))
     out = Path(args.out) if args.out else Path(args.b) / "agreement.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    atomic_write_text(out, json.dumps(res, indent=1))
     print(f"\nwrote {out}")
     if args.require is not None and res["agree"] < args.require:  # type: ignore[operator]
         print(f"agreement {100 * res['agree']:.3f}% is below the required {100 * args.require:.3f}%",

@@ -51,6 +51,7 @@ from densevit.eval.metrics.davis import (
 from densevit.io.paths import shared_dir
 from densevit.runtime import dist
 from densevit.runtime.threads import BackgroundWriter
+from densevit.io.files import atomic_write_text
 
 PROG = "benchmarks/davis.py"
 DONE = ".done.json"
@@ -105,7 +106,7 @@ def check_settings(out: Path, settings: Dict[str, object], recompute: bool) -> N
             for marker in out.glob(f"*/{DONE}"):
                 marker.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
+    atomic_write_text(path, json.dumps(settings, indent=1))
 
 
 def run_sequence(extractor, ds: DavisDataset, seq: str, out: Path, cfg, max_frames: Optional[int],
@@ -123,7 +124,7 @@ def run_sequence(extractor, ds: DavisDataset, seq: str, out: Path, cfg, max_fram
             writer.submit(write_mask, seq_dir / f"{frame.stem}.png", mask)
     seconds = time.perf_counter() - t0
     info = {"frames": len(frames), "seconds": round(seconds, 3), "fps": round((len(frames) - 1) / seconds, 4)}
-    (seq_dir / DONE).write_text(json.dumps(info))
+    atomic_write_text((seq_dir / DONE), json.dumps(info))
     return info
 
 

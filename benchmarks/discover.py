@@ -39,6 +39,7 @@ from densevit.errors import DensevitError
 from densevit.eval.datasets.davis import DavisDataset, write_mask
 from densevit.eval.metrics.davis import db_eval_iou
 from densevit.io.paths import shared_dir
+from densevit.io.files import atomic_write_text
 
 PROG = "benchmarks/discover.py"
 COLUMNS = ("Method", "Sequence", "Frames", "CorLoc", "J-Mean", "J-Recall")
@@ -92,8 +93,8 @@ def open_records(out: Path, settings: Dict[str, object], recompute: bool) -> Dic
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut by an interrupted run
     out.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(settings, indent=1) + "\n")
-    path.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+    atomic_write_text(settings_path, json.dumps(settings, indent=1) + "\n")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records.values()))
     return records
 
 

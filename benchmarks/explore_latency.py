@@ -25,6 +25,7 @@ from densevit.apps.explore.web import _map
 from PIL import Image, ImageOps
 
 from densevit.io.paths import example_images, golden_weights
+from densevit.io.files import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +117,7 @@ def main() -> None:
         w.writeheader()
         for r in rows:
             w.writerow({**r, **meta})
-    out.with_suffix(".json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
     print("\n| images | tokens x dims | click median | click p95 | + encoding median | + encoding p95 |")
     print("|---|---|---|---|---|---|")
     for r in rows:

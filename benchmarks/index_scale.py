@@ -27,6 +27,7 @@ import torch
 
 from densevit.cli.common import run_cli
 from densevit.errors import DensevitError
+from densevit.io.files import atomic_write_text
 
 PROG = "index_scale.py"
 
@@ -249,8 +250,8 @@ def run_synthetic(args: argparse.Namespace) -> int:
 
 
 def _write(stem: Path, rows, table: str) -> None:
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(table + "\n")
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), table + "\n")
     keys = list(rows[0])
     with open(stem.with_suffix(".csv"), "w") as f:
         f.write(",".join(keys) + "\n")

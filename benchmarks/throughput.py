@@ -42,6 +42,7 @@ import torch
 
 from densevit.errors import DensevitError
 from densevit.io.paths import example_images, golden_weights, shared_dir
+from densevit.io.files import atomic_write_text
 
 PROG = "benchmarks/throughput.py"
 
@@ -291,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"| {r['image']} | {r['size']} | {r['exact_ms']:.0f} ms | {r['fast_ms']:.0f} ms | "
                   f"{r['speedup']:.1f}x | {r['cos_mean']:.4f} / {r['cos_min']:.4f} | "
                   f"{r['cos_binned_mean']:.4f} / {r['cos_binned_min']:.4f} |\n" for r in rows))
-        (out / "decode_check.md").write_text(md)
+        atomic_write_text((out / "decode_check.md"), md)
         print(md)
         return 0
     rows = []
@@ -323,13 +324,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "cores": os.cpu_count(),
             "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items() if k != "images"},
             "images": [str(p.resolve()) for p in images]}
-    (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    atomic_write_text((out / "throughput.json"), json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     with open(out / "throughput.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     md = _markdown(rows)
-    (out / "throughput.md").write_text(md)
+    atomic_write_text((out / "throughput.md"), md)
     print(md)
     return 0
 

@@ -35,6 +35,7 @@ from densevit.io.paths import shared_dir
 from densevit.runtime.device import select_device, synchronize
 from densevit.upsample import UPSAMPLERS
 from speed import peak_gib, reset_peak  # the sibling benchmark's memory helpers
+from densevit.io.files import atomic_write_text
 
 BACKBONES = {"dino_vits8": "vits8_random_fp16.pth", "dinov3_vits16": "dinov3_vits16_random_official_fp16.pth"}
 LAYER, FACET = 11, "key"
@@ -190,8 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = dict(device=str(device), torch=torch.__version__, machine=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), layer=LAYER, facet=FACET, image=str(args.image),
                 weights="golden random (pipeline check, not a quality claim)", anyup_weights=args.anyup_weights)
-    (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / "table.md").write_text(format_table(rows) + "\n")
+    atomic_write_text((args.out / "results.json"), json.dumps(dict(meta=meta, rows=rows), indent=1))
+    atomic_write_text((args.out / "table.md"), format_table(rows) + "\n")
     print(format_table(rows))
     return 0
 
