@@ -126,7 +126,7 @@ def test_symlinked_store_internals_refused(internal, world, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- the explorer
 @pytest.fixture(scope="module")
 def explorer(world, make_extractor, golden_path):
-    from apps.explore.session import Explorer
+    from densevit.apps.explore.session import Explorer
 
     ex = Explorer(extractor=make_extractor(8), weights=str(golden_path), load_size=32)
     for p in sorted(world.imgs.iterdir()):
@@ -135,7 +135,7 @@ def explorer(world, make_extractor, golden_path):
 
 
 def _save(explorer, world, out: Path):
-    from apps.explore.web import create_app
+    from densevit.apps.explore.web import create_app
     from starlette.testclient import TestClient
 
     buf = io.BytesIO()

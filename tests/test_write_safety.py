@@ -228,7 +228,7 @@ def test_a_write_cut_short_leaves_no_partial_file(kill, world, tmp_path):
 def test_save_png_into_a_too_small_disk(tmp_path):
     """apps.draw's PNG writers go through the atomic writer: a full device is one OutputWriteError naming the
     file and the space it needs, and no file is left (PIL's own save left a truncated PNG)."""
-    from apps import draw
+    from densevit.apps import draw
     from densevit.io.files import OutputWriteError
 
     mnt = tmp_path / "mnt"
