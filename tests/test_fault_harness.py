@@ -1,5 +1,5 @@
 """The fault harness (issue 31): every command (tests/fault_commands.py: extract to files and to a store, its
---stats, coseg, partseg, match, pca, discover, vos and its --gif, index build and search, analyze, and the
+--stats, coseg, partseg, match, pca, discover, vos and its --gif and --video, index build and search, analyze, and the
 explorer's Save) run against a full disk (a small tmpfs, filled), a read-only output location (a tmpfs mounted
 read-only: root ignores file modes), an output that is a symbolic link into its inputs, and a store whose
 internals are links. Each ends in one error line, a non-zero exit, no traceback, no input touched and no
@@ -64,7 +64,8 @@ def mounts(tmp_path):
 
 
 def _out(cmd: fc.Command, where: Path) -> Path:
-    return where / ("x.gif" if cmd.name.endswith(":gif") else "x.json") if cmd.out_is_file else where / "out"
+    suffix = {"gif": ".gif", "video": ".avi"}.get(cmd.name.rsplit(":", 1)[-1], ".json")
+    return where / f"x{suffix}" if cmd.out_is_file else where / "out"
 
 
 def _faulty(cmd: fc.Command, world: fc.World, out: Path, capsys, *words: str):
@@ -100,8 +101,8 @@ def test_read_only_output_refused_before_any_work(cmd, world, mounts, capsys, mo
 
 @pytest.mark.parametrize("cmd", fc.COMMANDS, ids=fc.ids())
 def test_symlinked_output_into_the_inputs_refused(cmd, world, tmp_path, capsys):
-    link = tmp_path / "links" / ("x.json" if cmd.out_is_file else "out")
-    link.parent.mkdir()
+    link = _out(cmd, tmp_path / "links")
+    link.parent.mkdir(parents=True)
     link.symlink_to(cmd.target(world).resolve())
     _faulty(cmd, world, link, capsys, "input")
 
