@@ -10,8 +10,9 @@ weighted mean of each joint's 3 strongest cells (-1: a joint with an empty map).
 
 Writes ``DIR/joints/<i>.npy`` (``T x 15 x 2`` float32, x/y in the original frame's 0-based pixels, as
 ``eval_pck.py`` maps them; frame 0 included; line ``i`` of LIST; a missing joint has negative x) and
-``DIR/pck.csv`` (``video, pck@0.1 ... pck@0.5``; one row per video (the mean over the joints it has) and a final ``mean``
-row: the PCK of every video's frames pooled, the mean of the 15 joints' PCKs, as the reference prints it). Resumable (a written ``joints/<i>.npy`` is kept unless
+``DIR/pck.csv`` (``video, pck@0.1 ... pck@0.5``; one row per video (the mean over the joints it has) and a
+final ``mean`` row: the PCK of every video's frames pooled, the mean of the 15 joints' PCKs, as the reference
+prints it). Resumable (a written ``joints/<i>.npy`` is kept unless
 ``--recompute``; the settings are kept in ``DIR/settings.json`` and a run with others is refused).
 Under ``torchrun --nproc_per_node N`` the videos are dealt to the ranks and rank 0 scores them all.
 """

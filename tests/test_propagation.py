@@ -30,8 +30,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import propagation_data as pdata  # noqa: E402
 
-from densevit.apps.propagation import (CRWConfig, crw_propagate, draw_gaussian, part_onehots, part_readout,  # noqa: E402
-                                       pose_heatmaps, pose_readout, propagate_soft, radius_bias)
+from densevit.apps.propagation import (CRWConfig, crw_propagate, draw_gaussian,  # noqa: E402
+                                       part_onehots, part_readout, pose_heatmaps, pose_readout,
+                                       propagate_soft, radius_bias)
 from densevit.eval.datasets.jhmdb import jhmdb_frames, jhmdb_joints, read_filelist  # noqa: E402
 from densevit.eval.metrics.propagation import (jhmdb_distances, jhmdb_pck, vip_confusion,  # noqa: E402
                                                vip_frame_hist, vip_iou)
