@@ -161,6 +161,9 @@ def test_jhmdb_benchmark_outputs_and_resume(ref, jhmdb, load_benchmark, tmp_path
     stamp = (out / "joints" / "0.npy").stat().st_mtime_ns
     assert bench.entry(argv) == 0 and (out / "joints" / "0.npy").stat().st_mtime_ns == stamp
     assert bench.entry(argv[:-1] + ["--topk", "3", "--quiet"]) == 2
+    (out / "pck.csv").unlink()
+    assert bench.entry(argv + ["--eval-only", "--weights", "missing.pth"]) == 0       # no model needed
+    assert [r.split(",") for r in (out / "pck.csv").read_text().splitlines()] == rows
 
 
 # ------------------------------------------------------------------------------------------- edges
@@ -247,6 +250,24 @@ def test_part_labels_resize_bilinearly():
     assert onehot.shape == (8, 8, len(ids)) and torch.allclose(onehot.sum(-1), torch.ones(8, 8))
     back = part_readout(onehot, ids, 64, (40, 40))
     assert back.shape == (40, 40) and back[5, 5] == 0 and back[5, 35] == 4
+
+
+def test_pck_rules():
+    """eval_pck.py's rules: frame 0 not scored, a joint counted only where the prediction has it (x >= 0), which
+    also decides the box, the threshold inclusive."""
+    gt = np.zeros((2, 15, 3))
+    gt[0, :, :] = np.arange(15)[:, None] * 2.0                     # joints on a line: x = 0..28, y = 0
+    gt[1, 0, :] = 10.0                                             # joint 0 off the line: box 28 x 10 with it
+    pred = gt.transpose(2, 1, 0).copy()
+    pred[0] += 1000                                                # frame 0 wrong: not scored
+    pred[1, 0, 0] = -1                                             # joint 0 missing in frame 1: box without it
+    pred[1, 14, 0] += 0.6 * 26 * 0.19                              # joint 14 off by 0.19 of the box size
+    d = jhmdb_distances(pred, gt)
+    assert len(d[0]) == 1 and all(len(x) == 2 for x in d[1:])
+    assert d[14][0] == pytest.approx(0.19)              # the box of frame 1 is 26 x 0 without joint 0
+    pck = jhmdb_pck([d], (0.1, 0.2))
+    assert pck[0.1][14] == 50 and pck[0.2][14] == 100 and pck[0.2][-1] == 100
+    assert jhmdb_pck([[np.array([0.1])] * 15], (0.1,))[0.1][-1] == 100          # inclusive
 
 
 def test_absent_part_scored_as_eval_vip(tmp_path):
