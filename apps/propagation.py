@@ -125,10 +125,13 @@ def label_grid(crop: int, patch: int) -> Tuple[int, int]:
 
 def crw_features(extractor, frames: Sequence[FrameLike], cfg: CRWConfig) -> Iterator[torch.Tensor]:
     """L2-normalised features ``hw x D`` (float32, on the extractor's device) of each frame, ``cfg.batch_size``
-    frames per forward pass."""
+    frames per forward pass (the next frames are decoded on worker threads meanwhile)."""
+    from densevit.runtime.threads import prefetch_map
+
     mean, std = extractor.spec.mean, extractor.spec.std
+    loaded = prefetch_map(lambda f: crw_frame(f, cfg.crop_size, mean, std)[0], frames, ahead=2 * cfg.batch_size)
     for s in range(0, len(frames), cfg.batch_size):
-        xs = [crw_frame(f, cfg.crop_size, mean, std)[0] for f in frames[s:s + cfg.batch_size]]
+        xs = [x for _, x in zip(range(s, min(s + cfg.batch_size, len(frames))), loaded)]
         batch = torch.stack(xs).to(extractor.device)
         with torch.no_grad():
             feats = extractor.extract(batch, layers=(cfg.layer,), facets=(cfg.facet,))
@@ -202,7 +205,11 @@ def propagate_soft(extractor, frames: Sequence[FrameLike], first_labels: torch.T
                    progress: bool = False) -> Iterator[torch.Tensor]:
     """:func:`crw_propagate` on the frames' :func:`crw_features` (``first_labels``: ``h x w x C`` or
     ``hw x C`` on the grid of :func:`label_grid`); yields ``h x w x C`` maps."""
-    patch = extractor.grid((cfg.crop_size, cfg.crop_size)).patch_size
+    grid = extractor.grid((cfg.crop_size, cfg.crop_size))
+    if grid.stride != grid.patch_size:
+        raise DensevitError(f"the crw protocol propagates patch-stride features: leave out --stride (got stride "
+                            f"{grid.stride} for patch {grid.patch_size})")
+    patch = grid.patch_size
     cfg.validate(patch)
     if len(frames) == 0:
         raise DensevitError("no frames to propagate through")

@@ -105,6 +105,9 @@ def test_crw_parts_match_reference(run, ref, vip, load_benchmark, tmp_path, gold
     assert total > 0 and same / total >= 0.99, f"{same}/{total} pixels equal"
     header, row = (out / "miou.csv").read_text().splitlines()
     assert header.split(",")[-1] == "miou" and len(row.split(",")) == 21
+    hist, missing = vip_confusion(out, vip.parent / "Annotations" / "Category_ids")
+    assert not missing and row.split(",")[-1] == f"{vip_iou(hist)[1]:.4f}"
+    assert bench.entry(argv + ["--eval-only"]) == 0 and (out / "miou.csv").read_text().splitlines()[1] == row
 
 
 @pytest.mark.parametrize("run", ["jhmdb_a", "jhmdb_b"])
@@ -358,3 +361,14 @@ def test_vos_crw_masks(static_clip, tmp_path, golden_path, one_thread):
     masks = [np.array(Image.open(p)) for p in sorted(out.glob("*.png"))]
     assert len(masks) == 4 and all(m.shape == (80, 144) for m in masks)
     assert set(np.unique(masks[-1])) <= {0, 1, 2} and (masks[-1] == 2).any()
+
+
+def test_vos_crw_refuses_a_finer_stride(static_clip, tmp_path, capsys):
+    from densevit.apps.cli.vos import entry
+
+    Image.fromarray(np.ones((80, 144), np.uint8)).save(tmp_path / "m.png")
+    assert entry(["--frames", str(static_clip), "--first-mask", str(tmp_path / "m.png"), "--out",
+                  str(tmp_path / "o"), "--protocol", "crw", "--crop-size", "64", "--stride", "4", "--weights",
+                  "random", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "leave out --stride" in err[0]

@@ -68,6 +68,8 @@ def propagate_masks(args: argparse.Namespace, extractor, frames: Sequence[Path],
 
         yield from propagate(extractor, frames, first_mask, cfg, progress=progress)
         return
+    if getattr(args, "upsample", None):
+        raise DensevitError("--upsample is not part of the crw protocol (patch-stride features)")
     ccfg = crw_config(args)
     patch = extractor.grid((ccfg.crop_size, ccfg.crop_size)).patch_size
     ccfg.validate(patch)
@@ -96,6 +98,8 @@ def run_points(args: argparse.Namespace, prog: str, build_extractor, drop_unread
 
     if args.video:
         raise DensevitError("--first-points draws its tracks into --gif only (no --video)")
+    if getattr(args, "upsample", None):
+        raise DensevitError("--first-points tracks on patch-stride features (no --upsample)")
     if not Path(args.frames).is_dir():
         raise DensevitError(f"--frames must be a folder of frames: {args.frames}")
     out = Path(args.out)
