@@ -35,7 +35,7 @@ from densevit.errors import DensevitError
 from densevit.eval.datasets.jhmdb import jhmdb_frames, jhmdb_joints, read_filelist, video_name
 from densevit.eval.metrics.propagation import PCK_ALPHAS, jhmdb_distances, jhmdb_pck
 from densevit.eval.propagation_runs import check_settings, plan_videos, settings_of
-from densevit.io.files import atomic_write
+from densevit.io.files import atomic_write, check_outputs
 from densevit.io.images import image_size
 from densevit.runtime import dist
 
@@ -92,6 +92,7 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
     cfg = crw_config(args)
     videos = read_filelist(args.filelist)
     out = Path(args.out)
+    check_outputs([args.filelist] + [p for video in videos for p in video], folders=[out])   # never into inputs
     progress = not args.quiet
     if not args.eval_only:
         def todo():

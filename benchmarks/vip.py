@@ -36,7 +36,7 @@ from densevit.eval.datasets.jhmdb import read_filelist
 from densevit.eval.datasets.vip import vip_frames, vip_labels
 from densevit.eval.metrics.propagation import VIP_CLASSES, vip_frame_hist, vip_iou
 from densevit.eval.propagation_runs import check_settings, plan_videos, settings_of
-from densevit.io.files import atomic_write
+from densevit.io.files import atomic_write, check_outputs
 from densevit.io.images import image_size
 from densevit.runtime import dist
 
@@ -75,6 +75,7 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
     if len(set(names)) != len(names):
         raise DensevitError(f"{args.filelist} lists two videos of one name; their results would collide")
     out = Path(args.out)
+    check_outputs([args.filelist] + [p for video in videos for p in video], folders=[out])   # never into inputs
     progress = not args.quiet
     if not args.eval_only:
         def todo():

@@ -108,6 +108,8 @@ def test_crw_parts_match_reference(run, ref, vip, load_benchmark, tmp_path, gold
     hist, missing = vip_confusion(out, vip.parent / "Annotations" / "Category_ids")
     assert not missing and row.split(",")[-1] == f"{vip_iou(hist)[1]:.4f}"
     assert bench.entry(argv + ["--eval-only"]) == 0 and (out / "miou.csv").read_text().splitlines()[1] == row
+    inside = vip.parent / "Images" / "videos" / "dance" / "results"       # never writes into its inputs
+    assert bench.entry(argv[:3] + [str(inside)] + argv[4:]) == 2 and not inside.exists()
 
 
 @pytest.mark.parametrize("run", ["jhmdb_a", "jhmdb_b"])
