@@ -2,6 +2,10 @@
 
     densevit-vos --frames DIR --first-mask PNG --out DIR [--gif PATH] [--video PATH]
     densevit-vos --frames DIR --discover [--discover-method tokencut|lost] --out DIR     (unsupervised)
+    densevit-vos --frames DIR --first-points points.json --out DIR [--gif PATH]           (keypoints)
+
+``--protocol crw`` propagates with CRW's protocol instead of DINO's, and ``--first-points`` tracks keypoints
+(both in :mod:`densevit.apps.cli.vos_tracks`).
 
 With ``--discover`` no mask is given: the object is discovered in the first frame (TokenCut or LOST on the
 last block's keys, :mod:`densevit.apps.discover`; object id 1) and propagated like a given mask.
@@ -31,7 +35,7 @@ from densevit.options import opt
 from densevit.runtime.threads import BackgroundWriter
 
 from ..discovery.core import discover_mask
-from ..vos import VOSConfig, propagate
+from ..vos import VOSConfig
 from .common import drop_unreadable, report_unreadable
 from .discover import add_discover_args
 from .discover import config_from_args as discover_config_from_args
@@ -112,8 +116,8 @@ class _VideoSink:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(PROG, "Propagate a first-frame object mask through a video (label propagation on ViT "
-                    "features, DINO's protocol).")
+    p = make_parser(PROG, "Propagate a first-frame object mask or keypoints through a video (label "
+                    "propagation on ViT features; DINO's protocol or CRW's).")
     add_config_flags(p, VOSIO, only=["frames"])
     first = p.add_mutually_exclusive_group(required=True)
     add_config_flags(first, VOSIO, only=["first_mask", "discover"])
