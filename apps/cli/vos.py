@@ -2,6 +2,10 @@
 
     densevit-vos --frames DIR --first-mask PNG --out DIR [--gif PATH] [--video PATH]
     densevit-vos --frames DIR --discover [--discover-method tokencut|lost] --out DIR     (unsupervised)
+    densevit-vos --frames DIR --first-points points.json --out DIR [--gif PATH]           (keypoints)
+
+``--protocol crw`` propagates with CRW's protocol instead of DINO's, and ``--first-points`` tracks keypoints
+(both in :mod:`densevit.apps.cli.vos_tracks`).
 
 With ``--discover`` no mask is given: the object is discovered in the first frame (TokenCut or LOST on the
 last block's keys, :mod:`densevit.apps.discover`; object id 1) and propagated like a given mask.
@@ -34,10 +38,11 @@ from densevit.options import opt
 from densevit.runtime.threads import BackgroundWriter
 
 from ..discovery.core import discover_mask
-from ..vos import VOSConfig, propagate
+from ..vos import VOSConfig
 from .common import drop_unreadable, report_unreadable
 from .discover import add_discover_args
 from .discover import config_from_args as discover_config_from_args
+from .vos_tracks import add_track_flags, propagate_masks, run_points
 
 PROG = "densevit-vos"
 
@@ -145,15 +150,17 @@ class _VideoSink:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(PROG, "Propagate a first-frame object mask through a video (label propagation on ViT "
-                    "features, DINO's protocol).")
+    p = make_parser(PROG, "Propagate a first-frame object mask or keypoints through a video (label "
+                    "propagation on ViT features; DINO's protocol or CRW's).")
     add_config_flags(p, VOSIO, only=["frames"])
-    add_config_flags(p.add_mutually_exclusive_group(required=True), VOSIO, only=["first_mask", "discover"])
+    first = p.add_mutually_exclusive_group(required=True)
+    add_config_flags(first, VOSIO, only=["first_mask", "discover"])
     add_config_flags(p, OutputOptions, only=["out"],
                      tweak={"out": {"help": "output folder for the per-frame indexed PNG masks"}})
     add_config_flags(p, VOSIO, only=["gif", "video", "fps", "alpha"])
     add_config_flags(p, OutputOptions, only=["overwrite", "quiet"])
     add_protocol_args(p)
+    add_track_flags(p, first)        # --first-points, --protocol, CRW's flags (vos_tracks.py)
     add_model_flags(p, stride="patch")
     add_discover_args(p, prefix="discover-", load_size=-1)
     return p
@@ -173,6 +180,8 @@ def discovery_config(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    if args.first_points:
+        return run_points(args, PROG, build_extractor, drop_unreadable, report_unreadable)
     if not Path(args.frames).is_dir():
         raise DensevitError(f"--frames must be a folder of frames: {args.frames}")
     out = Path(args.out)
@@ -201,8 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sink = _VideoSink(Path(args.gif) if args.gif else None, Path(args.video) if args.video else None, args.fps)
     try:
         with BackgroundWriter() as writer:
-            for frame, target, mask in zip(frames, targets, propagate(extractor, frames, first_mask, cfg,
-                                                                       progress=not args.quiet)):
+            for frame, target, mask in zip(frames, targets, propagate_masks(args, extractor, frames, first_mask,
+                                                                            cfg, progress=not args.quiet)):
                 writer.submit(write_mask, target, mask)
                 if extra:
                     sink.add(overlay(load_image(frame), mask, args.alpha))
