@@ -1,6 +1,6 @@
 """What the image applications share: one forward pass per image, and token maps brought to pixels.
 
-Every pixel <-> token conversion goes through :class:`densevit.coords.TokenGrid`; the helpers here only apply
+Every pixel <-> token conversion goes through :class:`densevit.models.grid.TokenGrid`; the helpers here only apply
 it along each image axis (the mapping is separable), so full-resolution maps cost one gather.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ UPSAMPLINGS = ("reference", "token-centre")
 """How token maps become pixel maps of the resized image. ``"reference"``: as the reference apps (a PIL nearest
 resize of the token map to the resized image for co-segmentation masks; ``torch.nn.Upsample(mode="nearest")`` of
 the CRF unaries for part co-segmentation). ``"token-centre"``: every pixel takes the token whose centre is nearest
-(:class:`~densevit.coords.TokenGrid`; the grid's geometry, the same rule as every other densevit map)."""
+(:class:`~densevit.models.grid.TokenGrid`; the grid's geometry, the same rule as every other densevit map)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def extract_features(source: FeatureSource, image: ImageInput, load_size: Option
                      bin: bool = False, saliency: bool = True, include_cls: bool = False,
                      name: Optional[str] = None, saliency_source: str = "same-pass") -> ImageFeatures:
     """One image's descriptors (and saliency / CLS descriptor): ONE forward pass of an extractor, or read from a
-    :class:`~densevit.store.FeatureStore` (whose load size applies: ``load_size`` is then ignored).
+    :class:`~densevit.storage.store.FeatureStore` (whose load size applies: ``load_size`` is then ignored).
     ``saliency_source`` (:data:`SALIENCY_SOURCES`): ``"reference"`` adds the reference's low-resolution saliency
     pass (extractors only)."""
     if facet == "attn":

@@ -33,7 +33,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from densevit.apps import cli_coseg, cli_match, cli_partseg
+from densevit.apps.cli import coseg as cli_coseg
+from densevit.apps.cli import match as cli_match
+from densevit.apps.cli import partseg as cli_partseg
 from densevit.apps.common import extract_set, reference_saliency
 from densevit.apps.correspondence import CorrespondenceConfig, find_correspondences_features, pair_features
 from densevit.apps.coseg import CosegConfig, cosegment, cosegment_features

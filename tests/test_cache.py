@@ -1,4 +1,4 @@
-"""Tests for densevit.cache: roundtrip, hits skip compute, corrupt / foreign / tampered entries are rebuilt."""
+"""Tests for densevit.storage.cache: roundtrip, hits skip compute, corrupt / foreign / tampered entries are rebuilt."""
 from __future__ import annotations
 
 import os

@@ -72,16 +72,16 @@ def data(tmp_path_factory):
 @pytest.fixture
 def fast_model(monkeypatch, make_extractor, golden_path):
     """Every command's ViT-S/8 is the session's cached golden extractor (the flags still pass through)."""
-    import densevit.extractor
+    import densevit.features.extractor
 
-    real = densevit.extractor.ViTExtractor
+    real = densevit.features.extractor.ViTExtractor
 
     def cached(backbone, stride=None, weights=None, device=None, dtype="float32", **kw):
         if backbone == "dino_vits8" and weights and Path(weights) == golden_path and dtype == "float32" and not kw:
             return make_extractor(stride)
         return real(backbone, stride=stride, weights=weights, device=device, dtype=dtype, **kw)
 
-    monkeypatch.setattr(densevit.extractor, "ViTExtractor", cached)
+    monkeypatch.setattr(densevit.features.extractor, "ViTExtractor", cached)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,7 @@ def test_index_search_refuses_a_huge_query_image_in_one_line(data, store, golden
 
 def test_the_one_reader_applies_the_size_limit_everywhere(data, tmp_path, monkeypatch):
     """load_image, image_size, load_resized (the fast path), DAVIS masks, warp sources and VOS frame sizes all
-    go through densevit.preprocess.open_image; DENSEVIT_MAX_PIXELS moves the limit (0: none)."""
+    go through densevit.io.images.open_image; DENSEVIT_MAX_PIXELS moves the limit (0: none)."""
     from densevit.apps.vos import _frame_size
 
     from densevit.eval.datasets.davis import read_mask

@@ -1,4 +1,4 @@
-"""The corpus patch index (densevit.patch_index, densevit-index): planted neighbours for every kind, a store of
+"""The corpus patch index (densevit.storage.patch_index, densevit-index): planted neighbours for every kind, a store of
 shifted copies, save / load, the contact sheet, and bad input (outside points, unknown images, another store,
 a foreign or changed store of the same settings, truncated files, bad -k)."""
 import json

@@ -4,7 +4,7 @@
     densevit-vos --frames DIR --discover [--discover-method tokencut|lost] --out DIR     (unsupervised)
 
 With ``--discover`` no mask is given: the object is discovered in the first frame (TokenCut or LOST on the
-last block's keys, :mod:`densevit.apps.discover`; object id 1) and propagated like a given mask.
+last block's keys, :mod:`densevit.apps.discovery`; object id 1) and propagated like a given mask.
 
 Writes one indexed PNG (DAVIS palette, the first mask's object ids) per frame, named after the frame, and
 optionally an overlay animation (GIF, or MP4/AVI through OpenCV).

@@ -44,7 +44,7 @@ Boxes are ``(x0, y0, x1, y1)`` in original-image pixels with exclusive maxima: t
 columns ``[r0, r1) x [c0, c1)`` cover the input pixels ``[s*c0, s*(c1-1) + p)`` (``p`` patch size, ``s`` stride;
 ``p * [c0, c1)`` at stride = patch, as the references), clipped to the image and scaled to the original size.
 Masks are the component's tokens brought to every original pixel (each pixel takes its nearest token, through
-:class:`~densevit.coords.TokenGrid`), optionally refined by a dense CRF (``refine="crf"``; the CRF of
+:class:`~densevit.models.grid.TokenGrid`), optionally refined by a dense CRF (``refine="crf"``; the CRF of
 :mod:`densevit.apps.partseg`) or by TokenCut's bilateral solver (``refine="bilateral"``, reference
 ``unsupervised_saliency_detection/bilateral_solver.py`` with ``get_saliency.py``'s sigmas 16 / 16 / 8): the mask
 at the original resolution is the solver's target (confidence 0.999 everywhere), and the refined mask is the

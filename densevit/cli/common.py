@@ -120,7 +120,7 @@ def add_store_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_source(args: argparse.Namespace, *, saliency: bool = False, cls: bool = False):
-    """The features' source of an application: with ``--store`` the :class:`~densevit.store.FeatureStore`, checked
+    """The features' source of an application: with ``--store`` the :class:`~densevit.storage.store.FeatureStore`, checked
     before any work (it holds ``args.layer``/``args.facet``, the saliency or CLS descriptors needed, and agrees
     with every backbone flag given); otherwise the extractor of :func:`build_extractor`, its layer checked."""
     if not getattr(args, "store", None):

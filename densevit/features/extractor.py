@@ -100,7 +100,7 @@ def _batch_slice(feats: Features, start: int, stop: int, grid: TokenGrid) -> Fea
 
 
 def interpolate_pos_embed(patch_pos: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
-    """DINO's resampling of a square ``1xNxC`` patch position embedding to ``grid_hw`` (see :mod:`densevit.posenc`)."""
+    """DINO's resampling of a square ``1xNxC`` patch position embedding to ``grid_hw`` (see :mod:`densevit.models.posenc`)."""
     return resample_pos_embed(patch_pos, grid_hw, DINO)
 
 
@@ -108,7 +108,7 @@ class ViTExtractor(nn.Module):
     """Dense ViT descriptor extractor.
 
     Args:
-        backbone: densevit backbone name (see :data:`densevit.backbones.BACKBONES`; default ``dino_vits8``).
+        backbone: densevit backbone name (see :data:`densevit.models.registry.BACKBONES`; default ``dino_vits8``).
         stride: patch-embedding stride; must divide the patch size (default: the patch size).
         weights: checkpoint path, ``"random"``, or ``None`` to search ``$DENSEVIT_WEIGHTS`` then timm's hub.
         device: where to run (``None``: CUDA when available).
@@ -437,7 +437,7 @@ class ViTExtractor(nn.Module):
         """Per block (keyed as given): ``(query, key, scale)`` exactly as its attention uses them, i.e. after the
         positional encoding (rotary backbones), over all ``N`` tokens it attends over, prefix tokens (CLS, then
         registers) first: ``BxNxD`` with the descriptors' channel layout ``c * heads + h``. The attention of token
-        ``i`` is ``softmax(scale * q_i . k)`` per head (:func:`densevit.similarity.query_attention`)."""
+        ``i`` is ``softmax(scale * q_i . k)`` per head (:func:`densevit.features.similarity.query_attention`)."""
         layers = tuple(layers)
         plan = self._plan(x, layers, ("query_rope", "key_rope"), False, True, saliency=False)
         scales = {i: float(self.adapter.scale(blk)) for i, blk in enumerate(self.model.blocks)}

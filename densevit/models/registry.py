@@ -1,6 +1,6 @@
 """Backbone registry: densevit names -> timm architectures, block family, positional encoding, checkpoint
 layout, normalisation, patch size and saliency heads. A new backbone is one entry here (and, for a new kind of
-block, one adapter in :mod:`densevit.adapters`)."""
+block, one adapter in :mod:`densevit.models.families`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,9 +34,9 @@ class BackboneSpec:
     std: Tuple[float, float, float] = IMAGENET_STD
     saliency_heads: Optional[Tuple[int, ...]] = None   # None: all heads
     weight_files: Tuple[str, ...] = field(default_factory=tuple)  # conventional file names in $DENSEVIT_WEIGHTS
-    family: str = "vit"                 # block family adapter (densevit.adapters.FAMILIES)
+    family: str = "vit"                 # block family adapter (densevit.models.families.FAMILIES)
     pos: PosEncoding = DINO             # how positions are encoded / resampled, as the official code does
-    layout: str = "timm"                # official checkpoint layout read by densevit.weights (CONVERTERS)
+    layout: str = "timm"                # official checkpoint layout read by densevit.models.weights (CONVERTERS)
 
     @property
     def hub_name(self) -> str:

@@ -7,14 +7,14 @@ An index is a folder::
                     the image keys, counts, and each file's size and SHA-256
     ids.npy         ``N x 3`` int32: (image number, token row, token column) of every indexed vector
     index.faiss     the FAISS index of the L2-normalised descriptors (inner product = cosine similarity);
-                    ``flat`` without FAISS: ``vectors.npy`` (float16) searched exactly through :mod:`densevit.index`
+                    ``flat`` without FAISS: ``vectors.npy`` (float16) searched exactly through :mod:`densevit.matching.knn`
 
 Kinds: ``flat`` (exact), ``ivf-flat``, ``ivf-pq`` (product-quantised codes; ``max(k, rerank)`` candidates are
 re-scored exactly with the store's own descriptors, read from its memory-mapped shards) and ``hnsw``. An index
 opens only with the store content it was built from (:func:`load_index`); ``k`` lies in ``1..MAX_K``. Training uses a
 random sample of the selected tokens; vectors are added a chunk of images at a time, so memory stays bounded
 by the index itself. Search runs FAISS on a GPU when faiss-gpu is installed, and exact search through torch on
-a GPU without FAISS (``flat``). Every pixel <-> token conversion goes through :class:`densevit.coords.TokenGrid`.
+a GPU without FAISS (``flat``). Every pixel <-> token conversion goes through :class:`densevit.models.grid.TokenGrid`.
 """
 from __future__ import annotations
 
