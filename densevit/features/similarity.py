@@ -108,7 +108,7 @@ def query_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int,
     """Attention of one query token over all tokens: ``heads x N`` (rows sum to 1).
 
     ``query`` (``D``) and ``keys`` (``NxD``) are one block's query and key as its attention uses them, over all the
-    tokens it attends over (:meth:`densevit.Extractor.attention_inputs`), channel index ``c * heads + h``.
+    tokens it attends over (:meth:`densevit.features.extractor.ViTExtractor.attention_inputs`), channel index ``c * heads + h``.
     ``scale`` defaults to ``head_dim ** -0.5``. Restricted to the patch tokens, it equals row ``i`` of the ``attn``
     facet.
     """

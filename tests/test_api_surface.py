@@ -1,0 +1,157 @@
+"""The public names of densevit, each layer package and densevit.apps, listed once (kornia's test_api_surface
+is the model): a name that moves, appears or disappears shows in this one diff.
+
+Each layer's ``__init__`` re-exports the public names of its own modules (never a name of a lower layer), and
+every name resolves to the object its owning module defines."""
+from __future__ import annotations
+
+import ast
+import importlib
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PUBLIC = {
+    "densevit": [
+        "BACKBONES", "BackboneSpec", "get_spec", "TokenGrid", "select_device", "DensevitError", "WeightsNotFoundError",
+        "FACETS", "Features", "ViTExtractor", "FeatureSource", "load_image", "preprocess", "load_backbone", "upsample",
+        "UPSAMPLERS", "__version__",
+    ],
+    "densevit.runtime": [
+        "select_device", "parse_dtype", "synchronize", "DistContext", "deal", "session", "main_with_session",
+        "BackgroundWriter", "default_workers", "prefetch_map",
+    ],
+    "densevit.io": [
+        "WritesIntoInputsError", "atomic_write", "check_outputs", "ensure_writable", "file_problem", "file_sha256",
+        "verify_file", "IMAGE_SUFFIXES", "UnreadableImageError", "check_load_size", "decode_once", "denormalize",
+        "gather_images", "gather_sets", "image_size", "load_image", "load_resized", "max_pixels", "open_image",
+        "preprocess", "resize_short_side", "resized_hw", "skip_unreadable", "example_images", "golden_weights",
+        "repo_root", "shared_dir",
+    ],
+    "densevit.models": [
+        "BACKBONES", "HUB_ALIASES", "BackboneSpec", "get_spec", "create_model", "load_backbone", "load_weights_file",
+        "read_state_dict", "WEIGHTS_ENV", "find_checkpoint", "adopt_module", "FAMILIES", "BlockFamily",
+        "make_adapter", "PosEncoding", "resample_pos_embed", "TokenGrid", "grid_shape",
+    ],
+    "densevit.upsample": [
+        "UPSAMPLERS", "CHANNELWISE", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear", "jbu",
+        "upsample_anything", "anyup", "AnyUp", "load_anyup", "ANYUP_CHECKPOINTS",
+    ],
+    "densevit.features": [
+        "FACETS", "Features", "ViTExtractor", "FeatureSource", "ImageFeatures", "image_name", "UpsampleOptions",
+        "UpsampledSource", "upsampled", "FeatureOptions", "log_bin", "num_bins", "similarity_map", "similarity_maps",
+        "topk_tokens", "best_buddy", "best_buddies_of", "query_attention", "token_at",
+    ],
+    "densevit.compat": ["dvf"],
+    "densevit.matching": [
+        "knn", "similarity_matrix", "nearest_both_ways", "best_buddies", "faiss_available", "kmeans", "elbow_kmeans",
+        "label_transfer", "transfer_points",
+    ],
+    "densevit.storage": [
+        "FeatureStore", "StoreWriter", "StoreLock", "StoreError", "StoreFullError", "ExtractionConfig",
+        "ExtractionReport", "extract_to_store", "gather_dataset", "patch_index", "IndexConfig", "PatchIndex",
+        "build_index", "load_index", "DescriptorCache", "CacheError", "CacheWarning",
+    ],
+    "densevit.apps": [
+        "CosegConfig", "CosegResult", "cosegment", "cosegment_features", "PartsegConfig", "PartsegResult",
+        "part_cosegment", "part_cosegment_features", "CorrespondenceConfig", "Correspondences",
+        "find_correspondences", "find_correspondences_features", "transfer_keypoints", "transfer_keypoints_features",
+        "PCAConfig", "PCAImage", "descriptor_pca", "pca_features", "DiscoverConfig", "Discovery", "discover",
+        "discover_features", "discover_mask", "VOSConfig", "propagate", "segment_video", "Explorer", "Settings",
+    ],
+    "densevit.eval": ["ImageDescriber", "EvalPair", "TransferSettings", "evaluate_pair", "ResultsLog"],
+    "densevit.eval.datasets": [
+        "DavisDataset", "davis_palette", "read_mask", "write_mask", "SPair", "SPairImage", "SPairPair", "WarpConfig",
+        "WarpPair", "WarpSource", "default_sources", "make_warp_pair", "make_warp_pairs",
+    ],
+    "densevit.eval.metrics": [
+        "DavisScores", "db_eval_iou", "db_eval_boundary", "evaluate_semisupervised", "PairRecord", "PCKRow", "pck",
+        "pck_counts", "summarize",
+    ],
+    "densevit.eval.analysis": [
+        "AttentionAccumulator", "AttentionStats", "attention_stats", "head_statistics", "iter_layer_attention",
+        "layer_sums", "resolve_layers", "MinibatchCKA", "cka_matrix", "hsic_unbiased", "linear_cka", "model_cka",
+        "resample_tokens", "FunctionTask", "available_tasks", "best_layers", "build_task", "known_tasks", "run_sweep"
+    ],
+    "densevit.apps.discovery": [
+        "METHODS", "FITS", "REFINES", "SOLVERS", "DiscoverConfig", "DiscoveryFeatures", "TokenDiscovery", "Discovery",
+        "tokencut_graph", "ncut_vector", "ncut_split", "tokencut_tokens", "lost_tokens", "seed_component", "token_box",
+        "extract_discovery_features", "discover_features", "discover", "discover_mask", "bilateral_solve", "box_iou",
+        "mask_box"
+    ],
+    "densevit.apps.explore": [
+        "Settings", "ExploreImage", "ImageMap", "SimilarityResult", "AttentionResult", "Explorer", "DESCRIPTOR_FACETS",
+        "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME"
+    ],
+}
+# the front door gathers names from every layer; a layer package only re-exports its own modules' names
+FRONT_DOORS = {"densevit"}
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_public_names(package):
+    mod = importlib.import_module(package)
+    assert len(mod.__all__) == len(set(mod.__all__)), "a name listed twice"
+    assert sorted(mod.__all__) == sorted(PUBLIC[package])
+    assert [n for n in mod.__all__ if not hasattr(mod, n)] == []
+
+
+@pytest.mark.parametrize("package", sorted(set(PUBLIC) - FRONT_DOORS))
+def test_a_layer_re_exports_only_its_own_modules(package):
+    mod = importlib.import_module(package)
+    foreign = []
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        owner = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
+        if owner is not None and not (owner == package or owner.startswith(package + ".")):
+            foreign.append(f"{name} ({owner})")
+    assert foreign == []
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_re_exported_names_are_the_owners_objects(package):
+    """``from densevit.features import ViTExtractor`` is ``densevit.features.extractor.ViTExtractor``."""
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        owner = getattr(obj, "__module__", None)
+        if owner and owner.startswith("densevit") and not isinstance(obj, types.ModuleType):
+            assert getattr(importlib.import_module(owner), getattr(obj, "__name__", name)) is obj, name
+
+
+def test_no_alias_modules():
+    """The old one-release aliases are gone: no module only hands on another one (``sys.modules`` swaps)."""
+    found = []
+    for top in ("densevit", "apps"):
+        for path in (ROOT / top).rglob("*.py"):
+            text = path.read_text()
+            if "sys.modules[__name__]" in text or "alias is kept for one release" in text:
+                found.append(str(path.relative_to(ROOT)))
+    assert found == []
+
+
+@pytest.mark.parametrize("old", ["densevit.store", "densevit.extractor", "densevit.backbones", "densevit.index",
+                                 "densevit.datasets", "densevit.apps.cli_coseg", "densevit.apps.discover"])
+def test_old_paths_are_gone(old):
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)
+
+
+def test_every_layer_package_is_listed():
+    """A new layer package (an ``__init__.py`` with an ``__all__``) joins PUBLIC."""
+    listed = set(PUBLIC)
+    missing = []
+    for top, prefix in (("densevit", "densevit"), ("apps", "densevit.apps")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / top).parts
+            name = ".".join([prefix, *parts]) if parts else prefix
+            tree = ast.parse(init.read_text())
+            has_all = any((isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in n.targets))
+                          or (isinstance(n, ast.ImportFrom) and any(a.name == "__all__" for a in n.names))
+                          for n in tree.body)
+            if has_all and name not in listed:
+                missing.append(name)
+    assert sorted(missing) == []
