@@ -41,14 +41,9 @@ from densevit.matching.cluster import kmeans
 from densevit.matching.knn import nearest_both_ways
 from densevit.matching.transfer import transfer_points
 from densevit.options import opt
+from densevit.features.source import ImageFeatures, ImageInput, image_name
 
-from .common import (
-    ImageFeatures,
-    ImageInput,
-    extract_features,
-    image_name,
-    l2_normalize,
-)
+from .common import extract_features, l2_normalize
 
 CLUSTERINGS = ("sklearn", "faiss")
 FG_TESTS = ("reference", "both")

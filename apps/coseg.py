@@ -54,16 +54,9 @@ from densevit.matching.cluster import (
     kmeans,
 )
 from densevit.options import opt
+from densevit.features.source import ImageFeatures, ImageInput
 
-from .common import (
-    ClusteringConfig,
-    ImageFeatures,
-    ImageInput,
-    extract_set,
-    input_to_image,
-    l2_normalize,
-    mask_to_input,
-)
+from .common import ClusteringConfig, extract_set, input_to_image, l2_normalize, mask_to_input
 
 __all__ = ["CosegConfig", "CosegResult", "GRABCUT_SEEDINGS", "Clustering", "cosegment", "cosegment_features", "cluster_descriptors",
            "vote_salient_clusters", "find_outliers", "grabcut_refine"]

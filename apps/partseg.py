@@ -46,19 +46,10 @@ from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.options import opt
+from densevit.features.source import ImageFeatures, ImageInput, image_name
 
-from .common import (
-    ClusteringConfig,
-    ImageFeatures,
-    ImageInput,
-    extract_features,
-    image_name,
-    input_to_image,
-    input_to_tokens,
-    l2_normalize,
-    tokens_to_image,
-    upsample_nearest,
-)
+from .common import (ClusteringConfig, extract_features, input_to_image, input_to_tokens, l2_normalize,
+                     tokens_to_image, upsample_nearest)
 from .coseg import cluster_descriptors, vote_salient_clusters
 
 __all__ = ["PartsegConfig", "PartsegResult", "part_cosegment", "part_cosegment_features", "extract_partseg_features",

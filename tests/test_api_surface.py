@@ -42,12 +42,12 @@ PUBLIC = {
     ],
     "densevit.features": [
         "FACETS", "Features", "ViTExtractor", "FeatureSource", "ImageFeatures", "image_name", "UpsampleOptions",
-        "UpsampledSource", "upsampled", "FeatureOptions", "log_bin", "num_bins", "similarity_map", "similarity_maps",
+        "UpsampledSource", "FeatureOptions", "log_bin", "num_bins", "similarity_map", "similarity_maps",
         "topk_tokens", "best_buddy", "best_buddies_of", "query_attention", "token_at",
     ],
     "densevit.compat": ["dvf"],
     "densevit.matching": [
-        "knn", "similarity_matrix", "nearest_both_ways", "best_buddies", "faiss_available", "kmeans", "elbow_kmeans",
+        "similarity_matrix", "nearest_both_ways", "best_buddies", "faiss_available", "kmeans", "elbow_kmeans",
         "label_transfer", "transfer_points",
     ],
     "densevit.storage": [
@@ -68,7 +68,7 @@ PUBLIC = {
         "WarpPair", "WarpSource", "default_sources", "make_warp_pair", "make_warp_pairs",
     ],
     "densevit.eval.metrics": [
-        "DavisScores", "db_eval_iou", "db_eval_boundary", "evaluate_semisupervised", "PairRecord", "PCKRow", "pck",
+        "DavisScores", "db_eval_iou", "db_eval_boundary", "evaluate_semisupervised", "PairRecord", "PCKRow",
         "pck_counts", "summarize",
     ],
     "densevit.eval.analysis": [
@@ -122,6 +122,24 @@ def test_re_exported_names_are_the_owners_objects(package):
             assert getattr(importlib.import_module(owner), getattr(obj, "__name__", name)) is obj, name
 
 
+# the upsampling methods by their names in UPSAMPLERS (import their modules with `from densevit.upsample.jbu import ...`)
+SHADOWS_ITS_MODULE = {("densevit.upsample", "anyup"), ("densevit.upsample", "jbu"), ("densevit.upsample", "upsample_anything")}
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_a_re_export_never_hides_a_module(package):
+    """``from densevit.matching import knn`` must stay the module ``densevit.matching.knn``, never its function."""
+    import pkgutil
+
+    mod = importlib.import_module(package)
+    if not hasattr(mod, "__path__"):
+        return
+    subs = {m.name for m in pkgutil.iter_modules(mod.__path__)}
+    hidden = [n for n in mod.__all__ if n in subs and not isinstance(getattr(mod, n), types.ModuleType)
+              and (package, n) not in SHADOWS_ITS_MODULE]
+    assert hidden == []
+
+
 def test_no_alias_modules():
     """The old one-release aliases are gone: no module only hands on another one (``sys.modules`` swaps)."""
     found = []
@@ -155,3 +173,52 @@ def test_every_layer_package_is_listed():
             if has_all and name not in listed:
                 missing.append(name)
     assert sorted(missing) == []
+
+
+def test_a_module_hands_on_no_names():
+    """No re-export hubs: a module's ``__all__`` lists only what it defines (import a name from its owner);
+    handing on is the layer package's job."""
+    import pkgutil
+
+    import densevit
+    import densevit.apps
+
+    handed = []
+    for pkg in (densevit, densevit.apps):
+        for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            if info.ispkg:
+                continue
+            mod = importlib.import_module(info.name)
+            for name in getattr(mod, "__all__", []):
+                owner = getattr(getattr(mod, name), "__module__", None)
+                if owner and owner.startswith("densevit") and owner != info.name:
+                    handed.append(f"{info.name}.{name} (owner: {owner})")
+    assert handed == []
+
+
+@pytest.mark.parametrize("hub, names", [
+    ("densevit.cli.common", ["check_outputs", "gather_images", "gather_sets", "skip_unreadable", "report_unreadable",
+                             "drop_unreadable", "check_readable", "WritesIntoInputsError", "IMAGE_SUFFIXES"]),
+    ("densevit.apps.cli.common", ["check_outputs", "check_readable", "drop_unreadable", "WritesIntoInputsError"]),
+    ("densevit.storage.cache", ["file_sha256", "file_fingerprint"]),
+    ("densevit.apps.common", ["FeatureSource"]),
+    ("densevit.cli.flags", ["opt", "zero_is_none"]),
+])
+def test_the_old_hubs_are_gone(hub, names):
+    """Names these modules used to hand on are imported from their owners (io.files, io.images, features.source,
+    options); the hub keeps at most what it uses itself, never in its ``__all__``."""
+    mod = importlib.import_module(hub)
+    assert [n for n in names if n in getattr(mod, "__all__", [])] == []
+    bad = []
+    for top, prefix in (("densevit", ["densevit"]), ("apps", ["densevit", "apps"])):
+        for path in (ROOT / top).rglob("*.py"):
+            parts = prefix + list(path.relative_to(ROOT / top).with_suffix("").parts)
+            package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                head = package[: len(package) - (node.level - 1)] if node.level else []
+                target = ".".join(head + ([node.module] if node.module else []))
+                if target == hub:
+                    bad += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name in names]
+    assert bad == []

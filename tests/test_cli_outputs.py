@@ -1,8 +1,8 @@
 """The rules every command shares (issue 21): no command writes into its inputs, ``--overwrite`` or not, and an
-output path that is an existing file is one line, exit 2 (:func:`densevit.cli.common.check_outputs`); huge
+output path that is an existing file is one line, exit 2 (:func:`densevit.io.files.check_outputs`); huge
 images (a decompression bomb) are refused by the one image reader and skipped like any unreadable image; every
 command reports unreadable images with the same line and the same closing summary
-(:func:`densevit.cli.common.skip_unreadable` / :func:`~densevit.cli.common.report_unreadable`).
+(:func:`densevit.io.images.skip_unreadable` / :func:`~densevit.io.images.report_unreadable`).
 
 Every command runs end to end with the golden random ViT-S/8 (built once: the extractor class is patched to
 return the session's cached one), on 64x64 noise images."""
@@ -173,7 +173,7 @@ def test_no_command_writes_into_its_inputs_even_with_overwrite(name, data, store
 
 def test_an_output_file_that_is_an_input_is_refused(data, golden_path, tmp_path, capsys, fast_model):
     """--gif naming a frame or a file in the frames folder; an output file that is an input file."""
-    from densevit.cli.common import check_outputs
+    from densevit.io.files import check_outputs
 
     frames = tmp_path / "frames"
     shutil.copytree(data / "good", frames)
@@ -207,7 +207,7 @@ def test_an_output_path_that_is_a_file_is_one_line(name, data, store, golden_pat
 
 
 def test_check_outputs_allows_what_is_fine(tmp_path):
-    from densevit.cli.common import check_outputs
+    from densevit.io.files import check_outputs
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(b"x")

@@ -3,7 +3,8 @@ and constructed features whose answer is known (voting, GrabCut, pixel mapping, 
 import numpy as np
 import pytest
 import torch
-from densevit.apps.common import ImageFeatures, extract_set, tokens_to_image
+from densevit.apps.common import extract_set, tokens_to_image
+from densevit.features.source import ImageFeatures
 from densevit.apps.coseg import (
     CosegConfig,
     cosegment,
@@ -14,8 +15,7 @@ from densevit.apps.coseg import (
 )
 from PIL import Image
 
-from densevit.apps.common import ImageFeatures, mask_to_input, reference_saliency
-from densevit.models.grid import TokenGrid
+from densevit.apps.common import mask_to_input, reference_saliency
 from densevit.errors import DensevitError
 from densevit.models.grid import TokenGrid
 

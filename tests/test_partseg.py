@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from densevit.apps.common import ImageFeatures
+from densevit.features.source import ImageFeatures
 from densevit.apps.partseg import (
     PartsegConfig,
     crf_backend,

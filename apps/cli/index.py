@@ -18,13 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from densevit.cli.common import (
-    OutputOptions,
-    check_outputs,
-    report_unreadable,
-    run_cli,
-    skip_unreadable,
-)
+from densevit.cli.common import OutputOptions, run_cli
+from densevit.io.files import check_outputs
+from densevit.io.images import report_unreadable, skip_unreadable
 from densevit.cli.flags import (
     HelpFormatter,
     add_config_flags,

@@ -29,10 +29,10 @@ from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.io.images import load_image
 from densevit.options import opt
 from densevit.runtime.threads import BackgroundWriter
+from densevit.io.images import drop_unreadable, report_unreadable
 
 from ..discovery.core import discover_mask
 from ..vos import VOSConfig, propagate
-from .common import drop_unreadable, report_unreadable
 from .discover import add_discover_args
 from .discover import config_from_args as discover_config_from_args
 

@@ -77,8 +77,9 @@ from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
 from densevit.upsample import UPSAMPLERS, upsample_tokens
+from densevit.features.source import ImageInput, image_name
 
-from ..common import ImageInput, image_name, input_to_image, tokens_to_image
+from ..common import input_to_image, tokens_to_image
 
 __all__ = ["METHODS", "FITS", "REFINES", "SOLVERS", "DiscoverConfig", "DiscoveryFeatures", "TokenDiscovery",
            "Discovery", "tokencut_graph", "ncut_vector", "ncut_split", "tokencut_tokens", "lost_tokens", "seed_component",

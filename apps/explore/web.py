@@ -35,7 +35,7 @@ from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.upsample import UPSAMPLERS
-from densevit.storage.cache import atomic_write
+from densevit.io.files import atomic_write
 
 from .session import (
     DESCRIPTOR_FACETS,

@@ -23,15 +23,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import DensevitError
 from ..eval.analysis.sweep import SWEEP_FACETS
 from ..options import opt
-from .common import (
-    OutputOptions,
-    add_backbone_args,
-    check_outputs,
-    drop_unreadable,
-    gather_images,
-    report_unreadable,
-    run_cli,
-)
+from .common import OutputOptions, add_backbone_args, run_cli
+from ..io.files import check_outputs
+from ..io.images import drop_unreadable, gather_images, report_unreadable
 from .flags import add_config_flags, make_parser
 
 ANALYSES = ("attention", "cka", "sweep")

@@ -1,5 +1,6 @@
-"""What every densevit command-line tool shares: error handling, extractor flags, input gathering, the output
-rule (:func:`check_outputs`) and the unreadable-image lines (:func:`skip_unreadable`, :func:`report_unreadable`)."""
+"""What every densevit command-line tool shares: error handling (:func:`run_cli`), the model and output flags, the
+feature source of a command. Input gathering and the unreadable-image lines live in :mod:`densevit.io.images`, the
+output rule (:func:`~densevit.io.files.check_outputs`) in :mod:`densevit.io.files`."""
 from __future__ import annotations
 
 import argparse
@@ -9,17 +10,6 @@ from typing import Callable, Optional, Sequence
 
 from ..errors import DensevitError
 from ..features.options import FeatureOptions
-from ..io.files import PathLike, WritesIntoInputsError, check_outputs, ensure_writable  # noqa: F401 (flags' users)
-from ..io.images import (  # noqa: F401
-    IMAGE_SUFFIXES,
-    MAX_LISTED,
-    check_readable,
-    drop_unreadable,
-    gather_images,
-    gather_sets,
-    report_unreadable,
-    skip_unreadable,
-)
 from ..options import opt
 from .flags import add_config_flags
 

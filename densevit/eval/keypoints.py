@@ -26,7 +26,8 @@ from ..errors import DensevitError
 from ..matching.transfer import transfer_points
 from ..models.grid import TokenGrid
 from ..runtime.device import synchronize
-from ..storage.cache import DescriptorCache, file_fingerprint
+from ..io.files import file_fingerprint
+from ..storage.cache import DescriptorCache
 from .metrics.pck import ALPHAS, PairRecord, bbox_size, format_table, image_size, summarize, valid_points, write_csv
 
 ImageSource = Union[str, Path, Image.Image, Callable[[], Union[str, Path, Image.Image]]]

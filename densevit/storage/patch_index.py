@@ -35,7 +35,7 @@ from ..matching import knn as knn_index
 from ..models.grid import TokenGrid
 from ..options import opt
 from ..runtime.device import select_device
-from .cache import atomic_write, file_sha256
+from ..io.files import atomic_write, file_sha256
 from .store import FeatureStore
 
 __all__ = ["KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",

@@ -46,10 +46,9 @@ import torch
 from ..errors import DensevitError
 from ..features.binning import log_bin
 from ..features.source import ImageFeatures, ImageInput, image_name
-from ..io.files import verify_file
+from ..io.files import atomic_write, canonical_key, file_sha256, key_digest, verify_file
 from ..io.images import load_image, load_resized, resize_short_side
 from ..models.grid import TokenGrid
-from .cache import atomic_write, canonical_key, file_sha256, key_digest
 
 try:
     import fcntl
