@@ -62,6 +62,9 @@ PUBLIC = {
         "PCAConfig", "PCAImage", "descriptor_pca", "pca_features", "DiscoverConfig", "Discovery", "discover",
         "discover_features", "discover_mask", "VOSConfig", "propagate", "segment_video", "Explorer", "Settings",
     ],
+    "densevit.cli": [
+        "COMMANDS", "run_cli", "ModelOptions", "OutputOptions", "add_config_flags", "config_from_args", "make_parser",
+    ],
     "densevit.eval": ["ImageDescriber", "EvalPair", "TransferSettings", "evaluate_pair", "ResultsLog"],
     "densevit.eval.datasets": [
         "DavisDataset", "davis_palette", "read_mask", "write_mask", "SPair", "SPairImage", "SPairPair", "WarpConfig",

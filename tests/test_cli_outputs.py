@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from densevit.apps.cli import coseg as cli_coseg
 from densevit.apps.cli import discover as cli_discover
-from densevit.apps.cli import index as cli_index
+from densevit.cli import index as cli_index
 from densevit.apps.cli import match as cli_match
 from densevit.apps.cli import partseg as cli_partseg
 from densevit.apps.cli import pca as cli_pca

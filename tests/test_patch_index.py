@@ -133,7 +133,7 @@ def test_shifted_copy_is_found_at_the_shifted_location(shifted_store, tmp_path):
 
 
 def _cli(*argv):
-    from densevit.apps.cli.index import entry
+    from densevit.cli.index import entry
 
     return entry([str(a) for a in argv])
 
@@ -254,7 +254,7 @@ def test_cli_refuses_a_foreign_store_and_a_re_extracted_one(shifted_store, tmp_p
 
 def test_cli_k_is_one_line_and_the_contact_sheet_is_bounded(shifted_store, tmp_path, capsys):
     """-k 0 / -3: FAISS AssertionError tracebacks; -k 1000000000 wrote a 63 MB contact sheet."""
-    SHEET_MATCHES = 50                                  # the documented cap (densevit.apps.cli.index, README)
+    SHEET_MATCHES = 50                                  # the documented cap (densevit.cli.index, README)
     idx = tmp_path / "idx"
     assert _cli("build", shifted_store / "store", "-o", idx, "--kind", "flat", "--quiet") == 0
     for k in ("0", "-3", "1000000000"):

@@ -18,21 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from densevit.cli.common import OutputOptions, run_cli
-from densevit.io.files import check_outputs
-from densevit.io.images import report_unreadable, skip_unreadable
-from densevit.cli.flags import (
-    HelpFormatter,
-    add_config_flags,
-    config_from_args,
-    make_parser,
-)
+from densevit.apps import draw
 from densevit.errors import DensevitError
-from densevit.io.images import UnreadableImageError, load_image
+from densevit.io.files import check_outputs
+from densevit.io.images import UnreadableImageError, load_image, report_unreadable, skip_unreadable
 from densevit.options import opt
 from densevit.storage import patch_index as pi
 
-from .. import draw
+from .common import OutputOptions, run_cli
+from .flags import HelpFormatter, add_config_flags, config_from_args, make_parser
 
 PROG = "densevit-index"
 SHEET_MATCHES = 50      # matches drawn on a contact sheet at most (the JSON holds all k)
