@@ -33,8 +33,8 @@ PUBLIC = {
     ],
     "densevit.models": [
         "BACKBONES", "HUB_ALIASES", "BackboneSpec", "get_spec", "create_model", "load_backbone", "load_weights_file",
-        "read_state_dict", "WEIGHTS_ENV", "find_checkpoint", "adopt_module", "FAMILIES", "BlockFamily",
-        "make_adapter", "PosEncoding", "resample_pos_embed", "TokenGrid", "grid_shape",
+        "read_state_dict", "LAYOUTS", "Layout", "get_layout", "WEIGHTS_ENV", "find_checkpoint", "adopt_module",
+        "FAMILIES", "BlockFamily", "make_adapter", "PosEncoding", "resample_pos_embed", "TokenGrid", "grid_shape",
     ],
     "densevit.upsample": [
         "UPSAMPLERS", "CHANNELWISE", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear", "jbu",

@@ -2,6 +2,7 @@
 and the token grid they run on."""
 from .families import FAMILIES, BlockFamily, make_adapter
 from .grid import TokenGrid, grid_shape
+from .layouts import LAYOUTS, Layout, get_layout
 from .locate import WEIGHTS_ENV, find_checkpoint
 from .own import adopt_module
 from .posenc import PosEncoding, resample_pos_embed
@@ -11,6 +12,7 @@ from .weights import create_model, load_backbone, load_weights_file, read_state_
 __all__ = [
     "BACKBONES", "HUB_ALIASES", "BackboneSpec", "get_spec",
     "create_model", "load_backbone", "load_weights_file", "read_state_dict",
+    "LAYOUTS", "Layout", "get_layout",
     "WEIGHTS_ENV", "find_checkpoint", "adopt_module",
     "FAMILIES", "BlockFamily", "make_adapter",
     "PosEncoding", "resample_pos_embed",
