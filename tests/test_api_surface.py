@@ -53,6 +53,7 @@ PUBLIC = {
     "densevit.storage": [
         "FeatureStore", "StoreWriter", "StoreLock", "StoreError", "StoreFullError", "ExtractionConfig",
         "ExtractionReport", "extract_to_store", "gather_dataset", "patch_index", "IndexConfig", "PatchIndex",
+        "PatchIndexError",
         "build_index", "load_index", "DescriptorCache", "CacheError", "CacheWarning",
     ],
     "densevit.apps": [

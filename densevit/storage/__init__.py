@@ -5,12 +5,12 @@ and ``Match`` as :mod:`densevit.storage.patch_index`)."""
 from . import patch_index
 from .cache import CacheError, CacheWarning, DescriptorCache
 from .extract import ExtractionConfig, ExtractionReport, extract_to_store, gather_dataset
-from .patch_index import IndexConfig, PatchIndex, build_index, load_index
+from .patch_index import IndexConfig, PatchIndex, PatchIndexError, build_index, load_index
 from .store import FeatureStore, StoreError, StoreFullError, StoreLock, StoreWriter
 
 __all__ = [
     "FeatureStore", "StoreWriter", "StoreLock", "StoreError", "StoreFullError",
     "ExtractionConfig", "ExtractionReport", "extract_to_store", "gather_dataset",
-    "patch_index", "IndexConfig", "PatchIndex", "build_index", "load_index",
+    "patch_index", "IndexConfig", "PatchIndex", "PatchIndexError", "build_index", "load_index",
     "DescriptorCache", "CacheError", "CacheWarning",
 ]

@@ -39,7 +39,7 @@ from ..io.files import atomic_write, file_sha256
 from .store import FeatureStore
 
 __all__ = ["KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",
-           "query_descriptors", "rebuild_command", "search", "IndexError_"]
+           "query_descriptors", "rebuild_command", "search", "PatchIndexError"]
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 MAX_K = 2048            # matches per query at most (FAISS's limit on GPUs; the same bound on every device)
@@ -47,7 +47,7 @@ FORMAT = "densevit-patch-index-v1"
 META, IDS, FAISS_FILE, VECTORS = "index.json", "ids.npy", "index.faiss", "vectors.npy"
 
 
-class IndexError_(DensevitError):
+class PatchIndexError(DensevitError):
     """An index file is missing, truncated or modified, or the index does not belong to the store."""
 
 
@@ -388,15 +388,15 @@ def _check_content(root: Path, meta: Dict[str, Any], st: FeatureStore) -> None:
     rebuild = f"rebuild it: {rebuild_command(root, st.root, IndexConfig(**meta['config']))}"
     content = meta.get("store_content")
     if content is None:
-        raise IndexError_(f"index {root} does not record the content of its store (an older densevit made it); "
+        raise PatchIndexError(f"index {root} does not record the content of its store (an older densevit made it); "
                           f"{rebuild}")
     stored = st.manifest["images"]
     missing = next((k for k in meta["images"] if k not in stored), None)
     if missing is not None:
-        raise IndexError_(f"index {root} was built from image {missing}, which store {st.root} does not hold; "
+        raise PatchIndexError(f"index {root} was built from image {missing}, which store {st.root} does not hold; "
                           f"{rebuild}")
     if _content_digest(st, meta["images"]) != content:
-        raise IndexError_(f"store {st.root} does not hold the descriptors index {root} was built from (an image "
+        raise PatchIndexError(f"store {st.root} does not hold the descriptors index {root} was built from (an image "
                           f"was replaced or re-extracted, or it is another store); {rebuild}")
 
 
@@ -410,19 +410,19 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
     root = Path(root)
     meta_path = root / META
     if not meta_path.is_file():
-        raise IndexError_(f"no patch index at {root} (missing {META})")
+        raise PatchIndexError(f"no patch index at {root} (missing {META})")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IndexError_(f"index file {meta_path} is corrupt (not JSON)") from None
+        raise PatchIndexError(f"index file {meta_path} is corrupt (not JSON)") from None
     if meta.get("format") != FORMAT:
-        raise IndexError_(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
+        raise PatchIndexError(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
     for name, rec in meta["files"].items():
         verify_file(root / name, rec["size"], rec["sha256"], "index file", "the index",
-                    "rebuild it with densevit-index build", IndexError_)
+                    "rebuild it with densevit-index build", PatchIndexError)
     st = store if isinstance(store, FeatureStore) else FeatureStore(store or meta["store"])
     if _store_digest(st) != meta["store_digest"]:
-        raise IndexError_(f"index {root} was built from a store with other settings than {st.root}; "
+        raise PatchIndexError(f"index {root} was built from a store with other settings than {st.root}; "
                           f"rebuild it from this store")
     _check_content(root, meta, st)
     dev = str(select_device(device))
