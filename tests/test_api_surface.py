@@ -37,13 +37,13 @@ PUBLIC = {
         "FAMILIES", "BlockFamily", "make_adapter", "PosEncoding", "resample_pos_embed", "TokenGrid", "grid_shape",
     ],
     "densevit.upsample": [
-        "UPSAMPLERS", "CHANNELWISE", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear", "jbu",
-        "upsample_anything", "anyup", "AnyUp", "load_anyup", "ANYUP_CHECKPOINTS",
+        "UPSAMPLERS", "CHANNELWISE", "check_method", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear",
+        "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup", "ANYUP_CHECKPOINTS"
     ],
     "densevit.features": [
         "FACETS", "Features", "ViTExtractor", "FeatureSource", "ImageFeatures", "image_name", "UpsampleOptions",
-        "UpsampledSource", "FeatureOptions", "log_bin", "num_bins", "similarity_map", "similarity_maps",
-        "topk_tokens", "best_buddy", "best_buddies_of", "query_attention", "token_at",
+        "UpsampledSource", "input_guide", "image_guide", "FeatureOptions", "log_bin", "num_bins", "similarity_map",
+        "similarity_maps", "topk_tokens", "best_buddy", "best_buddies_of", "query_attention", "token_at"
     ],
     "densevit.compat": ["dvf"],
     "densevit.matching": [
@@ -83,7 +83,7 @@ PUBLIC = {
     "densevit.apps.discovery": [
         "METHODS", "FITS", "REFINES", "SOLVERS", "DiscoverConfig", "DiscoveryFeatures", "TokenDiscovery", "Discovery",
         "tokencut_graph", "ncut_vector", "ncut_split", "tokencut_tokens", "lost_tokens", "seed_component", "token_box",
-        "extract_discovery_features", "discover_features", "discover", "discover_mask", "bilateral_solve", "box_iou",
+        "extract_discovery_features", "discover_features", "discover", "discover_mask", "box_iou",
         "mask_box"
     ],
     "densevit.apps.explore": [
@@ -226,3 +226,24 @@ def test_the_old_hubs_are_gone(hub, names):
                 if target == hub:
                     bad += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name in names]
     assert bad == []
+
+
+def test_one_place_for_the_upsampler_check_and_the_refinements():
+    """The "unknown upsampler" check is written once (densevit.upsample.check_method) and every config calls it;
+    refinements several apps share live in densevit.apps.refine, so no app borrows from a sibling app."""
+    from densevit.errors import InvalidArgumentError
+    from densevit.upsample import check_method
+
+    sources = {p: p.read_text() for top in ("densevit", "apps") for p in (ROOT / top).rglob("*.py")}
+    assert [str(p.relative_to(ROOT)) for p, t in sources.items() if "unknown upsampler" in t] == [
+        "densevit/upsample/__init__.py"]
+    check_method(None, allow_none=True)
+    with pytest.raises(InvalidArgumentError, match="unknown upsampler 'nope'; choose from bilinear"):
+        check_method("nope")
+    with pytest.raises(ValueError, match="unknown upsampler None"):
+        check_method(None)
+    borrowed = [str(p.relative_to(ROOT)) for p, t in sources.items()
+                if p.parent.name in ("apps", "discovery", "explore") and p.name not in ("__init__.py", "partseg.py")
+                and ("from ..partseg import" in t
+                                                                          or "from .partseg import" in t)]
+    assert borrowed == []

@@ -442,8 +442,8 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
 def query_descriptors(index: PatchIndex, image: Union[str, Path], points: Optional[Sequence[Tuple[float, float]]] = None,
                       box: Optional[Tuple[float, float, float, float]] = None, extractor=None
                       ) -> Tuple[torch.Tensor, TokenGrid, List[int]]:
-    """Query descriptors ``QxD`` of ``image`` (from the store when it holds the image, else extracted with
-    ``extractor``, which must match the store's settings): one per point, or one for a box (the mean of the
+    """Query descriptors ``QxD`` of ``image`` (from the store when it holds the image, by key or path, else from
+    ``extractor``, a :class:`~densevit.features.source.FeatureSource` that must match the store's settings): one per point, or one for a box (the mean of the
     normalised descriptors of the tokens centred inside it). Returns the descriptors, the image's grid and the
     query tokens (flat indices; for a box, all of its tokens)."""
     from ..features.similarity import token_at
@@ -454,13 +454,9 @@ def query_descriptors(index: PatchIndex, image: Union[str, Path], points: Option
     st = index.store
     if image in st:
         desc, grid = st.descriptors(image, layer, facet), st.grid(image)
-    elif extractor is not None:
-        from ..io.images import load_image
-
-        img = load_image(image)
-        x, grid = extractor.preprocess(img, load_size=st.settings.get("load_size"))
-        grid = TokenGrid(grid.patch_size, grid.stride, grid.input_hw, (img.height, img.width))
-        desc = extractor.extract(x, (layer,), (facet,)).descriptors[(layer, facet)][0].float().cpu()
+    elif extractor is not None:                      # any FeatureSource with the store's settings (the model)
+        f = extractor.image_features(image, st.settings.get("load_size"), layer, facet, saliency=False)
+        desc, grid = f.descriptors, f.grid
     else:
         raise DensevitError(f"image {image} is not in store {st.root}; extract it into the store, or give the "
                             f"weights to extract it with the store's settings")
