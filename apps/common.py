@@ -1,6 +1,6 @@
 """What the image applications share: one forward pass per image, and token maps brought to pixels.
 
-Every pixel <-> token conversion goes through :class:`densevit.coords.TokenGrid`; the helpers here only apply
+Every pixel <-> token conversion goes through :class:`densevit.models.grid.TokenGrid`; the helpers here only apply
 it along each image axis (the mapping is separable), so full-resolution maps cost one gather.
 """
 from __future__ import annotations
@@ -15,30 +15,23 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.features.extractor import ViTExtractor
 from densevit.features.options import FeatureOptions
-from densevit.features.source import (  # noqa: F401
-    FeatureSource,
-    ImageFeatures,
-    ImageInput,
-    image_name,
-)
-from densevit.io.images import to_tensor
+from densevit.features.source import FeatureSource, ImageFeatures, ImageInput, image_name
 from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
-from densevit.models.grid import TokenGrid, grid_shape
+from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
 
 SALIENCY_SOURCES = ("reference", "same-pass")
 """Where co-segmentation's saliency comes from. ``"reference"``: the reference's default
 (``low_res_saliency_maps=True``): a second, small pass at stride = patch size on the image resized to half the
-network input (:func:`reference_saliency`), brought to the descriptor grid by nearest resizing. ``"same-pass"``:
+network input (:meth:`ViTExtractor.reference_saliency <densevit.features.extractor.ViTExtractor.reference_saliency>`), brought to the descriptor grid by nearest resizing. ``"same-pass"``:
 the CLS attention of the descriptor pass itself (the reference with ``low_res_saliency_maps=False``): one forward
 pass fewer per image, and the saliency at the descriptors' own resolution."""
 UPSAMPLINGS = ("reference", "token-centre")
 """How token maps become pixel maps of the resized image. ``"reference"``: as the reference apps (a PIL nearest
 resize of the token map to the resized image for co-segmentation masks; ``torch.nn.Upsample(mode="nearest")`` of
 the CRF unaries for part co-segmentation). ``"token-centre"``: every pixel takes the token whose centre is nearest
-(:class:`~densevit.coords.TokenGrid`; the grid's geometry, the same rule as every other densevit map)."""
+(:class:`~densevit.models.grid.TokenGrid`; the grid's geometry, the same rule as every other densevit map)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +75,7 @@ def extract_features(source: FeatureSource, image: ImageInput, load_size: Option
                      bin: bool = False, saliency: bool = True, include_cls: bool = False,
                      name: Optional[str] = None, saliency_source: str = "same-pass") -> ImageFeatures:
     """One image's descriptors (and saliency / CLS descriptor): ONE forward pass of an extractor, or read from a
-    :class:`~densevit.store.FeatureStore` (whose load size applies: ``load_size`` is then ignored).
+    :class:`~densevit.storage.store.FeatureStore` (whose load size applies: ``load_size`` is then ignored).
     ``saliency_source`` (:data:`SALIENCY_SOURCES`): ``"reference"`` adds the reference's low-resolution saliency
     pass (extractors only)."""
     if facet == "attn":
@@ -96,32 +89,8 @@ def extract_features(source: FeatureSource, image: ImageInput, load_size: Option
     f = source.image_features(image, load_size, layer, facet, bin=bin, saliency=saliency and not low_res,
                               include_cls=include_cls, name=name)
     if low_res:
-        f.saliency = reference_saliency(source, f.image, f.grid, load_size)
+        f.saliency = source.reference_saliency(f.image, f.grid, load_size)
     return f
-
-
-def reference_saliency(extractor: ViTExtractor, image: Image.Image, grid: TokenGrid,
-                       load_size: Optional[int]) -> torch.Tensor:
-    """The reference co-segmentation's default saliency of ``image`` (original RGB) for descriptors on ``grid``:
-    ``T`` float32.
-
-    The original image is resized (Lanczos) to half the network input, ``(H // 2, W // 2)`` (the input itself
-    when ``load_size`` is None, as the reference), run at stride = patch size (the same weights), and its saliency
-    map resized to the descriptor grid with PIL's nearest filter, as ``cosegmentation.py`` does."""
-    H, W = grid.input_hw
-    low_hw = (H // 2, W // 2) if load_size is not None else (H, W)
-    p = extractor.patch_size
-    if min(low_hw) < p:
-        raise DensevitError(f"the reference's low-resolution saliency pass needs an input of at least {2 * p} "
-                            f"pixels on the short side (got {min(H, W)}): use a larger load size or the saliency "
-                            f"source 'same-pass'")
-    low = image.resize((low_hw[1], low_hw[0]), Image.LANCZOS)
-    x = to_tensor(low, extractor.spec.mean, extractor.spec.std)[None].to(extractor.device)
-    sal = extractor.extract_saliency_maps(x, stride=p)[0].float().cpu().numpy()
-    hl, wl = grid_shape(low_hw, p, p)
-    h, w = grid.shape
-    up = Image.fromarray(np.ascontiguousarray(sal.reshape(hl, wl), dtype=np.float32)).resize((w, h), Image.NEAREST)
-    return torch.from_numpy(np.asarray(up, dtype=np.float32).reshape(-1).copy())
 
 
 def extract_set(source: FeatureSource, images: Sequence[ImageInput], load_size: Optional[int], layer: int,

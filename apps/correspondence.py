@@ -14,17 +14,17 @@ defaults:
 3. k-means (``num_pairs`` = 10 clusters) of the buddies' joined descriptors ``[d_a, d_b]``, each joined vector
    L2-normalised (``clustering``): ``"sklearn"`` = scikit-learn's ``KMeans(n_clusters, random_state=seed,
    n_init=n_redo)``, the reference's ``KMeans(n_clusters, random_state=0)`` with the ten restarts of the
-   scikit-learn it pins (1.0.1); ``"faiss"`` = FAISS k-means (:func:`densevit.index.kmeans`, ``n_redo``
+   scikit-learn it pins (1.0.1); ``"faiss"`` = FAISS k-means (:func:`densevit.matching.cluster.kmeans`, ``n_redo``
    restarts, seed ``seed``): faster on many buddies, other clusters.
 4. In each cluster the pair with the highest mean saliency ``(s_a + s_b) / 2`` (the first such buddy on a
    tie); pairs come back ordered by that score (the reference lists them by cluster id), at most ``num_pairs``
    (all buddies when there are fewer).
 
-Points are token centres in each image's ORIGINAL pixels (``(x, y)``, via :class:`~densevit.coords.TokenGrid`);
+Points are token centres in each image's ORIGINAL pixels (``(x, y)``, via :class:`~densevit.models.grid.TokenGrid`);
 the reference gives the same token centres as ``(y, x)`` in resized pixels.
 
 :func:`transfer_keypoints`: each given point of image A goes to the position of its nearest-neighbour token in B
-(:func:`densevit.transfer.transfer_points`, the same code the SPair-71k benchmark scores).
+(:func:`densevit.matching.transfer.transfer_points`, the same code the SPair-71k benchmark scores).
 """
 from __future__ import annotations
 
@@ -41,14 +41,9 @@ from densevit.matching.cluster import kmeans
 from densevit.matching.knn import nearest_both_ways
 from densevit.matching.transfer import transfer_points
 from densevit.options import opt
+from densevit.features.source import ImageFeatures, ImageInput, image_name
 
-from .common import (
-    ImageFeatures,
-    ImageInput,
-    extract_features,
-    image_name,
-    l2_normalize,
-)
+from .common import extract_features, l2_normalize
 
 CLUSTERINGS = ("sklearn", "faiss")
 FG_TESTS = ("reference", "both")
@@ -220,6 +215,6 @@ def transfer_keypoints(extractor, image_a: ImageInput, image_b: ImageInput, poin
                        ) -> Tuple[np.ndarray, np.ndarray]:
     """Dense keypoint transfer: points ``Nx2 (x, y)`` in A's original pixels -> their nearest-neighbour positions
     in B's original pixels. Returns ``(points_b Nx2 float64, cosine similarity N float32)``; ``refine`` as
-    :func:`densevit.transfer.transfer_points`."""
+    :func:`densevit.matching.transfer.transfer_points`."""
     fa, fb = pair_features(extractor, image_a, image_b, load_size, layer, facet, bin, False)
     return transfer_keypoints_features(fa, fb, points, refine, window, temperature, backend)

@@ -10,7 +10,7 @@ By default every step is the reference's ``find_cosegmentation`` with its defaul
    one pass fewer).
 2. All descriptors of the set, L2-normalised, are clustered with FAISS k-means with the reference's arguments
    (``faiss.Kmeans(niter=300, nredo=10)``: FAISS's seed 1234 and its cap of 256 training rows per centroid,
-   :func:`densevit.index.kmeans`); k is chosen by the elbow rule (k = 1..14, stop at the first k whose mean
+   :func:`densevit.matching.cluster.kmeans`); k is chosen by the elbow rule (k = 1..14, stop at the first k whose mean
    squared distance exceeds ``elbow`` = 0.975 times the previous one, and keep that k's clustering); the
    centroids are trained on every ``sample_interval``-th (100) descriptor of each image and every descriptor is
    then assigned by a search of the centroid index.
@@ -54,16 +54,9 @@ from densevit.matching.cluster import (
     kmeans,
 )
 from densevit.options import opt
+from densevit.features.source import ImageFeatures, ImageInput
 
-from .common import (
-    ClusteringConfig,
-    ImageFeatures,
-    ImageInput,
-    extract_set,
-    input_to_image,
-    l2_normalize,
-    mask_to_input,
-)
+from .common import ClusteringConfig, extract_set, input_to_image, l2_normalize, mask_to_input
 
 __all__ = ["CosegConfig", "CosegResult", "GRABCUT_SEEDINGS", "Clustering", "cosegment", "cosegment_features", "cluster_descriptors",
            "vote_salient_clusters", "find_outliers", "grabcut_refine"]
@@ -151,7 +144,7 @@ def cluster_descriptors(descriptors: Sequence[torch.Tensor], elbow: float = 0.97
 
     descriptors: per image ``T_i x D``. They are L2-normalised; the centroids are fitted on every
     ``sample_interval``-th row of each image (all rows when that leaves fewer rows than clusters, where the
-    reference would fail), and every row is assigned. FAISS arguments as :func:`densevit.index.kmeans`.
+    reference would fail), and every row is assigned. FAISS arguments as :func:`densevit.matching.cluster.kmeans`.
     Returns per-image labels in input order.
     """
     normed = [l2_normalize(d) for d in descriptors]

@@ -22,13 +22,8 @@ By default every step is the reference's ``find_part_cosegmentation`` with its d
    and of its horizontal flip join the clustering (not the voting) and are dropped from the output (the crops
    are drawn from a generator seeded with ``seed``, not from the reference's unseeded torch stream).
 
-Dense CRF backends (``crf``): ``"dense"`` uses pydensecrf (the ``crf`` extra: ``pip install pydensecrf2``,
-built from source, needs a C++ compiler); ``"approx"`` is the documented fallback used by ``"auto"`` when
-pydensecrf is not importable: the same mean-field updates of the same Potts model, where the Gaussian kernel's
-message is an exact Gaussian blur (OpenCV) and the bilateral kernel's message is approximated by an edge-aware
-colour guided filter (He et al. 2010; radius = bilateral sxy, eps = (srgb / 255)^2) instead of the permutohedral
-lattice; ``"none"`` takes the unary argmax (nearest token). Results of the two CRF backends are close but not
-identical.
+Dense CRF backends (``crf``): ``"dense"`` (pydensecrf), ``"approx"`` (its documented fallback), ``"none"``
+(:mod:`densevit.apps.refine`, shared with object discovery).
 
 Output label maps are at the ORIGINAL image resolution (``parts_input``: at the resized resolution, as the
 reference returns them): -1 background, parts ``0..P-1``, the same part id meaning the same part across the set.
@@ -39,34 +34,21 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from densevit.errors import DensevitError
 from densevit.options import opt
+from densevit.features.source import ImageFeatures, ImageInput, image_name
 
-from .common import (
-    ClusteringConfig,
-    ImageFeatures,
-    ImageInput,
-    extract_features,
-    image_name,
-    input_to_image,
-    input_to_tokens,
-    l2_normalize,
-    tokens_to_image,
-    upsample_nearest,
-)
+from .common import (ClusteringConfig, extract_features, input_to_image, input_to_tokens, l2_normalize,
+                     tokens_to_image, upsample_nearest)
 from .coseg import cluster_descriptors, vote_salient_clusters
+from .refine import CRF_BACKENDS, crf_backend, dense_crf
 
 __all__ = ["PartsegConfig", "PartsegResult", "part_cosegment", "part_cosegment_features", "extract_partseg_features",
-           "dense_crf",
-           "crf_backend", "augment_image"]
-
-CRF_BACKENDS = ("auto", "dense", "approx", "none")
-
+           "augment_image"]
 
 @dataclass(frozen=True)
 class PartsegConfig(ClusteringConfig):
@@ -127,96 +109,6 @@ class PartsegResult:
     timings: Dict[str, float] = field(default_factory=dict)
     images: List[Image.Image] = field(default_factory=list)
     parts_input: List[np.ndarray] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------ dense CRF
-def crf_backend(requested: str = "auto") -> str:
-    """The CRF backend that will run: ``"dense"`` if pydensecrf imports (or is required), else ``"approx"``."""
-    if requested not in CRF_BACKENDS:
-        raise DensevitError(f"unknown CRF backend {requested!r}; choose from {', '.join(CRF_BACKENDS)}")
-    if requested in ("approx", "none"):
-        return requested
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        if requested == "dense":
-            raise DensevitError("dense CRF requested but pydensecrf is not installed "
-                                "(pip install 'densevit[crf]' or pydensecrf2; or use --crf approx)") from None
-        return "approx"
-    return "dense"
-
-
-def _softmax_neg(energy: np.ndarray) -> np.ndarray:
-    e = -energy - (-energy).max(axis=-1, keepdims=True)
-    np.exp(e, out=e)
-    e /= e.sum(axis=-1, keepdims=True)
-    return e
-
-
-def _box(x: np.ndarray, r: int) -> np.ndarray:
-    """Mean over a (2r+1)^2 window (borders: reflected), any number of channels (last axis)."""
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    chans = [cv2.boxFilter(np.ascontiguousarray(flat[..., s:s + 256]), -1, (2 * r + 1, 2 * r + 1),
-                           borderType=cv2.BORDER_REFLECT) for s in range(0, flat.shape[-1], 256)]
-    out = np.concatenate([c.reshape(x.shape[0], x.shape[1], -1) for c in chans], axis=-1)
-    return out.reshape(x.shape)
-
-
-class _GuidedFilter:
-    """Colour guided filter (He et al. 2010) with a fixed RGB guide: ``filter(p HxWxC) -> HxWxC``."""
-
-    def __init__(self, guide: np.ndarray, radius: int, eps: float) -> None:
-        I = guide.astype(np.float32) / 255.0                                   # HxWx3
-        self.I, self.r = I, max(1, int(round(radius)))
-        self.mean_I = _box(I, self.r)
-        corr = _box(I[..., :, None] * I[..., None, :], self.r)               # HxWx3x3
-        cov = corr - self.mean_I[..., :, None] * self.mean_I[..., None, :]
-        self.inv = np.linalg.inv(cov + eps * np.eye(3, dtype=np.float32)).astype(np.float32)
-
-    def __call__(self, p: np.ndarray) -> np.ndarray:
-        mean_p = _box(p, self.r)                                               # HxWxC
-        corr_Ip = _box(self.I[..., :, None] * p[..., None, :], self.r)        # HxWx3xC
-        cov_Ip = corr_Ip - self.mean_I[..., :, None] * mean_p[..., None, :]
-        a = np.einsum("hwij,hwjc->hwic", self.inv, cov_Ip)                    # HxWx3xC
-        b = mean_p - np.einsum("hwic,hwi->hwc", a, self.mean_I)
-        return np.einsum("hwic,hwi->hwc", _box(a, self.r), self.I) + _box(b, self.r)
-
-
-def dense_crf(image_rgb: np.ndarray, unary: np.ndarray, backend: str = "auto", iters: int = 10,
-              gaussian_sxy: float = 3.0, gaussian_compat: float = 50.0, bilateral_sxy: float = 5.0,
-              bilateral_srgb: float = 13.0, bilateral_compat: float = 15.0) -> Tuple[np.ndarray, str]:
-    """Potts dense-CRF labelling of an image.
-
-    image_rgb: ``HxWx3`` uint8; unary: ``HxWxL`` energies (lower = more likely). Returns
-    ``(labels HxW int64, backend used)``; backends as in the module docstring.
-    """
-    kind = crf_backend(backend)
-    H, W, L = unary.shape
-    unary = np.ascontiguousarray(unary, dtype=np.float32)
-    if kind == "none" or iters == 0:
-        return unary.argmin(axis=-1), kind
-    if kind == "dense":
-        import pydensecrf.densecrf as dcrf
-
-        d = dcrf.DenseCRF2D(W, H, L)
-        d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(-1, L).T))
-        d.addPairwiseGaussian(sxy=(gaussian_sxy, gaussian_sxy), compat=gaussian_compat, kernel=dcrf.DIAG_KERNEL,
-                              normalization=dcrf.NORMALIZE_SYMMETRIC)
-        d.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.array(image_rgb, np.uint8, order="C"),
-                               compat=bilateral_compat, kernel=dcrf.DIAG_KERNEL,
-                               normalization=dcrf.NORMALIZE_SYMMETRIC)
-        q = np.asarray(d.inference(int(iters)))
-        return q.argmax(axis=0).reshape(H, W), kind
-    # approx: mean field, Q <- softmax(-U + w_g * G(Q) + w_b * B(Q)) (Potts; messages are normalised averages)
-    guided = _GuidedFilter(image_rgb, bilateral_sxy, (bilateral_srgb / 255.0) ** 2)
-    q = _softmax_neg(unary)
-    for _ in range(int(iters)):
-        msg = gaussian_compat * cv2.GaussianBlur(q, (0, 0), gaussian_sxy, borderType=cv2.BORDER_REFLECT)
-        if q.ndim == 2:  # OpenCV drops a trailing singleton channel
-            msg = msg[..., None]
-        msg = msg.reshape(H, W, L) + bilateral_compat * guided(q)
-        q = _softmax_neg(unary - msg)
-    return q.argmax(axis=-1), kind
 
 
 # ----------------------------------------------------------------------------------------------- helpers

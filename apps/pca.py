@@ -19,8 +19,9 @@ from densevit.errors import DensevitError
 from densevit.features.options import FeatureOptions
 from densevit.models.grid import TokenGrid
 from densevit.options import opt
+from densevit.features.source import ImageInput
 
-from .common import ImageInput, extract_set
+from .common import extract_set
 
 __all__ = ["PCAConfig", "PCAImage", "descriptor_pca", "pca_features"]
 

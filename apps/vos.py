@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.features.upsampled import UpsampleOptions
+from densevit.features.upsampled import UpsampleOptions, input_guide
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import as_pil, denormalize, image_size, to_tensor
+from densevit.io.images import as_pil, image_size, to_tensor
 from densevit.models.grid import TokenGrid
 from densevit.options import opt
-from densevit.upsample import UPSAMPLERS, upsample_tokens
+from densevit.upsample import check_method, upsample_tokens
 from densevit.runtime.threads import prefetch_map
 
 FrameLike = Union[str, Path, Image.Image, np.ndarray]
@@ -89,8 +89,7 @@ class VOSConfig(UpsampleOptions):
             raise DensevitError("short side and multiple must be positive")
         if self.n_last_frames < 0:
             raise DensevitError("the number of preceding context frames cannot be negative")
-        if self.upsample is not None and self.upsample not in UPSAMPLERS:
-            raise DensevitError(f"unknown upsampler {self.upsample!r}; choose from {', '.join(UPSAMPLERS)}")
+        check_method(self.upsample, allow_none=True)
         if self.upsample_factor < 1:
             raise DensevitError("the upsampling factor must be at least 1")
         if self.topk < 1:
@@ -328,7 +327,7 @@ def _upsampled(d: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, dense: T
                ) -> torch.Tensor:
     """Patch-stride features ``BxTxD`` -> ``BxT'xD`` on ``dense``, upsampled with ``cfg.upsample`` guided by the
     frames ``x`` (normalised input)."""
-    return upsample_tokens(d.float(), grid, denormalize(x, spec.mean, spec.std), cfg.upsample,
+    return upsample_tokens(d.float(), grid, input_guide(x, spec), cfg.upsample,
                            out_size=dense.shape, **cfg.options())[0]
 
 

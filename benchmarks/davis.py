@@ -4,7 +4,7 @@
     python benchmarks/davis.py --unsupervised [--discover-method tokencut|lost] ...
 
 ``--unsupervised`` (DAVIS-2016, one object): no mask is given; the object is discovered in each sequence's first
-frame (TokenCut or LOST, :mod:`densevit.apps.discover`) and propagated, and every frame is scored (the
+frame (TokenCut or LOST, :mod:`densevit.apps.discovery`) and propagated, and every frame is scored (the
 unsupervised protocol scores the first and last frames too). Results go to their own folder
 (``..._unsupervised``) and are reported apart from the semi-supervised ones.
 

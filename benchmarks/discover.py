@@ -3,7 +3,7 @@
     python benchmarks/discover.py [--davis-root ROOT] [--methods tokencut,lost] [--load-size 160] [--out DIR]
 
 Every frame of every sequence (one primary object each) is a separate image: the object is discovered with no
-label (:mod:`densevit.apps.discover`; the methods share one forward pass a frame) and scored against the frame's ground-truth mask -- **CorLoc**: the
+label (:mod:`densevit.apps.discovery`; the methods share one forward pass a frame) and scored against the frame's ground-truth mask -- **CorLoc**: the
 discovered box has IoU >= 0.5 with the box of the ground-truth mask (boxes with exclusive maxima); **mask J**:
 IoU of the discovered mask with the ground-truth mask (1 when both are empty). Frames whose ground truth is
 empty are left out of CorLoc.

@@ -34,7 +34,7 @@ from densevit.eval.keypoints import (
     evaluate_pair,
 )
 from densevit.runtime import dist
-from densevit.storage.cache import file_fingerprint
+from densevit.io.files import file_fingerprint
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -125,7 +125,7 @@ def gather_inputs(args: argparse.Namespace, folder: Path) -> List[Path]:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     if args.images:
-        from densevit.cli.common import gather_images
+        from densevit.io.images import gather_images
 
         sources = gather_images(args.images)
     else:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=512, help="longer side of the source images")
     d.add_argument("--sources", nargs="+", default=["photos", "davis"], choices=["photos", "davis"])
     d.add_argument("--davis-frames", type=int, nargs="+", default=[0], help="frame indices per DAVIS sequence")
-    d.add_argument("--shared", default=None, help="shared data folder (default: densevit.paths.shared_dir())")
+    d.add_argument("--shared", default=None, help="shared data folder (default: densevit.io.paths.shared_dir())")
     d.add_argument("--degrees", type=float, default=WarpConfig.degrees)
     d.add_argument("--scale", type=float, nargs=2, default=WarpConfig.scale)
     d.add_argument("--translate", type=float, default=WarpConfig.translate, help="max shift (fraction of size)")

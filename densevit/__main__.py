@@ -6,20 +6,9 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from .cli import COMMANDS
 from .version import __version__
 
-COMMANDS = {
-    "extract": "densevit.cli.extract",
-    "analyze": "densevit.cli.analyze",
-    "coseg": "densevit.apps.cli.coseg",
-    "partseg": "densevit.apps.cli.partseg",
-    "match": "densevit.apps.cli.match",
-    "pca": "densevit.apps.cli.pca",
-    "discover": "densevit.apps.cli.discover",
-    "vos": "densevit.apps.cli.vos",
-    "explore": "densevit.apps.cli.explore",
-    "index": "densevit.apps.cli.index",
-}
 USAGE = f"usage: python -m densevit {{{','.join(COMMANDS)}}} [flags]   (python -m densevit COMMAND --help)"
 
 

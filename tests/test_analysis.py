@@ -1,4 +1,4 @@
-"""densevit.analysis: attention statistics on planted patterns, CKA properties, sweep, and the CLI end to end."""
+"""densevit.eval.analysis: attention statistics on planted patterns, CKA properties, sweep, and the CLI end to end."""
 from __future__ import annotations
 
 import csv
@@ -254,7 +254,7 @@ needs_data = pytest.mark.skipif(not golden_weights().is_file() or not all(p.is_f
 @needs_data
 def test_cli_end_to_end_writes_every_plot(tmp_path, capsys, monkeypatch, make_extractor):
     pytest.importorskip("matplotlib")
-    import densevit.extractor
+    import densevit.features.extractor
     from densevit.cli.analyze import entry
     from densevit.eval.analysis.sweep import available_tasks
 
@@ -266,7 +266,7 @@ def test_cli_end_to_end_writes_every_plot(tmp_path, capsys, monkeypatch, make_ex
         built.append(backbone)
         return make_extractor(stride)
 
-    monkeypatch.setattr(densevit.extractor, "ViTExtractor", cached)
+    monkeypatch.setattr(densevit.features.extractor, "ViTExtractor", cached)
 
     out = tmp_path / "out"
     tasks = available_tasks()
@@ -316,3 +316,20 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("densevit-analyze: error:") and "Traceback" not in err
     assert entry([str(tmp_path), "-o", str(tmp_path / "o"), "--compare", "no_such_backbone"]) == 2
+
+
+def test_every_builtin_task_is_available():
+    """The task modules are named by string: a wrong name must not drop a task without a word."""
+    from densevit.eval.analysis.sweep import available_tasks, known_tasks
+
+    assert available_tasks() == known_tasks() == ["warp_pck", "davis_jf", "coseg"]
+
+
+def test_a_missing_task_module_is_an_error(monkeypatch):
+    from densevit.errors import DensevitError
+    from densevit.eval.analysis import sweep
+
+    builders = dict(sweep._task_builders(), warp_pck=("densevit.datasets.warp", sweep.WarpPCKTask))
+    monkeypatch.setattr(sweep, "_task_builders", lambda: builders)
+    with pytest.raises(DensevitError, match="densevit.datasets.warp"):
+        sweep.available_tasks()

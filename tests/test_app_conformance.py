@@ -33,8 +33,10 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from densevit.apps import cli_coseg, cli_match, cli_partseg
-from densevit.apps.common import extract_set, reference_saliency
+from densevit.apps.cli import coseg as cli_coseg
+from densevit.apps.cli import match as cli_match
+from densevit.apps.cli import partseg as cli_partseg
+from densevit.apps.common import extract_set
 from densevit.apps.correspondence import CorrespondenceConfig, find_correspondences_features, pair_features
 from densevit.apps.coseg import CosegConfig, cosegment, cosegment_features
 from densevit.apps.partseg import PartsegConfig, part_cosegment_features
@@ -68,7 +70,7 @@ def set_features(shared, make_extractor):
     out = {}
     for name, (images, load, _) in SETS.items():
         same = extract_set(ext, _paths(shared, images), load, 11, "key", saliency=True, saliency_source="same-pass")
-        ref = [dataclasses.replace(f, saliency=reference_saliency(ext, f.image, f.grid, load)) for f in same]
+        ref = [dataclasses.replace(f, saliency=ext.reference_saliency(f.image, f.grid, load)) for f in same]
         out[name] = {"same_pass": same, "reference": ref}
     return out
 

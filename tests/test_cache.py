@@ -1,4 +1,4 @@
-"""Tests for densevit.cache: roundtrip, hits skip compute, corrupt / foreign / tampered entries are rebuilt."""
+"""Tests for densevit.storage.cache: roundtrip, hits skip compute, corrupt / foreign / tampered entries are rebuilt."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import densevit.storage.cache as cache_mod
-from densevit.storage.cache import CacheWarning, DescriptorCache, canonical_key, file_fingerprint
+from densevit.io.files import canonical_key, file_fingerprint
+from densevit.storage.cache import CacheWarning, DescriptorCache
 
 KEY = {"image": {"path": "/data/cat.jpg", "size": 1234, "mtime_ns": 1}, "backbone": "dino_vits8",
        "weights": "random", "stride": 4, "load_size": 224, "layer": 11, "facet": "key", "bin": False,

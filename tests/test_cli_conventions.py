@@ -8,16 +8,13 @@ import sys
 
 import pytest
 
+from densevit.cli import COMMANDS
 from densevit.cli.common import resolve_stride
 from densevit.models.families import make_adapter
 from densevit.models.registry import BACKBONES
 from densevit.models.weights import create_model
 from densevit.version import __version__
 
-COMMANDS = {"extract": "densevit.cli.extract", "analyze": "densevit.cli.analyze", "coseg": "densevit.apps.cli.coseg",
-            "partseg": "densevit.apps.cli.partseg", "match": "densevit.apps.cli.match", "pca": "densevit.apps.cli.pca",
-            "discover": "densevit.apps.cli.discover", "vos": "densevit.apps.cli.vos",
-            "explore": "densevit.apps.cli.explore", "index": "densevit.apps.cli.index"}
 REQUIRED = {"vos": ["--frames", "f", "--first-mask", "m.png", "-o", "out"], "explore": []}
 
 
@@ -33,6 +30,20 @@ def test_version_and_defaults_in_help(name, capsys):
     assert e.value.code == 0 and __version__ in capsys.readouterr().out
     text = p.format_help() if name != "index" else p._subparsers._group_actions[0].choices["build"].format_help()
     assert "(default:" in text
+
+
+def test_setup_cfg_console_scripts_agree_with_commands():
+    """One table of commands (densevit.cli.COMMANDS): setup.cfg installs exactly these, each a module's entry."""
+    import configparser
+    from pathlib import Path
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    lines = [ln.strip() for ln in cfg["options.entry_points"]["console_scripts"].splitlines() if ln.strip()]
+    scripts = dict(tuple(part.strip() for part in ln.split("=", 1)) for ln in lines)
+    assert scripts == {f"densevit-{name}": f"{module}:entry" for name, module in COMMANDS.items()}
+    for module in COMMANDS.values():
+        assert callable(importlib.import_module(module).entry)
 
 
 def test_python_dash_m_densevit_runs_every_command():

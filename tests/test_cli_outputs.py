@@ -1,8 +1,8 @@
 """The rules every command shares (issue 21): no command writes into its inputs, ``--overwrite`` or not, and an
-output path that is an existing file is one line, exit 2 (:func:`densevit.cli.common.check_outputs`); huge
+output path that is an existing file is one line, exit 2 (:func:`densevit.io.files.check_outputs`); huge
 images (a decompression bomb) are refused by the one image reader and skipped like any unreadable image; every
 command reports unreadable images with the same line and the same closing summary
-(:func:`densevit.cli.common.skip_unreadable` / :func:`~densevit.cli.common.report_unreadable`).
+(:func:`densevit.io.images.skip_unreadable` / :func:`~densevit.io.images.report_unreadable`).
 
 Every command runs end to end with the golden random ViT-S/8 (built once: the extractor class is patched to
 return the session's cached one), on 64x64 noise images."""
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from densevit.apps.cli import coseg as cli_coseg
 from densevit.apps.cli import discover as cli_discover
-from densevit.apps.cli import index as cli_index
+from densevit.cli import index as cli_index
 from densevit.apps.cli import match as cli_match
 from densevit.apps.cli import partseg as cli_partseg
 from densevit.apps.cli import pca as cli_pca
@@ -72,16 +72,16 @@ def data(tmp_path_factory):
 @pytest.fixture
 def fast_model(monkeypatch, make_extractor, golden_path):
     """Every command's ViT-S/8 is the session's cached golden extractor (the flags still pass through)."""
-    import densevit.extractor
+    import densevit.features.extractor
 
-    real = densevit.extractor.ViTExtractor
+    real = densevit.features.extractor.ViTExtractor
 
     def cached(backbone, stride=None, weights=None, device=None, dtype="float32", **kw):
         if backbone == "dino_vits8" and weights and Path(weights) == golden_path and dtype == "float32" and not kw:
             return make_extractor(stride)
         return real(backbone, stride=stride, weights=weights, device=device, dtype=dtype, **kw)
 
-    monkeypatch.setattr(densevit.extractor, "ViTExtractor", cached)
+    monkeypatch.setattr(densevit.features.extractor, "ViTExtractor", cached)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_no_command_writes_into_its_inputs_even_with_overwrite(name, data, store
 
 def test_an_output_file_that_is_an_input_is_refused(data, golden_path, tmp_path, capsys, fast_model):
     """--gif naming a frame or a file in the frames folder; an output file that is an input file."""
-    from densevit.cli.common import check_outputs
+    from densevit.io.files import check_outputs
 
     frames = tmp_path / "frames"
     shutil.copytree(data / "good", frames)
@@ -207,7 +207,7 @@ def test_an_output_path_that_is_a_file_is_one_line(name, data, store, golden_pat
 
 
 def test_check_outputs_allows_what_is_fine(tmp_path):
-    from densevit.cli.common import check_outputs
+    from densevit.io.files import check_outputs
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(b"x")
@@ -274,7 +274,7 @@ def test_index_search_refuses_a_huge_query_image_in_one_line(data, store, golden
 
 def test_the_one_reader_applies_the_size_limit_everywhere(data, tmp_path, monkeypatch):
     """load_image, image_size, load_resized (the fast path), DAVIS masks, warp sources and VOS frame sizes all
-    go through densevit.preprocess.open_image; DENSEVIT_MAX_PIXELS moves the limit (0: none)."""
+    go through densevit.io.images.open_image; DENSEVIT_MAX_PIXELS moves the limit (0: none)."""
     from densevit.apps.vos import _frame_size
 
     from densevit.eval.datasets.davis import read_mask

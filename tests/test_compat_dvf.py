@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit import DensevitError
-from densevit.apps.common import extract_set, reference_saliency
+from densevit.apps.common import extract_set
 from densevit.apps.correspondence import pair_features
 from densevit.compat.dvf import MODEL_TYPES, ViTExtractor, backbone_of
 from densevit.models.registry import IMAGENET_MEAN, INCEPTION_MEAN
@@ -135,7 +135,7 @@ def test_the_cosegmentation_script_calls(found_weights, shared, make_extractor):
         sal = saliency_extractor.extract_saliency_maps(low_batch.to(device)).cpu().numpy()
         assert saliency_extractor.load_size == (load_size[0] // 2, load_size[1] // 2)
         up = Image.fromarray(sal.reshape(saliency_extractor.num_patches)).resize(num_patches[::-1], Image.NEAREST)
-        want = reference_saliency(ext, f.image, f.grid, load).numpy()
+        want = ext.reference_saliency(f.image, f.grid, load).numpy()
         np.testing.assert_allclose(np.asarray(up).flatten(), want, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ from densevit.apps.correspondence import (
 )
 from PIL import Image
 
-from densevit.apps.common import ImageFeatures
+from densevit.features.source import ImageFeatures
 from densevit.apps.correspondence import salient_buddies
 from densevit.errors import DensevitError
 from densevit.matching.knn import best_buddies, nearest_both_ways

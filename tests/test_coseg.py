@@ -3,7 +3,8 @@ and constructed features whose answer is known (voting, GrabCut, pixel mapping, 
 import numpy as np
 import pytest
 import torch
-from densevit.apps.common import ImageFeatures, extract_set, tokens_to_image
+from densevit.apps.common import extract_set, tokens_to_image
+from densevit.features.source import ImageFeatures
 from densevit.apps.coseg import (
     CosegConfig,
     cosegment,
@@ -14,8 +15,7 @@ from densevit.apps.coseg import (
 )
 from PIL import Image
 
-from densevit.apps.common import ImageFeatures, mask_to_input, reference_saliency
-from densevit.models.grid import TokenGrid
+from densevit.apps.common import mask_to_input
 from densevit.errors import DensevitError
 from densevit.models.grid import TokenGrid
 
@@ -181,7 +181,7 @@ def test_reference_saliency_is_the_half_size_stride8_map_on_the_descriptor_grid(
     ext4, ext8 = make_extractor(4), make_extractor(8)
     img = pil_images[0]
     _, grid, _ = ext4.preprocess_with_image(img, LOAD)
-    sal = reference_saliency(ext4, img, grid, LOAD).numpy().reshape(grid.shape)
+    sal = ext4.reference_saliency(img, grid, LOAD).numpy().reshape(grid.shape)
     H, W = grid.input_hw
     x8, g8, _ = ext8.preprocess_with_image(img.resize((W // 2, H // 2), Image.LANCZOS), None)
     s8 = ext8.extract_saliency_maps(x8)[0].numpy().reshape(g8.shape)

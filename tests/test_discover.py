@@ -13,7 +13,6 @@ from densevit.apps.cli.discover import entry as discover_entry
 from densevit.apps.cli.vos import entry as vos_entry
 from densevit.apps.discovery.core import (
     DiscoverConfig,
-    bilateral_solve,
     box_iou,
     discover,
     discover_mask,
@@ -26,6 +25,7 @@ from densevit.apps.discovery.core import (
     tokencut_graph,
     tokencut_tokens,
 )
+from densevit.apps.refine import bilateral_solve
 from PIL import Image
 
 from densevit.errors import DensevitError

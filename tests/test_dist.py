@@ -1,4 +1,4 @@
-"""densevit.dist.deal: how work is shared between torchrun ranks."""
+"""densevit.runtime.dist.deal: how work is shared between torchrun ranks."""
 from densevit.runtime import dist
 
 

@@ -1,4 +1,4 @@
-"""The explorer's computations (densevit.similarity, densevit.apps.explore) with the golden random weights:
+"""The explorer's computations (densevit.features.similarity, densevit.apps.explore) with the golden random weights:
 similarity maps peak at the clicked token, identical and shifted copies match where they should, best buddies
 agree with the index, one query's attention equals the attn facet, and bad input gives one-line errors."""
 import json

@@ -1,4 +1,4 @@
-"""The explorer's web layer (densevit.apps.explore_web) under hostile and bad requests, with the golden random
+"""The explorer's web layer (densevit.apps.explore.web) under hostile and bad requests, with the golden random
 weights: it answers only its own page (Host and Origin checks), bad numbers, names and pictures get a 400 with a
 one-line message (never a 500 or a 0-byte file), and a real server keeps answering while the model works and
 stops at once on SIGTERM / Ctrl-C (a real ``densevit-explore`` on 127.0.0.1 with an ephemeral port)."""

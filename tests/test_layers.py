@@ -3,8 +3,7 @@
 Lowest first (README, Architecture): errors, runtime, io, models, upsample, features, compat, matching, storage,
 apps, eval, commands (``densevit.cli`` and ``densevit.apps.cli``), then the package's front door
 ``densevit/__init__.py``.
-Every import counts, at module level or inside a function. The one-release aliases at the old module paths
-(CHANGELOG.md) are not part of any layer.
+Every import counts, at module level or inside a function.
 """
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ LAYERS = [
     ("commands", ["densevit.cli", "densevit.apps.cli", "densevit.__main__"]),
     ("package", ["densevit"]),
 ]
-ALIAS_MARK = "this alias is kept for one release"
 
 
 def _modules() -> Dict[str, Path]:
@@ -42,10 +40,6 @@ def _modules() -> Dict[str, Path]:
                 parts = parts[:-1]
             out[".".join(prefix + parts)] = path
     return out
-
-
-def _is_alias(path: Path) -> bool:
-    return ALIAS_MARK in (ast.get_docstring(ast.parse(path.read_text())) or "")
 
 
 def layer_of(module: str) -> Optional[int]:
@@ -81,8 +75,7 @@ def _imports(module: str, path: Path, known: Set[str]) -> List[str]:
 def _graph():
     mods = _modules()
     known = set(mods)
-    real = {m: p for m, p in mods.items() if not _is_alias(p)}
-    return real, {m: sorted(set(_imports(m, p, known))) for m, p in real.items()}
+    return mods, {m: sorted(set(_imports(m, p, known))) for m, p in mods.items()}
 
 
 def test_every_module_has_a_layer():
@@ -91,14 +84,12 @@ def test_every_module_has_a_layer():
 
 
 def test_no_import_from_a_higher_layer():
-    real, graph = _graph()
-    mods = _modules()
-    aliases = {m for m, p in mods.items() if _is_alias(p)}
+    _, graph = _graph()
     bad = []
     for m, targets in graph.items():
         for t in targets:
-            if t in aliases:
-                bad.append(f"{m} imports the old alias {t}")
+            if t not in graph:
+                bad.append(f"{m} imports {t}, which is no module of the package")
             elif layer_of(t) is not None and layer_of(t) > layer_of(m):
                 bad.append(f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})")
     assert not bad, "\n".join(bad)

@@ -6,15 +6,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from densevit.apps.common import ImageFeatures
+from densevit.features.source import ImageFeatures
 from densevit.apps.partseg import (
     PartsegConfig,
-    crf_backend,
-    dense_crf,
     extract_partseg_features,
     part_cosegment,
     part_cosegment_features,
 )
+from densevit.apps.refine import crf_backend, dense_crf
 from PIL import Image
 
 from densevit.errors import DensevitError

@@ -1,4 +1,4 @@
-"""The corpus patch index (densevit.patch_index, densevit-index): planted neighbours for every kind, a store of
+"""The corpus patch index (densevit.storage.patch_index, densevit-index): planted neighbours for every kind, a store of
 shifted copies, save / load, the contact sheet, and bad input (outside points, unknown images, another store,
 a foreign or changed store of the same settings, truncated files, bad -k)."""
 import json
@@ -92,14 +92,14 @@ def test_save_load_round_trip_and_token_selection(planted, tmp_path):
 def test_index_refuses_another_store_and_names_a_truncated_file(planted, tmp_path):
     pi.build_index(planted, tmp_path / "i", pi.IndexConfig(kind="ivf-pq"), progress=False)
     other = _planted_store(tmp_path / "other", stride=4)
-    with pytest.raises(pi.IndexError_, match="other settings"):
+    with pytest.raises(pi.PatchIndexError, match="other settings"):
         pi.load_index(tmp_path / "i", other)
     f = tmp_path / "i" / "index.faiss"
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(pi.IndexError_, match=r"index\.faiss is truncated"):
+    with pytest.raises(pi.PatchIndexError, match=r"index\.faiss is truncated"):
         pi.load_index(tmp_path / "i")
     (tmp_path / "i" / "ids.npy").unlink()
-    with pytest.raises(pi.IndexError_, match="missing"):
+    with pytest.raises(pi.PatchIndexError, match="missing"):
         pi.load_index(tmp_path / "i")
 
 
@@ -133,7 +133,7 @@ def test_shifted_copy_is_found_at_the_shifted_location(shifted_store, tmp_path):
 
 
 def _cli(*argv):
-    from densevit.apps.cli.index import entry
+    from densevit.cli.index import entry
 
     return entry([str(a) for a in argv])
 
@@ -178,7 +178,7 @@ def test_index_refuses_a_foreign_or_changed_store_of_the_same_settings(planted, 
     let it through and searches returned the other store's images. An identical copy still opens."""
     pi.build_index(planted, tmp_path / "i", pi.IndexConfig(kind="ivf-pq", rerank=50), progress=False)
     foreign = _planted_store(tmp_path / "foreign", seed=1)
-    with pytest.raises(pi.IndexError_, match=r"does not hold the descriptors index .* was built from.*rebuild it: "
+    with pytest.raises(pi.PatchIndexError, match=r"does not hold the descriptors index .* was built from.*rebuild it: "
                                              r"densevit-index build .*foreign -o .*i --rerank 50 --overwrite"):
         pi.load_index(tmp_path / "i", foreign)
     copy = tmp_path / "copy"
@@ -191,12 +191,12 @@ def test_index_refuses_a_foreign_or_changed_store_of_the_same_settings(planted, 
            for i in range(3)]
     w.write_shard("64x64-00000", {"0/key": torch.zeros(3, SIDE * SIDE, D)}, ims, (64, 64), {})
     w.finalize([("64x64-00000", ims)], {})
-    with pytest.raises(pi.IndexError_, match="image im03.png, which store .* does not hold; rebuild it"):
+    with pytest.raises(pi.PatchIndexError, match="image im03.png, which store .* does not hold; rebuild it"):
         pi.load_index(tmp_path / "i", fewer)
     meta = json.loads((tmp_path / "i" / "index.json").read_text())      # an index made before the record
     del meta["store_content"]
     (tmp_path / "i" / "index.json").write_text(json.dumps(meta))
-    with pytest.raises(pi.IndexError_, match="does not record the content of its store"):
+    with pytest.raises(pi.PatchIndexError, match="does not record the content of its store"):
         pi.load_index(tmp_path / "i", planted)
 
 
@@ -254,7 +254,7 @@ def test_cli_refuses_a_foreign_store_and_a_re_extracted_one(shifted_store, tmp_p
 
 def test_cli_k_is_one_line_and_the_contact_sheet_is_bounded(shifted_store, tmp_path, capsys):
     """-k 0 / -3: FAISS AssertionError tracebacks; -k 1000000000 wrote a 63 MB contact sheet."""
-    SHEET_MATCHES = 50                                  # the documented cap (densevit.apps.cli.index, README)
+    SHEET_MATCHES = 50                                  # the documented cap (densevit.cli.index, README)
     idx = tmp_path / "idx"
     assert _cli("build", shifted_store / "store", "-o", idx, "--kind", "flat", "--quiet") == 0
     for k in ("0", "-3", "1000000000"):

@@ -1,6 +1,6 @@
 """PCK@alpha against hand-computed cases.
 
-Convention (documented in densevit.metrics.pck): a point is correct iff dist <= alpha * max(h, w) of the target
+Convention (documented in densevit.eval.metrics.pck): a point is correct iff dist <= alpha * max(h, w) of the target
 box (inclusive, as DHPF/CATs' ``torch.le``); points missing in either image are skipped.
 """
 import json

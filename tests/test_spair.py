@@ -1,7 +1,7 @@
 """SPair-71k reader on a small fixture in the official layout, and benchmarks/spair.py end to end.
 
 The fixture is built from real shared images: each "category" has a source image and a warped copy of it
-(densevit.datasets.warp), so the keypoints of the target are placed by a known transform. Annotations are
+(densevit.eval.datasets.warp), so the keypoints of the target are placed by a known transform. Annotations are
 written in exactly the released JSON format (key order, types, separators, final newline), checked against the
 reference files in ../shared/data/spair-format.
 """

@@ -306,19 +306,19 @@ def plain_store(folder, tmp_path_factory, golden_path, one_thread):
 
 
 @pytest.mark.parametrize("app, extra, message", [
-    ("cli_pca", ["--load-size", "224"], "--load-size 224 conflicts with store"),
-    ("cli_pca", ["--stride", "4"], "--stride 4 conflicts with store"),
-    ("cli_match", ["--weights", "random"], "--weights random conflicts with store"),
-    ("cli_coseg", ["--layer", "5"], "store holds layers [9, 11] and facets ['key', 'token'], not (5, key)"),
-    ("cli_match", ["--facet", "value"], "not (9, value)"),
-    ("cli_partseg", ["--num-crop-augmentations", "2"], "--num-crop-augmentations needs the model"),
-    ("cli_coseg", [], "--store holds the saliency of its own pass only: add --saliency-source same-pass"),
-    ("cli_partseg", [], "--store holds the saliency of its own pass only: add --saliency-source same-pass"),
+    ("pca", ["--load-size", "224"], "--load-size 224 conflicts with store"),
+    ("pca", ["--stride", "4"], "--stride 4 conflicts with store"),
+    ("match", ["--weights", "random"], "--weights random conflicts with store"),
+    ("coseg", ["--layer", "5"], "store holds layers [9, 11] and facets ['key', 'token'], not (5, key)"),
+    ("match", ["--facet", "value"], "not (9, value)"),
+    ("partseg", ["--num-crop-augmentations", "2"], "--num-crop-augmentations needs the model"),
+    ("coseg", [], "--store holds the saliency of its own pass only: add --saliency-source same-pass"),
+    ("partseg", [], "--store holds the saliency of its own pass only: add --saliency-source same-pass"),
 ])
 def test_store_conflicts_refused_in_one_line(app, extra, message, store32, folder, tmp_path, capsys):
     import importlib
 
-    cli = importlib.import_module(f"densevit.apps.{app}")
+    cli = importlib.import_module(f"densevit.apps.cli.{app}")
     ims = [str(folder / "cat0.jpg"), str(folder / "cat1.jpg")]
     assert cli.entry(ims + ["--out", str(tmp_path / "o"), "--store", str(store32), "--quiet"] + extra) == 2
     err = capsys.readouterr().err

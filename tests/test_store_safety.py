@@ -147,7 +147,7 @@ def test_a_held_lock_refuses_naming_the_pid_and_a_killed_holder_does_not_block(l
     st = tmp_path / "st"
     assert _cli(lists / "a", "--store", st, *_flags(golden_path)) == 0
     before = _files(st)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from densevit.store import StoreLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from densevit.storage.store import StoreLock; "
                                "StoreLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
                                str(st)], stdout=subprocess.PIPE, text=True)
     try:

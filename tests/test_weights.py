@@ -157,3 +157,34 @@ def test_weights_fingerprint_of_a_transformers_folder(tmp_path, golden_path):
     assert got == {"source": "file", "name": "saved", "size": golden_path.stat().st_size,
                    "sha256": file_sha256(golden_path)}
     assert weights_fingerprint(str(golden_path), "dino_vits8")["sha256"] == got["sha256"]
+
+
+def test_a_new_family_is_a_registry_row_and_a_layout(tmp_path, monkeypatch):
+    """A toy family whose official files name the trunk ``trunk.`` and the blocks ``layers``: one registry row and
+    one layout entry (densevit.models.layouts), no other table, and it loads and extracts like the timm layout."""
+    from densevit.models.layouts import LAYOUTS, Layout
+    from densevit.models.posenc import TIMM
+    from densevit.models.registry import BackboneSpec
+
+    def toy_to_timm(sd, model):
+        return {k.replace("trunk.layers.", "blocks.").replace("trunk.", ""): v for k, v in sd.items()}, {}
+
+    monkeypatch.setitem(LAYOUTS, "toy", Layout("toy", toy_to_timm))
+    monkeypatch.setitem(BACKBONES, "toy_vits16", BackboneSpec("toy_vits16", "vit_small_patch16_224", "toy", 16, 384,
+                                                               12, 6, "toy", pos=TIMM, layout="toy"))
+
+    torch.manual_seed(0)
+    ref_model = create_model(BACKBONES["sup_vits16"])
+    sd = ref_model.state_dict()
+    torch.save(sd, tmp_path / "timm.pth")
+    torch.save({"trunk." + k.replace("blocks.", "layers.", 1): v for k, v in sd.items()}, tmp_path / "toy.pth")
+    model, spec = load_backbone("toy_vits16", weights=tmp_path / "toy.pth")
+    assert spec.layout == "toy" and same_weights(model, ref_model)
+    image = torch.rand(1, 3, 64, 48)
+    toy = ViTExtractor("toy_vits16", weights=str(tmp_path / "toy.pth"), device="cpu").extract(image, layers=[11])
+    ref = ViTExtractor("sup_vits16", weights=str(tmp_path / "timm.pth"), device="cpu").extract(image, layers=[11])
+    assert torch.equal(toy.descriptors[(11, "key")], ref.descriptors[(11, "key")])
+    with pytest.raises(DensevitError, match="missing key"):      # the strict fit check holds for the new layout
+        torch.save({k: v for k, v in torch.load(tmp_path / "toy.pth").items() if "layers.3." not in k},
+                   tmp_path / "bad.pth")
+        load_backbone("toy_vits16", weights=tmp_path / "bad.pth")

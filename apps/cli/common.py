@@ -1,7 +1,7 @@
 """What the application CLIs share: set gathering, per-set output folders, the output rule (refusing to overwrite
-or to write into the inputs: :func:`densevit.cli.common.check_outputs`), the progress bar over sets, one
+or to write into the inputs: :func:`densevit.io.files.check_outputs`), the progress bar over sets, one
 summary line per set, per-set error reporting (a bad set never stops the others) and the one rule for
-unreadable inputs (:func:`densevit.cli.common.drop_unreadable`: reported in one line each, left out, the rest
+unreadable inputs (:func:`densevit.io.images.drop_unreadable`: reported in one line each, left out, the rest
 processed, exit code non-zero at the end)."""
 from __future__ import annotations
 
@@ -16,24 +16,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from densevit.cli.common import (  # noqa: F401  (check_readable, report_unreadable: the apps' names)
-    OutputOptions,
-    WritesIntoInputsError,
-    add_model_flags,
-    add_store_arg,
-    check_outputs,
-    check_readable,
-    drop_unreadable,
-    report_unreadable,
-)
+from densevit.cli.common import OutputOptions, add_model_flags, add_store_arg
 from densevit.cli.flags import add_config_flags, config_from_args, make_parser
 from densevit.errors import DensevitError
-from densevit.io.files import OutputWriteError, atomic_write_text
-from densevit.io.images import decode_once
+from densevit.io.files import OutputWriteError, WritesIntoInputsError, atomic_write_text, check_outputs
+from densevit.io.images import decode_once, drop_unreadable, report_unreadable
 from densevit.options import opt
 
-__all__ = ["add_io_args", "load_size_arg", "is_folder_of_sets", "check_readable", "drop_unreadable",
-           "report_unreadable", "run_sets", "stems"]
+__all__ = ["add_io_args", "load_size_arg", "is_folder_of_sets", "run_sets", "stems"]
 
 # process(name, images, out_dir) -> (summary line, summary dict written as summary.json; its "timings" rounded)
 Process = Callable[[str, List[Path], Path], Tuple[str, Dict]]
@@ -80,7 +70,8 @@ def clustering_inputs(args: argparse.Namespace, cls: bool = False):
     """``(sets, source)`` of co-segmentation and part co-segmentation: the input sets, and the feature source
     checked for what they read (saliency; the CLS descriptors with ``cls``; the reference's saliency needs the
     model; with ``--upsample``, pixel-dense features: :class:`~densevit.features.upsampled.UpsampledSource`)."""
-    from densevit.cli.common import build_source, gather_sets
+    from densevit.cli.common import build_source
+    from densevit.io.images import gather_sets
     from densevit.features.upsampled import UpsampleOptions, upsampled
 
     sets = gather_sets(args.inputs)
@@ -122,7 +113,7 @@ def load_size_arg(value: int) -> Optional[int]:
 
 
 def is_folder_of_sets(inputs: Sequence[str]) -> bool:
-    """The rule of :func:`densevit.cli.common.gather_sets`: one folder holding sub-folders."""
+    """The rule of :func:`densevit.io.images.gather_sets`: one folder holding sub-folders."""
     if len(inputs) != 1 or not Path(inputs[0]).is_dir():
         return False
     return any(d.is_dir() for d in Path(inputs[0]).iterdir())
@@ -142,7 +133,7 @@ def check_sets_outputs(args: argparse.Namespace, sets: List[Tuple[str, List[Path
 def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Path]]], planned: Planned,
              process: Process, min_images: int = 2, max_images: Optional[int] = None,
              more_inputs: Sequence[Optional[str]] = ()) -> int:
-    """Run ``process`` on every set (from :func:`densevit.cli.common.gather_sets`); returns the exit code
+    """Run ``process`` on every set (from :func:`densevit.io.images.gather_sets`); returns the exit code
     (1 if any set failed, else 0).
 
     Unreadable images are left out of their set (:func:`drop_unreadable`) and make the exit code 1. Per set:
@@ -150,7 +141,7 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     :class:`~densevit.errors.DensevitError` while processing (e.g. an unreadable image) prints
     ``prog: set NAME: error: message`` and the next set runs. ``summary.json`` is written beside the outputs.
     An output folder that is a file, or outputs in the inputs (``args.inputs``, ``--store``, ``more_inputs``:
-    :func:`densevit.cli.common.check_outputs`), are refused before any work (a one-line error, exit 2).
+    :func:`densevit.io.files.check_outputs`), are refused before any work (a one-line error, exit 2).
     """
     nested = is_folder_of_sets(args.inputs)
     out_root = Path(args.out)

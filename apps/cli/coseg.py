@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from densevit.cli.common import run_cli
+from densevit.features.upsampled import UpsampleOptions
 
 from .. import draw
-from densevit.features.upsampled import UpsampleOptions
 
 from ..coseg import CosegConfig, cosegment
 from .common import clustering_inputs, planned_pictures, run_sets, sets_parser, stems, timed, validated_config

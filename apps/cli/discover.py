@@ -19,21 +19,11 @@ from typing import Dict, List, Optional, Sequence
 from tqdm import tqdm
 
 from densevit.cli import flags
-from densevit.cli.common import (
-    OutputOptions,
-    WritesIntoInputsError,
-    add_model_flags,
-    build_extractor,
-    check_outputs,
-    gather_images,
-    report_unreadable,
-    run_cli,
-    skip_unreadable,
-)
+from densevit.cli.common import OutputOptions, add_model_flags, build_extractor, run_cli
 from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
-from densevit.io.files import OutputWriteError, atomic_write_text
-from densevit.io.images import UnreadableImageError
+from densevit.io.files import OutputWriteError, WritesIntoInputsError, atomic_write_text, check_outputs
+from densevit.io.images import UnreadableImageError, gather_images, report_unreadable, skip_unreadable
 
 from .. import draw
 from ..discovery.core import DiscoverConfig, discover

@@ -23,13 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from densevit.cli.common import (
-    add_backbone_args,
-    check_outputs,
-    gather_images,
-    resolve_stride,
-    run_cli,
-)
+from densevit.cli.common import add_backbone_args, resolve_stride, run_cli
+from densevit.io.files import check_outputs
+from densevit.io.images import gather_images
 from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
 from densevit.options import opt, zero_is_none

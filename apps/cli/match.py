@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from densevit.cli.common import build_source, gather_sets, run_cli
+from densevit.cli.common import build_source, run_cli
+from densevit.io.images import gather_sets
 from densevit.errors import DensevitError
 from densevit.io.files import atomic_write_text
 from densevit.matching.transfer import REFINE

@@ -17,9 +17,9 @@ import numpy as np
 
 from densevit.cli.common import run_cli
 from densevit.errors import DensevitError
+from densevit.features.upsampled import UpsampleOptions
 
 from .. import draw
-from densevit.features.upsampled import UpsampleOptions
 
 from ..partseg import PartsegConfig, crf_backend, part_cosegment
 from .common import clustering_inputs, planned_pictures, run_sets, sets_parser, stems, timed, validated_config

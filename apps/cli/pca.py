@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from densevit.cli.common import build_source, gather_sets, run_cli
+from densevit.cli.common import build_source, run_cli
+from densevit.io.images import gather_sets
 
 from .. import draw
 from ..common import extract_set

@@ -8,7 +8,7 @@
 (both in :mod:`densevit.apps.cli.vos_tracks`).
 
 With ``--discover`` no mask is given: the object is discovered in the first frame (TokenCut or LOST on the
-last block's keys, :mod:`densevit.apps.discover`; object id 1) and propagated like a given mask.
+last block's keys, :mod:`densevit.apps.discovery`; object id 1) and propagated like a given mask.
 
 Writes one indexed PNG (DAVIS palette, the first mask's object ids) per frame, named after the frame, and
 optionally an overlay animation (GIF, or MP4/AVI through OpenCV).
@@ -36,10 +36,10 @@ from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.io.images import load_image
 from densevit.options import opt
 from densevit.runtime.threads import BackgroundWriter
+from densevit.io.images import drop_unreadable, report_unreadable
 
 from ..discovery.core import discover_mask
 from ..vos import VOSConfig
-from .common import drop_unreadable, report_unreadable
 from .discover import add_discover_args
 from .discover import config_from_args as discover_config_from_args
 from .vos_tracks import add_track_flags, propagate_masks, run_points

@@ -44,8 +44,9 @@ Boxes are ``(x0, y0, x1, y1)`` in original-image pixels with exclusive maxima: t
 columns ``[r0, r1) x [c0, c1)`` cover the input pixels ``[s*c0, s*(c1-1) + p)`` (``p`` patch size, ``s`` stride;
 ``p * [c0, c1)`` at stride = patch, as the references), clipped to the image and scaled to the original size.
 Masks are the component's tokens brought to every original pixel (each pixel takes its nearest token, through
-:class:`~densevit.coords.TokenGrid`), optionally refined by a dense CRF (``refine="crf"``; the CRF of
-:mod:`densevit.apps.partseg`) or by TokenCut's bilateral solver (``refine="bilateral"``, reference
+:class:`~densevit.models.grid.TokenGrid`), optionally refined by a dense CRF (``refine="crf"``; the CRF of
+:mod:`densevit.apps.refine`, shared with part co-segmentation) or by TokenCut's bilateral solver
+(``refine="bilateral"``, :func:`densevit.apps.refine.bilateral_solve`; reference
 ``unsupervised_saliency_detection/bilateral_solver.py`` with ``get_saliency.py``'s sigmas 16 / 16 / 8): the mask
 at the original resolution is the solver's target (confidence 0.999 everywhere), and the refined mask is the
 solver output ``> 0.5`` -- what TokenCut's saliency metrics score (its pictures additionally fill holes and keep
@@ -70,20 +71,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.features.upsampled import UpsampleOptions
+from densevit.features.upsampled import UpsampleOptions, input_guide
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import as_pil, denormalize, resized_hw, to_tensor
+from densevit.io.images import as_pil, resized_hw, to_tensor
 from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
-from densevit.upsample import UPSAMPLERS, upsample_tokens
+from densevit.upsample import check_method, upsample_tokens
+from densevit.features.source import ImageInput, image_name
 
-from ..common import ImageInput, image_name, input_to_image, tokens_to_image
+from ..common import input_to_image, tokens_to_image
+from ..refine import bilateral_solve, dense_crf
 
 __all__ = ["METHODS", "FITS", "REFINES", "SOLVERS", "DiscoverConfig", "DiscoveryFeatures", "TokenDiscovery",
            "Discovery", "tokencut_graph", "ncut_vector", "ncut_split", "tokencut_tokens", "lost_tokens", "seed_component",
            "token_box", "extract_discovery_features", "discover_features", "discover", "discover_mask",
-           "bilateral_solve", "box_iou", "mask_box"]
+           "box_iou", "mask_box"]
 
 METHODS = ("tokencut", "lost")
 FITS = ("pad", "round", "crop")
@@ -152,8 +155,7 @@ class DiscoverConfig(UpsampleOptions):
             raise DensevitError(f"eps must be positive, got {self.eps}")
         if self.k_patches < 1:
             raise DensevitError(f"k patches must be at least 1, got {self.k_patches}")
-        if self.upsample is not None and self.upsample not in UPSAMPLERS:
-            raise DensevitError(f"unknown upsampler {self.upsample!r}; choose from {', '.join(UPSAMPLERS)}")
+        check_method(self.upsample, allow_none=True)
         if not 0.5 <= self.crf_confidence < 1 or self.crf_iters < 0:
             raise DensevitError("CRF confidence must lie in [0.5, 1) and CRF iterations be >= 0")
 
@@ -377,7 +379,7 @@ def _upsampled(desc: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, cfg: 
     f = max(d for d in range(1, p + 1) if p % d == 0 and h * w * d * d <= cfg.max_tokens)
     cell = p // f
     H, W = h * p, w * p                                   # the part of the input the tokens cover
-    guide = denormalize(x[..., :H, :W], spec.mean, spec.std)
+    guide = input_guide(x[..., :H, :W], spec)
     covered = TokenGrid(p, p, (H, W))
     up, _ = upsample_tokens(desc[None].to(guide.device), covered, guide, cfg.upsample, out_size=(h * f, w * f),
                             **cfg.options())
@@ -419,7 +421,6 @@ class Discovery:
 
 def _crf_mask(f: DiscoveryFeatures, token_mask: np.ndarray, cfg: DiscoverConfig) -> np.ndarray:
     """Dense-CRF refinement of a token mask at the network input's resolution -> original-resolution mask."""
-    from ..partseg import dense_crf
 
     Hr, Wr = f.image_grid.input_hw
     m = tokens_to_image(token_mask.reshape(-1), f.grid, where="input")[:Hr, :Wr]
@@ -471,69 +472,6 @@ def discover_mask(extractor, image: ImageInput, cfg: Optional[DiscoverConfig] = 
     """The discovered object of one image as an id mask ``H0xW0`` uint8 (0 background, 1 object), e.g. the
     first mask of unsupervised video object segmentation."""
     return discover(extractor, image, cfg, **overrides).mask.astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------------ bilateral solver
-_RGB_TO_YUV = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-
-
-def bilateral_solve(image_rgb: np.ndarray, target: np.ndarray, confidence: float = 0.999,
-                    sigma_spatial: float = 16.0, sigma_luma: float = 16.0, sigma_chroma: float = 8.0,
-                    lam: float = 256.0, a_diag_min: float = 1e-5, cg_tol: float = 1e-5,
-                    cg_maxiter: int = 25) -> np.ndarray:
-    """The fast bilateral solver (Barron & Poole 2016) as TokenCut's ``bilateral_solver.py`` runs it.
-
-    ``image_rgb`` ``HxWx3`` uint8 is the reference, ``target`` ``HxW`` the values to smooth (confidence
-    ``confidence`` everywhere). Pixels are splatted onto the vertices of a 5-D grid (x, y over ``sigma_spatial``,
-    luma over ``sigma_luma``, the two chroma channels over ``sigma_chroma``, each truncated to an integer); the
-    blur is ``2 * 5`` times the vertex plus its 10 grid neighbours; the grid is bistochastised (10 iterations);
-    ``(lam * (Dm - Dn B Dn) + diag(S w)) y = S (x w)`` is solved by Jacobi-preconditioned CG (``cg_maxiter``
-    iterations, tolerance ``cg_tol``) from the flat initialisation, and sliced back to pixels. Vertices are found
-    with an exact mixed-radix key (the reference's base-255 hash, without its size limit). Returns ``HxW``
-    float64.
-    """
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import cg
-
-    im = np.asarray(image_rgb, np.float64)
-    H, W = target.shape
-    if im.shape[:2] != (H, W):
-        raise DensevitError(f"bilateral solver: image {im.shape[:2]} and target {(H, W)} differ in size")
-    yuv = np.tensordot(im, _RGB_TO_YUV, ([2], [1])) + np.array([0.0, 128.0, 128.0])
-    Iy, Ix = np.mgrid[:H, :W]
-    coords = np.stack([(Ix / sigma_spatial).astype(np.int64), (Iy / sigma_spatial).astype(np.int64),
-                       (yuv[..., 0] / sigma_luma).astype(np.int64), (yuv[..., 1] / sigma_chroma).astype(np.int64),
-                       (yuv[..., 2] / sigma_chroma).astype(np.int64)], axis=-1).reshape(-1, 5)
-    coords = coords - coords.min(axis=0) + 1                         # >= 1: the -1 neighbours stay >= 0
-    base = coords.max(axis=0) + 2
-    radix = np.concatenate([[1], np.cumprod(base[:-1])]).astype(np.int64)
-    keys, vertex = np.unique(coords @ radix, return_inverse=True)
-    nv, npix = len(keys), H * W
-    S = sp.csr_matrix((np.ones(npix), (vertex.reshape(-1), np.arange(npix))), shape=(nv, npix))
-    rows, cols = [], []
-    for d in range(5):                                               # the grid's 10 neighbour directions
-        for off in (-1, 1):
-            nb = keys + off * radix[d]
-            loc = np.clip(np.searchsorted(keys, nb), 0, nv - 1)
-            ok = np.flatnonzero(keys[loc] == nb)
-            rows.append(ok)
-            cols.append(loc[ok])
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    B = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(nv, nv)) + 10.0 * sp.identity(nv, format="csr")
-    m = np.asarray(S.sum(axis=1)).reshape(-1)
-    n = np.ones(nv)
-    for _ in range(10):                                              # bistochastisation
-        n = np.sqrt(n * m / (B @ n))
-    m = n * (B @ n)
-    Dn = sp.diags(n)
-    w = np.full(npix, float(confidence))
-    x = np.asarray(target, np.float64).reshape(-1)
-    w_splat = S @ w
-    A = lam * (sp.diags(m) - Dn @ B @ Dn) + sp.diags(w_splat)
-    b = S @ (x * w)
-    M = sp.diags(1.0 / np.maximum(A.diagonal(), a_diag_min))
-    y, _ = cg(A, b, x0=b / w_splat, M=M, maxiter=cg_maxiter, rtol=cg_tol)
-    return (S.T @ y).reshape(H, W)
 
 
 # ------------------------------------------------------------------------------------------------ scoring

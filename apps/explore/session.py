@@ -31,9 +31,10 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features import similarity as sim
 from densevit.features.binning import log_bin
-from densevit.io.images import as_pil, denormalize, load_image
+from densevit.features.upsampled import input_guide
+from densevit.io.images import as_pil, load_image
 from densevit.models.grid import TokenGrid
-from densevit.upsample import UPSAMPLERS, upsample_tokens
+from densevit.upsample import check_method, upsample_tokens
 
 __all__ = ["Settings", "ExploreImage", "ImageMap", "SimilarityResult", "AttentionResult", "Explorer",
            "DESCRIPTOR_FACETS", "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME"]
@@ -303,8 +304,7 @@ class Explorer:
         if s.facet not in DESCRIPTOR_FACETS:
             raise DensevitError(f"unknown facet {s.facet!r}; choose from {', '.join(DESCRIPTOR_FACETS)}")
         if s.upsample is not None:
-            if s.upsample not in UPSAMPLERS:
-                raise DensevitError(f"unknown upsampler {s.upsample!r}; choose from {', '.join(UPSAMPLERS)}")
+            check_method(s.upsample)
             if s.bin:
                 raise DensevitError("log-binning and upsampling do not combine (17 x D channels per pixel); "
                                     "turn one off")
@@ -341,7 +341,7 @@ class Explorer:
         feats = ext.extract(x, layers, (s.facet,), saliency=True, image_hw=grid.original_hw, stride=s.stride)
         raw = torch.stack([feats.descriptors[(l, s.facet)][0] for l in layers]).float().cpu()
         entry = {"raw": raw, "grid": grid, "saliency": feats.saliency[0].float().cpu(),
-                 "guide": denormalize(x, ext.spec.mean, ext.spec.std).cpu()}        # for upsampling
+                 "guide": input_guide(x, ext.spec).cpu()}        # for upsampling
         return self._cache.put(key, entry)
 
     def _attn_inputs(self, index: int, s: Settings) -> Dict[str, Any]:

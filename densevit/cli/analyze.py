@@ -25,15 +25,9 @@ from ..errors import DensevitError
 from ..io.files import atomic_write_text
 from ..eval.analysis.sweep import SWEEP_FACETS
 from ..options import opt
-from .common import (
-    OutputOptions,
-    add_backbone_args,
-    check_outputs,
-    drop_unreadable,
-    gather_images,
-    report_unreadable,
-    run_cli,
-)
+from .common import OutputOptions, add_backbone_args, run_cli
+from ..io.files import check_outputs
+from ..io.images import drop_unreadable, gather_images, report_unreadable
 from .flags import add_config_flags, make_parser
 
 ANALYSES = ("attention", "cka", "sweep")

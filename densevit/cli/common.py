@@ -1,5 +1,6 @@
-"""What every densevit command-line tool shares: error handling, extractor flags, input gathering, the output
-rule (:func:`check_outputs`) and the unreadable-image lines (:func:`skip_unreadable`, :func:`report_unreadable`)."""
+"""What every densevit command-line tool shares: error handling (:func:`run_cli`), the model and output flags, the
+feature source of a command. Input gathering and the unreadable-image lines live in :mod:`densevit.io.images`, the
+output rule (:func:`~densevit.io.files.check_outputs`) in :mod:`densevit.io.files`."""
 from __future__ import annotations
 
 import argparse
@@ -10,24 +11,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import DensevitError
+from ..io.files import OutputWriteError
 from ..features.options import FeatureOptions
-from ..io.files import (  # noqa: F401 (flags' users)
-    OutputWriteError,
-    PathLike,
-    WritesIntoInputsError,
-    check_outputs,
-    ensure_writable,
-)
-from ..io.images import (  # noqa: F401
-    IMAGE_SUFFIXES,
-    MAX_LISTED,
-    check_readable,
-    drop_unreadable,
-    gather_images,
-    gather_sets,
-    report_unreadable,
-    skip_unreadable,
-)
 from ..options import opt
 from .flags import add_config_flags
 
@@ -139,7 +124,7 @@ def add_store_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_source(args: argparse.Namespace, *, saliency: bool = False, cls: bool = False):
-    """The features' source of an application: with ``--store`` the :class:`~densevit.store.FeatureStore`, checked
+    """The features' source of an application: with ``--store`` the :class:`~densevit.storage.store.FeatureStore`, checked
     before any work (it holds ``args.layer``/``args.facet``, the saliency or CLS descriptors needed, and agrees
     with every backbone flag given); otherwise the extractor of :func:`build_extractor`, its layer checked."""
     if not getattr(args, "store", None):

@@ -1,12 +1,12 @@
 """Command-line flags generated from config dataclasses, so a parameter is written once: its field, with its help
-text in the field's metadata (:func:`opt`). :func:`add_config_flags` adds the flags, :func:`config_from_args`
+text in the field's metadata (:func:`densevit.options.opt`). :func:`add_config_flags` adds the flags, :func:`config_from_args`
 builds the config back from the parsed arguments, :func:`make_parser` is every command's parser (defaults shown in
 ``--help``, ``--version``).
 
 Metadata keys of a field (all optional): ``help``; ``choices``; ``flag`` (the option string; default
 ``--field-name``); ``aliases`` (more option strings); ``cli`` (False: no flag); ``negatable`` (bool fields:
 True (default) gives ``--x/--no-x``, False a plain ``--x``); ``invert`` (bool fields whose flag is ``--no-x``:
-given, the field is False); ``parse`` (a function applied to the parsed value, e.g. :func:`zero_is_none`);
+given, the field is False); ``parse`` (a function applied to the parsed value, e.g. :func:`densevit.options.zero_is_none`);
 ``type``, ``nargs``, ``metavar``, ``required``, ``action`` (``"append"``), ``positional`` (True: an argument
 without dashes).
 
@@ -19,11 +19,9 @@ import dataclasses
 import typing
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type
 
-from ..options import opt, zero_is_none
 from ..version import __version__
 
-__all__ = ["opt", "add_config_flags", "config_from_args", "flag_name", "make_parser", "zero_is_none",
-           "HelpFormatter"]
+__all__ = ["add_config_flags", "config_from_args", "flag_name", "make_parser", "HelpFormatter"]
 
 _MISSING = dataclasses.MISSING
 

@@ -1,9 +1,9 @@
 """Keypoint-transfer evaluation shared by the SPair-71k and warp benchmarks.
 
 * :class:`ImageDescriber`: descriptors (``TxD``) and token grid of an image, computed once per image (an
-  in-memory LRU, plus the on-disk :class:`densevit.cache.DescriptorCache` when given a folder).
-* :func:`evaluate_pair`: transfer a pair's source keypoints with :func:`densevit.transfer.transfer_points`
-  and keep a :class:`densevit.metrics.pck.PairRecord`.
+  in-memory LRU, plus the on-disk :class:`densevit.storage.cache.DescriptorCache` when given a folder).
+* :func:`evaluate_pair`: transfer a pair's source keypoints with :func:`densevit.matching.transfer.transfer_points`
+  and keep a :class:`densevit.eval.metrics.pck.PairRecord`.
 * :class:`ResultsLog`: a resumable output folder (``settings.json``, ``records.jsonl``, ``pck.csv``,
   ``pck.txt``); rerunning with the same settings skips the pairs already done.
 """
@@ -27,7 +27,8 @@ from ..io.files import atomic_write_text
 from ..matching.transfer import transfer_points
 from ..models.grid import TokenGrid
 from ..runtime.device import synchronize
-from ..storage.cache import DescriptorCache, file_fingerprint
+from ..io.files import file_fingerprint
+from ..storage.cache import DescriptorCache
 from .metrics.pck import ALPHAS, PairRecord, bbox_size, format_table, image_size, summarize, valid_points, write_csv
 
 ImageSource = Union[str, Path, Image.Image, Callable[[], Union[str, Path, Image.Image]]]
@@ -61,7 +62,7 @@ class ImageDescriber:
 
     Args:
         extractor: a :class:`densevit.ViTExtractor`.
-        cache_dir: folder of an on-disk descriptor cache (``densevit.cache.DescriptorCache``), or None.
+        cache_dir: folder of an on-disk descriptor cache (``densevit.storage.cache.DescriptorCache``), or None.
         keep: images kept in memory (LRU).
         identity: what else defines the descriptors (backbone, weights...), part of the disk-cache key, which
             also holds the image's file fingerprint (path, size, mtime) when the image is given as a path.

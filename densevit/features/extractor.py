@@ -25,13 +25,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from ..errors import DensevitError, InvalidArgumentError
-from ..io.images import ImageLike, LoadSize, as_pil, denormalize, preprocess, split_images
+from ..io.images import ImageLike, LoadSize, as_pil, preprocess, split_images
 from ..models.families import BlockFamily, make_adapter
 from ..models.grid import TokenGrid, grid_shape
 from ..models.own import adopt_module
@@ -40,6 +41,7 @@ from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
 from ..upsample import upsample_token_maps
+from .upsampled import input_guide
 from .binning import log_bin
 from .source import ImageFeatures, ImageInput, image_name
 
@@ -100,7 +102,7 @@ def _batch_slice(feats: Features, start: int, stop: int, grid: TokenGrid) -> Fea
 
 
 def interpolate_pos_embed(patch_pos: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
-    """DINO's resampling of a square ``1xNxC`` patch position embedding to ``grid_hw`` (see :mod:`densevit.posenc`)."""
+    """DINO's resampling of a square ``1xNxC`` patch position embedding to ``grid_hw`` (see :mod:`densevit.models.posenc`)."""
     return resample_pos_embed(patch_pos, grid_hw, DINO)
 
 
@@ -108,7 +110,7 @@ class ViTExtractor(nn.Module):
     """Dense ViT descriptor extractor.
 
     Args:
-        backbone: densevit backbone name (see :data:`densevit.backbones.BACKBONES`; default ``dino_vits8``).
+        backbone: densevit backbone name (see :data:`densevit.models.registry.BACKBONES`; default ``dino_vits8``).
         stride: patch-embedding stride; must divide the patch size (default: the patch size).
         weights: checkpoint path, ``"random"``, or ``None`` to search ``$DENSEVIT_WEIGHTS`` then timm's hub.
         device: where to run (``None``: CUDA when available).
@@ -437,7 +439,7 @@ class ViTExtractor(nn.Module):
         """Per block (keyed as given): ``(query, key, scale)`` exactly as its attention uses them, i.e. after the
         positional encoding (rotary backbones), over all ``N`` tokens it attends over, prefix tokens (CLS, then
         registers) first: ``BxNxD`` with the descriptors' channel layout ``c * heads + h``. The attention of token
-        ``i`` is ``softmax(scale * q_i . k)`` per head (:func:`densevit.similarity.query_attention`)."""
+        ``i`` is ``softmax(scale * q_i . k)`` per head (:func:`densevit.features.similarity.query_attention`)."""
         layers = tuple(layers)
         plan = self._plan(x, layers, ("query_rope", "key_rope"), False, True, saliency=False)
         scales = {i: float(self.adapter.scale(blk)) for i, blk in enumerate(self.model.blocks)}
@@ -455,6 +457,27 @@ class ViTExtractor(nn.Module):
                             include_cls: bool = False, stride: Optional[int] = None) -> torch.Tensor:
         """Descriptors of one facet of one layer: ``BxTxD`` (reference-compatible signature)."""
         return self.extract(x, (layer,), (facet,), bin=bin, include_cls=include_cls, stride=stride).descriptors[(layer, facet)]
+
+    def reference_saliency(self, image: Image.Image, grid: TokenGrid, load_size: Optional[int]) -> torch.Tensor:
+        """The reference co-segmentation's default saliency of ``image`` (original RGB) for descriptors on ``grid``:
+        ``T`` float32 (a second pass of the model; sources that run it, :attr:`runs_model`, give it).
+
+        The original image is resized (Lanczos) to half the network input, ``(H // 2, W // 2)`` (the input itself
+        when ``load_size`` is None, as the reference), run at stride = patch size (the same weights), and its
+        saliency map resized to the descriptor grid with PIL's nearest filter, as ``cosegmentation.py`` does."""
+        H, W = grid.input_hw
+        low_hw = (H // 2, W // 2) if load_size is not None else (H, W)
+        p = self.patch_size
+        if min(low_hw) < p:
+            raise DensevitError(f"the reference's low-resolution saliency pass needs an input of at least {2 * p} "
+                                f"pixels on the short side (got {min(H, W)}): use a larger load size or the saliency "
+                                f"source 'same-pass'")
+        x, _, _ = self.preprocess_with_image(image, low_hw, stride=p)
+        sal = self.extract_saliency_maps(x, stride=p)[0].float().cpu().numpy()
+        hl, wl = grid_shape(low_hw, p, p)
+        h, w = grid.shape
+        up = Image.fromarray(np.ascontiguousarray(sal.reshape(hl, wl), dtype=np.float32)).resize((w, h), Image.NEAREST)
+        return torch.from_numpy(np.asarray(up, dtype=np.float32).reshape(-1).copy())
 
     def extract_saliency_maps(self, x: torch.Tensor, stride: Optional[int] = None) -> torch.Tensor:
         """CLS-attention saliency of the last layer (the backbone's head subset, min-max normalised): ``BxT``."""
@@ -479,7 +502,6 @@ def _upsampled(feats: Features, x: torch.Tensor, spec: BackboneSpec, method: str
     maps = [feats.descriptors[k] for k in keys]
     if feats.saliency is not None:
         maps.append(feats.saliency[..., None])
-    up, grid = upsample_token_maps(maps, feats.grid, denormalize(x, spec.mean, spec.std), method, out_size,
-                                   **options)
+    up, grid = upsample_token_maps(maps, feats.grid, input_guide(x, spec), method, out_size, **options)
     saliency = up.pop()[..., 0] if feats.saliency is not None else None
     return Features(dict(zip(keys, up)), grid, saliency, feats.cls)

@@ -1,11 +1,11 @@
 """What the descriptor explorer computes for one clicked token: similarity maps, top-k matches, best buddies and
 the attention of one query token. Tensors in and out, no drawing.
 
-Shapes: ``T`` patch tokens of an image (row-major over its :class:`~densevit.coords.TokenGrid`), ``D`` descriptor
+Shapes: ``T`` patch tokens of an image (row-major over its :class:`~densevit.models.grid.TokenGrid`), ``D`` descriptor
 channels, ``N = 1 + T`` tokens with the CLS token first, ``heads`` attention heads.
 
 Similarity maps are cosine similarities: rows are L2-normalised once (:func:`normalize`, cached by the caller), so
-a click costs one matrix-vector product per image. Best buddies follow :func:`densevit.index.best_buddies`
+a click costs one matrix-vector product per image. Best buddies follow :func:`densevit.matching.knn.best_buddies`
 (mutual nearest neighbours under cosine similarity, ties to the lowest index), restricted to the clicked token.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def best_buddy(token: int, source: torch.Tensor, target: torch.Tensor,
     """The best buddy in ``target`` of token ``token`` of ``source`` (both normalised ``TxD``), or None.
 
     ``j`` is the buddy when ``j`` is the nearest neighbour of the token in ``target`` and the token is the nearest
-    neighbour of ``target[j]`` in ``source`` (ties: lowest index, as :func:`densevit.index.best_buddies`).
+    neighbour of ``target[j]`` in ``source`` (ties: lowest index, as :func:`densevit.matching.knn.best_buddies`).
     ``scores``: the token's similarity map over ``target``, when already computed. Two mat-vecs at most.
     """
     return best_buddies_of(token, source, [target], None if scores is None else [scores])[0]
@@ -108,7 +108,7 @@ def query_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int,
     """Attention of one query token over all tokens: ``heads x N`` (rows sum to 1).
 
     ``query`` (``D``) and ``keys`` (``NxD``) are one block's query and key as its attention uses them, over all the
-    tokens it attends over (:meth:`densevit.Extractor.attention_inputs`), channel index ``c * heads + h``.
+    tokens it attends over (:meth:`densevit.features.extractor.ViTExtractor.attention_inputs`), channel index ``c * heads + h``.
     ``scale`` defaults to ``head_dim ** -0.5``. Restricted to the patch tokens, it equals row ``i`` of the ``attn``
     facet.
     """

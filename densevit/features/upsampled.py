@@ -7,12 +7,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..io.images import to_uint8_tensor
+import torch
+from PIL import Image
+
+from ..io.images import denormalize, to_uint8_tensor
 from ..options import opt
-from ..upsample import UPSAMPLERS, upsample_token_maps
+from ..upsample import UPSAMPLERS, check_method, upsample_token_maps
 from .source import FeatureSource, ImageFeatures, ImageInput
 
-__all__ = ["UpsampleOptions", "UpsampledSource", "upsampled"]
+__all__ = ["UpsampleOptions", "UpsampledSource", "upsampled", "input_guide", "image_guide"]
+
+
+def input_guide(x: torch.Tensor, spec: Any) -> torch.Tensor:
+    """The upsamplers' guide of network inputs ``x`` (``B x 3 x H x W``, normalised with ``spec.mean`` /
+    ``spec.std``): the RGB images in ``[0, 1]``. Every upsampling of extractor features is guided by it."""
+    return denormalize(x, spec.mean, spec.std)
+
+
+def image_guide(resized: Image.Image) -> torch.Tensor:
+    """The guide of a network input known only as a picture (a store's features): ``1 x 3 x H x W`` in ``[0, 1]``."""
+    return to_uint8_tensor(resized)[None].float() / 255
 
 
 @dataclass(frozen=True)
@@ -38,10 +52,7 @@ class UpsampledSource:
     on the model)."""
 
     def __init__(self, inner: FeatureSource, method: str, options: Optional[Dict[str, Any]] = None) -> None:
-        if method not in UPSAMPLERS:
-            from ..errors import InvalidArgumentError
-
-            raise InvalidArgumentError(f"unknown upsampler {method!r}; choose from {', '.join(UPSAMPLERS)}")
+        check_method(method)
         self.inner, self.method, self.options = inner, method, dict(options or {})
 
     def __getattr__(self, name: str) -> Any:
@@ -56,7 +67,7 @@ class UpsampledSource:
         """``inner``'s features of ``image``, descriptors and saliency upsampled (``T = H x W`` of the input)."""
         f = self.inner.image_features(image, load_size, layer, facet, bin=bin, saliency=saliency,
                                       include_cls=include_cls, name=name)
-        guide = to_uint8_tensor(f.resized)[None].float() / 255
+        guide = image_guide(f.resized)
         maps = [f.descriptors[None].float()] + ([f.saliency.reshape(1, -1, 1).float()] if f.saliency is not None
                                                  else [])
         up, grid = upsample_token_maps(maps, f.grid, guide, self.method, **self.options)

@@ -1,4 +1,4 @@
-"""Files: atomic writes, content hashes, and the one output policy every command follows.
+"""Files: atomic writes, content hashes and keys, and the one output policy every command follows.
 
 Every densevit file that must never be seen half-written (store shards and manifests, caches, indexes, saved
 pictures) goes through :func:`atomic_write`; every command checks its outputs with :func:`check_outputs` before
@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Type, Union
 
 from ..errors import DensevitError
 
 __all__ = ["PathLike", "WritesIntoInputsError", "OutputWriteError", "check_outputs", "ensure_writable", "atomic_write",
            "atomic_write_bytes", "atomic_write_text", "atomic_path", "file_sha256", "file_problem", "verify_file",
-           "human_bytes"]
+           "human_bytes", "canonical_key", "key_digest", "file_fingerprint"]
 
 
 def file_sha256(path: Union[str, Path]) -> str:
@@ -29,6 +30,35 @@ def file_sha256(path: Union[str, Path]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def canonical_key(key: Mapping[str, Any]) -> str:
+    """The canonical JSON of a key: sorted keys, no whitespace; ``Path`` values become strings."""
+    if not isinstance(key, Mapping):
+        raise TypeError(f"cache key must be a mapping, got {type(key).__name__}")
+    return json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=lambda o: str(o) if isinstance(o, os.PathLike) else _not_json(o))
+
+
+def _not_json(o: Any) -> Any:
+    raise TypeError(f"cache key value {o!r} of type {type(o).__name__} is not JSON-serialisable")
+
+
+def key_digest(key: Mapping[str, Any]) -> str:
+    """SHA-256 hex digest of :func:`canonical_key` (the entry's file name stem)."""
+    return hashlib.sha256(canonical_key(key).encode("utf-8")).hexdigest()
+
+
+def file_fingerprint(path: Union[str, Path], content_hash: bool = False) -> Dict[str, Any]:
+    """Identity of an input file for a cache key: resolved path, size and mtime (ns), or its SHA-256 content.
+
+    ``content_hash=True`` survives copies/touches but reads the whole file.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    if content_hash:
+        return {"path": str(p), "size": st.st_size, "sha256": file_sha256(p)}
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def file_problem(path: Path, size: int, sha256: Optional[str] = None, record: str = "the record") -> Optional[str]:

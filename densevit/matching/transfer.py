@@ -2,7 +2,7 @@
 
 Each source point takes the descriptor of its nearest token; its match is the target token most similar to it
 (cosine), optionally refined by a soft-argmax over a window of tokens around that match. All pixel <-> token
-conversions go through :class:`densevit.coords.TokenGrid`, so points are in each image's ORIGINAL pixels.
+conversions go through :class:`densevit.models.grid.TokenGrid`, so points are in each image's ORIGINAL pixels.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def transfer_points(desc_src: torch.Tensor, desc_trg: torch.Tensor, grid_src: To
         points: ``Nx2`` ``(x, y)`` in source original-image pixels (out-of-image points use the nearest token).
         refine: ``"none"`` (target token centre) or ``"softargmax"`` (softmax-weighted mean position over a
             ``window x window`` token neighbourhood of the match, weights ``softmax(cos / temperature)``).
-        backend: passed to :func:`densevit.index.knn` for the plain nearest neighbour.
+        backend: passed to :func:`densevit.matching.knn.knn` for the plain nearest neighbour.
     Returns:
         ``(points Nx2 float64 (x, y) in target original-image pixels, scores N float32 cosine similarity)``.
     """

@@ -14,18 +14,18 @@ Hub's ``facebook/*`` repositories hold them):
   (``rope_theta ** (4 k / head_dim)``: the reciprocal of transformers' ``inv_freq``) from the folder's
   ``config.json`` (transformers' default 100 without one).
 
-Keys the converter does not know are passed through unchanged, so the strict fit check names them."""
+Keys the converter does not know are passed through unchanged, so the strict fit check names them. Which
+layout each class feeds is written once, in :data:`densevit.models.layouts.LAYOUTS`."""
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 Tensors = Dict[str, torch.Tensor]
 
 DINOV2, DINOV2_REG, DINOV3 = "Dinov2Model", "Dinov2WithRegistersModel", "DINOv3ViTModel"
-_LAYOUT = {DINOV2: "dinov2", DINOV2_REG: "dinov2", DINOV3: "dinov3"}   # the registry layout each one feeds
 
 
 def detect(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -37,11 +37,6 @@ def detect(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
     if any(k.startswith("encoder.layer.") for k in sd):
         return DINOV2_REG if "embeddings.register_tokens" in sd else DINOV2
     return None
-
-
-def layout_of(kind: str) -> str:
-    """The registry checkpoint layout (``BackboneSpec.layout``) a transformers class converts to."""
-    return _LAYOUT[kind]
 
 
 def _rename(key: str, table) -> str:
@@ -125,7 +120,3 @@ def dinov3_to_official(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]
         out["mask_token"] = out["mask_token"].reshape(1, -1)
     out["rope_embed.periods"] = rope_periods(config)
     return out
-
-
-CONVERTERS: Dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Tensors]] = {
-    DINOV2: dinov2_to_official, DINOV2_REG: dinov2_to_official, DINOV3: dinov3_to_official}

@@ -4,7 +4,7 @@ A family adapter says, for the blocks of one model family, what the query / key 
 positions enter (a learned embedding added once, or rotary embeddings in every attention) and how the block's
 residual branches are combined. The extractor runs every block through its family's adapter, so facets
 (q / k / v before and after RoPE, attention, tokens) come from one code path for all backbones. Adding a family
-(say RADIO, SigLIP 2 or EVA-02) is one adapter here and one registry entry in :mod:`densevit.backbones`.
+(say RADIO, SigLIP 2 or EVA-02) is one adapter here and one registry entry in :mod:`densevit.models.registry`.
 
 Shapes: tokens ``B x N x C`` (``N = prefix + h*w``: CLS, registers, then patch tokens row-major); q / k / v
 ``B x heads x N x head_dim``.

@@ -1,6 +1,10 @@
 """Backbone registry: densevit names -> timm architectures, block family, positional encoding, checkpoint
-layout, normalisation, patch size and saliency heads. A new backbone is one entry here (and, for a new kind of
-block, one adapter in :mod:`densevit.adapters`)."""
+layout, normalisation, patch size and saliency heads.
+
+A new backbone of a known family is one entry here. A new family is one entry here plus one checkpoint layout in
+:data:`densevit.models.layouts.LAYOUTS` (how its official and transformers files become timm's keys); only a new
+kind of block also needs an adapter in :data:`densevit.models.families.FAMILIES`, and only a new way of encoding
+positions a :class:`~densevit.models.posenc.PosEncoding` (tests/test_weights.py adds a toy family that way)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,9 +38,9 @@ class BackboneSpec:
     std: Tuple[float, float, float] = IMAGENET_STD
     saliency_heads: Optional[Tuple[int, ...]] = None   # None: all heads
     weight_files: Tuple[str, ...] = field(default_factory=tuple)  # conventional file names in $DENSEVIT_WEIGHTS
-    family: str = "vit"                 # block family adapter (densevit.adapters.FAMILIES)
+    family: str = "vit"                 # block family adapter (densevit.models.families.FAMILIES)
     pos: PosEncoding = DINO             # how positions are encoded / resampled, as the official code does
-    layout: str = "timm"                # official checkpoint layout read by densevit.weights (CONVERTERS)
+    layout: str = "timm"                # checkpoint layout (densevit.models.layouts.LAYOUTS)
 
     @property
     def hub_name(self) -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import DensevitError, WeightsNotFoundError
 from . import convert_hf
+from .layouts import Converted, get_layout, transformers_layout
 from .locate import WEIGHTS_ENV, find_checkpoint, find_in_hf_cache, hf_cache_dir, hub_online, torch_hub_checkpoints
 from .posenc import DINOV2_REG
 from .registry import BACKBONES, HF_REPOS, BackboneSpec, get_spec
@@ -125,89 +126,6 @@ def read_hf_config(path: Path) -> Dict[str, Any]:
     return data if isinstance(data, dict) and "model_type" in data else {}
 
 
-Converted = Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
-
-
-def _convert_timm(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
-    """timm's own layout (and DINO's official one, which is the same): nothing to convert."""
-    return sd, {}
-
-
-_V2_SWIGLU = ((".mlp.w12.", ".mlp.fc1."), (".mlp.w3.", ".mlp.fc2."))
-
-
-def _convert_dinov2(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
-    """facebookresearch/dinov2 layout -> timm. With registers, timm's model keeps no position for the prefix
-    tokens, so the CLS position is folded into the CLS token (the official code adds it there). ViT-g's fused
-    SwiGLU ``w12`` (gate rows first, as the official ``chunk(2)`` reads them) / ``w3`` are timm's packed
-    ``SwiGLUPacked`` ``fc1`` / ``fc2``, unchanged."""
-    if "register_tokens" not in sd and "mask_token" not in sd and not any(".mlp.w12." in k for k in sd):
-        return sd, {}
-    sd = dict(sd)
-    for k in [k for k in sd if ".mlp.w12." in k or ".mlp.w3." in k]:
-        new = k
-        for a, b in _V2_SWIGLU:
-            new = new.replace(a, b)
-        sd[new] = sd.pop(k)
-    sd.pop("mask_token", None)  # masked-image training only: the official inference never reads it
-    if "register_tokens" in sd:
-        sd["reg_token"] = sd.pop("register_tokens")
-        sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
-        sd["pos_embed"] = sd["pos_embed"][:, 1:]
-    return sd, {}
-
-
-_V3_RENAMES = (("storage_tokens", "reg_token"), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"),
-               (".mlp.w1.", ".mlp.fc1_g."), (".mlp.w2.", ".mlp.fc1_x."), (".mlp.w3.", ".mlp.fc2."))
-
-
-def _convert_dinov3(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
-    """facebookresearch/dinov3 layout -> timm ``Eva``: storage tokens are timm's register tokens, ``ls{1,2}.gamma``
-    its ``gamma_{1,2}``, the SwiGLU ``w1/w2/w3`` its ``fc1_g/fc1_x/fc2``; the fused qkv bias times its
-    ``bias_mask`` (which zeroes the key bias) is split into ``q_bias`` / ``v_bias`` after checking that the key
-    part is exactly zero. ``rope_embed.periods`` is returned as an extra (timm keeps it out of the state dict).
-    ``mask_token`` (masked training only; the official inference adds ``0 * mask_token``) and
-    ``local_cls_norm`` (local crops during training only) are not used by the official inference."""
-    if "storage_tokens" not in sd and "rope_embed.periods" not in sd:
-        return sd, {}
-    out: Dict[str, torch.Tensor] = {}
-    extras: Dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if k == "mask_token" or k.startswith("local_cls_norm."):
-            continue
-        if k == "rope_embed.periods":
-            extras["rope.periods"] = v
-            continue
-        if k.endswith(".attn.qkv.bias_mask"):
-            continue
-        if k.endswith(".attn.qkv.bias"):
-            mask = sd.get(k + "_mask")
-            bias = v.float() * mask.float() if mask is not None else v.float()
-            q, kb, vb = bias.chunk(3)
-            if torch.count_nonzero(kb):
-                raise DensevitError(f"{k}: the key bias is not zero, which the DINOv3 model does not have")
-            pre = k[: -len("qkv.bias")]
-            out[pre + "q_bias"], out[pre + "v_bias"] = q, vb
-            continue
-        for a, b in _V3_RENAMES:
-            k = k.replace(a, b)
-        out[k] = v
-    return out, extras
-
-
-def _convert_clip(sd: Dict[str, torch.Tensor], model: nn.Module) -> Converted:
-    """OpenAI CLIP layout -> timm (timm's converter; only the image tower ``visual.*`` is the backbone)."""
-    if "visual.class_embedding" not in sd:
-        return sd, {}
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    return checkpoint_filter_fn(sd, model), {}
-
-
-CONVERTERS = {"timm": _convert_timm, "dino": _convert_timm, "dinov2": _convert_dinov2, "dinov3": _convert_dinov3,
-              "clip": _convert_clip}
-
-
 def _from_transformers(sd: Dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec, source: str,
                        config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """A transformers checkpoint (recognised by its keys) in the official layout of ``spec``; any other layout
@@ -215,8 +133,10 @@ def _from_transformers(sd: Dict[str, torch.Tensor], model: nn.Module, spec: Back
     kind = convert_hf.detect(sd)
     if kind is None:
         return sd
+    layout = transformers_layout(kind)
+
     def fits(s: BackboneSpec) -> bool:
-        return s.layout == convert_hf.layout_of(kind) and (s.pos == DINOV2_REG) == (kind == convert_hf.DINOV2_REG)
+        return s.layout == layout.name and (s.pos == DINOV2_REG) == (kind == convert_hf.DINOV2_REG)
 
     if not fits(spec):
         dim = sd["embeddings.cls_token"].shape[-1]
@@ -226,7 +146,7 @@ def _from_transformers(sd: Dict[str, torch.Tensor], model: nn.Module, spec: Back
     eps = config.get("layer_norm_eps")
     if eps is not None and abs(float(eps) - float(model.norm.eps)) > 1e-12:
         raise DensevitError(f"weights {source}: config.json has layer_norm_eps={eps}, {spec.name} uses {model.norm.eps}")
-    return convert_hf.CONVERTERS[kind](sd, config)
+    return layout.transformers[kind](sd, config)
 
 
 def _suggest(sd: Dict[str, torch.Tensor], spec: BackboneSpec) -> str:
@@ -250,7 +170,7 @@ def _fit_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module, spec: Backbon
     from the file."""
     expected = model.state_dict()
     sd = _from_transformers(sd, model, spec, source, config or {})
-    sd, extras = CONVERTERS[spec.layout](sd, model)
+    sd, extras = get_layout(spec.layout).official(sd, model)
     for k, v in expected.items():
         if k not in sd:
             raise DensevitError(f"weights {source} do not fit {spec.name}: missing key {k!r}{_suggest(sd, spec)}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
@@ -19,10 +18,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..io.files import atomic_write, file_sha256  # noqa: F401 (the one atomic writer)
+from ..io.files import atomic_write, canonical_key, key_digest
 
-__all__ = ["CacheWarning", "CacheError", "DescriptorCache", "canonical_key", "key_digest", "file_fingerprint",
-           "file_sha256", "atomic_write"]
+__all__ = ["CacheWarning", "CacheError", "DescriptorCache"]
 
 FORMAT = "densevit-cache-v1"
 Payload = Dict[str, Any]  # name -> torch.Tensor | np.ndarray | JSON value (int, float, str, bool, None, list, dict)
@@ -34,35 +32,6 @@ class CacheWarning(UserWarning):
 
 class CacheError(Exception):
     """An entry failed validation (the message says why); raised internally, turned into a CacheWarning."""
-
-
-def canonical_key(key: Mapping[str, Any]) -> str:
-    """The canonical JSON of a key: sorted keys, no whitespace; ``Path`` values become strings."""
-    if not isinstance(key, Mapping):
-        raise TypeError(f"cache key must be a mapping, got {type(key).__name__}")
-    return json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=lambda o: str(o) if isinstance(o, os.PathLike) else _not_json(o))
-
-
-def _not_json(o: Any) -> Any:
-    raise TypeError(f"cache key value {o!r} of type {type(o).__name__} is not JSON-serialisable")
-
-
-def key_digest(key: Mapping[str, Any]) -> str:
-    """SHA-256 hex digest of :func:`canonical_key` (the entry's file name stem)."""
-    return hashlib.sha256(canonical_key(key).encode("utf-8")).hexdigest()
-
-
-def file_fingerprint(path: Union[str, Path], content_hash: bool = False) -> Dict[str, Any]:
-    """Identity of an input file for a cache key: resolved path, size and mtime (ns), or its SHA-256 content.
-
-    ``content_hash=True`` survives copies/touches but reads the whole file.
-    """
-    p = Path(path).resolve()
-    st = p.stat()
-    if content_hash:
-        return {"path": str(p), "size": st.st_size, "sha256": file_sha256(p)}
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 # ------------------------------------------------------------------------------------------------- payloads

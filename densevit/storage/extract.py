@@ -1,13 +1,13 @@
-"""Dataset extraction into a :mod:`densevit.store`: batched, overlapped, resumable, on one or many processes.
+"""Dataset extraction into a :mod:`densevit.storage.store`: batched, overlapped, resumable, on one or many processes.
 
 Pipeline per process: a ``torch.utils.data.DataLoader`` decodes and resizes images in worker processes (uint8,
 so the hand-over is small), images of one resized shape are batched together (a shard holds one shape), the
 model runs in the extractor's dtype and finished shards are written on background threads
-(:class:`densevit.pipeline.BackgroundWriter`). Under ``torchrun`` (:mod:`densevit.dist`) rank 0 reads the image
+(:class:`densevit.runtime.threads.BackgroundWriter`). Under ``torchrun`` (:mod:`densevit.runtime.dist`) rank 0 reads the image
 headers, checks the store's settings and decides which shards are missing; the missing shards are dealt to the
-ranks balancing their cost (images x input pixels; :func:`densevit.dist.deal`), each rank writes its own shards,
+ranks balancing their cost (images x input pixels; :func:`densevit.runtime.dist.deal`), each rank writes its own shards,
 and rank 0 writes the manifest after all have finished; rank 0 holds the store's lock for the whole job (one
-writer per store; :class:`densevit.store.StoreLock`).
+writer per store; :class:`densevit.storage.store.StoreLock`).
 A complete shard is never computed again, so rerunning the same command finishes only what is missing. A store
 only grows (:func:`plan_store`): another image list adds its images and keeps the stored ones, whose shards are
 kept as they are; ``prune`` drops the stored images that are not in the list.
@@ -42,7 +42,7 @@ from ..models.grid import grid_shape
 from ..options import opt
 from ..runtime.dist import DistContext
 from ..runtime.threads import BackgroundWriter, prefetch_map
-from .cache import file_fingerprint, file_sha256, key_digest
+from ..io.files import file_fingerprint, file_sha256, key_digest
 from .store import FORMAT, STORE_DTYPES, StoreFullError, StoreWriter, tensor_name
 
 __all__ = ["ExtractionConfig", "ExtractionReport", "StorePlan", "gather_dataset", "store_settings", "read_headers",

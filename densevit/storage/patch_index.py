@@ -7,14 +7,14 @@ An index is a folder::
                     the image keys, counts, and each file's size and SHA-256
     ids.npy         ``N x 3`` int32: (image number, token row, token column) of every indexed vector
     index.faiss     the FAISS index of the L2-normalised descriptors (inner product = cosine similarity);
-                    ``flat`` without FAISS: ``vectors.npy`` (float16) searched exactly through :mod:`densevit.index`
+                    ``flat`` without FAISS: ``vectors.npy`` (float16) searched exactly through :mod:`densevit.matching.knn`
 
 Kinds: ``flat`` (exact), ``ivf-flat``, ``ivf-pq`` (product-quantised codes; ``max(k, rerank)`` candidates are
 re-scored exactly with the store's own descriptors, read from its memory-mapped shards) and ``hnsw``. An index
 opens only with the store content it was built from (:func:`load_index`); ``k`` lies in ``1..MAX_K``. Training uses a
 random sample of the selected tokens; vectors are added a chunk of images at a time, so memory stays bounded
 by the index itself. Search runs FAISS on a GPU when faiss-gpu is installed, and exact search through torch on
-a GPU without FAISS (``flat``). Every pixel <-> token conversion goes through :class:`densevit.coords.TokenGrid`.
+a GPU without FAISS (``flat``). Every pixel <-> token conversion goes through :class:`densevit.models.grid.TokenGrid`.
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ from ..matching import knn as knn_index
 from ..models.grid import TokenGrid
 from ..options import opt
 from ..runtime.device import select_device
-from .cache import atomic_write, file_sha256
+from ..io.files import atomic_write, file_sha256
 from .store import FeatureStore
 
 __all__ = ["KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",
-           "query_descriptors", "rebuild_command", "search", "IndexError_"]
+           "query_descriptors", "rebuild_command", "search", "PatchIndexError"]
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 MAX_K = 2048            # matches per query at most (FAISS's limit on GPUs; the same bound on every device)
@@ -47,7 +47,7 @@ FORMAT = "densevit-patch-index-v1"
 META, IDS, FAISS_FILE, VECTORS = "index.json", "ids.npy", "index.faiss", "vectors.npy"
 
 
-class IndexError_(DensevitError):
+class PatchIndexError(DensevitError):
     """An index file is missing, truncated or modified, or the index does not belong to the store."""
 
 
@@ -388,15 +388,15 @@ def _check_content(root: Path, meta: Dict[str, Any], st: FeatureStore) -> None:
     rebuild = f"rebuild it: {rebuild_command(root, st.root, IndexConfig(**meta['config']))}"
     content = meta.get("store_content")
     if content is None:
-        raise IndexError_(f"index {root} does not record the content of its store (an older densevit made it); "
+        raise PatchIndexError(f"index {root} does not record the content of its store (an older densevit made it); "
                           f"{rebuild}")
     stored = st.manifest["images"]
     missing = next((k for k in meta["images"] if k not in stored), None)
     if missing is not None:
-        raise IndexError_(f"index {root} was built from image {missing}, which store {st.root} does not hold; "
+        raise PatchIndexError(f"index {root} was built from image {missing}, which store {st.root} does not hold; "
                           f"{rebuild}")
     if _content_digest(st, meta["images"]) != content:
-        raise IndexError_(f"store {st.root} does not hold the descriptors index {root} was built from (an image "
+        raise PatchIndexError(f"store {st.root} does not hold the descriptors index {root} was built from (an image "
                           f"was replaced or re-extracted, or it is another store); {rebuild}")
 
 
@@ -410,19 +410,19 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
     root = Path(root)
     meta_path = root / META
     if not meta_path.is_file():
-        raise IndexError_(f"no patch index at {root} (missing {META})")
+        raise PatchIndexError(f"no patch index at {root} (missing {META})")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IndexError_(f"index file {meta_path} is corrupt (not JSON)") from None
+        raise PatchIndexError(f"index file {meta_path} is corrupt (not JSON)") from None
     if meta.get("format") != FORMAT:
-        raise IndexError_(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
+        raise PatchIndexError(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
     for name, rec in meta["files"].items():
         verify_file(root / name, rec["size"], rec["sha256"], "index file", "the index",
-                    "rebuild it with densevit-index build", IndexError_)
+                    "rebuild it with densevit-index build", PatchIndexError)
     st = store if isinstance(store, FeatureStore) else FeatureStore(store or meta["store"])
     if _store_digest(st) != meta["store_digest"]:
-        raise IndexError_(f"index {root} was built from a store with other settings than {st.root}; "
+        raise PatchIndexError(f"index {root} was built from a store with other settings than {st.root}; "
                           f"rebuild it from this store")
     _check_content(root, meta, st)
     dev = str(select_device(device))
@@ -442,8 +442,8 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
 def query_descriptors(index: PatchIndex, image: Union[str, Path], points: Optional[Sequence[Tuple[float, float]]] = None,
                       box: Optional[Tuple[float, float, float, float]] = None, extractor=None
                       ) -> Tuple[torch.Tensor, TokenGrid, List[int]]:
-    """Query descriptors ``QxD`` of ``image`` (from the store when it holds the image, else extracted with
-    ``extractor``, which must match the store's settings): one per point, or one for a box (the mean of the
+    """Query descriptors ``QxD`` of ``image`` (from the store when it holds the image, by key or path, else from
+    ``extractor``, a :class:`~densevit.features.source.FeatureSource` that must match the store's settings): one per point, or one for a box (the mean of the
     normalised descriptors of the tokens centred inside it). Returns the descriptors, the image's grid and the
     query tokens (flat indices; for a box, all of its tokens)."""
     from ..features.similarity import token_at
@@ -454,13 +454,9 @@ def query_descriptors(index: PatchIndex, image: Union[str, Path], points: Option
     st = index.store
     if image in st:
         desc, grid = st.descriptors(image, layer, facet), st.grid(image)
-    elif extractor is not None:
-        from ..io.images import load_image
-
-        img = load_image(image)
-        x, grid = extractor.preprocess(img, load_size=st.settings.get("load_size"))
-        grid = TokenGrid(grid.patch_size, grid.stride, grid.input_hw, (img.height, img.width))
-        desc = extractor.extract(x, (layer,), (facet,)).descriptors[(layer, facet)][0].float().cpu()
+    elif extractor is not None:                      # any FeatureSource with the store's settings (the model)
+        f = extractor.image_features(image, st.settings.get("load_size"), layer, facet, saliency=False)
+        desc, grid = f.descriptors, f.grid
     else:
         raise DensevitError(f"image {image} is not in store {st.root}; extract it into the store, or give the "
                             f"weights to extract it with the store's settings")

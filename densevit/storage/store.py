@@ -22,8 +22,8 @@ time: the writer holds ``store.lock`` from :meth:`StoreWriter.prepare` to :meth:
 the kernel releases the lock of a process that dies.
 
 Descriptors are stored raw (not log-binned: binned ones are 17x larger) in float16 by default (float32 on
-request) and binned at read time with :func:`densevit.binning.log_bin`, exactly as extraction bins them.
-Every file is written atomically (temp file + ``os.replace``, :func:`densevit.cache.atomic_write`), so a
+request) and binned at read time with :func:`densevit.features.binning.log_bin`, exactly as extraction bins them.
+Every file is written atomically (temp file + ``os.replace``, :func:`densevit.io.files.atomic_write`), so a
 killed run, or one that ran out of disk space (:class:`StoreFullError`, one line naming the folder and the
 space needed), leaves only complete shards. Reads check each shard's size and SHA-256 against its record the
 first time it is opened; a truncated or modified shard raises :class:`StoreError` naming the file.
@@ -46,11 +46,9 @@ import torch
 from ..errors import DensevitError
 from ..features.binning import log_bin
 from ..features.source import ImageFeatures, ImageInput, image_name
-from ..io.files import check_outputs, verify_file
+from ..io.files import atomic_write, canonical_key, check_outputs, file_sha256, human_bytes, key_digest, verify_file
 from ..io.images import load_image, load_resized, resize_short_side
 from ..models.grid import TokenGrid
-from ..io.files import human_bytes  # noqa: F401 (store users)
-from .cache import atomic_write, canonical_key, file_sha256, key_digest
 
 try:
     import fcntl

@@ -27,7 +27,7 @@ UPSAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "anyup": anyup,
 }
 
-__all__ = ["UPSAMPLERS", "CHANNELWISE", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear", "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup",
+__all__ = ["UPSAMPLERS", "CHANNELWISE", "check_method", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear", "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup",
            "ANYUP_CHECKPOINTS"]
 
 
@@ -36,12 +36,18 @@ CHANNELWISE = frozenset({"bilinear", "jbu", "upsample_anything"})
 of one image upsample as one (Upsample Anything fits its kernels once). AnyUp attends over all channels."""
 
 
+def check_method(method: Optional[str], allow_none: bool = False) -> None:
+    """``method`` is a key of :data:`UPSAMPLERS` (or None, no upsampling, with ``allow_none``); else a one-line
+    :class:`~densevit.errors.InvalidArgumentError` (every config and app checks the name here)."""
+    if not (allow_none and method is None) and method not in UPSAMPLERS:
+        raise InvalidArgumentError(f"unknown upsampler {method!r}; choose from {', '.join(UPSAMPLERS)}")
+
+
 def upsample(features: torch.Tensor, image: torch.Tensor, method: str, out_size: Optional[Tuple[int, int]] = None,
              **options) -> torch.Tensor:
     """Upsample ``features`` guided by ``image`` (``[0, 1]`` RGB) to ``out_size`` (default: the image's size)
     with ``method`` (a key of :data:`UPSAMPLERS`); ``options`` go to the method."""
-    if method not in UPSAMPLERS:
-        raise InvalidArgumentError(f"unknown upsampler {method!r}; choose from {', '.join(UPSAMPLERS)}")
+    check_method(method)
     try:
         return UPSAMPLERS[method](features, image, out_size, **options)
     except TypeError as e:

@@ -9,7 +9,7 @@
 * :func:`model_cka`: CKA between all layers of one model, or between two models' layers, on the same images,
   with patch tokens as examples (each image's tokens, subsampled, form a minibatch). When two models' token grids
   differ (patch size or stride), the finer model's features are bilinearly resampled at the coarser model's
-  token centres (in original-image pixels, through :class:`densevit.coords.TokenGrid`).
+  token centres (in original-image pixels, through :class:`densevit.models.grid.TokenGrid`).
 """
 from __future__ import annotations
 

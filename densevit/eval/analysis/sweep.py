@@ -132,9 +132,9 @@ class LayerFeatureCache:
 class WarpPCKTask:
     """Correspondence PCK on synthetic warps of the given images (exact geometric ground truth).
 
-    Pairs come from :mod:`densevit.datasets.warp` (``num_pairs`` cycling over the images, seeded); source
-    keypoints are transferred by descriptor nearest neighbour (:func:`densevit.keypoint_eval.evaluate_pair`) and
-    scored with :mod:`densevit.metrics.pck` (per point, ``alpha`` times the target box's longer side).
+    Pairs come from :mod:`densevit.eval.datasets.warp` (``num_pairs`` cycling over the images, seeded); source
+    keypoints are transferred by descriptor nearest neighbour (:func:`densevit.eval.keypoints.evaluate_pair`) and
+    scored with :mod:`densevit.eval.metrics.pck` (per point, ``alpha`` times the target box's longer side).
     """
 
     name = "warp_pck"
@@ -174,7 +174,7 @@ class WarpPCKTask:
 
 class DavisJFTask:
     """DAVIS J&F-Mean of first-mask propagation (:mod:`densevit.apps.vos`) on the first ``frames`` frames of a
-    few sequences, scored by :mod:`densevit.metrics.davis` (semi-supervised protocol: first and last frames of the
+    few sequences, scored by :mod:`densevit.eval.metrics.davis` (semi-supervised protocol: first and last frames of the
     clip not scored). Frames are resized to a short side of ``short_side`` pixels (a subset for speed)."""
 
     name = "davis_jf"
@@ -215,7 +215,7 @@ class DavisJFTask:
 class CosegTask:
     """Co-segmentation agreement with ground truth: :func:`densevit.apps.coseg.cosegment` (the paper's
     defaults; the layer and facet swept) on a set of ``frames`` frames spread evenly over each DAVIS sequence (one
-    set per sequence: one common object), scored by the mean Jaccard index (:func:`densevit.metrics.davis.db_eval_iou`)
+    set per sequence: one common object), scored by the mean Jaccard index (:func:`densevit.eval.metrics.davis.db_eval_iou`)
     of every frame's mask with its ground-truth foreground (all objects)."""
 
     name = "coseg"
@@ -256,21 +256,27 @@ class CosegTask:
 def _task_builders() -> Dict[str, Tuple[str, Callable[..., object]]]:
     """name -> (module that must import for the task to be available, builder taking keyword options)."""
     return {
-        "warp_pck": ("densevit.datasets.warp", WarpPCKTask),
+        "warp_pck": ("densevit.eval.datasets.warp", WarpPCKTask),
         "davis_jf": ("densevit.apps.vos", DavisJFTask),
         "coseg": ("densevit.apps.coseg", CosegTask),
     }
 
 
 def available_tasks() -> List[str]:
-    """Built-in task names whose measuring modules are importable."""
+    """Built-in task names whose measuring modules are importable.
+
+    A task whose own densevit module is missing is a broken installation (an error, never a silent drop); a task
+    whose module needs an optional package that is not installed is left out."""
     import importlib
 
     out = []
     for name, (module, _) in _task_builders().items():
         try:
             importlib.import_module(module)
-        except ImportError:
+        except ImportError as e:
+            missing = getattr(e, "name", None) or ""
+            if missing == "densevit" or missing.startswith("densevit."):
+                raise DensevitError(f"task {name}: its module {module} cannot be imported ({e})") from None
             continue
         out.append(name)
     return out

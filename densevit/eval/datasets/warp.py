@@ -3,11 +3,11 @@
 The warp is kornia's augmentation pipeline (horizontal flip, affine rotation/scale/translation, perspective,
 resized crop; then photometric changes that move no pixel). Its 3x3 transform is exact, so keypoints sampled on
 the source (on the object mask when the source has one) have known targets. Coordinates follow
-:mod:`densevit.coords` (continuous, (0, 0) = image corner); kornia's matrices act on pixel indices (pixel
+:mod:`densevit.models.grid` (continuous, (0, 0) = image corner); kornia's matrices act on pixel indices (pixel
 centres at integers), hence the half-pixel shifts in :func:`apply_homography`.
 
 Default sources: the two shared photographs (cat, ibex; the object is the whole image) and DAVIS-2016 frames
-with their ground-truth masks (keypoints on the object, box = mask box), all from ``densevit.paths.shared_dir()``.
+with their ground-truth masks (keypoints on the object, box = mask box), all from ``densevit.io.paths.shared_dir()``.
 """
 from __future__ import annotations
 

@@ -3,11 +3,11 @@
     densevit-index build STORE -o INDEX [--kind flat|ivf-flat|ivf-pq|hnsw] [--salient-only] [--sample-stride K]
     densevit-index search INDEX --image IMG --point X,Y [--point X,Y ...] | --box X0,Y0,X1,Y1 [-k 20] --out DIR
 
-``build`` indexes every selected token of the store (see :mod:`densevit.patch_index`). ``search`` writes
+``build`` indexes every selected token of the store (see :mod:`densevit.storage.patch_index`). ``search`` writes
 ``DIR/<stem>_matches.json`` (per query: image, x, y in original-image pixels, token row / column, similarity)
 and a contact sheet per query, ``DIR/<stem>_q<i>.png``: a crop around the query location, then one around
 each of the best :data:`SHEET_MATCHES` matches, the location marked. ``-k`` lies in ``1..MAX_K``
-(:data:`densevit.patch_index.MAX_K`). An index opens only with the store content it was built from.
+(:data:`densevit.storage.patch_index.MAX_K`). An index opens only with the store content it was built from.
 """
 from __future__ import annotations
 
@@ -18,26 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from densevit.cli.common import (
-    OutputOptions,
-    check_outputs,
-    report_unreadable,
-    run_cli,
-    skip_unreadable,
-)
-from densevit.cli.flags import (
-    HelpFormatter,
-    add_config_flags,
-    config_from_args,
-    make_parser,
-)
+from densevit.apps import draw
 from densevit.errors import DensevitError
-from densevit.io.files import atomic_write_text
-from densevit.io.images import UnreadableImageError, load_image
+from densevit.io.files import atomic_write_text, check_outputs
+from densevit.io.images import UnreadableImageError, load_image, report_unreadable, skip_unreadable
 from densevit.options import opt
 from densevit.storage import patch_index as pi
 
-from .. import draw
+from .common import OutputOptions, run_cli
+from .flags import HelpFormatter, add_config_flags, config_from_args, make_parser
 
 PROG = "densevit-index"
 SHEET_MATCHES = 50      # matches drawn on a contact sheet at most (the JSON holds all k)
