@@ -19,6 +19,7 @@ from .anyup import CHECKPOINTS as ANYUP_CHECKPOINTS
 from .anyup import AnyUp, anyup, load_anyup
 from .jbu import bilinear, jbu
 from .upsample_anything import upsample_anything
+from .window import output_size
 
 UPSAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "bilinear": bilinear,
@@ -42,6 +43,8 @@ def upsample(features: torch.Tensor, image: torch.Tensor, method: str, out_size:
     with ``method`` (a key of :data:`UPSAMPLERS`); ``options`` go to the method."""
     if method not in UPSAMPLERS:
         raise InvalidArgumentError(f"unknown upsampler {method!r}; choose from {', '.join(UPSAMPLERS)}")
+    if out_size is not None:
+        output_size(out_size, image)
     try:
         return UPSAMPLERS[method](features, image, out_size, **options)
     except TypeError as e:
