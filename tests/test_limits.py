@@ -89,3 +89,51 @@ def test_bad_out_size_is_invalid_argument(method, size):
 
     with pytest.raises(InvalidArgumentError, match="out_size"):
         UPSAMPLERS[method](torch.randn(1, 4, 6, 6), torch.rand(1, 3, 24, 24), size)
+
+
+# ------------------------------------------------------------------------------------------------ index parameters
+@pytest.mark.parametrize("kw,words", [({"kind": "hnsw", "hnsw_m": -3}, "--hnsw-m"), ({"kind": "hnsw", "hnsw_m": 0},
+                                      "--hnsw-m"), ({"nlist": -1}, "--nlist"), ({"nlist": 0}, "--nlist"),
+                                     ({"pq_m": 0}, "--pq-m"), ({"pq_m": -2}, "--pq-m"), ({"nprobe": 0}, "--nprobe")])
+def test_index_parameters_zero_or_negative_are_refused(kw, words):
+    from densevit.storage.patch_index import IndexConfig
+
+    with pytest.raises(DensevitError, match=words):
+        IndexConfig(**kw).check()
+
+
+@pytest.mark.parametrize("kw,words", [({"kind": "ivf-flat", "nlist": 100_000}, "more lists than the 3,240"),
+                                     ({"kind": "ivf-pq", "pq_m": 7}, "must divide the descriptor size 384"),
+                                     ({"kind": "ivf-pq", "pq_m": 768}, "must divide")])
+def test_index_parameters_checked_against_the_vectors(kw, words):
+    from densevit.storage.patch_index import IndexConfig
+
+    with pytest.raises(DensevitError, match=words):
+        IndexConfig(**kw).check_sizes(3240, 384)
+    IndexConfig(kind="ivf-flat", nlist=64).check_sizes(3240, 384)
+
+
+def test_nprobe_past_the_lists_is_refused():
+    from densevit.storage.patch_index import IndexConfig
+
+    with pytest.raises(DensevitError, match="--nprobe 64 is more than the 16 lists"):
+        IndexConfig(nprobe=64).check_nprobe(16)
+    IndexConfig(nprobe=64).check_nprobe(None)
+
+
+# ------------------------------------------------------------------------------------------------ output bytes
+def test_extract_upsample_output_is_bounded_before_any_work(tmp_path, golden_path):
+    """--upsample bilinear --load-size 512 on a 160x120 image wrote a 536 MB .npz; now refused from the header,
+    naming the flag, before the model loads (a missing weights file is not even opened)."""
+    from PIL import Image
+
+    from densevit.cli.extract import entry
+
+    Image.new("RGB", (160, 120), (10, 200, 30)).save(tmp_path / "small.png")
+    args = [str(tmp_path / "small.png"), "-o", str(tmp_path / "out"), "--upsample", "bilinear", "--load-size", "512",
+            "--weights", str(golden_path)]
+    assert entry(args) == 2
+    assert not (tmp_path / "out" / "small.npz").exists()
+    assert entry(args + ["--load-size", "48", "--max-output-mib", "1"]) == 2
+    assert entry(args + ["--load-size", "48", "--max-output-mib", "0"]) == 0
+    assert (tmp_path / "out" / "small.npz").stat().st_size < 5 * 2 ** 20
