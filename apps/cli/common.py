@@ -24,6 +24,7 @@ from densevit.cli.common import (  # noqa: F401  (check_readable, report_unreada
     check_outputs,
     check_readable,
     drop_unreadable,
+    patch_size_of,
     report_unreadable,
 )
 from densevit.cli.flags import add_config_flags, config_from_args, make_parser
@@ -132,7 +133,8 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     """Run ``process`` on every set (from :func:`densevit.cli.common.gather_sets`); returns the exit code
     (1 if any set failed, else 0).
 
-    Unreadable images are left out of their set (:func:`drop_unreadable`) and make the exit code 1. Per set:
+    Unreadable images, and images smaller than the model's patch, are left out of their set
+    (:func:`drop_unreadable`) and make the exit code 1. Per set:
     too few / many (readable) images, an existing output (without --overwrite) or a
     :class:`~densevit.errors.DensevitError` while processing (e.g. an unreadable image) prints
     ``prog: set NAME: error: message`` and the next set runs. ``summary.json`` is written beside the outputs.
@@ -140,6 +142,7 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     :func:`densevit.cli.common.check_outputs`), are refused before any work (a one-line error, exit 2).
     """
     nested = is_folder_of_sets(args.inputs)
+    min_side = patch_size_of(args)              # a smaller image is left out like an unreadable one
     out_root = Path(args.out)
     inputs = [*args.inputs, getattr(args, "store", None), *more_inputs]
     check_outputs(inputs, folders=[out_root] + ([out_root / name for name, _ in sets] if nested else []))
@@ -150,7 +153,7 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
         bar.set_postfix_str(name)
         out_dir = out_root / name if nested else out_root
         with decode_once():                 # checked, then extracted, from one decoding
-            images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "")
+            images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "", min_side)
             unreadable += bad
             try:
                 if len(images) < min_images:

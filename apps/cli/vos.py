@@ -32,7 +32,7 @@ from densevit.runtime.threads import BackgroundWriter
 
 from ..discovery.core import discover_mask
 from ..vos import VOSConfig, propagate
-from .common import drop_unreadable, report_unreadable
+from .common import drop_unreadable, patch_size_of, report_unreadable
 from .discover import add_discover_args
 from .discover import config_from_args as discover_config_from_args
 
@@ -144,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     check_outputs([args.frames, args.first_mask], folders=[out])    # before reading any frame
     all_frames = gather_images([args.frames])
-    frames, unreadable = drop_unreadable(PROG, all_frames)
+    frames, unreadable = drop_unreadable(PROG, all_frames, min_side=patch_size_of(args))
     if not frames:
         raise DensevitError(f"no readable frame in {args.frames}")
     if all_frames[0] in unreadable and not args.discover:

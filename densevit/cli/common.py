@@ -13,6 +13,7 @@ from ..io.files import PathLike, WritesIntoInputsError, check_outputs, ensure_wr
 from ..io.images import (  # noqa: F401
     IMAGE_SUFFIXES,
     MAX_LISTED,
+    check_min_side,
     check_readable,
     drop_unreadable,
     gather_images,
@@ -169,3 +170,18 @@ def _store_conflicts(args: argparse.Namespace, settings: dict):
             same = False
         if not same:
             yield "weights", args.weights, stored.get("name") or stored.get("source")
+
+
+def patch_size_of(args: argparse.Namespace) -> int:
+    """The patch size of the model a command's features come from (``--store``: the store's), the smallest image
+    side it reads (:func:`~densevit.io.images.check_min_side`)."""
+    store = getattr(args, "store", None)
+    if store:
+        from ..storage.store import FeatureStore
+
+        size = FeatureStore(store).settings.get("patch_size")
+        if size:
+            return int(size)
+    from ..models.registry import get_spec
+
+    return get_spec(args.backbone).patch_size

@@ -31,6 +31,7 @@ from ..features.extractor import FACETS
 from ..features.options import load_size_opt
 from ..io.images import (
     IMAGE_SUFFIXES,
+    check_min_side,
     image_size,
     load_resized,
     normalize,
@@ -178,8 +179,10 @@ def read_headers(items: Sequence[Tuple[str, Path]], patch_size: int, stride: int
             unreadable[key] = res
             continue
         hw, source = res
-        if min(hw) < patch_size:
-            unreadable[key] = f"{path} is {hw[1]}x{hw[0]} pixels, smaller than the {patch_size}-pixel patch"
+        try:
+            check_min_side(path, hw, patch_size)
+        except DensevitError as exc:
+            unreadable[key] = str(exc)
             continue
         try:
             grid_shape(resized_hw(hw, cfg.load_size), patch_size, stride)
