@@ -62,6 +62,16 @@ def add_protocol_args(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> VOSConfig:
     cfg = flags.config_from_args(VOSConfig, args)
     cfg.validate()
+    cfg.options()               # --upsample-weights checked, AnyUp's weights read once, before any work
+    given = getattr(args, "given", frozenset())
+    if "upsample_factor" in given:
+        if not cfg.upsample:
+            raise DensevitError("--upsample-factor applies to --upsample METHOD; give both or neither")
+        patch = patch_size_of(args)
+        if patch % cfg.upsample_factor:
+            divisors = [d for d in range(1, patch + 1) if patch % d == 0]
+            raise DensevitError(f"--upsample-factor {cfg.upsample_factor} does not divide the {patch}-pixel patch; "
+                                f"choose one of {', '.join(map(str, divisors))}")
     return cfg
 
 

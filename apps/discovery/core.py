@@ -154,6 +154,8 @@ class DiscoverConfig(UpsampleOptions):
             raise DensevitError(f"k patches must be at least 1, got {self.k_patches}")
         if self.upsample is not None and self.upsample not in UPSAMPLERS:
             raise DensevitError(f"unknown upsampler {self.upsample!r}; choose from {', '.join(UPSAMPLERS)}")
+        if self.max_tokens < 1:
+            raise DensevitError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if not 0.5 <= self.crf_confidence < 1 or self.crf_iters < 0:
             raise DensevitError("CRF confidence must lie in [0.5, 1) and CRF iterations be >= 0")
 
@@ -356,9 +358,12 @@ def extract_discovery_features(extractor, image: ImageInput, cfg: DiscoverConfig
     grid = extractor.grid(tuple(x.shape[-2:]))
     if grid.num_tokens > cfg.max_tokens:
         what = f"{W0}x{H0} image" if cfg.load_size is None else f"image at load size {cfg.load_size}"
+        s = grid.stride
+        fits = int(s * math.sqrt(cfg.max_tokens * min(grid.input_hw) / max(grid.input_hw)))
+        hint = (f"set a smaller load size (about --load-size {fits // s * s} fits) or " if fits >= p and
+                (cfg.load_size is None or fits < cfg.load_size) else "")
         raise DensevitError(f"the {what} gives {grid.shape[0]}x{grid.shape[1]} = {grid.num_tokens} tokens, more "
-                            f"than the {cfg.max_tokens} allowed for a dense graph; set a smaller load size "
-                            f"(e.g. --load-size 480) or raise the token limit")
+                            f"than the {cfg.max_tokens} allowed for a dense graph; {hint}raise --max-tokens")
     feats = extractor.extract(x, (cfg.layer,), (cfg.facet,), image_hw=grid.input_hw)
     desc = feats.descriptors[(cfg.layer, cfg.facet)][0].float().cpu()
     if cfg.upsample:

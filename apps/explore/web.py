@@ -50,6 +50,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 DISPLAY_SIDE = 1024  # images are sent to the page at most this large (the page scales them)
 MAX_K = 100  # top-k matches per image
 MAX_SAVE_BYTES = 64 << 20  # the largest view PNG Save writes
+MAX_SAVE_PIXELS = 32_000_000  # the largest view PNG Save decodes (checked from its header first)
+MAX_UPLOAD_MIB = 64  # bytes of one upload request, counted while it streams (densevit-explore --max-upload-mib)
 
 
 def _b64_f32(values) -> str:
@@ -173,10 +175,50 @@ def _png(data_url: Any) -> bytes:
         raise DensevitError("the picture to save is not a PNG")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_SAVE_PIXELS:
+                raise DensevitError(f"the picture to save is {im.width}x{im.height} pixels, more than the "
+                                    f"{MAX_SAVE_PIXELS:,} a view has")
             im.load()
+    except DensevitError:
+        raise
     except Exception as exc:  # noqa: BLE001 (any decoding failure, decompression bombs included)
         raise DensevitError(f"the picture to save is not a readable PNG ({str(exc).splitlines()[0][:80]})") from None
     return data
+
+
+async def read_uploads(request: Any, max_bytes: int) -> List[Any]:
+    """``[(file name, bytes)]`` of a multipart upload (field ``files``), its size bounded WHILE it streams: a
+    declared ``Content-Length`` past ``max_bytes`` is refused before reading, and the body stops being read (and
+    the request is refused) as soon as ``max_bytes`` have arrived."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    too_large = DensevitError(f"the upload is more than {max_bytes >> 20} MiB (densevit-explore --max-upload-mib N "
+                              f"raises the bound)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise DensevitError("an upload is a multipart/form-data request with one or more 'files'")
+
+    async def limited():
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > max_bytes:
+                raise too_large
+            yield chunk
+
+    try:
+        form = await MultiPartParser(request.headers, limited(), max_files=1000, max_fields=100).parse()
+    except MultiPartException as exc:
+        raise DensevitError(f"bad upload: {exc.message}") from None
+    try:
+        files = [v for k, v in form.multi_items() if k == "files" and not isinstance(v, str)]
+        if not files:
+            raise DensevitError("bad request: files: Field required")
+        return [(f.filename or "upload", await f.read()) for f in files]
+    finally:
+        await form.close()
 
 
 def allowed_hosts(host: str, extra: Sequence[str] = ()) -> List[str]:
@@ -289,12 +331,13 @@ class Worker:
         self._jobs.put(None)
 
 
-def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: Optional[Sequence[str]] = None):
+def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: Optional[Sequence[str]] = None,
+               max_upload_bytes: int = MAX_UPLOAD_MIB << 20):
     """The FastAPI application serving ``explorer``; Save writes into ``out_dir``. It answers only requests sent
     to one of ``hosts`` (default: ``allowed_hosts("127.0.0.1")``; any other ``Host`` gets 400, which stops DNS
     rebinding) and changes state only for requests from its own page (:class:`OriginCheck`, else 403). The model
     work runs in one :class:`Worker`, queued."""
-    from fastapi import FastAPI, File, Request, UploadFile
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
     from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -315,7 +358,7 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
 
     @app.exception_handler(DensevitError)
     async def _user_error(request: Request, exc: DensevitError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": str(getattr(exc, "cli_message", exc))}, status_code=400)
 
     @app.exception_handler(Stopping)
     async def _stopping(request: Request, exc: Stopping):
@@ -421,9 +464,11 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
         return await worker.run(job)
 
     @app.post("/api/upload")
-    async def upload(files: List[UploadFile] = File(...)):
-        """Each file is added or reported on its own (a bad one never drops the others); 400 when none was added."""
-        batch = [(f.filename or "upload", await f.read()) for f in files]
+    async def upload(request: Request):
+        """Each file is added or reported on its own (a bad one never drops the others); 400 when none was added.
+        The request's bytes are bounded while it streams (:func:`read_uploads`), each image's pixels from its
+        header before decoding, and the images kept by the explorer's ``max_images``."""
+        batch = await read_uploads(request, max_upload_bytes)
 
         def job():
             added, errors, notes = [], [], []

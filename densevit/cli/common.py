@@ -18,6 +18,7 @@ from ..io.images import (  # noqa: F401
     drop_unreadable,
     gather_images,
     gather_sets,
+    max_pixels,
     report_unreadable,
     skip_unreadable,
 )
@@ -30,6 +31,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callab
 
     def entry(argv: Optional[Sequence[str]] = None) -> int:
         try:
+            max_pixels()                # a bad $DENSEVIT_MAX_PIXELS: one line before any work, not image by image
             code = main(argv)
         except DensevitError as exc:
             print(f"{prog}: error: {getattr(exc, 'cli_message', exc)}", file=sys.stderr)

@@ -79,6 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{spec.pos.describe()}")
         return 0
     up = config_from_args(UpsampleOptions, args)
+    if args.store and args.upsample_weights and not up.upsample:
+        up.options()                                    # --upsample-weights without --upsample: refused
     if args.store:
         if up.upsample:
             raise DensevitError("a store keeps the raw patch-stride maps; upsample them when reading "
@@ -109,6 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError(f"--max-output-mib must be >= 0 (0: no bound), got {args.max_output_mib}")
     check_output_bytes(((str(img), _npz_bytes(img, args, facet, up.upsample)) for img, _ in todo),
                        args.max_output_mib, "--max-output-mib")
+    up_options = up.options()       # AnyUp's weights found and read once, before the model loads
     ext = build_extractor(args)
     ext.resolve_layer(layer)  # validate before any work
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             x, grid = ext.preprocess(img, args.load_size)
             feats = ext.extract(x, (layer,), (facet,), bin=args.bin, include_cls=args.include_cls,
                                 saliency=args.saliency, image_hw=grid.image_hw, upsample=up.upsample,
-                                upsample_options=up.options())
+                                upsample_options=up_options)
             grid = feats.grid
         except UnreadableImageError as exc:
             skip_unreadable("densevit-extract", exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from ..errors import InvalidArgumentError
 from ..io.images import to_uint8_tensor
 from ..options import opt
 from ..upsample import UPSAMPLERS, upsample_token_maps
@@ -28,8 +29,18 @@ class UpsampleOptions:
                                                 "checkpoint folder")
 
     def options(self) -> Dict[str, Any]:
-        """Keyword arguments of the method."""
-        return {"weights": self.upsample_weights} if self.upsample == "anyup" and self.upsample_weights else {}
+        """Keyword arguments of the method, checked before any work: ``--upsample-weights`` only with
+        ``--upsample anyup`` (never ignored), and AnyUp's weights found and read once, up front (a missing or bad
+        file is one line naming it)."""
+        if self.upsample_weights is not None and self.upsample != "anyup":
+            raise InvalidArgumentError(f"--upsample-weights applies to --upsample anyup only (got --upsample "
+                                       f"{self.upsample}); leave it out")
+        if self.upsample != "anyup":
+            return {}
+        from ..upsample.anyup import resolve_weights
+
+        weights = resolve_weights(self.upsample_weights)
+        return {"weights": weights}
 
 
 class UpsampledSource:

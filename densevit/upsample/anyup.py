@@ -229,6 +229,29 @@ def load_anyup(weights: Union[str, Path, Dict[str, torch.Tensor], None] = None,
     return model.to(device).eval()
 
 
+def resolve_weights(weights: Union[str, Path, None], device: Union[str, torch.device] = "cpu"
+                    ) -> Union[str, Path]:
+    """Check AnyUp weights once, before any work: ``"random"``, a checkpoint file, or ``None`` (searched for
+    :data:`CHECKPOINTS`); the file is read and checked now (then kept loaded for :func:`anyup` on ``device``), so
+    a missing or bad file is one line up front, worded for Python and for the command line
+    (``--upsample-weights``). Returns what to pass as ``weights=``."""
+    if isinstance(weights, str) and weights == "random":
+        return weights
+    if weights is None:
+        found = find_checkpoint(CHECKPOINTS)
+        if found is None:
+            looked = describe_search(CHECKPOINTS)
+            raise WeightsNotFoundError(f"AnyUp weights not found: looked for {looked}; pass weights=PATH or "
+                                       f"weights='random'",
+                                       f"AnyUp weights not found: looked for {looked}; pass --upsample-weights FILE "
+                                       f"(anyup_paper.pth or anyup_multi_backbone.pth) or --upsample-weights random")
+        weights = found
+    key = (str(weights), str(torch.device(device)))
+    if key not in _CACHE:
+        _CACHE[key] = load_anyup(weights, device)
+    return weights
+
+
 def normalize_imagenet(image: torch.Tensor) -> torch.Tensor:
     """``[0, 1]`` RGB -> ImageNet-normalised."""
     mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
