@@ -84,6 +84,9 @@ def replay(args: argparse.Namespace) -> int:
 
     try:
         rec = json.loads(Path(args.replay).read_text())
+        if isinstance(rec, dict) and "settings" in rec and "clicked" not in rec:
+            raise DensevitError(f"{args.replay} saves a {rec.get('mode', 'picture')} view without a clicked point: "
+                                f"only similarity and attention findings can be replayed")
         settings = Settings(**rec["settings"])
         clicked = rec["clicked"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

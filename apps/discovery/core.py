@@ -58,6 +58,7 @@ multiple of the patch size) or ``"crop"`` (densevit's usual grid: the last parti
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
@@ -72,7 +73,7 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features.upsampled import UpsampleOptions
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import as_pil, denormalize, resized_hw, to_tensor
+from densevit.io.images import as_pil, check_min_side, denormalize, resized_hw, to_tensor
 from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
@@ -344,6 +345,9 @@ def extract_discovery_features(extractor, image: ImageInput, cfg: DiscoverConfig
     img = as_pil(image)
     p = extractor.patch_size
     H0, W0 = img.height, img.width
+    if cfg.fit != "round":                  # "round" brings any image to whole patches; the others need one
+        check_min_side(image if isinstance(image, (str, Path)) else (name or "image"), (H0, W0), p,
+                       extractor.spec.name)
     if cfg.fit == "round":
         Hr, Wr = resized_hw((H0, W0), cfg.load_size)
         Ht, Wt = max(p, int(round(Hr / p)) * p), max(p, int(round(Wr / p)) * p)

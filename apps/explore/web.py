@@ -517,7 +517,8 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
                 n += 1
             stem = f"{stem}{'' if n == 0 else f'_{n}'}"
             atomic_write(out / f"{stem}.png", lambda f: f.write(png))
-            record["replay"] = f"densevit-explore --replay {out / (stem + '.json')}"
+            if "clicked" in record:                 # only a clicked finding can be recomputed
+                record["replay"] = f"densevit-explore --replay {out / (stem + '.json')}"
             text = (json.dumps(record, indent=2) + "\n").encode()
             atomic_write(out / f"{stem}.json", lambda f: f.write(text))
             return {"png": str(out / f"{stem}.png"), "json": str(out / f"{stem}.json")}

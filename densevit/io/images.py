@@ -321,6 +321,21 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 """File name suffixes read as images when a folder is given."""
 
 
+def not_a_file_or_folder(p: Path) -> str:
+    """The one line for an input that is neither a regular file nor a folder: missing, or a FIFO, socket or
+    device (never read: reading a FIFO would wait for a writer)."""
+    if not p.exists() and not p.is_symlink():
+        return f"no such file or folder: {p}"
+    if p.is_symlink() and not p.exists():
+        return f"{p} is a broken symbolic link"
+    import stat
+
+    mode = p.stat().st_mode
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"{p} is {kind}, not an image file or a folder"
+
+
 def gather_images(inputs: Iterable[str]) -> List[Path]:
     """Expand files and folders (non-recursive, sorted) into a list of image paths; missing paths are errors."""
     out: List[Path] = []
@@ -334,7 +349,7 @@ def gather_images(inputs: Iterable[str]) -> List[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise DensevitError(f"no such file or folder: {p}")
+            raise DensevitError(not_a_file_or_folder(p))
     if not out:
         raise DensevitError("no input images given")
     return out

@@ -85,7 +85,8 @@ def read_checkpoint(path: Union[str, Path], what: str = "weights") -> Any:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / not a checkpoint / code that weights_only refuses to run
-        if "weights only load failed" in str(exc).lower():
+        text = str(exc).lower()
+        if "weights only load failed" in text and ("global" in text or "allowlist" in text):
             why = "it pickles objects other than tensors, which are never loaded (no code from a file runs)"
         elif path.suffix == ".safetensors":
             why = f"not a safetensors file ({_why(exc)})"
