@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from densevit.apps.explore.session import Explorer
-from densevit.apps.explore.web import create_app, read_uploads
+from densevit.apps.explore.web import create_app
 from densevit.errors import DensevitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,6 +78,8 @@ class _Streaming:
 def test_upload_bytes_are_bounded_while_streaming(declared):
     """A 300 MB upload was read whole before it was refused; now reading stops at the bound (a declared length
     past it is refused before reading at all)."""
+    from densevit.apps.explore.web import read_uploads
+
     req = _Streaming(8 << 20, declared)
     with pytest.raises(DensevitError, match="--max-upload-mib"):
         asyncio.run(read_uploads(req, 1 << 20))
