@@ -221,10 +221,13 @@ def test_flags_out_of_range_are_one_line_before_work(data, tmp_path, capsys, gol
 
 
 def test_bad_max_pixels_is_one_line_before_any_work(data, tmp_path, capsys, golden_path, monkeypatch):
+    """It failed image by image after the model ran (extract: one error per image, exit 1)."""
     monkeypatch.setenv("DENSEVIT_MAX_PIXELS", "lots")
-    entry, argv = _command("coseg", data / "good", tmp_path / "out", golden_path, data)
-    assert entry(argv) == 2
-    assert "DENSEVIT_MAX_PIXELS" in _one_error_line(capsys.readouterr().err, "densevit-coseg")
+    for name in ("extract", "coseg"):
+        entry, argv = _command(name, data / "good", tmp_path / name, golden_path, data)
+        assert entry(argv) == 2
+        assert "DENSEVIT_MAX_PIXELS" in _one_error_line(capsys.readouterr().err, f"densevit-{name}")
+        assert _files(tmp_path / name) == []
 
 
 def test_missing_anyup_weights_is_one_line_up_front(data, tmp_path, capsys, golden_path, monkeypatch):
