@@ -62,6 +62,12 @@ def test_bad_input_one_line_nonzero(cli, tmp_path, images, golden_path, bad):
         assert lines[0].startswith(f"densevit-extract: skipping unreadable image: cannot read image {image[bad]}: ")
         assert lines[1] == "densevit-extract: 1 unreadable image(s) left out: corrupt.jpg"
         return
+    if bad == "tiny":             # issue 31: an image smaller than the patch follows the same one rule
+        assert len(lines) == 2 and "Traceback" not in err
+        assert lines[0] == (f"densevit-extract: skipping unreadable image: {image[bad]} is 1x1 pixels, smaller "
+                            f"than the 8-pixel patch of dino_vits8")
+        assert lines[1] == "densevit-extract: 1 unreadable image(s) left out: tiny.png"
+        return
     assert len(lines) == 1 and lines[0].startswith("densevit-extract: error:") and "Traceback" not in err
 
 

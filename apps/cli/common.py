@@ -16,11 +16,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from densevit.cli.common import OutputOptions, add_model_flags, add_store_arg
+from densevit.cli.common import OutputOptions, add_model_flags, add_store_arg, patch_size_of
+from densevit.io.images import drop_unreadable, report_unreadable
 from densevit.cli.flags import add_config_flags, config_from_args, make_parser
 from densevit.errors import DensevitError
 from densevit.io.files import OutputWriteError, WritesIntoInputsError, atomic_write_text, check_outputs
-from densevit.io.images import decode_once, drop_unreadable, report_unreadable
+from densevit.io.images import decode_once
 from densevit.options import opt
 
 __all__ = ["add_io_args", "load_size_arg", "is_folder_of_sets", "run_sets", "stems"]
@@ -136,7 +137,8 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     """Run ``process`` on every set (from :func:`densevit.io.images.gather_sets`); returns the exit code
     (1 if any set failed, else 0).
 
-    Unreadable images are left out of their set (:func:`drop_unreadable`) and make the exit code 1. Per set:
+    Unreadable images, and images smaller than the model's patch, are left out of their set
+    (:func:`drop_unreadable`) and make the exit code 1. Per set:
     too few / many (readable) images, an existing output (without --overwrite) or a
     :class:`~densevit.errors.DensevitError` while processing (e.g. an unreadable image) prints
     ``prog: set NAME: error: message`` and the next set runs. ``summary.json`` is written beside the outputs.
@@ -144,6 +146,7 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     :func:`densevit.io.files.check_outputs`), are refused before any work (a one-line error, exit 2).
     """
     nested = is_folder_of_sets(args.inputs)
+    min_side = patch_size_of(args)              # a smaller image is left out like an unreadable one
     out_root = Path(args.out)
     inputs = [*args.inputs, getattr(args, "store", None), *more_inputs]
     check_sets_outputs(args, sets, more_inputs)
@@ -154,7 +157,7 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
         bar.set_postfix_str(name)
         out_dir = out_root / name if nested else out_root
         with decode_once():                 # checked, then extracted, from one decoding
-            images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "")
+            images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "", min_side)
             unreadable += bad
             try:
                 if len(images) < min_images:

@@ -53,6 +53,7 @@ def config_from_args(args: argparse.Namespace, prefix: str = "", layer: Optional
     fixed = {k: v for k, v in (("layer", layer), ("facet", facet)) if v is not None}
     cfg = flags.config_from_args(DiscoverConfig, args, prefix=prefix, **fixed)
     cfg.validate()
+    cfg.options()               # --upsample-weights checked, AnyUp's weights read once, before any work
     return cfg
 
 

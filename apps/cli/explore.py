@@ -50,6 +50,12 @@ class ExploreOptions:
     cache_gb: float = opt(6.0, "memory for cached descriptors")
     replay: Optional[str] = opt(None, "recompute a saved finding and print its matches (no server)", metavar="JSON")
     quiet: bool = opt(False, "no request log", negatable=False)
+    max_images: int = opt(64, "the most images kept (files given and uploads; each keeps up to ~50 MB)")
+    max_upload_mib: int = opt(64, "the most bytes of one upload request, in MiB (counted while it streams)")
+    max_upload_pixels: int = opt(40_000_000, "the largest uploaded image in pixels (read from its header before "
+                                             "decoding)")
+    upsample_weights: Optional[str] = opt(None, "AnyUp checkpoint for the page's Upsample anyup (default: "
+                                                "searched in $DENSEVIT_WEIGHTS and torch.hub's checkpoint folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +81,9 @@ def replay(args: argparse.Namespace) -> int:
 
     try:
         rec = json.loads(Path(args.replay).read_text())
+        if isinstance(rec, dict) and "settings" in rec and "clicked" not in rec:
+            raise DensevitError(f"{args.replay} saves a {rec.get('mode', 'picture')} view without a clicked point: "
+                                f"only similarity and attention findings can be replayed")
         settings = Settings(**rec["settings"])
         clicked = rec["clicked"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -110,8 +119,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_outputs([*args.inputs, *images], folders=[Path(args.out)])   # Save never writes into the inputs
     if not 0 <= args.port <= 65535:
         raise DensevitError(f"--port must lie in 0..65535 (0: any free port), got {args.port}")
+    for flag, value in (("--max-images", args.max_images), ("--max-upload-mib", args.max_upload_mib),
+                        ("--max-upload-pixels", args.max_upload_pixels)):
+        if value < 1:
+            raise DensevitError(f"{flag} must be at least 1, got {value}")
+    if len(images) > args.max_images:
+        raise DensevitError(f"{len(images)} images given, more than the {args.max_images} the explorer keeps "
+                            f"(--max-images N raises the bound)")
+    if args.upsample_weights is not None:
+        from densevit.upsample.anyup import resolve_weights
+
+        resolve_weights(args.upsample_weights)      # a missing or bad file: one line, before the model loads
     ex = Explorer(args.backbone, weights=args.weights, device=args.device, dtype=args.dtype, stride=resolve_stride(args),
-                  load_size=zero_is_none(args.load_size), cache_gb=args.cache_gb)
+                  load_size=zero_is_none(args.load_size), cache_gb=args.cache_gb, max_images=args.max_images,
+                  max_upload_pixels=args.max_upload_pixels, upsample_weights=args.upsample_weights)
     for path in images:  # one bad file is reported and skipped
         try:
             item = ex.add_image(path)
@@ -119,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{PROG}: note: {item.note}", file=sys.stderr)
         except DensevitError as exc:
             print(f"{PROG}: skipped: {exc}", file=sys.stderr)
-    app = create_app(ex, Path(args.out), hosts=allowed_hosts(args.host, args.allow_host), inputs=args.inputs)
+    app = create_app(ex, Path(args.out), hosts=allowed_hosts(args.host, args.allow_host), inputs=args.inputs,
+                     max_upload_bytes=args.max_upload_mib << 20)
     # requests still running 0.5 s after Ctrl-C / SIGTERM are cancelled; the worker thread is a daemon
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=not args.quiet, timeout_graceful_shutdown=0.5))

@@ -40,6 +40,7 @@ from densevit.io.images import drop_unreadable, report_unreadable
 
 from ..discovery.core import discover_mask
 from ..vos import VOSConfig
+from densevit.cli.common import patch_size_of
 from .discover import add_discover_args
 from .discover import config_from_args as discover_config_from_args
 from .vos_tracks import add_track_flags, propagate_masks, run_points
@@ -70,6 +71,16 @@ def add_protocol_args(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> VOSConfig:
     cfg = flags.config_from_args(VOSConfig, args)
     cfg.validate()
+    cfg.options()               # --upsample-weights checked, AnyUp's weights read once, before any work
+    given = getattr(args, "given", frozenset())
+    if "upsample_factor" in given:
+        if not cfg.upsample:
+            raise DensevitError("--upsample-factor applies to --upsample METHOD; give both or neither")
+        patch = patch_size_of(args)
+        if patch % cfg.upsample_factor:
+            divisors = [d for d in range(1, patch + 1) if patch % d == 0]
+            raise DensevitError(f"--upsample-factor {cfg.upsample_factor} does not divide the {patch}-pixel patch; "
+                                f"choose one of {', '.join(map(str, divisors))}")
     return cfg
 
 
@@ -187,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     check_outputs([args.frames, args.first_mask], folders=[out])    # before reading any frame
     all_frames = gather_images([args.frames])
-    frames, unreadable = drop_unreadable(PROG, all_frames)
+    frames, unreadable = drop_unreadable(PROG, all_frames, min_side=patch_size_of(args))
     if not frames:
         raise DensevitError(f"no readable frame in {args.frames}")
     if all_frames[0] in unreadable and not args.discover:

@@ -59,6 +59,7 @@ multiple of the patch size) or ``"crop"`` (densevit's usual grid: the last parti
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
@@ -73,7 +74,7 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features.upsampled import UpsampleOptions, input_guide
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import as_pil, resized_hw, to_tensor
+from densevit.io.images import as_pil, check_min_side, resized_hw, to_tensor
 from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
@@ -156,6 +157,8 @@ class DiscoverConfig(UpsampleOptions):
         if self.k_patches < 1:
             raise DensevitError(f"k patches must be at least 1, got {self.k_patches}")
         check_method(self.upsample, allow_none=True)
+        if self.max_tokens < 1:
+            raise DensevitError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if not 0.5 <= self.crf_confidence < 1 or self.crf_iters < 0:
             raise DensevitError("CRF confidence must lie in [0.5, 1) and CRF iterations be >= 0")
 
@@ -344,6 +347,9 @@ def extract_discovery_features(extractor, image: ImageInput, cfg: DiscoverConfig
     img = as_pil(image)
     p = extractor.patch_size
     H0, W0 = img.height, img.width
+    if cfg.fit != "round":                  # "round" brings any image to whole patches; the others need one
+        check_min_side(image if isinstance(image, (str, Path)) else (name or "image"), (H0, W0), p,
+                       extractor.spec.name)
     if cfg.fit == "round":
         Hr, Wr = resized_hw((H0, W0), cfg.load_size)
         Ht, Wt = max(p, int(round(Hr / p)) * p), max(p, int(round(Wr / p)) * p)
@@ -358,9 +364,12 @@ def extract_discovery_features(extractor, image: ImageInput, cfg: DiscoverConfig
     grid = extractor.grid(tuple(x.shape[-2:]))
     if grid.num_tokens > cfg.max_tokens:
         what = f"{W0}x{H0} image" if cfg.load_size is None else f"image at load size {cfg.load_size}"
+        s = grid.stride
+        fits = int(s * math.sqrt(cfg.max_tokens * min(grid.input_hw) / max(grid.input_hw)))
+        hint = (f"set a smaller load size (about --load-size {fits // s * s} fits) or " if fits >= p and
+                (cfg.load_size is None or fits < cfg.load_size) else "")
         raise DensevitError(f"the {what} gives {grid.shape[0]}x{grid.shape[1]} = {grid.num_tokens} tokens, more "
-                            f"than the {cfg.max_tokens} allowed for a dense graph; set a smaller load size "
-                            f"(e.g. --load-size 480) or raise the token limit")
+                            f"than the {cfg.max_tokens} allowed for a dense graph; {hint}raise --max-tokens")
     feats = extractor.extract(x, (cfg.layer,), (cfg.facet,), image_hw=grid.input_hw)
     desc = feats.descriptors[(cfg.layer, cfg.facet)][0].float().cpu()
     if cfg.upsample:

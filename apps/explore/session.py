@@ -32,12 +32,13 @@ from densevit.errors import DensevitError
 from densevit.features import similarity as sim
 from densevit.features.binning import log_bin
 from densevit.features.upsampled import input_guide
-from densevit.io.images import as_pil, load_image
+from densevit.io.images import as_pil, image_size, load_image
 from densevit.models.grid import TokenGrid
 from densevit.upsample import check_method, upsample_tokens
 
 __all__ = ["Settings", "ExploreImage", "ImageMap", "SimilarityResult", "AttentionResult", "Explorer",
-           "DESCRIPTOR_FACETS", "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME"]
+           "DESCRIPTOR_FACETS", "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME", "MAX_IMAGES",
+           "MAX_UPLOAD_PIXELS"]
 
 DESCRIPTOR_FACETS = ("key", "query", "value", "token")
 MAX_SIDE = 4096
@@ -50,6 +51,11 @@ MAX_TOKENS = 1 << 17
 ViT-S/8 up to a 2:1 aspect; about 2.4 GB of descriptors per image and facet for ViT-S, twice that for ViT-B)."""
 MAX_NAME = 255
 """The longest image name accepted (characters), as most file systems' file name limit."""
+MAX_IMAGES = 64
+"""The most images the explorer keeps (``densevit-explore --max-images``): each keeps up to about 50 MB (a
+4096-pixel side) plus its cached descriptors."""
+MAX_UPLOAD_PIXELS = 40_000_000
+"""The largest uploaded image, in pixels (``--max-upload-pixels``), read from its header before it is decoded."""
 
 
 @dataclass(frozen=True)
@@ -178,13 +184,17 @@ class Explorer:
 
     def __init__(self, backbone: str = "dino_vits8", weights: Union[str, Path, None] = None, device=None,
                  dtype: str = "float32", stride: Optional[int] = None, load_size: Optional[int] = 224, cache_gb: float = 6.0,
-                 max_side: int = MAX_SIDE, max_tokens: int = MAX_TOKENS, extractor=None) -> None:
+                 max_side: int = MAX_SIDE, max_tokens: int = MAX_TOKENS, extractor=None,
+                 max_images: int = MAX_IMAGES, max_upload_pixels: int = MAX_UPLOAD_PIXELS,
+                 upsample_weights: Optional[str] = None) -> None:
         from densevit.features.extractor import ViTExtractor
 
         if extractor is not None:
             backbone, device, dtype = extractor.spec.name, extractor.device, extractor.dtype
         self.backbone, self.weights, self.device, self.dtype = backbone, weights, device, dtype
         self.max_side, self.max_tokens = max_side, max_tokens
+        self.max_images, self.max_upload_pixels = max_images, max_upload_pixels
+        self.upsample_weights = upsample_weights
         if stride is None and extractor is None:
             from densevit.models.registry import get_spec
 
@@ -232,12 +242,16 @@ class Explorer:
         source = str(image) if isinstance(image, (str, Path)) else ""
         if name is not None:
             check_name(name)
+        if self.max_images and len(self.images) >= self.max_images:
+            raise DensevitError(f"the explorer keeps at most {self.max_images} images: remove one first "
+                                f"(densevit-explore --max-images N raises the bound)")
         if isinstance(image, bytes):
             import tempfile
 
             with tempfile.NamedTemporaryFile(suffix=_safe_suffix(name or "upload")) as f:
                 f.write(image)
                 f.flush()
+                self._check_upload_pixels(f.name, name or "upload")
                 img = self._read(f.name, name or "upload")
         elif isinstance(image, Image.Image):
             img = as_pil(image)
@@ -260,6 +274,25 @@ class Explorer:
             self._ids.append(self._next_id)
             self._next_id += 1
         return item
+
+    def _upsample_options(self, method: str) -> Dict[str, Any]:
+        """Keyword arguments of ``method``: AnyUp's weights (``--upsample-weights``, else searched; found and
+        read once, a missing file is one line naming the flag)."""
+        if method != "anyup":
+            return {}
+        from densevit.upsample.anyup import resolve_weights
+
+        return {"weights": resolve_weights(self.upsample_weights)}
+
+    def _check_upload_pixels(self, path: str, name: str) -> None:
+        """An upload larger than :attr:`max_upload_pixels` is refused from its header, before any decoding."""
+        try:
+            h, w = image_size(path)
+        except DensevitError:
+            return                                  # unreadable: _read names it
+        if self.max_upload_pixels and h * w > self.max_upload_pixels:
+            raise DensevitError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {self.max_upload_pixels:,} "
+                                f"an upload may have (densevit-explore --max-upload-pixels N raises it)")
 
     @staticmethod
     def _read(path: Union[str, Path], name: str) -> Image.Image:
@@ -305,6 +338,7 @@ class Explorer:
             raise DensevitError(f"unknown facet {s.facet!r}; choose from {', '.join(DESCRIPTOR_FACETS)}")
         if s.upsample is not None:
             check_method(s.upsample)
+            self._upsample_options(s.upsample)      # AnyUp without weights: one line now, not after the model
             if s.bin:
                 raise DensevitError("log-binning and upsampling do not combine (17 x D channels per pixel); "
                                     "turn one off")
@@ -382,7 +416,8 @@ class Explorer:
             st = self._stack(index, s)
             d = st["raw"][s.layer]
             if s.upsample is not None:        # pixel-dense, guided by the image (densevit.upsample)
-                d = upsample_tokens(d[None], st["grid"], st["guide"], s.upsample)[0][0]
+                d = upsample_tokens(d[None], st["grid"], st["guide"], s.upsample,
+                                    **self._upsample_options(s.upsample))[0][0]
             if s.bin:
                 h, w = st["grid"].shape
                 d = log_bin(d.T.reshape(1, d.shape[1], h, w))[0]

@@ -51,6 +51,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 DISPLAY_SIDE = 1024  # images are sent to the page at most this large (the page scales them)
 MAX_K = 100  # top-k matches per image
 MAX_SAVE_BYTES = 64 << 20  # the largest view PNG Save writes
+MAX_SAVE_PIXELS = 32_000_000  # the largest view PNG Save decodes (checked from its header first)
+MAX_UPLOAD_MIB = 64  # bytes of one upload request, counted while it streams (densevit-explore --max-upload-mib)
 
 
 def _b64_f32(values) -> str:
@@ -174,10 +176,50 @@ def _png(data_url: Any) -> bytes:
         raise DensevitError("the picture to save is not a PNG")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_SAVE_PIXELS:
+                raise DensevitError(f"the picture to save is {im.width}x{im.height} pixels, more than the "
+                                    f"{MAX_SAVE_PIXELS:,} a view has")
             im.load()
+    except DensevitError:
+        raise
     except Exception as exc:  # noqa: BLE001 (any decoding failure, decompression bombs included)
         raise DensevitError(f"the picture to save is not a readable PNG ({str(exc).splitlines()[0][:80]})") from None
     return data
+
+
+async def read_uploads(request: Any, max_bytes: int) -> List[Any]:
+    """``[(file name, bytes)]`` of a multipart upload (field ``files``), its size bounded WHILE it streams: a
+    declared ``Content-Length`` past ``max_bytes`` is refused before reading, and the body stops being read (and
+    the request is refused) as soon as ``max_bytes`` have arrived."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    too_large = DensevitError(f"the upload is more than {max_bytes >> 20} MiB (densevit-explore --max-upload-mib N "
+                              f"raises the bound)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise DensevitError("an upload is a multipart/form-data request with one or more 'files'")
+
+    async def limited():
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > max_bytes:
+                raise too_large
+            yield chunk
+
+    try:
+        form = await MultiPartParser(request.headers, limited(), max_files=1000, max_fields=100).parse()
+    except MultiPartException as exc:
+        raise DensevitError(f"bad upload: {exc.message}") from None
+    try:
+        files = [v for k, v in form.multi_items() if k == "files" and not isinstance(v, str)]
+        if not files:
+            raise DensevitError("bad request: files: Field required")
+        return [(f.filename or "upload", await f.read()) for f in files]
+    finally:
+        await form.close()
 
 
 def allowed_hosts(host: str, extra: Sequence[str] = ()) -> List[str]:
@@ -291,14 +333,14 @@ class Worker:
 
 
 def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: Optional[Sequence[str]] = None,
-               inputs: Sequence[Union[str, Path]] = ()):
+               inputs: Sequence[Union[str, Path]] = (), max_upload_bytes: int = MAX_UPLOAD_MIB << 20):
     """The FastAPI application serving ``explorer``; Save writes into ``out_dir``, never into ``inputs`` (the
     files and folders the explorer was started on) nor an image's file (:func:`densevit.io.files.check_outputs`,
     checked again at each Save; a failed write answers one line, and leaves no partial file). It answers only requests sent
     to one of ``hosts`` (default: ``allowed_hosts("127.0.0.1")``; any other ``Host`` gets 400, which stops DNS
     rebinding) and changes state only for requests from its own page (:class:`OriginCheck`, else 403). The model
     work runs in one :class:`Worker`, queued."""
-    from fastapi import FastAPI, File, Request, UploadFile
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
     from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -319,7 +361,7 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
 
     @app.exception_handler(DensevitError)
     async def _user_error(request: Request, exc: DensevitError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": str(getattr(exc, "cli_message", exc))}, status_code=400)
 
     @app.exception_handler(OutputWriteError)
     async def _write_error(request: Request, exc: OutputWriteError):    # the server's disk, not the request
@@ -429,9 +471,11 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
         return await worker.run(job)
 
     @app.post("/api/upload")
-    async def upload(files: List[UploadFile] = File(...)):
-        """Each file is added or reported on its own (a bad one never drops the others); 400 when none was added."""
-        batch = [(f.filename or "upload", await f.read()) for f in files]
+    async def upload(request: Request):
+        """Each file is added or reported on its own (a bad one never drops the others); 400 when none was added.
+        The request's bytes are bounded while it streams (:func:`read_uploads`), each image's pixels from its
+        header before decoding, and the images kept by the explorer's ``max_images``."""
+        batch = await read_uploads(request, max_upload_bytes)
 
         def job():
             added, errors, notes = [], [], []
@@ -481,7 +525,8 @@ def create_app(explorer: Explorer, out_dir: Path = Path("explore_out"), hosts: O
                 n += 1
             stem = f"{stem}{'' if n == 0 else f'_{n}'}"
             check_outputs(read, files=[out / f"{stem}.png", out / f"{stem}.json"])
-            record["replay"] = f"densevit-explore --replay {out / (stem + '.json')}"
+            if "clicked" in record:                 # only a clicked finding can be recomputed
+                record["replay"] = f"densevit-explore --replay {out / (stem + '.json')}"
             text = (json.dumps(record, indent=2) + "\n").encode()
             atomic_write_bytes(out / f"{stem}.png", png)
             try:

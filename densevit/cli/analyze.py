@@ -177,10 +177,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError("--radius must be at least 1")
     if not 0.0 < args.threshold <= 1.0:
         raise DensevitError("--threshold must be in (0, 1]")
-    images, unreadable = drop_unreadable("densevit-analyze", images)
+    models = _parse_models(args)
+    min_side = max(get_spec(name).patch_size for _, name, _ in models)    # every model reads every image
+    images, unreadable = drop_unreadable("densevit-analyze", images, min_side=min_side)
     if not images:
         raise DensevitError("no readable input image")
-    models = _parse_models(args)
     labels = [m[0] for m in models]
     tasks: List[str] = []
     if "sweep" in args.analyses:

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 from ..errors import DensevitError
 from ..io.files import OutputWriteError
 from ..features.options import FeatureOptions
+from ..io.images import max_pixels
 from ..options import opt
 from .flags import add_config_flags
 
@@ -24,6 +25,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callab
 
     def entry(argv: Optional[Sequence[str]] = None) -> int:
         try:
+            max_pixels()                # a bad $DENSEVIT_MAX_PIXELS: one line before any work, not image by image
             code = main(argv)
         except DensevitError as exc:
             print(f"{prog}: error: {getattr(exc, 'cli_message', exc)}", file=sys.stderr)
@@ -173,3 +175,18 @@ def _store_conflicts(args: argparse.Namespace, settings: dict):
             same = False
         if not same:
             yield "weights", args.weights, stored.get("name") or stored.get("source")
+
+
+def patch_size_of(args: argparse.Namespace) -> int:
+    """The patch size of the model a command's features come from (``--store``: the store's), the smallest image
+    side it reads (:func:`~densevit.io.images.check_min_side`)."""
+    store = getattr(args, "store", None)
+    if store:
+        from ..storage.store import FeatureStore
+
+        size = FeatureStore(store).settings.get("patch_size")
+        if size:
+            return int(size)
+    from ..models.registry import get_spec
+
+    return get_spec(args.backbone).patch_size

@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from ..errors import DensevitError
 from ..io.files import atomic_write, atomic_write_text, check_outputs
-from ..io.images import UnreadableImageError, gather_images, report_unreadable, skip_unreadable
+from ..io.images import UnreadableImageError, gather_images, image_size, report_unreadable, resized_hw, skip_unreadable
+from ..io.limits import DEFAULT_MAX_OUTPUT_MIB, check_output_bytes
 from ..models.registry import BACKBONES
 from ..features.upsampled import UpsampleOptions
 from ..options import opt
@@ -37,6 +38,8 @@ class ExtractOptions:
     bin: bool = opt(False, "log-binned descriptors (17 bins)", negatable=False)
     include_cls: bool = opt(False, "keep the CLS token as the first descriptor", negatable=False)
     list_backbones: bool = opt(False, "list the known backbones and exit", negatable=False)
+    max_output_mib: int = opt(DEFAULT_MAX_OUTPUT_MIB, "largest .npz file written, in MiB (estimated from the image "
+                                                      "headers before any work; 0: no bound)")
 
 
 _DATASET = ("store", "prune", "batch_size", "workers", "writers", "store_dtype", "shard_size", "fast_decode",
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(d, cls, only=[n for n in _DATASET if n in cls.__dataclass_fields__])
     add_config_flags(d, OutputOptions, only=["quiet"])
     add_config_flags(p, ExtractionConfig, only=["saliency"])
-    add_config_flags(p, ExtractOptions, only=["bin", "include_cls"])
+    add_config_flags(p, ExtractOptions, only=["bin", "include_cls", "max_output_mib"])
     add_config_flags(p, OutputOptions, only=["overwrite"], tweak={"overwrite": {
         "help": "replace existing output files (with --store: empty the store first)"}})
     add_config_flags(p, UpsampleOptions, title="pixel-dense features (.npz files; a store keeps raw maps)")
@@ -76,6 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{spec.pos.describe()}")
         return 0
     up = config_from_args(UpsampleOptions, args)
+    if args.store and args.upsample_weights and not up.upsample:
+        up.options()                                    # --upsample-weights without --upsample: refused
     if args.store:
         if up.upsample:
             raise DensevitError("a store keeps the raw patch-stride maps; upsample them when reading "
@@ -102,6 +107,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"densevit-extract: {skipped} output(s) exist, skipped (use --overwrite to replace)", file=sys.stderr)
     if not todo:
         return 0
+    if args.max_output_mib < 0:
+        raise DensevitError(f"--max-output-mib must be >= 0 (0: no bound), got {args.max_output_mib}")
+    check_output_bytes(((str(img), _npz_bytes(img, args, facet, up.upsample)) for img, _ in todo),
+                       args.max_output_mib, "--max-output-mib")
+    up_options = up.options()       # AnyUp's weights found and read once, before the model loads
     ext = build_extractor(args)
     ext.resolve_layer(layer)  # validate before any work
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             x, grid = ext.preprocess(img, args.load_size)
             feats = ext.extract(x, (layer,), (facet,), bin=args.bin, include_cls=args.include_cls,
                                 saliency=args.saliency, image_hw=grid.image_hw, upsample=up.upsample,
-                                upsample_options=up.options())
+                                upsample_options=up_options)
             grid = feats.grid
         except UnreadableImageError as exc:
             skip_unreadable("densevit-extract", exc)
@@ -138,6 +148,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"densevit-extract: {written} descriptor file(s) written to {out_dir}"
           + (f", {skipped} existing kept" if skipped else "") + (f", {failures} failed" if failures else ""))
     return max(1 if failures else 0, report_unreadable("densevit-extract", unreadable))
+
+
+def _npz_bytes(image: Path, args: argparse.Namespace, facet: str, upsample: Optional[str]) -> int:
+    """The size of ``image``'s .npz (float32 descriptors and saliency), from its header and the flags; 0 when the
+    header cannot be read (the image is skipped later, in its one line)."""
+    from ..cli.common import resolve_stride
+    from ..models.grid import grid_shape
+    from ..models.registry import get_spec
+
+    spec = get_spec(args.backbone)
+    try:
+        H, W = resized_hw(image_size(image), args.load_size if args.load_size and args.load_size > 0 else None)
+        h, w = grid_shape((H, W), spec.patch_size, resolve_stride(args))
+    except DensevitError:
+        return 0
+    tokens = H * W if upsample else h * w + (1 if args.include_cls else 0)
+    dim = tokens * spec.num_heads if facet == "attn" else spec.embed_dim * (17 if args.bin else 1)
+    return 4 * tokens * (dim + (1 if args.saliency else 0))
 
 
 def _store_main(args: argparse.Namespace) -> int:

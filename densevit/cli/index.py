@@ -111,9 +111,11 @@ def _search(args: argparse.Namespace) -> int:
     index = pi.load_index(args.index, args.store, args.device)
     if args.nprobe is not None or args.rerank is not None:
         cfg = index.config
-        cfg.nprobe = args.nprobe or cfg.nprobe
+        cfg.nprobe = cfg.nprobe if args.nprobe is None else args.nprobe      # 0 is refused, not the default
         cfg.rerank = cfg.rerank if args.rerank is None else args.rerank
         cfg.check()
+        if args.nprobe is not None:
+            cfg.check_nprobe(index.meta.get("params", {}).get("nlist"))
         index.meta["config"] = asdict(cfg)
     image = args.image
     extractor = None

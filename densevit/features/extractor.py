@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DensevitError, InvalidArgumentError
-from ..io.images import ImageLike, LoadSize, as_pil, preprocess, split_images
+from ..io.images import ImageLike, LoadSize, as_pil, check_min_side, preprocess, split_images
 from ..models.families import BlockFamily, make_adapter
 from ..models.grid import TokenGrid, grid_shape
 from ..models.own import adopt_module
@@ -186,10 +186,8 @@ class ViTExtractor(nn.Module):
                               ) -> Tuple[torch.Tensor, TokenGrid, "Image.Image"]:
         """:meth:`preprocess` that also returns the resized RGB image (for drawing or refinement at load size)."""
         x, resized, image_hw = preprocess(image, load_size, self.spec.mean, self.spec.std)
-        if min(image_hw) < self.patch_size:
-            name = image if isinstance(image, (str, Path)) else "image"
-            raise DensevitError(f"{name} is {image_hw[1]}x{image_hw[0]} pixels, smaller than the "
-                                f"{self.patch_size}-pixel patch of {self.spec.name}")
+        check_min_side(image if isinstance(image, (str, Path)) else "image", image_hw, self.patch_size,
+                       self.spec.name)
         grid = self.grid(tuple(x.shape[-2:]), image_hw, stride)
         return x.unsqueeze(0).to(self.device), grid, resized
 

@@ -33,6 +33,11 @@ class Match:
     score: float
 
 
+
+def _coord(v: float) -> str:
+    """A pixel coordinate for a message: one decimal, or 3 significant digits when huge (never 300 digits)."""
+    return f"{v:.1f}" if abs(v) < 1e7 else f"{v:.3g}"
+
 def normalize(descriptors: torch.Tensor) -> torch.Tensor:
     """``TxD`` descriptors -> float32 rows of unit L2 norm (zero rows stay zero), contiguous."""
     return F.normalize(descriptors.float(), dim=-1).contiguous()
@@ -128,7 +133,7 @@ def token_at(grid: TokenGrid, x: float, y: float) -> int:
     error (one line)."""
     H, W = grid.original_hw
     if not (0 <= x < W and 0 <= y < H):
-        raise DensevitError(f"point ({x:.1f}, {y:.1f}) is outside the image ({W}x{H} pixels)")
+        raise DensevitError(f"point ({_coord(x)}, {_coord(y)}) is outside the image ({W}x{H} pixels)")
     return int(grid.pixels_to_tokens(torch.tensor([[float(x), float(y)]]))[0])
 
 

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 from PIL import Image
 
+from ..errors import InvalidArgumentError
 from ..io.images import denormalize, to_uint8_tensor
 from ..options import opt
 from ..upsample import UPSAMPLERS, check_method, upsample_token_maps
@@ -42,8 +43,18 @@ class UpsampleOptions:
                                                 "checkpoint folder")
 
     def options(self) -> Dict[str, Any]:
-        """Keyword arguments of the method."""
-        return {"weights": self.upsample_weights} if self.upsample == "anyup" and self.upsample_weights else {}
+        """Keyword arguments of the method, checked before any work: ``--upsample-weights`` only with
+        ``--upsample anyup`` (never ignored), and AnyUp's weights found and read once, up front (a missing or bad
+        file is one line naming it)."""
+        if self.upsample_weights is not None and self.upsample != "anyup":
+            raise InvalidArgumentError(f"--upsample-weights applies to --upsample anyup only (got --upsample "
+                                       f"{self.upsample}); leave it out")
+        if self.upsample != "anyup":
+            return {}
+        from ..upsample.anyup import resolve_weights
+
+        weights = resolve_weights(self.upsample_weights)
+        return {"weights": weights}
 
 
 class UpsampledSource:

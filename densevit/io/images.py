@@ -321,6 +321,21 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 """File name suffixes read as images when a folder is given."""
 
 
+def not_a_file_or_folder(p: Path) -> str:
+    """The one line for an input that is neither a regular file nor a folder: missing, or a FIFO, socket or
+    device (never read: reading a FIFO would wait for a writer)."""
+    if not p.exists() and not p.is_symlink():
+        return f"no such file or folder: {p}"
+    if p.is_symlink() and not p.exists():
+        return f"{p} is a broken symbolic link"
+    import stat
+
+    mode = p.stat().st_mode
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"{p} is {kind}, not an image file or a folder"
+
+
 def gather_images(inputs: Iterable[str]) -> List[Path]:
     """Expand files and folders (non-recursive, sorted) into a list of image paths; missing paths are errors."""
     out: List[Path] = []
@@ -334,7 +349,7 @@ def gather_images(inputs: Iterable[str]) -> List[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise DensevitError(f"no such file or folder: {p}")
+            raise DensevitError(not_a_file_or_folder(p))
     if not out:
         raise DensevitError("no input images given")
     return out
@@ -365,26 +380,43 @@ def skip_unreadable(prog: str, reason: object, where: str = "") -> None:
     tqdm.write(f"{prog}: {where + ': ' if where else ''}skipping unreadable image: {reason}", file=sys.stderr)
 
 
-def check_readable(path: Path) -> None:
+class TooSmallImageError(UnreadableImageError):
+    """An image smaller than the patch of the model that reads it: left out like an unreadable one."""
+
+
+def check_min_side(name: object, image_hw: Tuple[int, int], patch_size: Optional[int], model: str = "") -> None:
+    """The one rule for images too small for a model: a side under ``patch_size`` pixels (the original image's,
+    before resizing) raises :class:`TooSmallImageError` naming the image, so every command skips it in one line."""
+    if patch_size and min(image_hw) < patch_size:
+        raise TooSmallImageError(f"{name} is {image_hw[1]}x{image_hw[0]} pixels, smaller than the "
+                                 f"{patch_size}-pixel patch" + (f" of {model}" if model else ""))
+
+
+def check_readable(path: Path, min_side: Optional[int] = None) -> None:
     """Raise :class:`UnreadableImageError` with one line if ``path`` cannot be decoded as an
     image. Decodes the whole file (JPEGs at reduced scale, which still reads every byte), so truncated and
     garbage files are caught, and images over the size limit (:func:`max_pixels`). Inside :func:`decode_once`
-    the file is decoded in full, once, for the work that follows."""
+    the file is decoded in full, once, for the work that follows. ``min_side``: the patch size of the model
+    that will read it (:func:`check_min_side`)."""
     if getattr(_DECODED, "cache", None) is not None:
-        load_image(path)
+        img = load_image(path)
+        hw = (img.height, img.width)
     else:
-        load_resized(path, 16, fast_jpeg=True)
+        _, hw = load_resized(path, 16, fast_jpeg=True)
+    check_min_side(path, hw, min_side)
 
 
-def drop_unreadable(prog: str, images: Sequence[Path], where: str = "") -> Tuple[List[Path], List[Path]]:
-    """The rule every command follows for bad input images, checked before the work: each unreadable image is
-    reported in one line (:func:`skip_unreadable`) and left out. Returns ``(readable, unreadable)``; callers
-    process the readable ones and close with :func:`report_unreadable` (exit code 1)."""
+def drop_unreadable(prog: str, images: Sequence[Path], where: str = "", min_side: Optional[int] = None
+                    ) -> Tuple[List[Path], List[Path]]:
+    """The rule every command follows for bad input images, checked before the work: each unreadable image
+    (or one with a side under ``min_side`` pixels, the model's patch) is reported in one line
+    (:func:`skip_unreadable`) and left out. Returns ``(readable, unreadable)``; callers process the readable ones
+    and close with :func:`report_unreadable` (exit code 1)."""
     good: List[Path] = []
     bad: List[Path] = []
     for p in images:
         try:
-            check_readable(p)
+            check_readable(p, min_side)
             good.append(p)
         except UnreadableImageError as exc:
             bad.append(p)

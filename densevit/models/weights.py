@@ -60,15 +60,53 @@ _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def _read_file(path: Path) -> Dict[str, Any]:
+def _why(exc: BaseException) -> str:
+    """``"Type: first line"`` of an exception (``"Type"`` alone when its message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
+
+
+def read_checkpoint(path: Union[str, Path], what: str = "weights") -> Any:
+    """The object a checkpoint file holds (``torch.load(weights_only=True)``, or safetensors' by suffix), for every
+    loader of weights (backbones, upsamplers). A missing, empty, text, pickled-code or otherwise unreadable file is
+    one :class:`~densevit.errors.DensevitError` line naming it (``what``: the kind of weights, for the message)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DensevitError(f"cannot read {what} file {path}: {exc.strerror or _why(exc)}") from None
+    if not path.is_file():
+        raise DensevitError(f"{what} file {path} is not a regular file")
+    if size == 0:
+        raise DensevitError(f"cannot read {what} file {path}: it is empty (0 bytes)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt / not a checkpoint
-        raise DensevitError(f"cannot read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # corrupt / not a checkpoint / code that weights_only refuses to run
+        text = str(exc).lower()
+        if "weights only load failed" in text and ("global" in text or "allowlist" in text):
+            why = "it pickles objects other than tensors, which are never loaded (no code from a file runs)"
+        elif path.suffix == ".safetensors":
+            why = f"not a safetensors file ({_why(exc)})"
+        else:
+            why = "not a PyTorch (.pth/.pt/.bin) or safetensors checkpoint"
+        raise DensevitError(f"cannot read {what} file {path}: {why}") from None
+
+
+def check_finite(state: Dict[str, Any], source: str) -> None:
+    """Refuse weights holding NaN or infinity (they give NaN descriptors): one line naming ``source`` (``"weights
+    FILE"``) and the first such tensor."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise DensevitError(f"{source} hold non-finite values (NaN or infinity): {bad} in {k!r}")
+
+
+def _read_file(path: Path) -> Dict[str, Any]:
+    return read_checkpoint(path)
 
 
 def _folder_files(path: Path) -> List[Path]:
@@ -210,6 +248,7 @@ def load_state(model: nn.Module, spec: BackboneSpec, state: Dict[str, torch.Tens
     """:func:`load_weights_file` for a state dict already in memory (``source`` names it in errors; ``hf_config``:
     a transformers checkpoint's ``config.json``)."""
     sd, extras = _fit_state_dict(state, model, spec, source, hf_config)
+    check_finite({**sd, **extras}, f"weights {source}")
     meta = bool(_meta_tensors(model))
     if meta:
         expected = model.state_dict()

@@ -31,6 +31,8 @@ from ..features.extractor import FACETS
 from ..features.options import load_size_opt
 from ..io.images import (
     IMAGE_SUFFIXES,
+    check_min_side,
+    not_a_file_or_folder,
     image_size,
     load_resized,
     normalize,
@@ -116,13 +118,17 @@ def gather_dataset(inputs: Sequence[str], recursive: bool = False) -> List[Tuple
         elif p.is_file():
             out.append((p.name, p))
         else:
-            raise DensevitError(f"no such file or folder: {p}")
+            raise DensevitError(not_a_file_or_folder(p))
     if not out:
         raise DensevitError("no input images given")
     keys = [k for k, _ in out]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
-        raise DensevitError(f"two inputs have the same key {dup!r}; give them as separate folders or rename them")
+        a, b = [p for k, p in out if k == dup][:2]
+        fix = ("give their common parent folder (with --recursive) or rename one" if a.name != dup or b.name != dup
+               or a.parent != Path(dup).parent else "rename one")
+        raise DensevitError(f"{a} and {b} would both be stored as {dup!r} (a store keys an image by its path "
+                            f"relative to the folder given, a file by its name); {fix}")
     return out
 
 
@@ -178,8 +184,10 @@ def read_headers(items: Sequence[Tuple[str, Path]], patch_size: int, stride: int
             unreadable[key] = res
             continue
         hw, source = res
-        if min(hw) < patch_size:
-            unreadable[key] = f"{path} is {hw[1]}x{hw[0]} pixels, smaller than the {patch_size}-pixel patch"
+        try:
+            check_min_side(path, hw, patch_size)
+        except DensevitError as exc:
+            unreadable[key] = str(exc)
             continue
         try:
             grid_shape(resized_hw(hw, cfg.load_size), patch_size, stride)

@@ -47,6 +47,9 @@ FORMAT = "densevit-patch-index-v1"
 META, IDS, FAISS_FILE, VECTORS = "index.json", "ids.npy", "index.faiss", "vectors.npy"
 
 
+MIN_HNSW_M, MAX_HNSW_M = 2, 512     # HNSW neighbours per node: FAISS needs 2; memory grows with M
+
+
 class PatchIndexError(DensevitError):
     """An index file is missing, truncated or modified, or the index does not belong to the store."""
 
@@ -93,7 +96,33 @@ class IndexConfig:
         if self.sample_stride < 1 or self.chunk_images < 1 or self.train_size < 1:
             raise DensevitError("--sample-stride, chunk size and training size must be >= 1")
         if self.nprobe < 1 or self.ef_search < 1 or self.rerank < 0:
-            raise DensevitError("nprobe and ef_search must be >= 1 and rerank >= 0")
+            raise DensevitError(f"--nprobe must be >= 1 (got {self.nprobe}), ef_search >= 1 and --rerank >= 0 "
+                                f"(got {self.rerank})")
+        for flag, value in (("--nlist", self.nlist), ("--pq-m", self.pq_m)):
+            if value is not None and value < 1:       # 0 is not "the default": leave the flag out for that
+                raise DensevitError(f"{flag} must be >= 1, got {value} (leave it out for the default)")
+        if not MIN_HNSW_M <= self.hnsw_m <= MAX_HNSW_M:
+            raise DensevitError(f"--hnsw-m must be between {MIN_HNSW_M} and {MAX_HNSW_M} (FAISS keeps 2 x M "
+                                f"neighbours per vector), got {self.hnsw_m}")
+
+    def check_sizes(self, n: int, d: int) -> None:
+        """The parameters against the ``n`` vectors of ``d`` dims to index, before FAISS sees them: an IVF needs
+        at least one training vector per list, PQ sub-quantisers split the ``d`` dims evenly."""
+        self.check()
+        trained = min(n, self.train_size)
+        if self.kind in ("ivf-flat", "ivf-pq") and self.nlist is not None and self.nlist > trained:
+            raise DensevitError(f"--nlist {self.nlist} is more lists than the {trained:,} training vectors "
+                                f"({n:,} vectors to index, --train-size {self.train_size:,}); use at most {trained:,}, "
+                                f"or leave it out for the default ({_default_nlist(n)})")
+        if self.kind == "ivf-pq" and self.pq_m is not None and (self.pq_m > d or d % self.pq_m):
+            divisors = [m for m in range(1, d + 1) if d % m == 0]
+            raise DensevitError(f"--pq-m {self.pq_m} must divide the descriptor size {d} (e.g. "
+                                f"{', '.join(str(m) for m in divisors[-4:])})")
+
+    def check_nprobe(self, nlist: Optional[int]) -> None:
+        """``nprobe`` against an IVF index of ``nlist`` lists (``None``: not an IVF, nprobe unused)."""
+        if nlist is not None and self.nprobe > nlist:
+            raise DensevitError(f"--nprobe {self.nprobe} is more than the {nlist} lists of this index")
 
 
 @dataclass
@@ -281,6 +310,7 @@ def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cf
     if n == 0:
         raise DensevitError("no token selected (lower --saliency-threshold or --sample-stride)")
     d = int(st.descriptors(images[0], layer, facet).shape[1])
+    cfg.check_sizes(n, d)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

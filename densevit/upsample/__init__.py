@@ -19,6 +19,7 @@ from .anyup import CHECKPOINTS as ANYUP_CHECKPOINTS
 from .anyup import AnyUp, anyup, load_anyup
 from .jbu import bilinear, jbu
 from .upsample_anything import upsample_anything
+from .window import output_size
 
 UPSAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "bilinear": bilinear,
@@ -48,6 +49,8 @@ def upsample(features: torch.Tensor, image: torch.Tensor, method: str, out_size:
     """Upsample ``features`` guided by ``image`` (``[0, 1]`` RGB) to ``out_size`` (default: the image's size)
     with ``method`` (a key of :data:`UPSAMPLERS`); ``options`` go to the method."""
     check_method(method)
+    if out_size is not None:
+        output_size(out_size, image)
     try:
         return UPSAMPLERS[method](features, image, out_size, **options)
     except TypeError as e:

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, WeightsNotFoundError
 from ..models.locate import describe_search, find_checkpoint
-from .window import check_inputs
+from ..models.weights import check_finite, read_checkpoint
+from .window import check_inputs, output_size
 
 CHECKPOINTS = ("anyup_multi_backbone.pth", "anyup_paper.pth")
 """The official checkpoint file names, in the order they are searched for."""
@@ -211,17 +212,44 @@ def load_anyup(weights: Union[str, Path, Dict[str, torch.Tensor], None] = None,
         path = Path(weights)
         if not path.is_file():
             raise WeightsNotFoundError(f"AnyUp weights not found: no file {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path, "AnyUp weights")
     else:
         state = weights
-    state = {k: v.float() for k, v in state.items()}
+    source = f"AnyUp weights {weights}" if isinstance(weights, (str, Path)) else "AnyUp state dict"
+    if not isinstance(state, dict):
+        raise InvalidArgumentError(f"{source} do not hold a state dict")
+    state = {k: v.float() for k, v in state.items() if isinstance(v, torch.Tensor)}
     expected = set(model.state_dict())
     missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unknown:
-        raise InvalidArgumentError(f"not an AnyUp state dict: {len(missing)} missing key(s) {missing[:3]}, "
-                                   f"{len(unknown)} unknown key(s) {unknown[:3]}")
+        raise InvalidArgumentError(f"{source}: not an AnyUp state dict: {len(missing)} missing key(s) "
+                                   f"{missing[:3]}, {len(unknown)} unknown key(s) {unknown[:3]}")
+    check_finite(state, source)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def resolve_weights(weights: Union[str, Path, None], device: Union[str, torch.device] = "cpu"
+                    ) -> Union[str, Path]:
+    """Check AnyUp weights once, before any work: ``"random"``, a checkpoint file, or ``None`` (searched for
+    :data:`CHECKPOINTS`); the file is read and checked now (then kept loaded for :func:`anyup` on ``device``), so
+    a missing or bad file is one line up front, worded for Python and for the command line
+    (``--upsample-weights``). Returns what to pass as ``weights=``."""
+    if isinstance(weights, str) and weights == "random":
+        return weights
+    if weights is None:
+        found = find_checkpoint(CHECKPOINTS)
+        if found is None:
+            looked = describe_search(CHECKPOINTS)
+            raise WeightsNotFoundError(f"AnyUp weights not found: looked for {looked}; pass weights=PATH or "
+                                       f"weights='random'",
+                                       f"AnyUp weights not found: looked for {looked}; pass --upsample-weights FILE "
+                                       f"(anyup_paper.pth or anyup_multi_backbone.pth) or --upsample-weights random")
+        weights = found
+    key = (str(weights), str(torch.device(device)))
+    if key not in _CACHE:
+        _CACHE[key] = load_anyup(weights, device)
+    return weights
 
 
 def normalize_imagenet(image: torch.Tensor) -> torch.Tensor:
@@ -240,6 +268,7 @@ def anyup(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[
     checkpoint path, ``"random"``, or ``None`` (search for the official files). Loaded models are cached per
     path and device."""
     check_inputs(features, image)
+    out_size = output_size(out_size, image)
     if isinstance(weights, AnyUp):
         model = weights
     else:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from .window import check_inputs, rows_for, weighted_sum, windows
+from .window import check_inputs, check_sigma, clamp_radius, output_size, rows_for, weighted_sum, windows
 
 
 def bilinear(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[int, int]] = None
@@ -20,7 +20,7 @@ def bilinear(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tup
     """``F.interpolate(features, out_size, mode="bilinear", align_corners=False)``; the image gives only the
     default size."""
     check_inputs(features, image)
-    size = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
+    size = output_size(out_size, image)
     return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
 
 
@@ -28,7 +28,7 @@ def jbu(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[in
         sigma_spatial: float = 1.0, sigma_range: float = 0.1, radius: Optional[int] = None,
         rows_per_chunk: Optional[int] = None) -> torch.Tensor:
     """Joint bilateral upsampling: each output pixel ``p`` averages the low-res features ``f(q)`` of the cells
-    ``q`` within ``radius`` (default ``ceil(2 * sigma_spatial)``) of its nearest cell, weighted by
+    ``q`` within ``radius`` (default ``ceil(2 * sigma_spatial)``, clamped to the grid) of its nearest cell, weighted by
     ``exp(-|p_low - q|^2 / (2 sigma_spatial^2)) * exp(-|I(p) - I_low(q)|^2 / (2 sigma_range^2))``.
 
     ``p_low`` is ``p``'s continuous position on the low-res grid (``align_corners=False`` convention), so
@@ -39,13 +39,14 @@ def jbu(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[in
     about 0.5 GB beyond the 0.6 GB output for 768 channels from 56x56 to 448x448).
     """
     check_inputs(features, image)
-    if sigma_spatial <= 0 or sigma_range <= 0:
-        raise InvalidArgumentError(f"jbu sigmas must be positive, got spatial {sigma_spatial}, range {sigma_range}")
+    sigma_spatial = check_sigma("jbu sigma_spatial", sigma_spatial)
+    sigma_range = check_sigma("jbu sigma_range", sigma_range)
     B, C, h, w = features.shape
-    H, W = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
+    H, W = output_size(out_size, image)
     r = int(math.ceil(2 * sigma_spatial)) if radius is None else int(radius)
     if r < 0:
         raise InvalidArgumentError(f"jbu radius must be >= 0, got {radius}")
+    r = clamp_radius(r, (h, w))                 # a wider window only adds cells outside the grid
     guide = image.float()
     if guide.shape[-2:] != (H, W):
         guide = F.interpolate(guide, size=(H, W), mode="bilinear", align_corners=False)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from .window import Window, check_inputs, rows_for, weighted_sum, windows
+from .window import Window, check_inputs, output_size, rows_for, weighted_sum, windows
 
 STEPS = 51            # optimiser steps the official loop makes (it breaks at step == 50)
 SCHEDULE_STEPS = 5100  # the official schedule length: lr * gamma ** step, gamma = (1e-9 / lr) ** (1 / 5100)
@@ -169,7 +169,7 @@ def upsample_anything(features: torch.Tensor, image: torch.Tensor, out_size: Opt
     ``schedule_steps``, ``radius``, ``alpha``, ``init_sigma``, ``init_sigma_r`` (see :func:`fit_kernels`)."""
     check_inputs(features, image)
     B, C, h, w = features.shape
-    H, W = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
+    H, W = output_size(out_size, image)
     scale = max(1, int(round(H / h)))
     fit_hw = (scale * h, scale * w)
     guide = image.float()

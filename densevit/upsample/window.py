@@ -8,7 +8,8 @@ sits at low-res coordinates ``u = (Y + 0.5) * h / H - 0.5`` (rows) and ``v = (X 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Tuple
+import math
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -93,3 +94,34 @@ def check_inputs(features: torch.Tensor, image: torch.Tensor) -> None:
                                    f"{tuple(features.shape)} and {tuple(image.shape)}")
 
 
+
+
+def output_size(out_size: Optional[Sequence[int]], image: torch.Tensor) -> Tuple[int, int]:
+    """``(H, W)`` of an upsampler's output: ``out_size`` (two positive whole numbers) or the guide image's size."""
+    if out_size is None:
+        return int(image.shape[-2]), int(image.shape[-1])
+    try:
+        H, W = (int(s) for s in out_size)
+        ok = all(float(s) == int(s) for s in out_size)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok or H < 1 or W < 1:
+        raise InvalidArgumentError(f"upsampling out_size must be two positive whole numbers (H, W), got {out_size!r}")
+    return H, W
+
+
+def check_sigma(name: str, value: float) -> float:
+    """A sigma of an upsampler: a finite number above zero (NaN and infinity refused)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise InvalidArgumentError(f"{name} must be a finite number above 0, got {value!r}")
+    return v
+
+
+def clamp_radius(radius: int, low_hw: Tuple[int, int]) -> int:
+    """A window radius clamped to the low-res grid: beyond ``max(h, w) - 1`` cells every neighbour lies outside
+    the grid (the window is centred on a cell of the grid), so a larger radius gives the same result, slower."""
+    return max(0, min(int(radius), max(low_hw) - 1))
