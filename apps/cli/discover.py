@@ -32,7 +32,9 @@ from densevit.cli.common import (
 )
 from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
+from densevit.io.files import atomic_write
 from densevit.io.images import UnreadableImageError
+from densevit.runtime.progress import Progress
 
 from .. import draw
 from ..discovery.core import DiscoverConfig, discover
@@ -46,10 +48,10 @@ def add_discover_args(parser: argparse.ArgumentParser, prefix: str = "", load_si
                       method: bool = True) -> None:
     """Flags of :class:`DiscoverConfig` (defaults: the papers'); ``prefix`` (e.g. ``"discover-"``) names them
     apart from another tool's flags (and leaves out --layer/--facet: the last block's keys); ``method=False``
-    leaves out ``--method``; ``load_size`` -1: the propagation's --short-side."""
+    leaves out ``--method``; ``load_size`` -1: the propagation's --load-size."""
     skip = (() if method else ("method",)) + (("layer", "facet") if prefix else ())
     help_load = "resize the shorter image side to this (0: the original size, as the papers" + (
-        "; -1: the propagation's --short-side)" if load_size < 0 else ")")
+        "; -1: the propagation's --load-size)" if load_size < 0 else ")")
     add_config_flags(parser, DiscoverConfig, title="object discovery (defaults: the papers')", prefix=prefix,
                      skip=skip, defaults={"load_size": load_size}, tweak={"load_size": {"help": help_load}, "upsample": {"help": (
                          "discover on features upsampled with this method, guided by the image, to the densest grid "
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                      tweak={"max_side": {"help": "longest side of the pictures in pixels (masks keep the original "
                                                  "size)"}})
     add_discover_args(p)
-    add_model_flags(p, stride="patch", backbone="dino_vits16")
+    add_model_flags(p, stride="patch")
     return p
 
 
@@ -109,9 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records: Dict[str, Dict] = {}
     failures = len(errors)
     unreadable: List[Path] = []
-    bar = tqdm(list(zip(images, names)), desc=PROG, unit="image", disable=args.quiet or None, file=sys.stderr)
-    for path, stem in bar:
-        bar.set_postfix_str(stem)
+    progress = Progress(PROG, quiet=args.quiet)
+    provenance = ext.provenance
+    for path, stem in progress.track(list(zip(images, names)), "discovering", "image", leave=True):
         try:
             targets = {k: out / f"{stem}_{k}.png" for k in kinds}
             check_outputs(args.inputs, files=targets.values(), overwrite=args.overwrite)
@@ -139,10 +141,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except DensevitError as exc:
             failures += 1
             tqdm.write(f"{PROG}: {path}: error: {exc}", file=sys.stderr)
-    bar.close()
-    settings = {"backbone": args.backbone, "weights": args.weights, "stride": ext.stride,
+    settings = {"backbone": ext.spec.name, "weights": args.weights, "stride": ext.stride,
                 **{k: v for k, v in vars(cfg).items()}}
-    boxes_path.write_text(json.dumps({"settings": settings, "images": records}, indent=2) + "\n")
+    if records:                 # nothing discovered: no boxes.json (an empty one would read as a result)
+        text = json.dumps({"provenance": provenance, "settings": settings, "images": records}, indent=2) + "\n"
+        atomic_write(boxes_path, lambda f: f.write(text.encode()))
     if failures:
         print(f"{PROG}: {failures} input(s) failed; {len(records)} image(s) written to {out}", file=sys.stderr)
     return max(1 if failures else 0, report_unreadable(PROG, unreadable))

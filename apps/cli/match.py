@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from densevit.runtime.progress import stage
 from densevit.cli.common import build_source, gather_sets, run_cli
 from densevit.errors import DensevitError
 from densevit.matching.transfer import REFINE
@@ -94,6 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = find_correspondences_features(fa, fb, cfg)
         timings = {"extraction": t_extract, **res.timings}
         t = time.perf_counter()
+        stage("drawing")
         pic = draw.correspondence_image(fa.image, fb.image, res.points_a, res.points_b)
         draw.save_rgb(out / f"{base}_matches.png", pic)
         record = {"image_a": str(images[0]), "image_b": str(images[1]),
@@ -115,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return line, {"pairs": len(res.points_a), "num_buddies": res.num_buddies,
                       "timings": timings}
 
-    return run_sets(PROG, args, sets, planned, process, min_images=2, max_images=2, more_inputs=[args.points])
+    return run_sets(PROG, args, sets, planned, process, min_images=2, max_images=2, more_inputs=[args.points],
+                    source=source)
 
 
 entry = run_cli(main, PROG)

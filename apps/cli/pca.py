@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from densevit.runtime.progress import stage, track
 from densevit.cli.common import build_source, gather_sets, run_cli
 
 from .. import draw
@@ -49,10 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         descriptors, grids, names = features(images)
         t_extract = time.perf_counter() - t
         t = time.perf_counter()
+        stage("PCA")
         res = pca_features(descriptors, grids, names, cfg.n_components, all_together=not cfg.per_image)
         t_pca = time.perf_counter() - t
         t = time.perf_counter()
-        for stem, r in zip(stems(images), res):
+        for stem, r in track(list(zip(stems(images), res)), "drawing"):
             draw.save_rgb(out / f"{stem}_pca.png", draw.pca_rgb(r.components, r.grid, rgb, max_side=args.max_side))
         t_draw = time.perf_counter() - t
         ev = res[0].explained
@@ -63,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "timings": {"extraction": round(t_extract, 3), "pca": round(t_pca, 3),
                                   "drawing": round(t_draw, 3)}}
 
-    return run_sets(PROG, args, sets, planned, process, min_images=1)
+    return run_sets(PROG, args, sets, planned, process, min_images=1, source=source)
 
 
 entry = run_cli(main, PROG)

@@ -126,7 +126,7 @@ class DiscoverConfig(UpsampleOptions):
     eps: float = opt(1e-5, "TokenCut weight of edges below tau")
     binary_graph: bool = opt(True, "TokenCut ablation: similarities as edge weights above tau instead of 1",
                              flag="--no-binary-graph", invert=True)
-    solver: str = opt("eigh", "eigh: symmetric-normalised standard problem (default); generalized: TokenCut's "
+    solver: str = opt("eigh", "eigh: symmetric-normalised standard problem; generalized: TokenCut's "
                               "eigh(D - W, D) call with a dense D (same vector, slower)", choices=SOLVERS)
     k_patches: int = opt(100, "LOST: lowest-degree patches considered in the seed expansion")
     refine: str = opt("none", "mask refinement: none, a dense CRF (pydensecrf when installed, else approximate), or "
@@ -358,7 +358,7 @@ def extract_discovery_features(extractor, image: ImageInput, cfg: DiscoverConfig
         what = f"{W0}x{H0} image" if cfg.load_size is None else f"image at load size {cfg.load_size}"
         raise DensevitError(f"the {what} gives {grid.shape[0]}x{grid.shape[1]} = {grid.num_tokens} tokens, more "
                             f"than the {cfg.max_tokens} allowed for a dense graph; set a smaller load size "
-                            f"(e.g. --load-size 480) or raise the token limit")
+                            f"(e.g. --load-size 480) or raise the token limit (--max-tokens)")
     feats = extractor.extract(x, (cfg.layer,), (cfg.facet,), image_hw=grid.input_hw)
     desc = feats.descriptors[(cfg.layer, cfg.facet)][0].float().cpu()
     if cfg.upsample:

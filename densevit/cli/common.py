@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from ..errors import DensevitError
+from ..errors import DensevitError, RandomWeightsWarning
 from ..features.options import FeatureOptions
 from ..io.files import PathLike, WritesIntoInputsError, check_outputs, ensure_writable  # noqa: F401 (flags' users)
 from ..io.images import (  # noqa: F401
@@ -25,11 +26,23 @@ from .flags import add_config_flags
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callable[[Optional[Sequence[str]]], int]:
-    """Wrap a CLI ``main(argv) -> exit code`` so user errors print one line and exit 2, never a traceback."""
+    """Wrap a CLI ``main(argv) -> exit code`` so user errors print one line and exit 2, never a traceback, and
+    densevit's warnings (random weights: :class:`~densevit.errors.RandomWeightsWarning`) print one line
+    each on stderr (``prog: warning: ...``)."""
 
     def entry(argv: Optional[Sequence[str]] = None) -> int:
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, RandomWeightsWarning):
+                print(f"{prog}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
         try:
-            code = main(argv)
+            with warnings.catch_warnings():
+                shown = warnings.showwarning
+                warnings.simplefilter("always", RandomWeightsWarning)
+                warnings.showwarning = show
+                code = main(argv)
         except DensevitError as exc:
             print(f"{prog}: error: {getattr(exc, 'cli_message', exc)}", file=sys.stderr)
             code = 2
@@ -108,6 +121,18 @@ def build_extractor(args: argparse.Namespace):
 
     return ViTExtractor(args.backbone, stride=resolve_stride(args), weights=args.weights, device=args.device,
                         dtype=args.dtype)
+
+
+def source_provenance(source) -> dict:
+    """Which weights made the features of ``source`` (an extractor, a feature store, or either wrapped):
+    :func:`~densevit.models.provenance.weights_provenance`, computed once, or a store's recorded one."""
+    prov = getattr(source, "provenance", None)
+    if prov is not None:
+        return dict(prov)
+    from ..models.provenance import from_fingerprint
+
+    settings = source.settings
+    return from_fingerprint(settings.get("weights") or {}, settings.get("backbone"))
 
 
 def add_store_arg(parser: argparse.ArgumentParser) -> None:

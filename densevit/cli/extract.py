@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from ..models.provenance import provenance_fields
 from ..errors import DensevitError
 from ..io.files import atomic_write, check_outputs
 from ..io.images import UnreadableImageError, gather_images, report_unreadable, skip_unreadable
@@ -105,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ext = build_extractor(args)
     ext.resolve_layer(layer)  # validate before any work
     out_dir.mkdir(parents=True, exist_ok=True)
+    provenance = provenance_fields(ext.provenance)      # backbone, weights (file name or random), weights_sha256
     failures = written = 0
     unreadable = []
     for img, target in tqdm(todo, desc="extract", unit="img", disable=args.quiet or len(todo) < 2):
@@ -128,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         arrays = dict(descriptors=desc, num_patches=np.array(grid.shape), input_hw=np.array(grid.input_hw),
                       image_hw=np.array(grid.original_hw), stride=np.array(grid.stride),
                       patch_size=np.array(grid.patch_size), layer=np.array(layer), facet=np.array(facet),
-                      backbone=np.array(ext.spec.name), binned=np.array(args.bin))
+                      binned=np.array(args.bin), **{k: np.array(v) for k, v in provenance.items()})
         if up.upsample:     # one token per input pixel: stride and patch size 1, extracted at extraction_stride
             arrays.update(upsample=np.array(up.upsample), extraction_stride=np.array(ext.stride))
         if feats.saliency is not None:
