@@ -72,8 +72,9 @@ def _flatten_attn(a: np.ndarray) -> np.ndarray:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_backbones:
+        wide = max(map(len, BACKBONES)), max(len(s.hub_name) for s in BACKBONES.values())
         for name, spec in BACKBONES.items():
-            print(f"{name:18s} {spec.hub_name:42s} patch {spec.patch_size:2d}  {spec.supervision:10s} "
+            print(f"{name:{wide[0]}s}  {spec.hub_name:{wide[1]}s} patch {spec.patch_size:2d}  {spec.supervision:10s} "
                   f"{spec.pos.describe()}")
         return 0
     up = config_from_args(UpsampleOptions, args)
