@@ -115,3 +115,19 @@ def test_discover_failure_leaves_no_boxes_json_and_names_max_tokens(tmp_path, im
     err = capsys.readouterr().err
     assert "--max-tokens" in err and "--load-size" in err
     assert not (out / "boxes.json").exists()
+
+
+def test_explorer_quiet_turns_the_request_log_off():
+    pytest.importorskip("uvicorn")          # the explore extra (installed by .ci/run)
+    import logging
+
+    from densevit.apps.cli.explore import make_server
+
+    async def app(scope, receive, send):    # pragma: no cover - never served here
+        pass
+
+    make_server(app, "127.0.0.1", 0, quiet=False)
+    assert logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)        # one line per request
+    assert not logging.getLogger("uvicorn.error").isEnabledFor(logging.INFO)     # no startup chatter
+    make_server(app, "127.0.0.1", 0, quiet=True)
+    assert not logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)

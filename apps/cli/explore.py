@@ -52,7 +52,7 @@ class ExploreOptions:
     out: str = opt("explore_out", "folder Save writes to", short=("-o",))
     cache_gb: float = opt(6.0, "memory for cached descriptors")
     replay: Optional[str] = opt(None, "recompute a saved finding and print its matches (no server)", metavar="JSON")
-    quiet: bool = opt(False, "no request log", negatable=False)
+    quiet: bool = opt(False, "no request log (without it: one line per request on stderr)", negatable=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +104,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.replay:
         return replay(args)
     _require_web()
-    import uvicorn
 
     from ..explore.session import Explorer
     from ..explore.web import allowed_hosts, create_app
@@ -121,8 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{PROG}: skipped: {exc}", file=sys.stderr)
     app = create_app(ex, Path(args.out), hosts=allowed_hosts(args.host, args.allow_host))
     # requests still running 0.5 s after Ctrl-C / SIGTERM are cancelled; the worker thread is a daemon
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           access_log=not args.quiet, timeout_graceful_shutdown=0.5))
+    server = make_server(app, args.host, args.port, quiet=args.quiet)
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -137,6 +135,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{PROG}: {len(ex.images)} image(s), {args.backbone}; open http://{host}:{port}/  (Ctrl-C stops)",
           flush=True)
     return _serve(server, sock)
+
+
+def make_server(app, host: str, port: int, quiet: bool = False):
+    """The uvicorn server of the explorer: warnings and errors only, plus one line per request (uvicorn's access
+    log) unless ``quiet``; requests still running 0.5 s after Ctrl-C / SIGTERM are cancelled."""
+    import logging
+
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=not quiet,
+                            timeout_graceful_shutdown=0.5)
+    # uvicorn logs requests at info level: the access logger alone is raised to it (startup chatter stays off)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING if quiet else logging.INFO)
+    return uvicorn.Server(config)
 
 
 def _serve(server, sock) -> int:
