@@ -42,6 +42,7 @@ from .common import SetsIO, stems
 
 PROG = "densevit-discover"
 MAP_NAME = {"tokencut": "eigvec", "lost": "degree"}
+MAP_TITLE = {"tokencut": "TokenCut: second smallest eigenvector", "lost": "LOST: inverse degree"}
 
 
 def add_discover_args(parser: argparse.ArgumentParser, prefix: str = "", load_size: int = 0,
@@ -122,8 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             draw.save_mask(targets["mask"], r.mask)
             draw.save_rgb(targets["overlay"], draw.discovery_overlay(r.image, r.mask, r.box, r.seed_xy,
                                                                      max_side=args.max_side))
-            draw.save_rgb(targets[MAP_NAME[cfg.method]], draw.heatmap_overlay(r.image, r.score_map(),
-                                                                              max_side=args.max_side))
+            draw.save_rgb(targets[MAP_NAME[cfg.method]], draw.heatmap_overlay(
+                r.image, r.score_map(), max_side=args.max_side, title=MAP_TITLE[cfg.method]))
             seconds = time.perf_counter() - t0
             records[stem] = {"file": str(path), "image_hw": list(r.features.image_hw),
                              "grid_hw": list(r.features.grid.shape), "box_xyxy": [round(c, 2) for c in r.box],

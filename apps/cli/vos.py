@@ -81,6 +81,16 @@ def overlay(frame: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> np.ndar
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def single_object_as_one(mask: np.ndarray) -> np.ndarray:
+    """A first mask with one object whose id is not 1 (a binary 0/255 mask, DAVIS-2016's annotations) as id 1,
+    so the masks written hold object 1 in its DAVIS colour (id 255 is DAVIS's "void")."""
+    ids = np.unique(mask)
+    ids = ids[ids != 0]
+    if len(ids) == 1 and ids[0] != 1:
+        return np.where(mask == ids[0], 1, 0).astype(mask.dtype)
+    return mask
+
+
 class _VideoSink:
     """Collects overlay frames into a GIF (PIL, frames kept palettised in memory) and/or a video (OpenCV)."""
 
@@ -150,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if all_frames[0] in unreadable and not args.discover:
         raise DensevitError(f"the first frame {all_frames[0].name} is unreadable; the first mask belongs to it")
     dcfg = discovery_config(args) if args.discover else None
-    first_mask = None if args.discover else read_mask(args.first_mask)
+    first_mask = None if args.discover else single_object_as_one(read_mask(args.first_mask))
     targets = [out / f"{f.stem}.png" for f in frames]
     if len({t.name for t in targets}) != len(targets):
         raise DensevitError(f"frames in {args.frames} share file stems; their masks would overwrite each other")
