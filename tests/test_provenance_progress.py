@@ -131,3 +131,52 @@ def test_explorer_quiet_turns_the_request_log_off():
     assert not logging.getLogger("uvicorn.error").isEnabledFor(logging.INFO)     # no startup chatter
     make_server(app, "127.0.0.1", 0, quiet=True)
     assert not logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
+
+
+def test_vos_writes_a_single_binary_object_as_id_1(tmp_path, shared, golden_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    from densevit.apps.cli.vos import entry
+
+    davis = shared / "data" / "davis2016"
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("00000.jpg", "00001.jpg"):
+        shutil.copy(davis / "JPEGImages" / "480p" / "dog" / name, frames / name)
+    first = davis / "Annotations" / "480p" / "dog" / "00000.png"
+    assert set(np.unique(np.asarray(Image.open(first)))) == {0, 255}
+    out = tmp_path / "out"
+    assert entry(["--frames", str(frames), "--first-mask", str(first), "-o", str(out), "--weights",
+                  str(golden_path), "--load-size", "64", "--device", "cpu"]) == 0
+    for name in ("00000.png", "00001.png"):
+        assert set(np.unique(np.asarray(Image.open(out / name)))) <= {0, 1}
+    assert set(np.unique(np.asarray(Image.open(out / "00000.png")))) == {0, 1}
+    captured = capsys.readouterr()
+    assert "object ids: 1" in captured.out
+    assert captured.err.splitlines() == ["densevit-vos: propagating (2 frames)"]     # off a terminal: one line
+
+
+def test_pictures_say_what_they_show():
+    from densevit.apps import draw
+
+    img = np.full((120, 200, 3), 128, np.uint8)
+    plain = draw.mask_overlay(img, np.zeros((120, 200), bool) | (np.arange(200) < 100))
+    full = draw.mask_overlay(img, np.ones((120, 200), bool))
+    assert full.shape == plain.shape
+    corner = (slice(0, 10), slice(0, 60))
+    assert (full[corner] < 40).mean() > 0.5 and (plain[corner] < 40).mean() < 0.1     # the banner's dark box
+    legend = draw.parts_overlay(img, np.full((120, 200), -1), 3, empty=[1])
+    assert legend.shape[0] > 120 and legend.shape[1] == 200                          # a legend strip below
+    bar = draw.heatmap_overlay(img, np.random.default_rng(0).random((120, 200)), title="eigenvector")
+    assert bar.shape[0] > 120
+    boxed = draw.discovery_overlay(img, np.ones((120, 200), bool), (10, 10, 100, 100), (50, 50))
+    assert boxed.shape[0] > 120
+    a = draw.correspondence_image(img, img, np.array([[10, 10], [50, 50]]), np.array([[80, 80], [80, 80]]),
+                                  height=120)
+    b = draw.correspondence_image(img, img, np.array([[10, 10], [50, 50]]), np.array([[80, 80], [20, 100]]),
+                                  height=120)
+    assert (a != b).any()
+    panel = draw.pca_panel(img, np.zeros((120, 200, 3), np.uint8), "PCA caption")
+    assert panel.shape[1] > 400 and panel.shape[0] > 120

@@ -28,6 +28,7 @@ from densevit.io.images import gather_images
 from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.io.images import load_image
 from densevit.options import opt
+from densevit.runtime.progress import Progress
 from densevit.runtime.threads import BackgroundWriter
 
 from ..discovery.core import discover_mask
@@ -177,10 +178,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for p in extra:
         p.parent.mkdir(parents=True, exist_ok=True)
     sink = _VideoSink(Path(args.gif) if args.gif else None, Path(args.video) if args.video else None, args.fps)
+    progress = Progress(PROG, quiet=args.quiet)
+    progress.stage(f"propagating ({len(frames)} frames)")           # off a terminal; on one, the bar
     try:
         with BackgroundWriter() as writer:
             for frame, target, mask in zip(frames, targets, propagate(extractor, frames, first_mask, cfg,
-                                                                       progress=not args.quiet)):
+                                                                       progress=progress.terminal and not args.quiet)):
                 writer.submit(write_mask, target, mask)
                 if extra:
                     sink.add(overlay(load_image(frame), mask, args.alpha))
