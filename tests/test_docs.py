@@ -95,3 +95,42 @@ def test_quick_documented_commands_run(page, line, tmp_path, one_thread):
     assert entry(fixed) == 0, f"{page}: {line!r}"
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert written, f"{page}: {line!r} wrote nothing"
+
+
+def _benchmark_lines():
+    """``(page, script, argv)`` of every ``python benchmarks/X.py ...`` line of the pages."""
+    found = []
+    for page in PAGES:
+        for lang, body in re.findall(r"(?ms)^```(\w*)\n(.*?)^```", page.read_text()):
+            if lang not in ("", "bash", "sh", "console"):
+                continue
+            for line in body.replace("\\\n", " ").splitlines():
+                m = re.match(r"\s*(?:python|torchrun .*?) (benchmarks/\w+\.py)(.*)$", line)
+                if m:
+                    argv = shlex.split(re.sub(r"\s\[[^\]]*\](?=\s|$)", " ", m.group(2)), comments=True)
+                    found.append((page.name, m.group(1), [a for a in argv if a != "..."]))
+    return found
+
+
+BENCH_LINES = _benchmark_lines()
+
+
+@pytest.mark.parametrize("page,script,argv", BENCH_LINES, ids=[f"{p}:{s}:{i}" for i, (p, s, _) in
+                                                              enumerate(BENCH_LINES)])
+def test_documented_benchmark_lines_parse(page, script, argv, capsys):
+    import importlib.util
+
+    path = ROOT / script
+    assert path.is_file(), f"{page}: {script} does not exist"
+    source = path.read_text()
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    if "def build_parser" in source:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            module.build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{page}: {script} {argv} does not parse: {capsys.readouterr().err.strip()}")
+    else:                               # a script whose parser is built inside main: every flag it is shown with
+        for flag in (a.split("=")[0] for a in argv if a.startswith("--")):
+            assert f'"{flag}"' in source, f"{page}: {script} has no flag {flag}"
