@@ -157,14 +157,17 @@ def colour_bar(width: int, lo: float, hi: float, title: str, colormap: int = cv2
     hw = cv2.getTextSize(hi_s, _FONT, scale, th)[0][0]
     strip = np.full((tht + base + bar_h + 3 * pad, width, 3), 255, np.uint8)
     cv2.putText(strip, title, (pad, pad + tht), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
-    x0, x1 = 2 * pad + lw, max(2 * pad + lw + 2, width - 2 * pad - hw)
+    x0, x1 = 2 * pad + lw, width - 2 * pad - hw
+    if x1 - x0 < max(8, width // 4):           # too narrow for the labels beside the bar: the bar alone
+        x0, x1 = 0, width
     ramp = np.linspace(0, 255, x1 - x0).astype(np.uint8)[None]
     bar = cv2.applyColorMap(np.repeat(ramp, bar_h, axis=0), colormap)[..., ::-1]
     y0 = 2 * pad + tht + base
     strip[y0:y0 + bar_h, x0:x1] = bar
     ty = y0 + bar_h // 2 + tht // 2
-    cv2.putText(strip, lo_s, (pad, ty), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
-    cv2.putText(strip, hi_s, (x1 + pad, ty), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
+    if x0 > 0:
+        cv2.putText(strip, lo_s, (pad, ty), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
+        cv2.putText(strip, hi_s, (x1 + pad, ty), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
     return strip
 
 

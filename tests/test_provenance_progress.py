@@ -180,3 +180,13 @@ def test_pictures_say_what_they_show():
     assert (a != b).any()
     panel = draw.pca_panel(img, np.zeros((120, 200, 3), np.uint8), "PCA caption")
     assert panel.shape[1] > 400 and panel.shape[0] > 120
+
+
+@pytest.mark.parametrize("width", [1, 16, 64, 300])
+def test_legends_fit_any_picture_width(width):
+    from densevit.apps import draw
+
+    img = np.full((20, width, 3), 128, np.uint8)
+    assert draw.heatmap_overlay(img, np.ones((20, width)), title="eigenvector").shape[1] == width
+    assert draw.discovery_overlay(img, np.ones((20, width), bool), (0, 0, width, 20), (0, 0)).shape[1] == width
+    assert draw.parts_overlay(img, np.zeros((20, width), int), 3).shape[1] == width
