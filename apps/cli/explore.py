@@ -10,7 +10,7 @@ layer, facet, log-binning, stride and load size; see the attention of the clicke
 CLS saliency, and the PCA of all images; upload images; Save writes the view (PNG) and the finding (JSON).
 The server answers only its own page: other Host names (DNS rebinding) and requests from other pages (other
 origins) are refused (add names it is reached by with --allow-host). Model work runs in one queued worker;
-Ctrl-C or SIGTERM stops it within a second.
+Ctrl-C or SIGTERM stops it within about two seconds (requests still running get 0.5 s).
 Needs the ``explore`` extra: ``pip install "densevit[explore]"`` (FastAPI + uvicorn).
 """
 from __future__ import annotations

@@ -123,6 +123,9 @@ def add_config_flags(parser: "argparse._ActionsContainer", cls: Type, *, title: 
         else:
             default = None
         kw = _kwargs(f, hints[name], default, meta)
+        if meta.get("flag", "").startswith("--") and kw["action"] in (_STORE, _APPEND) \
+                and "metavar" not in kw and "choices" not in kw:      # named after the flag, not the field
+            kw["metavar"] = flag_name(f, prefix, meta)[2:].upper().replace("-", "_")
         if meta.get("positional"):
             kw.pop("required", None)
             target.add_argument(_dest(f, prefix), **kw)
