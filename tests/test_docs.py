@@ -134,3 +134,15 @@ def test_documented_benchmark_lines_parse(page, script, argv, capsys):
     else:                               # a script whose parser is built inside main: every flag it is shown with
         for flag in (a.split("=")[0] for a in argv if a.startswith("--")):
             assert f'"{flag}"' in source, f"{page}: {script} has no flag {flag}"
+
+
+def test_the_readme_python_runs(monkeypatch, one_thread):
+    """The front page's Python example, as printed (run from the clone's root, ../shared beside it)."""
+    monkeypatch.chdir(ROOT)
+    blocks = re.findall(r"(?ms)^```python\n(.*?)^```", (ROOT / "README.md").read_text())
+    assert blocks
+    for code in blocks:
+        scope: dict = {}
+        code = code.replace("../shared/", f"{shared_dir()}/")        # wherever DENSEVIT_SHARED points
+        exec(compile(code, "README.md", "exec"), scope)
+    assert tuple(scope["desc"].shape) == (scope["grid"].num_tokens, 384)
