@@ -17,6 +17,8 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features.options import FeatureOptions
 from densevit.features.source import FeatureSource, ImageFeatures, ImageInput, image_name
+from densevit.io.images import to_tensor
+from densevit.runtime.progress import track
 from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
@@ -47,7 +49,7 @@ class ClusteringConfig(FeatureOptions):
     sample_interval: int = opt(100, "fit k-means on every n-th descriptor of each image")
     n_iter: int = opt(300, "k-means iterations (the reference's FAISS niter)", cli=False)
     n_redo: int = opt(10, "k-means restarts (the reference's FAISS nredo)", cli=False)
-    seed: int = opt(FAISS_KMEANS_SEED, "k-means seed (default: FAISS's own, as the reference)")
+    seed: int = opt(FAISS_KMEANS_SEED, "k-means seed (FAISS's own, as the reference)")
     max_points_per_centroid: Optional[int] = opt(
         FAISS_MAX_POINTS_PER_CENTROID, "FAISS k-means trains on a random subsample of at most this many rows per "
         "centroid (FAISS's default, as the reference); 0: train on every sampled descriptor", parse=zero_is_none)
@@ -101,7 +103,7 @@ def extract_set(source: FeatureSource, images: Sequence[ImageInput], load_size: 
     if len(set(names)) != len(names):
         names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
     return [extract_features(source, im, load_size, layer, facet, bin, saliency, include_cls, n, saliency_source)
-            for im, n in zip(images, names)]
+            for im, n in track(list(zip(images, names)), "extracting", "image")]
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

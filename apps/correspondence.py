@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from densevit.errors import DensevitError
+from densevit.runtime.progress import stage, track
 from densevit.features.options import FeatureOptions, bin_opt, layer_opt
 from densevit.matching.cluster import kmeans
 from densevit.matching.knn import nearest_both_ways
@@ -146,6 +147,7 @@ def find_correspondences_features(fa: ImageFeatures, fb: ImageFeatures,
         raise DensevitError("correspondences need saliency maps (extract with saliency=True)")
     timings: Dict[str, float] = {}
     t = time.perf_counter()
+    stage("best buddies and clustering")
     ia, ib = salient_buddies(fa, fb, cfg.thresh, cfg.fg_test, cfg.backend)
     timings["best_buddies"] = time.perf_counter() - t
     n_bb = int(ia.numel())
@@ -181,8 +183,9 @@ def pair_features(extractor, image_a: ImageInput, image_b: ImageInput, load_size
     na, nb = image_name(image_a, 0), image_name(image_b, 1)
     if na == nb:
         na, nb = f"{na}_a", f"{nb}_b"
-    return (extract_features(extractor, image_a, load_size, layer, facet, bin, saliency, False, na),
-            extract_features(extractor, image_b, load_size, layer, facet, bin, saliency, False, nb))
+    fa, fb = (extract_features(extractor, im, load_size, layer, facet, bin, saliency, False, n)
+              for im, n in track([(image_a, na), (image_b, nb)], "extracting", "image"))
+    return fa, fb
 
 
 def find_correspondences(extractor, image_a: ImageInput, image_b: ImageInput,

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.runtime.progress import stage, track
 from densevit.matching.cluster import (
     FAISS_KMEANS_SEED,
     FAISS_MAX_POINTS_PER_CENTROID,
@@ -243,6 +244,7 @@ def cosegment_features(features: Sequence[ImageFeatures], cfg: CosegConfig = Cos
     inl = [f for f, keep in zip(features, inliers) if keep]
 
     t = time.perf_counter()
+    stage(f"clustering the descriptors of {len(inl)} images")
     clus = cluster_descriptors([f.descriptors for f in inl], cfg.elbow, cfg.k_range, cfg.sample_interval,
                                cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend,
                                max_points_per_centroid=cfg.max_points_per_centroid)
@@ -259,7 +261,7 @@ def cosegment_features(features: Sequence[ImageFeatures], cfg: CosegConfig = Cos
         cv2.setRNGSeed(int(cfg.grabcut_seed))           # one stream through the set, drawn in image order
     per_image_seed = cfg.grabcut_seed if cfg.grabcut_seeding == "image" else None
     it = iter(clus.labels)
-    for f, keep in zip(features, inliers):
+    for f, keep in track(list(zip(features, inliers)), "GrabCut" if cfg.grabcut else "masks", "image"):
         h, w = f.grid.shape
         if not keep:
             token_masks.append(np.zeros((h, w), bool))

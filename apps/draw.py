@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -21,8 +21,11 @@ from .common import tokens_to_image
 
 __all__ = ["COLOURS", "colour", "fit_size", "as_rgb", "mask_overlay", "parts_overlay", "correspondence_image",
            "heatmap_overlay", "discovery_overlay", "contact_sheet",
-           "points_overlay", "pca_rgb", "save_rgb", "save_mask", "save_labels"]
+           "points_overlay", "pca_rgb", "pca_panel", "save_rgb", "save_mask", "save_labels", "label_banner",
+           "legend_strip", "with_legend", "colour_bar"]
 
+BOX_RGB = (255, 220, 0)            # object discovery: the box
+SEED_RGB = (30, 80, 255)           # and the seed
 # Distinct colours (RGB); the first ones as the reference's part / correspondence colours.
 COLOURS = np.array([
     (230, 25, 25), (255, 225, 25), (30, 80, 255), (60, 220, 60), (150, 0, 210), (240, 50, 230), (70, 240, 240),
@@ -83,19 +86,111 @@ def _contours(out: np.ndarray, mask: np.ndarray, rgb: Tuple[int, int, int], thic
     cv2.drawContours(out, cnts, -1, rgb, thickness, lineType=cv2.LINE_AA)
 
 
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+Legend = Sequence[Tuple[Optional[Tuple[int, int, int]], str]]
+
+
+def _text_scale(width: int) -> Tuple[float, int]:
+    """Font scale and thickness for a picture ``width`` pixels wide (readable from 300 to 2000 pixels)."""
+    scale = min(1.0, max(0.4, width / 1400))
+    return scale, max(1, round(scale * 2))
+
+
+def label_banner(out: np.ndarray, text: str) -> np.ndarray:
+    """``text`` written on ``out`` (in place) in its top-left corner, white on a dark box."""
+    scale, th = _text_scale(out.shape[1])
+    (tw, tht), base = cv2.getTextSize(text, _FONT, scale, th)
+    pad = max(4, tht // 2)
+    cv2.rectangle(out, (0, 0), (tw + 2 * pad, tht + base + 2 * pad), (20, 20, 20), -1)
+    cv2.putText(out, text, (pad, pad + tht), _FONT, scale, (255, 255, 255), th, cv2.LINE_AA)
+    return out
+
+
+def legend_strip(width: int, entries: Legend, caption: str = "") -> np.ndarray:
+    """A white strip ``width`` pixels wide: ``caption`` then each ``(colour, text)`` entry (a swatch of the
+    colour, or none for None), wrapped onto as many rows as needed."""
+    scale, th = _text_scale(width)
+    (_, tht), base = cv2.getTextSize("Ag", _FONT, scale, th)
+    row_h, pad, sw = tht + base + 10, 8, tht + 2
+    rows: List[List[Tuple[Optional[Tuple[int, int, int]], str, int]]] = [[]]
+    for word in caption.split():            # the caption wrapped by words, on rows of its own
+        line = f"{rows[-1][0][1]} {word}" if rows[-1] else word
+        if rows[-1] and cv2.getTextSize(line, _FONT, scale, th)[0][0] > width - 2 * pad:
+            rows.append([(None, word, pad)])
+        else:
+            rows[-1] = [(None, line, pad)]
+    if caption and entries:
+        rows.append([])
+    items = list(entries)
+    x = pad
+    for rgb, text in items:
+        w = cv2.getTextSize(text, _FONT, scale, th)[0][0] + (sw + 6 if rgb is not None else 0) + 3 * pad
+        if rows[-1] and x + w > width:
+            rows.append([])
+            x = pad
+        rows[-1].append((rgb, text, x))
+        x += w
+    rows = [r for r in rows if r]
+    strip = np.full((len(rows) * row_h + pad, width, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        y = pad + r * row_h + tht
+        for rgb, text, x0 in row:
+            if rgb is not None:
+                cv2.rectangle(strip, (x0, y - tht), (x0 + sw, y + 1), tuple(int(c) for c in rgb), -1)
+                cv2.rectangle(strip, (x0, y - tht), (x0 + sw, y + 1), (60, 60, 60), 1)
+                x0 += sw + 6
+            cv2.putText(strip, text, (x0, y), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
+    return strip
+
+
+def with_legend(img: np.ndarray, entries: Legend, caption: str = "") -> np.ndarray:
+    """``img`` with a :func:`legend_strip` below it."""
+    return np.concatenate([img, legend_strip(img.shape[1], entries, caption)], axis=0)
+
+
+def colour_bar(width: int, lo: float, hi: float, title: str, colormap: int = cv2.COLORMAP_CIVIDIS) -> np.ndarray:
+    """A horizontal colour bar ``width`` pixels wide: ``title``, the colormap from ``lo`` (left) to ``hi``."""
+    scale, th = _text_scale(width)
+    (_, tht), base = cv2.getTextSize("Ag", _FONT, scale, th)
+    pad, bar_h = 8, max(10, tht)
+    lo_s, hi_s = f"{lo:.3g}", f"{hi:.3g}"
+    lw = cv2.getTextSize(lo_s, _FONT, scale, th)[0][0]
+    hw = cv2.getTextSize(hi_s, _FONT, scale, th)[0][0]
+    strip = np.full((tht + base + bar_h + 3 * pad, width, 3), 255, np.uint8)
+    cv2.putText(strip, title, (pad, pad + tht), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
+    x0, x1 = 2 * pad + lw, width - 2 * pad - hw
+    if x1 - x0 < max(8, width // 4):           # too narrow for the labels beside the bar: the bar alone
+        x0, x1 = 0, width
+    ramp = np.linspace(0, 255, x1 - x0).astype(np.uint8)[None]
+    bar = cv2.applyColorMap(np.repeat(ramp, bar_h, axis=0), colormap)[..., ::-1]
+    y0 = 2 * pad + tht + base
+    strip[y0:y0 + bar_h, x0:x1] = bar
+    ty = y0 + bar_h // 2 + tht // 2
+    if x0 > 0:
+        cv2.putText(strip, lo_s, (pad, ty), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
+        cv2.putText(strip, hi_s, (x1 + pad, ty), _FONT, scale, (20, 20, 20), th, cv2.LINE_AA)
+    return strip
+
+
 def mask_overlay(image: ImageLike, mask: np.ndarray, rgb: Tuple[int, int, int] = (255, 40, 40),
                  dim: float = 0.25, max_side: Optional[int] = 1024) -> np.ndarray:
-    """The image with its background faded into a checkerboard and the mask's outline drawn in ``rgb``."""
+    """The image with its background faded into a checkerboard and the mask's outline drawn in ``rgb``; a mask
+    that is the whole image (whose outline would be a thin frame) or empty says so on the picture."""
     img = as_rgb(image, max_side)
     m = _fit_map(np.asarray(mask).astype(np.uint8), img.shape[:2]).astype(bool)
     out = np.clip(_background(img, m, dim) + 0.5, 0, 255).astype(np.uint8)
     _contours(out, m, rgb, max(1, round(max(img.shape[:2]) / 300)))
+    full = bool(np.asarray(mask).all())
+    if full or not np.asarray(mask).any():
+        label_banner(out, "100 % foreground (the mask is the whole image)" if full else "no foreground")
     return out
 
 
 def parts_overlay(image: ImageLike, parts: np.ndarray, num_parts: int, alpha: float = 0.5, dim: float = 0.25,
-                  max_side: Optional[int] = 1024) -> np.ndarray:
-    """Parts (``HxW`` ids, -1 background) blended in their colours over the image; background faded."""
+                  max_side: Optional[int] = 1024, legend: bool = True, empty: Sequence[int] = ()) -> np.ndarray:
+    """Parts (``HxW`` ids, -1 background) blended in their colours over the image; background faded; with
+    ``legend`` a strip below names each part's colour (parts in ``empty``, empty in every image of the set,
+    are named so)."""
     img = as_rgb(image, max_side)
     p = _fit_map(np.asarray(parts).astype(np.int16), img.shape[:2])
     fg = p >= 0
@@ -105,7 +200,12 @@ def parts_overlay(image: ImageLike, parts: np.ndarray, num_parts: int, alpha: fl
     out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
     for i in range(num_parts):  # outlines per part (a loop over parts, not pixels)
         _contours(out, p == i, (255, 255, 255), 1)
-    return out
+    if not legend:
+        return out
+    gone = set(int(i) for i in empty)
+    entries = [(colour(i), f"part {i + 1}" + (" (empty in every image)" if i in gone else ""))
+               for i in range(num_parts)]
+    return with_legend(out, [(None, "parts:")] + entries)
 
 
 def _marker(out: np.ndarray, xy: Tuple[float, float], rgb: Tuple[int, int, int], r: int) -> None:
@@ -151,7 +251,36 @@ def correspondence_image(image_a: ImageLike, image_b: ImageLike, points_a: np.nd
     for i, (p, q) in enumerate(zip(qa, qb)):
         _marker(out, tuple(p), colour(i), r)
         _marker(out, tuple(q), colour(i), r)
+    _mark_shared(out, qa, r)
+    _mark_shared(out, qb, r)
     return out
+
+
+def _mark_shared(out: np.ndarray, pts: np.ndarray, r: int) -> None:
+    """Points of ``pts`` that land on one spot (within a marker) drawn as a ringed marker with their count
+    (``x3``), so no point hides another."""
+    if len(pts) < 2:
+        return
+    key = np.round(pts / max(1, r)).astype(np.int64)
+    _, first, inverse, counts = np.unique(key, axis=0, return_index=True, return_inverse=True, return_counts=True)
+    scale, th = _text_scale(out.shape[1])
+    for g in np.flatnonzero(counts > 1):
+        c = tuple(int(round(v)) for v in pts[first[g]])
+        cv2.circle(out, c, r + 5, (0, 0, 0), 2, lineType=cv2.LINE_AA)
+        cv2.circle(out, c, r + 8, (255, 255, 255), 2, lineType=cv2.LINE_AA)
+        text = f"x{counts[g]}"
+        org = (c[0] + r + 10, c[1] + r // 2)
+        cv2.putText(out, text, org, _FONT, scale, (255, 255, 255), th + 2, cv2.LINE_AA)
+        cv2.putText(out, text, org, _FONT, scale, (0, 0, 0), th, cv2.LINE_AA)
+
+
+def pca_panel(image: ImageLike, token_map: np.ndarray, caption: str, gap: int = 8) -> np.ndarray:
+    """The photo beside its token map (both at the map's size), with ``caption`` below."""
+    img = cv2.resize(as_rgb(image), (token_map.shape[1], token_map.shape[0]), interpolation=cv2.INTER_AREA)
+    row = np.full((token_map.shape[0], 2 * token_map.shape[1] + gap, 3), 255, np.uint8)
+    row[:, :token_map.shape[1]] = img
+    row[:, token_map.shape[1] + gap:] = token_map
+    return with_legend(row, [], caption)
 
 
 def pca_rgb(components: np.ndarray, grid: TokenGrid, rgb: Sequence[int] = (-3, -2, -1),
@@ -201,30 +330,37 @@ def save_labels(path: Union[str, Path], labels: np.ndarray) -> None:
 
 
 def heatmap_overlay(image: ImageLike, values: np.ndarray, alpha: float = 0.6,
-                    max_side: Optional[int] = 1024) -> np.ndarray:
-    """A map ``HxW`` (the image's size) min-max scaled and coloured (cividis) over the image."""
+                    max_side: Optional[int] = 1024, title: Optional[str] = None) -> np.ndarray:
+    """A map ``HxW`` (the image's size) min-max scaled and coloured (cividis) over the image; with ``title`` a
+    colour bar below it, from the map's minimum to its maximum."""
     img = as_rgb(image, max_side)
     v = np.asarray(values, np.float32)
     lo, hi = float(v.min()), float(v.max())
     u8 = np.clip((v - lo) / (hi - lo if hi > lo else 1.0) * 255 + 0.5, 0, 255).astype(np.uint8)
     u8 = cv2.resize(u8, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
     colours = cv2.applyColorMap(u8, cv2.COLORMAP_CIVIDIS)[..., ::-1].astype(np.float32)
-    return np.clip((1 - alpha) * img + alpha * colours + 0.5, 0, 255).astype(np.uint8)
+    out = np.clip((1 - alpha) * img + alpha * colours + 0.5, 0, 255).astype(np.uint8)
+    if title is None:
+        return out
+    return np.concatenate([out, colour_bar(out.shape[1], lo, hi, title)], axis=0)
 
 
 def discovery_overlay(image: ImageLike, mask: np.ndarray, box: Sequence[float], seed_xy: Sequence[float],
-                      max_side: Optional[int] = 1024, rgb: Tuple[int, int, int] = (255, 40, 40)) -> np.ndarray:
+                      max_side: Optional[int] = 1024, rgb: Tuple[int, int, int] = (255, 40, 40),
+                      legend: bool = True) -> np.ndarray:
     """:func:`mask_overlay` with the object box (``x0, y0, x1, y1`` original pixels, exclusive maxima) drawn in
-    yellow and the seed marked."""
+    yellow and the seed marked in blue; with ``legend`` a strip below names the three marks."""
     out = mask_overlay(image, mask, rgb=rgb, max_side=max_side)
     H0 = image.height if isinstance(image, Image.Image) else np.asarray(image).shape[0]
     s = out.shape[0] / H0
     x0, y0, x1, y1 = (float(c) * s for c in box)
     t = max(2, round(max(out.shape[:2]) / 250))
     cv2.rectangle(out, (int(round(x0)), int(round(y0))), (int(round(x1)) - 1, int(round(y1)) - 1),
-                  (255, 220, 0), t, lineType=cv2.LINE_AA)
-    _marker(out, (seed_xy[0] * s, seed_xy[1] * s), (30, 80, 255), max(3, round(max(out.shape[:2]) / 120)))
-    return out
+                  BOX_RGB, t, lineType=cv2.LINE_AA)
+    _marker(out, (seed_xy[0] * s, seed_xy[1] * s), SEED_RGB, max(3, round(max(out.shape[:2]) / 120)))
+    if not legend:
+        return out
+    return with_legend(out, [(rgb, "object mask (outline)"), (BOX_RGB, "object box"), (SEED_RGB, "seed patch")])
 
 
 def _crop_tile(image: ImageLike, xy: Sequence[float], side: float, tile: int, rgb: Tuple[int, int, int],

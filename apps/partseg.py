@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.runtime.progress import stage, track
 from densevit.options import opt
 from densevit.features.source import ImageFeatures, ImageInput, image_name
 
@@ -180,6 +181,7 @@ def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
         raise DensevitError(f"part co-segmentation needs at least two images, got {n_original}")
     timings: Dict[str, float] = {}
     t = time.perf_counter()
+    stage(f"clustering the descriptors of {len(features)} images")
     mppc = cfg.max_points_per_centroid
     stage1 = cluster_descriptors([f.descriptors for f in features], cfg.elbow, cfg.k_range, cfg.sample_interval,
                                  cfg.n_iter, cfg.n_redo, cfg.seed, cfg.backend, max_points_per_centroid=mppc)
@@ -209,7 +211,7 @@ def part_cosegment_features(features: Sequence[ImageFeatures], n_original: int,
     todo = range(len(features)) if cfg.three_stages else range(n_original)
     maps = {}
     used = "none"
-    for i in todo:
+    for i in track(todo, "smoothing (CRF)", "image"):
         maps[i], used = _smooth(features[i], normed[i], stage2.centroids, stage1.centroids[bg1], cfg)
     timings["crf"] = time.perf_counter() - t
     n_parts = stage2.k
@@ -256,10 +258,11 @@ def extract_partseg_features(extractor, images: Sequence[ImageInput], cfg: Parts
     if len(set(names)) != len(names):
         names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
     feats = [extract_features(extractor, im, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, True, False, n,
-                              cfg.saliency_source) for im, n in zip(images, names)]
+                              cfg.saliency_source) for im, n in track(list(zip(images, names)), "extracting",
+                                                                      "image")]
     if cfg.num_crop_augmentations:
         rng = np.random.default_rng(cfg.seed)
-        for f in list(feats):
+        for f in track(list(feats), f"extracting {cfg.num_crop_augmentations} x 2 augmentations", "image"):
             for j, aug in enumerate(augment_image(f.image, cfg.load_size, cfg.num_crop_augmentations,
                                                   cfg.crop_fraction, rng)):
                 # augmentations do not vote: no saliency

@@ -69,7 +69,8 @@ class VOSConfig(UpsampleOptions):
         tile: query tile side in tokens for the neighbourhood search (speed/memory only, not results).
     """
 
-    short_side: int = opt(480, "resize the shorter frame side to this")
+    short_side: int = opt(480, "resize the shorter frame side to this (DINO's protocol: 480)", flag="--load-size",
+                          hidden_aliases=("--short-side",))
     multiple: int = opt(64, "floor the longer side to a multiple of this (1: keep the aspect ratio)")
     n_last_frames: int = opt(7, "context: the first frame plus this many preceding frames")
     neighborhood: int = opt(12, "only match tokens within this many tokens of the query position (0: anywhere)")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from densevit.models.provenance import weights_provenance
 from densevit.apps.cli.discover import add_discover_args
 from densevit.apps.cli.vos import add_protocol_args, config_from_args, discovery_config
 from densevit.apps.discovery.core import discover_mask
@@ -90,6 +91,7 @@ def settings_of(args: argparse.Namespace) -> Dict[str, object]:
         s["discover"] = {k: v for k, v in vars(discovery_config(args)).items()}
     if s["weights"] not in (None, "random"):
         s["weights"] = str(Path(s["weights"]).resolve())
+    s["provenance"] = weights_provenance(args.weights, args.backbone)     # backbone, file name, SHA-256
     return s
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from densevit.models.provenance import weights_provenance
 from densevit.apps.cli.discover import add_discover_args, config_from_args
 from densevit.apps.discovery.core import (
     METHODS,
@@ -72,6 +73,7 @@ def settings_of(args: argparse.Namespace, cfg) -> Dict[str, object]:
          **{k: v for k, v in vars(cfg).items() if k != "method"}}
     if s["weights"] not in (None, "random"):
         s["weights"] = str(Path(s["weights"]).resolve())
+    s["provenance"] = weights_provenance(args.weights, args.backbone)     # backbone, file name, SHA-256
     return s
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from densevit.models.provenance import weights_provenance
 from densevit.apps.explore.session import Explorer, Settings
 from densevit.apps.explore.web import _map
 from PIL import Image, ImageOps
@@ -109,7 +110,7 @@ def main() -> None:
     meta = {"backbone": args.backbone, "stride": args.stride, "load_size": args.load_size, "layer": args.layer,
             "facet": args.facet, "bin": args.bin, "k": args.k, "device": args.device,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "provenance": weights_provenance(weights, args.backbone)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:

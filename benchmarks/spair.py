@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from densevit.models.provenance import weights_provenance
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli
 from densevit.errors import DensevitError
 from densevit.eval.datasets.spair import PAIR_FLAGS, SPLITS, SPair
@@ -70,7 +71,8 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
                 "layout": args.layout, "backbone": args.backbone, "weights": args.weights, "stride": args.stride,
                 "load_size": args.load_size, "layer": args.layer, "facet": args.facet, "bin": args.bin,
                 "dtype": args.dtype, "transfer": vars(transfer), "categories": args.categories,
-                "limit": args.limit, "device": args.device, "cache": args.cache}
+                "limit": args.limit, "device": args.device, "cache": args.cache,
+                "provenance": weights_provenance(args.weights, args.backbone)}
     log = None
 
     def plan() -> List[str]:

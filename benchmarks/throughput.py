@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from densevit.models.provenance import weights_provenance
 from densevit.errors import DensevitError
 from densevit.io.paths import example_images, golden_weights, shared_dir
 from densevit.io.files import atomic_write_text
@@ -323,7 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"device": _device(args), "gpu": torch.cuda.get_device_name() if _device(args) == "cuda" else None,
             "cores": os.cpu_count(),
             "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items() if k != "images"},
-            "images": [str(p.resolve()) for p in images]}
+            "images": [str(p.resolve()) for p in images],
+            "provenance": weights_provenance(args.weights, args.backbone)}
     atomic_write_text((out / "throughput.json"), json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     with open(out / "throughput.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

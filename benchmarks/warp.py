@@ -17,6 +17,7 @@ import argparse
 import time
 from typing import List, Optional, Sequence
 
+from densevit.models.provenance import weights_provenance
 from densevit.cli.common import add_backbone_args, build_extractor, run_cli
 from densevit.errors import DensevitError
 from densevit.eval.datasets.warp import WarpConfig, default_sources, make_warp_pair
@@ -74,7 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "load_size": args.load_size, "layer": args.layer, "facet": args.facet, "bin": args.bin,
                 "dtype": args.dtype, "seed": args.seed, "image_size": args.image_size, "sources": args.sources,
                 "davis_frames": args.davis_frames, "warp": config.to_dict(), "transfer": vars(transfer),
-                "pairs": args.pairs, "device": args.device}
+                "pairs": args.pairs, "device": args.device,
+                "provenance": weights_provenance(args.weights, args.backbone)}
     log = ResultsLog(args.out, settings, overwrite=args.overwrite, volatile=("pairs", "device"))
     sources = default_sources(args.shared, args.image_size, args.davis_frames,
                               photos="photos" in args.sources, davis="davis" in args.sources)

@@ -14,5 +14,10 @@ class WeightsNotFoundError(DensevitError):
         self.cli_message = cli_message or message
 
 
+class RandomWeightsWarning(UserWarning):
+    """Random weights are in use: the features exercise the code paths but mean nothing (every command prints
+    it as one line on stderr)."""
+
+
 class InvalidArgumentError(DensevitError, ValueError):
     """A bad argument value or shape (also a ``ValueError``, as these checks raised before)."""

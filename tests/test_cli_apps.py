@@ -144,9 +144,12 @@ def test_pca_on_the_full_size_example_images(images, common, tmp_path, capsys):
     out = tmp_path / "pca"
     assert cli_pca.entry([str(p) for p in images] + ["--out", str(out), "--max-side", "256"] + common) == 0
     assert "explained variance" in capsys.readouterr().out
+    from densevit.apps.draw import fit_size
+
     for p in images:
-        size, mode = _size(out / f"{p.stem}_pca.png")
-        assert max(size) == 256 and mode == "RGB"
+        size, mode = _size(out / f"{p.stem}_pca.png")       # the photo beside the token map, a caption below
+        h, w = fit_size(Image.open(p).size[::-1], 256)
+        assert size[0] == 2 * w + 8 and size[1] > h and mode == "RGB"
 
 
 # ------------------------------------------------------------------------------------------------ bad input

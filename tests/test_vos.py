@@ -188,8 +188,8 @@ def test_cli_writes_indexed_pngs_and_gif(tmp_path, extractor, monkeypatch):
     for p in pngs:
         with Image.open(p) as im:
             assert im.mode == "P" and im.size == (854, 480)
-        assert set(np.unique(read_mask(p))) <= {0, 255}
-    np.testing.assert_array_equal(read_mask(pngs[0]), read_mask(first))
+        assert set(np.unique(read_mask(p))) <= {0, 1}         # a 0/255 first mask is object 1
+    np.testing.assert_array_equal(read_mask(pngs[0]), (read_mask(first) > 0).astype(np.uint8))
     with Image.open(tmp_path / "o.gif") as gif:
         assert gif.n_frames == 3
     assert vos_entry(args) == 2                                     # outputs exist: refused without --overwrite

@@ -19,8 +19,10 @@ from tqdm import tqdm
 from densevit.cli.common import OutputOptions, add_model_flags, add_store_arg, patch_size_of
 from densevit.io.images import drop_unreadable, report_unreadable
 from densevit.cli.flags import add_config_flags, config_from_args, make_parser
+from densevit.cli.common import source_provenance
 from densevit.errors import DensevitError
 from densevit.io.files import OutputWriteError, WritesIntoInputsError, atomic_write_text, check_outputs
+from densevit.runtime.progress import Progress, reporting
 from densevit.io.images import decode_once
 from densevit.options import opt
 
@@ -133,7 +135,7 @@ def check_sets_outputs(args: argparse.Namespace, sets: List[Tuple[str, List[Path
 
 def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Path]]], planned: Planned,
              process: Process, min_images: int = 2, max_images: Optional[int] = None,
-             more_inputs: Sequence[Optional[str]] = ()) -> int:
+             more_inputs: Sequence[Optional[str]] = (), source=None, provenance: Optional[Dict] = None) -> int:
     """Run ``process`` on every set (from :func:`densevit.io.images.gather_sets`); returns the exit code
     (1 if any set failed, else 0).
 
@@ -141,7 +143,10 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     (:func:`drop_unreadable`) and make the exit code 1. Per set:
     too few / many (readable) images, an existing output (without --overwrite) or a
     :class:`~densevit.errors.DensevitError` while processing (e.g. an unreadable image) prints
-    ``prog: set NAME: error: message`` and the next set runs. ``summary.json`` is written beside the outputs.
+    ``prog: set NAME: error: message`` and the next set runs. ``summary.json`` is written beside the outputs, with
+    the ``provenance`` of the weights (given, or of the features' ``source``: backbone, weights file or random,
+    SHA-256). Progress: :mod:`densevit.runtime.progress` (a bar over the sets when there are several, the
+    algorithms' own bars and status lines inside each).
     An output folder that is a file, or outputs in the inputs (``args.inputs``, ``--store``, ``more_inputs``:
     :func:`densevit.io.files.check_outputs`), are refused before any work (a one-line error, exit 2).
     """
@@ -152,37 +157,40 @@ def run_sets(prog: str, args: argparse.Namespace, sets: List[Tuple[str, List[Pat
     check_sets_outputs(args, sets, more_inputs)
     failures = 0
     unreadable: List[Path] = []
-    bar = tqdm(sets, desc=prog, unit="set", disable=args.quiet or None, file=sys.stderr)
-    for name, images in bar:
-        bar.set_postfix_str(name)
-        out_dir = out_root / name if nested else out_root
-        with decode_once():                 # checked, then extracted, from one decoding
-            images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "", min_side)
-            unreadable += bad
-            try:
-                if len(images) < min_images:
-                    raise DensevitError(f"needs at least {min_images} image{'s' if min_images > 1 else ''}, "
-                                        f"found {len(images)}")
-                if max_images is not None and len(images) > max_images:
-                    raise DensevitError(f"needs exactly {max_images} images, found {len(images)}")
-                check_outputs(inputs, files=planned(name, images, out_dir) + [out_dir / "summary.json"],
-                              overwrite=args.overwrite)
-                out_dir.mkdir(parents=True, exist_ok=True)
-                t0 = time.perf_counter()
-                line, summary = process(name, images, out_dir)
-                if "timings" in summary:                     # seconds per step, to the millisecond
-                    summary["timings"] = {k: round(float(v), 3) for k, v in summary["timings"].items()}
-                summary = {"set": name, "images": [str(p) for p in images], **summary,
-                           **({"unreadable": [str(p) for p in bad]} if bad else {}),
-                           "seconds": round(time.perf_counter() - t0, 3)}
-                atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-                tqdm.write(f"{name}: {line} [{summary['seconds']:.1f} s]", file=sys.stdout)
-            except (WritesIntoInputsError, OutputWriteError):   # a full disk stops every set, in one line
-                raise
-            except DensevitError as exc:
-                failures += 1
-                tqdm.write(f"{prog}: set {name}: error: {exc}", file=sys.stderr)
-    bar.close()
+    progress = Progress(prog, quiet=args.quiet)
+    if provenance is None and source is not None:
+        provenance = source_provenance(source)
+    with reporting(progress):
+        for name, images in (progress.track(sets, "sets", "set", leave=True) if len(sets) > 1 else sets):
+            progress.where = f"set {name}" if nested else ""
+            out_dir = out_root / name if nested else out_root
+            with decode_once():                 # checked, then extracted, from one decoding
+                images, bad = drop_unreadable(prog, images, f"set {name}" if nested else "", min_side)
+                unreadable += bad
+                try:
+                    if len(images) < min_images:
+                        raise DensevitError(f"needs at least {min_images} image{'s' if min_images > 1 else ''}, "
+                                            f"found {len(images)}")
+                    if max_images is not None and len(images) > max_images:
+                        raise DensevitError(f"needs exactly {max_images} images, found {len(images)}")
+                    check_outputs(inputs, files=planned(name, images, out_dir) + [out_dir / "summary.json"],
+                                  overwrite=args.overwrite)
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    t0 = time.perf_counter()
+                    line, summary = process(name, images, out_dir)
+                    if "timings" in summary:                     # seconds per step, to the millisecond
+                        summary["timings"] = {k: round(float(v), 3) for k, v in summary["timings"].items()}
+                    summary = {"set": name, "images": [str(p) for p in images],
+                               **({"provenance": provenance} if provenance is not None else {}), **summary,
+                               **({"unreadable": [str(p) for p in bad]} if bad else {}),
+                               "seconds": round(time.perf_counter() - t0, 3)}
+                    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+                    tqdm.write(f"{name}: {line} [{summary['seconds']:.1f} s]", file=sys.stdout)
+                except (WritesIntoInputsError, OutputWriteError):   # a full disk stops every set, in one line
+                    raise
+                except DensevitError as exc:
+                    failures += 1
+                    tqdm.write(f"{prog}: set {name}: error: {exc}", file=sys.stderr)
     if failures:
         print(f"{prog}: {failures} of {len(sets)} set(s) failed", file=sys.stderr)
     return max(1 if failures else 0, report_unreadable(prog, unreadable))

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from densevit.runtime.progress import track
 from densevit.cli.common import run_cli
 from densevit.features.upsampled import UpsampleOptions
 
@@ -43,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = cosegment(source, images, cfg)
         fractions = [float(mask.mean()) for mask in res.masks]
         with timed(res.timings, "drawing"):
-            for stem, image, mask in zip(stems(images), res.images, res.masks):
+            for stem, image, mask in track(list(zip(stems(images), res.images, res.masks)), "drawing"):
                 draw.save_mask(out / f"{stem}_mask.png", mask)
                 draw.save_rgb(out / f"{stem}_overlay.png", draw.mask_overlay(image, mask, max_side=args.max_side))
         outliers = [n for n, keep in zip(res.names, res.inliers) if not keep]
@@ -57,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "timings": res.timings}
         return line, summary
 
-    return run_sets(PROG, args, sets, planned, process)          # at least two images a set
+    return run_sets(PROG, args, sets, planned, process, source=source)          # at least two images a set
 
 
 entry = run_cli(main, PROG)

@@ -24,6 +24,7 @@ from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
 from densevit.io.files import OutputWriteError, WritesIntoInputsError, atomic_write_text, check_outputs
 from densevit.io.images import UnreadableImageError, gather_images, report_unreadable, skip_unreadable
+from densevit.runtime.progress import Progress
 
 from .. import draw
 from ..discovery.core import DiscoverConfig, discover
@@ -31,16 +32,17 @@ from .common import SetsIO, stems
 
 PROG = "densevit-discover"
 MAP_NAME = {"tokencut": "eigvec", "lost": "degree"}
+MAP_TITLE = {"tokencut": "TokenCut: second smallest eigenvector", "lost": "LOST: inverse degree"}
 
 
 def add_discover_args(parser: argparse.ArgumentParser, prefix: str = "", load_size: int = 0,
                       method: bool = True) -> None:
     """Flags of :class:`DiscoverConfig` (defaults: the papers'); ``prefix`` (e.g. ``"discover-"``) names them
     apart from another tool's flags (and leaves out --layer/--facet: the last block's keys); ``method=False``
-    leaves out ``--method``; ``load_size`` -1: the propagation's --short-side."""
+    leaves out ``--method``; ``load_size`` -1: the propagation's --load-size."""
     skip = (() if method else ("method",)) + (("layer", "facet") if prefix else ())
     help_load = "resize the shorter image side to this (0: the original size, as the papers" + (
-        "; -1: the propagation's --short-side)" if load_size < 0 else ")")
+        "; -1: the propagation's --load-size)" if load_size < 0 else ")")
     add_config_flags(parser, DiscoverConfig, title="object discovery (defaults: the papers')", prefix=prefix,
                      skip=skip, defaults={"load_size": load_size}, tweak={"load_size": {"help": help_load}, "upsample": {"help": (
                          "discover on features upsampled with this method, guided by the image, to the densest grid "
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                      tweak={"max_side": {"help": "longest side of the pictures in pixels (masks keep the original "
                                                  "size)"}})
     add_discover_args(p)
-    add_model_flags(p, stride="patch", backbone="dino_vits16")
+    add_model_flags(p, stride="patch")
     return p
 
 
@@ -101,9 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records: Dict[str, Dict] = {}
     failures = len(errors)
     unreadable: List[Path] = []
-    bar = tqdm(list(zip(images, names)), desc=PROG, unit="image", disable=args.quiet or None, file=sys.stderr)
-    for path, stem in bar:
-        bar.set_postfix_str(stem)
+    progress = Progress(PROG, quiet=args.quiet)
+    provenance = ext.provenance
+    for path, stem in progress.track(list(zip(images, names)), "discovering", "image", leave=True):
         try:
             targets = {k: out / f"{stem}_{k}.png" for k in kinds}
             check_outputs(args.inputs, files=targets.values(), overwrite=args.overwrite)
@@ -112,8 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             draw.save_mask(targets["mask"], r.mask)
             draw.save_rgb(targets["overlay"], draw.discovery_overlay(r.image, r.mask, r.box, r.seed_xy,
                                                                      max_side=args.max_side))
-            draw.save_rgb(targets[MAP_NAME[cfg.method]], draw.heatmap_overlay(r.image, r.score_map(),
-                                                                              max_side=args.max_side))
+            draw.save_rgb(targets[MAP_NAME[cfg.method]], draw.heatmap_overlay(
+                r.image, r.score_map(), max_side=args.max_side, title=MAP_TITLE[cfg.method]))
             seconds = time.perf_counter() - t0
             records[stem] = {"file": str(path), "image_hw": list(r.features.image_hw),
                              "grid_hw": list(r.features.grid.shape), "box_xyxy": [round(c, 2) for c in r.box],
@@ -131,10 +133,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except DensevitError as exc:
             failures += 1
             tqdm.write(f"{PROG}: {path}: error: {exc}", file=sys.stderr)
-    bar.close()
-    settings = {"backbone": args.backbone, "weights": args.weights, "stride": ext.stride,
+    settings = {"backbone": ext.spec.name, "weights": args.weights, "stride": ext.stride,
                 **{k: v for k, v in vars(cfg).items()}}
-    atomic_write_text(boxes_path, json.dumps({"settings": settings, "images": records}, indent=2) + "\n")
+    if records:                 # nothing discovered: no boxes.json (an empty one would read as a result)
+        atomic_write_text(boxes_path, json.dumps({"provenance": provenance, "settings": settings, "images": records},
+                                                 indent=2) + "\n")
     if failures:
         print(f"{PROG}: {failures} input(s) failed; {len(records)} image(s) written to {out}", file=sys.stderr)
     return max(1 if failures else 0, report_unreadable(PROG, unreadable))

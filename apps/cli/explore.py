@@ -10,7 +10,7 @@ layer, facet, log-binning, stride and load size; see the attention of the clicke
 CLS saliency, and the PCA of all images; upload images; Save writes the view (PNG) and the finding (JSON).
 The server answers only its own page: other Host names (DNS rebinding) and requests from other pages (other
 origins) are refused (add names it is reached by with --allow-host). Model work runs in one queued worker;
-Ctrl-C or SIGTERM stops it within a second.
+Ctrl-C or SIGTERM stops it within about two seconds (requests still running get 0.5 s).
 Needs the ``explore`` extra: ``pip install "densevit[explore]"`` (FastAPI + uvicorn).
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ExploreOptions:
     out: str = opt("explore_out", "folder Save writes to", short=("-o",))
     cache_gb: float = opt(6.0, "memory for cached descriptors")
     replay: Optional[str] = opt(None, "recompute a saved finding and print its matches (no server)", metavar="JSON")
-    quiet: bool = opt(False, "no request log", negatable=False)
+    quiet: bool = opt(False, "no request log (without it: one line per request on stderr)", negatable=False)
     max_images: int = opt(64, "the most images kept (files given and uploads; each keeps up to ~50 MB)")
     max_upload_mib: int = opt(64, "the most bytes of one upload request, in MiB (counted while it streams)")
     max_upload_pixels: int = opt(40_000_000, "the largest uploaded image in pixels (read from its header before "
@@ -110,7 +110,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.replay:
         return replay(args)
     _require_web()
-    import uvicorn
 
     from ..explore.session import Explorer
     from ..explore.web import allowed_hosts, create_app
@@ -143,8 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     app = create_app(ex, Path(args.out), hosts=allowed_hosts(args.host, args.allow_host), inputs=args.inputs,
                      max_upload_bytes=args.max_upload_mib << 20)
     # requests still running 0.5 s after Ctrl-C / SIGTERM are cancelled; the worker thread is a daemon
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           access_log=not args.quiet, timeout_graceful_shutdown=0.5))
+    server = make_server(app, args.host, args.port, quiet=args.quiet)
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -159,6 +157,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{PROG}: {len(ex.images)} image(s), {args.backbone}; open http://{host}:{port}/  (Ctrl-C stops)",
           flush=True)
     return _serve(server, sock)
+
+
+def make_server(app, host: str, port: int, quiet: bool = False):
+    """The uvicorn server of the explorer: warnings and errors only, plus one line per request (uvicorn's access
+    log) unless ``quiet``; requests still running 0.5 s after Ctrl-C / SIGTERM are cancelled."""
+    import logging
+
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=not quiet,
+                            timeout_graceful_shutdown=0.5)
+    # uvicorn logs requests at info level: the access logger alone is raised to it (startup chatter stays off)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING if quiet else logging.INFO)
+    return uvicorn.Server(config)
 
 
 def _serve(server, sock) -> int:

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from densevit.runtime.progress import stage
 from densevit.cli.common import build_source, run_cli
 from densevit.io.images import gather_sets
 from densevit.errors import DensevitError
@@ -97,6 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = find_correspondences_features(fa, fb, cfg)
         timings = {"extraction": t_extract, **res.timings}
         t = time.perf_counter()
+        stage("drawing")
         pic = draw.correspondence_image(fa.image, fb.image, res.points_a, res.points_b)
         draw.save_rgb(out / f"{base}_matches.png", pic)
         record = {"image_a": str(images[0]), "image_b": str(images[1]),
@@ -118,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return line, {"pairs": len(res.points_a), "num_buddies": res.num_buddies,
                       "timings": timings}
 
-    return run_sets(PROG, args, sets, planned, process, min_images=2, max_images=2, more_inputs=[args.points])
+    return run_sets(PROG, args, sets, planned, process, min_images=2, max_images=2, more_inputs=[args.points],
+                    source=source)
 
 
 entry = run_cli(main, PROG)

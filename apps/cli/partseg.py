@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from densevit.runtime.progress import track
 from densevit.cli.common import run_cli
 from densevit.errors import DensevitError
 from densevit.features.upsampled import UpsampleOptions
@@ -52,11 +53,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
         res = part_cosegment(source, images, cfg)
         coverage = [np.bincount(p.ravel() + 1, minlength=res.num_parts + 1)[1:] / p.size for p in res.parts]
+        empty = [i for i in range(res.num_parts) if all(c[i] == 0 for c in coverage)]
         with timed(res.timings, "drawing"):
-            for stem, image, parts in zip(stems(images), res.images, res.parts):
+            for stem, image, parts in track(list(zip(stems(images), res.images, res.parts)), "drawing"):
                 draw.save_labels(out / f"{stem}_parts.png", parts)
                 draw.save_rgb(out / f"{stem}_overlay.png", draw.parts_overlay(image, parts, res.num_parts,
-                                                                              max_side=args.max_side))
+                                                                              max_side=args.max_side, empty=empty))
         line = (f"{len(images)} images, {res.num_parts} parts (k={res.k_fg} stage-1 clusters, salient "
                 f"{res.salient.tolist()}), crf {res.crf}, part pixels "
                 + " / ".join(f"{100 * c.sum():.1f}%" for c in coverage))
@@ -66,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "timings": res.timings}
         return line, summary
 
-    return run_sets(PROG, args, sets, planned, process, min_images=2)
+    return run_sets(PROG, args, sets, planned, process, min_images=2, source=source)
 
 
 entry = run_cli(main, PROG)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from densevit.runtime.progress import stage, track
 from densevit.cli.common import build_source, run_cli
 from densevit.io.images import gather_sets
 
@@ -41,21 +42,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def features(images: List[Path]):
         """(descriptors, grids, names) of a set: one forward pass per image, or read from the store."""
         feats = extract_set(source, images, cfg.load_size, cfg.layer, cfg.facet, cfg.bin, saliency=False)
-        return [f.descriptors for f in feats], [f.grid for f in feats], [f.name for f in feats]
+        return [f.descriptors for f in feats], [f.grid for f in feats], [f.name for f in feats], [f.image for f in feats]
 
     def planned(name: str, images: List[Path], out: Path) -> List[Path]:
         return [out / f"{s}_pca.png" for s in stems(images)]
 
     def process(name: str, images: List[Path], out: Path) -> Tuple[str, Dict]:
         t = time.perf_counter()
-        descriptors, grids, names = features(images)
+        descriptors, grids, names, photos = features(images)
         t_extract = time.perf_counter() - t
         t = time.perf_counter()
+        stage("PCA")
         res = pca_features(descriptors, grids, names, cfg.n_components, all_together=not cfg.per_image)
         t_pca = time.perf_counter() - t
         t = time.perf_counter()
-        for stem, r in zip(stems(images), res):
-            draw.save_rgb(out / f"{stem}_pca.png", draw.pca_rgb(r.components, r.grid, rgb, max_side=args.max_side))
+
+        def caption(r) -> str:
+            shown = [cfg.n_components + i if i < 0 else i for i in rgb]
+            var = " / ".join(f"{100 * r.explained[i]:.1f}%" for i in shown if i < len(r.explained))
+            fit = "this image" if cfg.per_image else f"{len(images)} image(s) together"
+            return (f"PCA of the descriptors ({fit}): components {', '.join(str(i + 1) for i in shown)} of "
+                    f"{cfg.n_components} as R, G, B (explained variance {var}); one colour per token")
+
+        for stem, r, photo in track(list(zip(stems(images), res, photos)), "drawing"):
+            token_map = draw.pca_rgb(r.components, r.grid, rgb, max_side=args.max_side)
+            draw.save_rgb(out / f"{stem}_pca.png", draw.pca_panel(photo, token_map, caption(r)))
         t_draw = time.perf_counter() - t
         ev = res[0].explained
         line = f"{len(images)} image(s), {cfg.n_components} components" + (
@@ -65,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "timings": {"extraction": round(t_extract, 3), "pca": round(t_pca, 3),
                                   "drawing": round(t_draw, 3)}}
 
-    return run_sets(PROG, args, sets, planned, process, min_images=1)
+    return run_sets(PROG, args, sets, planned, process, min_images=1, source=source)
 
 
 entry = run_cli(main, PROG)

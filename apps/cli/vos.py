@@ -35,6 +35,7 @@ from densevit.io.images import gather_images
 from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
 from densevit.io.images import load_image
 from densevit.options import opt
+from densevit.runtime.progress import Progress
 from densevit.runtime.threads import BackgroundWriter
 from densevit.io.images import drop_unreadable, report_unreadable
 
@@ -98,6 +99,16 @@ def overlay(frame: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> np.ndar
     edges = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
     out[edges] = 0.35 * colours[edges]
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def single_object_as_one(mask: np.ndarray) -> np.ndarray:
+    """A first mask with one object whose id is not 1 (a binary 0/255 mask, DAVIS-2016's annotations) as id 1,
+    so the masks written hold object 1 in its DAVIS colour (id 255 is DAVIS's "void")."""
+    ids = np.unique(mask)
+    ids = ids[ids != 0]
+    if len(ids) == 1 and ids[0] != 1:
+        return np.where(mask == ids[0], 1, 0).astype(mask.dtype)
+    return mask
 
 
 class _VideoSink:
@@ -204,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if all_frames[0] in unreadable and not args.discover:
         raise DensevitError(f"the first frame {all_frames[0].name} is unreadable; the first mask belongs to it")
     dcfg = discovery_config(args) if args.discover else None
-    first_mask = None if args.discover else read_mask(args.first_mask)
+    first_mask = None if args.discover else single_object_as_one(read_mask(args.first_mask))
     targets = [out / f"{f.stem}.png" for f in frames]
     if len({t.name for t in targets}) != len(targets):
         raise DensevitError(f"frames in {args.frames} share file stems; their masks would overwrite each other")
@@ -219,10 +230,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         first_mask = discover_mask(extractor, frames[0], dcfg)
     out.mkdir(parents=True, exist_ok=True)
     sink = _VideoSink(Path(args.gif) if args.gif else None, Path(args.video) if args.video else None, args.fps)
+    progress = Progress(PROG, quiet=args.quiet)
+    progress.stage(f"propagating ({len(frames)} frames)")           # off a terminal; on one, the bar
     try:
         with BackgroundWriter() as writer:
             for frame, target, mask in zip(frames, targets, propagate_masks(args, extractor, frames, first_mask,
-                                                                            cfg, progress=not args.quiet)):
+                                                                            cfg, progress=progress.terminal and not args.quiet)):
                 writer.submit(write_mask, target, mask)
                 if extra:
                     sink.add(overlay(load_image(frame), mask, args.alpha))

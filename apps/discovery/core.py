@@ -130,7 +130,7 @@ class DiscoverConfig(UpsampleOptions):
     eps: float = opt(1e-5, "TokenCut weight of edges below tau")
     binary_graph: bool = opt(True, "TokenCut ablation: similarities as edge weights above tau instead of 1",
                              flag="--no-binary-graph", invert=True)
-    solver: str = opt("eigh", "eigh: symmetric-normalised standard problem (default); generalized: TokenCut's "
+    solver: str = opt("eigh", "eigh: symmetric-normalised standard problem; generalized: TokenCut's "
                               "eigh(D - W, D) call with a dense D (same vector, slower)", choices=SOLVERS)
     k_patches: int = opt(100, "LOST: lowest-degree patches considered in the seed expansion")
     refine: str = opt("none", "mask refinement: none, a dense CRF (pydensecrf when installed, else approximate), or "

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..errors import DensevitError
+from ..errors import DensevitError, RandomWeightsWarning
 from ..io.files import OutputWriteError
 from ..features.options import FeatureOptions
 from ..io.images import max_pixels
@@ -19,14 +20,26 @@ from .flags import add_config_flags
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], prog: str) -> Callable[[Optional[Sequence[str]]], int]:
-    """Wrap a CLI ``main(argv) -> exit code`` so user errors print one line and exit 2, never a traceback. The one
-    error path of writing: an :class:`OSError` that reaches here (a full disk, a read-only place, a file where a
-    folder should be) is the same one line naming the path (:class:`OutputWriteError`)."""
+    """Wrap a CLI ``main(argv) -> exit code`` so user errors print one line and exit 2, never a traceback, and
+    densevit's warnings (random weights: :class:`~densevit.errors.RandomWeightsWarning`) print one line
+    each on stderr (``prog: warning: ...``). The one error path of writing: an :class:`OSError` that reaches here
+    (a full disk, a read-only place, a file where a folder should be) is the same one line naming the path
+    (:class:`OutputWriteError`)."""
 
     def entry(argv: Optional[Sequence[str]] = None) -> int:
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, RandomWeightsWarning):
+                print(f"{prog}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
         try:
-            max_pixels()                # a bad $DENSEVIT_MAX_PIXELS: one line before any work, not image by image
-            code = main(argv)
+            with warnings.catch_warnings():
+                shown = warnings.showwarning
+                warnings.simplefilter("always", RandomWeightsWarning)
+                warnings.showwarning = show
+                max_pixels()            # a bad $DENSEVIT_MAX_PIXELS: one line before any work
+                code = main(argv)
         except DensevitError as exc:
             print(f"{prog}: error: {getattr(exc, 'cli_message', exc)}", file=sys.stderr)
             code = 2
@@ -114,6 +127,18 @@ def build_extractor(args: argparse.Namespace):
 
     return ViTExtractor(args.backbone, stride=resolve_stride(args), weights=args.weights, device=args.device,
                         dtype=args.dtype)
+
+
+def source_provenance(source) -> dict:
+    """Which weights made the features of ``source`` (an extractor, a feature store, or either wrapped):
+    :func:`~densevit.models.provenance.weights_provenance`, computed once, or a store's recorded one."""
+    prov = getattr(source, "provenance", None)
+    if prov is not None:
+        return dict(prov)
+    from ..models.provenance import from_fingerprint
+
+    settings = source.settings
+    return from_fingerprint(settings.get("weights") or {}, settings.get("backbone"))
 
 
 def add_store_arg(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from ..models.provenance import provenance_fields
 from ..errors import DensevitError
 from ..io.files import atomic_write, atomic_write_text, check_outputs
 from ..io.images import UnreadableImageError, gather_images, image_size, report_unreadable, resized_hw, skip_unreadable
@@ -74,8 +75,9 @@ def _flatten_attn(a: np.ndarray) -> np.ndarray:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_backbones:
+        wide = max(map(len, BACKBONES)), max(len(s.hub_name) for s in BACKBONES.values())
         for name, spec in BACKBONES.items():
-            print(f"{name:18s} {spec.hub_name:42s} patch {spec.patch_size:2d}  {spec.supervision:10s} "
+            print(f"{name:{wide[0]}s}  {spec.hub_name:{wide[1]}s} patch {spec.patch_size:2d}  {spec.supervision:10s} "
                   f"{spec.pos.describe()}")
         return 0
     up = config_from_args(UpsampleOptions, args)
@@ -115,6 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ext = build_extractor(args)
     ext.resolve_layer(layer)  # validate before any work
     out_dir.mkdir(parents=True, exist_ok=True)
+    provenance = provenance_fields(ext.provenance)      # backbone, weights (file name or random), weights_sha256
     failures = written = 0
     unreadable = []
     for img, target in tqdm(todo, desc="extract", unit="img", disable=args.quiet or len(todo) < 2):
@@ -138,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         arrays = dict(descriptors=desc, num_patches=np.array(grid.shape), input_hw=np.array(grid.input_hw),
                       image_hw=np.array(grid.original_hw), stride=np.array(grid.stride),
                       patch_size=np.array(grid.patch_size), layer=np.array(layer), facet=np.array(facet),
-                      backbone=np.array(ext.spec.name), binned=np.array(args.bin))
+                      binned=np.array(args.bin), **{k: np.array(v) for k, v in provenance.items()})
         if up.upsample:     # one token per input pixel: stride and patch size 1, extracted at extraction_stride
             arrays.update(upsample=np.array(up.upsample), extraction_stride=np.array(ext.stride))
         if feats.saliency is not None:

@@ -8,7 +8,7 @@ Metadata keys of a field (all optional): ``help``; ``choices``; ``flag`` (the op
 True (default) gives ``--x/--no-x``, False a plain ``--x``); ``invert`` (bool fields whose flag is ``--no-x``:
 given, the field is False); ``parse`` (a function applied to the parsed value, e.g. :func:`densevit.options.zero_is_none`);
 ``type``, ``nargs``, ``metavar``, ``required``, ``action`` (``"append"``), ``positional`` (True: an argument
-without dashes).
+without dashes); ``hidden_aliases`` (old option strings, still accepted, left out of ``--help``).
 
 Every flag added here remembers that it was given (``args.given``, a frozenset of destinations), so a command
 can tell a value typed on the command line from a default (e.g. flags that must agree with a feature store)."""
@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import sys
 import typing
+from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type
 
 from ..version import __version__
 
-__all__ = ["add_config_flags", "config_from_args", "flag_name", "make_parser", "HelpFormatter"]
+__all__ = ["add_config_flags", "config_from_args", "flag_name", "make_parser", "HelpFormatter", "default_words",
+           "command_name"]
 
 _MISSING = dataclasses.MISSING
 
@@ -118,12 +122,18 @@ def add_config_flags(parser: "argparse._ActionsContainer", cls: Type, *, title: 
         else:
             default = None
         kw = _kwargs(f, hints[name], default, meta)
+        if meta.get("flag", "").startswith("--") and kw["action"] in (_STORE, _APPEND) \
+                and "metavar" not in kw and "choices" not in kw:      # named after the flag, not the field
+            kw["metavar"] = flag_name(f, prefix, meta)[2:].upper().replace("-", "_")
         if meta.get("positional"):
             kw.pop("required", None)
             target.add_argument(_dest(f, prefix), **kw)
         else:
             target.add_argument(*meta.get("short", ()), flag_name(f, prefix, meta),
                                 *meta.get("aliases", ()), dest=_dest(f, prefix), **kw)
+            hidden = ["--" + prefix + a[2:] for a in meta.get("hidden_aliases", ())]
+            if hidden:                  # an old name, still accepted, not shown in --help
+                target.add_argument(*hidden, dest=_dest(f, prefix), **{**kw, "help": argparse.SUPPRESS})
 
 
 def config_from_args(cls: Type, args: argparse.Namespace, *, prefix: str = "", **overrides: Any):
@@ -146,19 +156,58 @@ def config_from_args(cls: Type, args: argparse.Namespace, *, prefix: str = "", *
     return cls(**values)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` with every flag's default (left out where it is None or False: the help says what that means)
-    and the description's own line breaks."""
+def default_words(action: argparse.Action) -> Optional[str]:
+    """How ``--help`` states the default of ``action`` in words, or None where it states none (positional and
+    required arguments, ``--help``/``--version``): switches ``on``/``off`` (a ``--no-x`` flag: ``x on``), lists
+    as plain words (``none`` when empty), None as ``none``."""
+    if not action.option_strings or action.required or action.default is argparse.SUPPRESS \
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+        return None
+    d = action.default
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return "on" if d else "off"
+    if isinstance(action, argparse._StoreConstAction) and isinstance(action.const, bool):
+        if action.const is False:                    # a --no-x flag: given, the step is off
+            name = next(o for o in action.option_strings if o.startswith("--"))[2:]
+            name = name.replace("no-", "", 1)
+            return f"{name} on" if d else f"{name} off"
+        return "on" if d else "off"
+    if d is None:
+        return "none"
+    if isinstance(d, (list, tuple)):
+        return " ".join(map(str, d)) if d else "none"
+    return str(d)
+
+
+_STATES_DEFAULT = re.compile(r"\bdefault:", re.IGNORECASE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every flag's default in words (:func:`default_words`; where a help text states its default
+    itself, ``(default: ...)``, that text alone) and the description's own line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or not action.option_strings:
+        words = default_words(action)
+        if words is None or _STATES_DEFAULT.search(text):
             return text
-        return super()._get_help_string(action)
+        return f"{text} (default: {words.replace('%', '%%')})" if text else f"default: {words.replace('%', '%%')}"
+
+
+def command_name(prog: str) -> str:
+    """``densevit-NAME`` as the user typed it: ``python -m densevit NAME`` when run through ``python -m
+    densevit``, else the console script's name."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == "__main__.py" and argv0.parent.name == "densevit" \
+            and prog.startswith("densevit-"):
+        return "python -m densevit " + prog.removeprefix("densevit-")
+    return prog
 
 
 def make_parser(prog: str, description: Optional[str] = None, **kw: Any) -> argparse.ArgumentParser:
-    """The parser of a densevit command: defaults shown in ``--help``, ``--version``."""
+    """The parser of a densevit command: defaults shown in ``--help``, ``--version``; run as ``python -m densevit
+    NAME``, its usage says so (not the console script's name)."""
+    prog = command_name(prog)
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, **kw)
     p.add_argument("--version", action="version", version=f"{prog} (densevit) {__version__}")
     return p

@@ -91,7 +91,8 @@ def _build(args: argparse.Namespace) -> int:
     index = pi.build_index(args.store, out, cfg, progress=not args.quiet)
     size = sum((out / n).stat().st_size for n in index.meta["files"])
     print(f"index {out}: {len(index)} vectors of {index.meta['dim']} dims from {len(index.images)} image(s), "
-          f"{args.kind} {index.meta['params']}, {size / 2**20:.1f} MiB on disk, {time.perf_counter() - t:.1f} s")
+          f"{args.kind}{''.join(f', {k} {v}' for k, v in index.meta['params'].items())}, {size / 2**20:.1f} MiB "
+          f"on disk, {time.perf_counter() - t:.1f} s")
     return 0
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -127,12 +127,14 @@ class ViTExtractor(nn.Module):
         super().__init__()
         self.device = select_device(device)
         self.dtype = parse_dtype(dtype)
+        self._weights = None if model is None else "module"
         if model is not None:
             if weights is not None:
                 raise DensevitError("pass either model= or weights=, not both")
             model, spec = adopt_module(model, backbone)
         else:
             model, spec = load_backbone(backbone or "dino_vits8", weights)
+            self._weights = weights
         self.spec: BackboneSpec = spec
         self.model = model
         self.patch_size = spec.patch_size
@@ -141,6 +143,16 @@ class ViTExtractor(nn.Module):
         self.adapter.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def provenance(self) -> Dict[str, Any]:
+        """Which weights this extractor runs (:func:`~densevit.models.provenance.weights_provenance`: backbone,
+        source, file name, size, SHA-256); a module of your own (``model=``) is ``{"source": "module"}``."""
+        if self._weights == "module":
+            return {"backbone": self.spec.name, "source": "module", "name": "module", "size": None, "sha256": None}
+        from ..models.provenance import weights_provenance
+
+        return weights_provenance(self._weights, self.spec.name)
+
     @property
     def depth(self) -> int:
         return len(self.model.blocks)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
-from ..errors import DensevitError, WeightsNotFoundError
+from ..errors import DensevitError, RandomWeightsWarning, WeightsNotFoundError
 from . import convert_hf
 from .layouts import Converted, get_layout, transformers_layout
 from .locate import WEIGHTS_ENV, find_checkpoint, find_in_hf_cache, hf_cache_dir, hub_online, torch_hub_checkpoints
@@ -283,17 +284,36 @@ def _places(spec: BackboneSpec) -> List[str]:
             f"Hugging Face cache {hf_cache_dir()} ({', '.join(_hf_repos(spec))})"]
 
 
+def _smoke_weights(spec: BackboneSpec) -> str:
+    """The shared golden ViT-S/8 weights (fixed random weights, official DINO layout) when they exist beside the
+    clone and fit ``spec``, relative to the working folder where that is shorter; else ``""``."""
+    from ..io.paths import golden_weights
+
+    golden = golden_weights()
+    if spec.name != "dino_vits8" or not golden.is_file():
+        return ""
+    try:
+        rel = os.path.relpath(golden)
+    except ValueError:              # another drive (Windows)
+        return str(golden)
+    return rel if len(rel) < len(str(golden)) else str(golden)
+
+
 def _not_found(spec: BackboneSpec, download: str) -> WeightsNotFoundError:
-    """The one-line error listing every place looked in, with its advice worded for Python and for the CLI."""
+    """The one-line error listing every place looked in, with its advice worded for Python and for the CLI (the
+    shared golden weights named for a smoke run where they exist)."""
     first = spec.weight_files[0] if spec.weight_files else f"{spec.name}.pth"
     looked = "; ".join(f"{i}) {p}" for i, p in enumerate(_places(spec) + [f"download from {download}"], 1))
     head = f"no weights for {spec.name}; looked in {looked}. "
     where = f"put {first} in ${WEIGHTS_ENV} or torch.hub's checkpoint folder"
+    golden = _smoke_weights(spec)
+    py = f"weights='{golden}' (fixed random weights) or weights='random'" if golden else "weights='random'"
+    cli = f"--weights {golden} (fixed random weights) or --weights random" if golden else "--weights random"
     return WeightsNotFoundError(
         head + f"Pass weights='FILE' (a checkpoint, transformers folder or model.safetensors), {where}, "
-        f"or use weights='random' for a smoke run",
+        f"or use {py} for a smoke run",
         head + f"Pass --weights FILE (a checkpoint, transformers folder or model.safetensors), {where}, "
-        f"or use --weights random for a smoke run")
+        f"or use {cli} for a smoke run")
 
 
 def _load_from_hub(spec: BackboneSpec) -> nn.Module:
@@ -315,6 +335,8 @@ def load_backbone(name: str, weights: Union[str, Path, None] = None, seed: int =
     else a download. Raises :class:`WeightsNotFoundError` with one line listing where it looked."""
     spec = get_spec(name)
     if weights is not None and str(weights) == "random":
+        warnings.warn(f"{spec.name} runs with random weights: the outputs are not meaningful features (smoke runs "
+                      f"only; give --weights FILE for real ones)", RandomWeightsWarning, stacklevel=2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = create_model(spec)

@@ -133,22 +133,16 @@ def gather_dataset(inputs: Sequence[str], recursive: bool = False) -> List[Tuple
 
 
 def weights_fingerprint(weights: Optional[str], backbone: str) -> Dict[str, Any]:
-    """What identifies the weights: a file's size and SHA-256, ``random``, or the backbone's default source."""
-    if weights is None:
-        from ..models.registry import get_spec
-        from ..models.weights import find_local_weights
+    """What identifies the weights in a store's manifest: a file's name, size and SHA-256, ``random``, or the
+    backbone's default source (from :func:`~densevit.models.provenance.weights_provenance`)."""
+    from ..models.provenance import weights_provenance
 
-        local = find_local_weights(get_spec(backbone))
-        if local is None:
-            return {"source": "timm-hub", "backbone": backbone}
-        weights = str(local)
-    if str(weights) == "random":
+    prov = weights_provenance(weights, backbone)
+    if prov["source"] == "random":
         return {"source": "random"}
-    from ..models.weights import weights_files
-
-    p, files = Path(weights), weights_files(weights)   # a transformers folder: its checkpoint file(s)
-    digest = file_sha256(files[0]) if len(files) == 1 else ",".join(file_sha256(f) for f in files)
-    return {"source": "file", "name": p.name, "size": sum(f.stat().st_size for f in files), "sha256": digest}
+    if prov["source"] == "timm-hub":
+        return {"source": "timm-hub", "backbone": backbone}
+    return {"source": "file", "name": prov["name"], "size": prov["size"], "sha256": prov["sha256"]}
 
 
 def store_settings(extractor, cfg: ExtractionConfig, weights: Optional[str]) -> Dict[str, Any]:
