@@ -88,7 +88,7 @@ PUBLIC = {
     ],
     "densevit.apps.explore": [
         "Settings", "ExploreImage", "ImageMap", "SimilarityResult", "AttentionResult", "Explorer", "DESCRIPTOR_FACETS",
-        "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME"
+        "MAX_SIDE", "MAX_LOAD_SIZE", "MAX_TOKENS", "MAX_NAME", "MAX_IMAGES", "MAX_UPLOAD_PIXELS"
     ],
 }
 # the front door gathers names from every layer; a layer package only re-exports its own modules' names
