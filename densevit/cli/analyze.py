@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +35,7 @@ from .common import (
     report_unreadable,
     run_cli,
 )
-from .analyze_methods import check_method_args, method_files, run_methods
+from .analyze_methods import _json, _slug, check_method_args, method_files, run_methods
 from .flags import add_config_flags, make_parser
 
 ANALYSES = ("attention", "cka", "sweep", "spatial", "robustness", "neurons")
@@ -117,10 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "model"
-
-
 def _parse_models(args: argparse.Namespace) -> List[Tuple[str, str, Optional[str]]]:
     """``[(label, backbone, weights)]``: the main model then every --compare."""
     from ..models.registry import get_spec
@@ -158,20 +151,6 @@ def _planned_files(args, labels: List[str], tasks: List[str]) -> List[Path]:
         files += [out / "sweep.csv", out / "sweep.json"] + [out / f"sweep_{t}.png" for t in tasks]
     files += method_files(args, out, _parse_models(args))
     return files
-
-
-def _json(obj) -> str:
-    """Strict JSON (NaN and infinities written as null)."""
-    def clean(o):
-        if isinstance(o, float):
-            return o if math.isfinite(o) else None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    return json.dumps(clean(obj), indent=1, allow_nan=False)
 
 
 def _write_csv(path: Path, rows: Sequence[Dict[str, object]]) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
+import math
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -12,6 +15,26 @@ from ..errors import DensevitError
 from ..io.files import atomic_write
 
 METHODS = ("spatial", "robustness", "neurons")
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "model"
+
+
+def _json(obj) -> str:
+    """Strict JSON (NaN and infinities written as null)."""
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(obj), indent=1, allow_nan=False)
+
+
 
 
 def _neuron_layers(args: argparse.Namespace, depth: int) -> List[int]:
@@ -75,8 +98,6 @@ def check_method_args(args: argparse.Namespace, models, images) -> None:
 def method_files(args: argparse.Namespace, out: Path, models) -> List[Path]:
     """The files the three analyses will write (checked before any work)."""
     from ..models.registry import get_spec
-    from .analyze import _slug
-
     files: List[Path] = []
     slugs = [(_slug(label), get_spec(name)) for label, name, _ in models]
     if "spatial" in args.analyses:
@@ -112,8 +133,6 @@ def run_methods(args: argparse.Namespace, built: Dict[str, object], images: Sequ
     from ..eval.analysis.neurons import default_units, visualize_units
     from ..eval.analysis.robustness import linear_classifier, occlusion_robustness
     from ..eval.analysis.spatial import spatial_information
-    from .analyze import _json, _slug
-
     written: List[Path] = []
     load = int(args.load_size or 224)
     if "spatial" in args.analyses:
