@@ -11,6 +11,7 @@ from .version import __version__
 COMMANDS = {
     "extract": "densevit.cli.extract",
     "analyze": "densevit.cli.analyze",
+    "segment": "densevit.cli.segment",
     "coseg": "densevit.apps.cli.coseg",
     "partseg": "densevit.apps.cli.partseg",
     "match": "densevit.apps.cli.match",

@@ -96,7 +96,8 @@ def attention_masks(attn: torch.Tensor, keep: float = 0.65, sigma: float = 0.6) 
     th = torch.cumsum(val, -1) > (1 - keep)
     th = torch.gather(th, 1, torch.argsort(idx, dim=-1)).reshape(N, h, w).float()
     for j in range(N):
-        lab, n = label(th[j].numpy())          # 4-connectivity, as skimage.measure.label's default for 2-D
+        lab, n = label(th[j].numpy(), structure=np.ones((3, 3)))   # 8-connected: the reference labels a 1 x h x w
+                                                                   # volume (skimage: full connectivity)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
         small = np.nonzero(sizes <= 2)[0]
         small = small[small > 0]
@@ -182,7 +183,8 @@ def cooccurrence_matrix(clusters: np.ndarray, num_clusters: int, distances: Sequ
         rs = counts.sum(1)
         total += np.divide(counts, rs[:, None], out=np.zeros_like(counts), where=rs[:, None] != 0)
         appear += rs > 0
-    return total / appear[:, None]
+    # a cluster in no image: 0 (the reference divides by zero, NaN, which adds no edge either)
+    return np.divide(total, appear[:, None], out=np.zeros_like(total), where=appear[:, None] > 0)
 
 
 def cooccurrence_edges(adj: np.ndarray, weight_threshold: float) -> List[Tuple[int, int, float]]:
@@ -253,8 +255,8 @@ class UnsupSegResult:
 def unsupervised_segmentation(feats: torch.Tensor, attn: torch.Tensor, *, k_fg: int = 200, k_community: int = 100,
                               pca_dim: int = 50, eval_size: int = 100, fg_threshold: Optional[float] = None,
                               weight_threshold: float = 0.05, resolution: float = 1.0, seed: int = 0,
-                              gt: Optional[np.ndarray] = None, attn_is_mask: bool = False,
-                              progress: bool = False) -> UnsupSegResult:
+                              gt: Optional[np.ndarray] = None, keep: float = 0.65,
+                              attn_is_mask: bool = False) -> UnsupSegResult:
     """The whole pipeline (module doc) on ``N x h x w x D`` patch features and ``N x h x w`` CLS attention (or
     ready 0/1 masks with ``attn_is_mask``). ``gt``: ``N x S x S`` class maps at ``eval_size`` (255 ignored), used
     for the reference's threshold search when ``fg_threshold`` is None and for the mIoU; without ``gt`` and
@@ -264,7 +266,7 @@ def unsupervised_segmentation(feats: torch.Tensor, attn: torch.Tensor, *, k_fg: 
     x = normalize_and_pca(feats.reshape(-1, D).float().numpy(), pca_dim)
     c1 = kmeans_labels(x, k_fg, seed, spherical=True).reshape(N, 1, h, w)
     c1_up = F.interpolate(torch.from_numpy(c1).float(), size=(S, S), mode="nearest")[:, 0].long().numpy()
-    masks = attn.float() if attn_is_mask else attention_masks(attn)
+    masks = attn.float() if attn_is_mask else attention_masks(attn, keep)
     m_up = F.interpolate(masks[:, None].float(), size=(S, S), mode="nearest")[:, 0].numpy()
     precs = cluster_precisions(c1_up, m_up, k_fg)
     if fg_threshold is None:
