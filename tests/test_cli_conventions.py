@@ -17,7 +17,8 @@ from densevit.version import __version__
 COMMANDS = {"extract": "densevit.cli.extract", "analyze": "densevit.cli.analyze", "coseg": "densevit.apps.cli.coseg",
             "partseg": "densevit.apps.cli.partseg", "match": "densevit.apps.cli.match", "pca": "densevit.apps.cli.pca",
             "discover": "densevit.apps.cli.discover", "vos": "densevit.apps.cli.vos",
-            "explore": "densevit.apps.cli.explore", "index": "densevit.apps.cli.index"}
+            "explore": "densevit.apps.cli.explore", "index": "densevit.apps.cli.index",
+            "segment": "densevit.cli.segment"}
 REQUIRED = {"vos": ["--frames", "f", "--first-mask", "m.png", "-o", "out"], "explore": []}
 
 

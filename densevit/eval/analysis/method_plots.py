@@ -45,7 +45,7 @@ def plot_spatial_maps(st: SpatialStats, path: Path, *, max_layers: int = 12) -> 
         for c, (qy, qx) in enumerate(st.queries):
             ax = axes[r, c]
             im = ax.imshow(st.maps[li, c], cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-            ax.scatter([qx], [qy], s=10, c="red")
+            ax.scatter([qx], [qy], s=22, c="red", edgecolors="white", linewidths=0.8, clip_on=False, zorder=3)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
