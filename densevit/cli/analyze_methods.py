@@ -129,7 +129,7 @@ def _write_rows(path: Path, rows: Sequence[Dict[str, object]]) -> Path:
 def run_methods(args: argparse.Namespace, built: Dict[str, object], images: Sequence[Path], out_dir: Path,
                 summary: Dict[str, object], progress: bool) -> List[Path]:
     """Run the requested analyses of :data:`METHODS` on every model; returns the files written."""
-    from ..eval.analysis import method_plots as mp
+    from ..eval.analysis import plots_methods as mp
     from ..eval.analysis.neurons import default_units, visualize_units
     from ..eval.analysis.robustness import linear_classifier, occlusion_robustness
     from ..eval.analysis.spatial import spatial_information
