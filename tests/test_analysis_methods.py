@@ -161,6 +161,7 @@ def test_analyze_methods_cli(tmp_path, images, golden_path):
 @pytest.mark.parametrize("flags,msg", [(["--analyses", "robustness", "--drop-ratios", "1.0"], "drop-ratios"),
                                        (["--analyses", "neurons", "--neuron-steps", "0"], "neuron-steps"),
                                        (["--analyses", "robustness", "--stride", "4"], "patch stride"),
+                                       (["--analyses", "neurons", "--units", "1536"], "out of range"),
                                        (["--analyses", "robustness", "--classifier-head", "/nonexistent"],
                                         "classifier-head")])
 def test_analyze_methods_bad_flags(tmp_path, images, golden_path, capsys, flags, msg):

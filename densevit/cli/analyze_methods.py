@@ -89,9 +89,13 @@ def check_method_args(args: argparse.Namespace, models, images) -> None:
             spec = get_spec(name)
             _neuron_layers(args, spec.depth)
             if args.units is not None:
-                n = spec.embed_dim * (4 if args.neuron_kind == "mlp" else 1)
+                n = spec.embed_dim
+                if args.neuron_kind == "mlp":             # the hidden width, from the architecture (no weights)
+                    from ..models.weights import create_model
+
+                    n = int(create_model(spec, "meta").blocks[0].mlp.fc2.in_features)
                 bad = [u for u in args.units if not 0 <= u < n]
-                if bad and args.neuron_kind != "mlp":
+                if bad:
                     raise DensevitError(f"--units {bad[0]} out of range for {args.neuron_kind} of {name} (0..{n - 1})")
 
 
