@@ -19,7 +19,8 @@ from densevit.eval.analysis import unsup_seg as us
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIX = Path(__file__).parent / "fixtures" / "leopart_conformance.npz"
-PARAMS = json.loads(FIX.with_suffix(".json").read_text())["params"]
+META = json.loads(FIX.with_suffix(".json").read_text())
+PARAMS, PARAMS2 = META["params"], META["params_k2"]
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +68,73 @@ def test_steps_match_the_reference(ref, tag):
     assert np.allclose(edges, ref[f"{tag}_edges"])
 
 
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label maps split the cells the same way (whatever the ids: no tie-dependent numbering)."""
+    a, b = a.ravel().astype(np.int64), b.ravel().astype(np.int64)
+    pairs = np.unique(np.stack([a, b]), axis=1).shape[1]
+    return pairs == np.unique(a).size == np.unique(b).size
+
+
+# The reference's merge on two cases per set: k_community 6 at markov time 1 (Infomap keeps every cluster apart) and
+# k_community 12 with the reference's ViT-S/16 graph settings (weight threshold 0.09, markov time 2: Infomap merges).
+CASES = {"": (PARAMS["k_community"], PARAMS["wt"], 1.0), "_k2": (PARAMS2["k_community"], PARAMS2["wt"],
+                                                                PARAMS2["markov_time"])}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("tag", ["a", "b"])
-def test_merge_against_infomap(ref, tag):
-    """The reference merges with Infomap (markov time 1): on these 7-cluster graphs it keeps every cluster apart.
-    Louvain at the default resolution merges some; at a resolution where it keeps them apart too, the label maps
-    are the reference's after matching, and the Hungarian mIoU is the reference's."""
+def test_default_merge_is_the_references(ref, tag, case):
+    """Default merge (Infomap as the reference calls it) on the reference's graph: the reference's label maps, run
+    by run (the reference's seeds 1, 2, 3), as partitions; its edge list is densevit's."""
+    k, wt, mt = CASES[case]
+    c2 = ref[f"{tag}{case}_c2"].astype(np.int64)
+    edges = us.cooccurrence_edges(us.cooccurrence_matrix(c2, k + 1), wt)
+    assert np.allclose(np.asarray(edges).reshape(-1, 3), ref[f"{tag}{case}_edges"])
+    for run, expected in enumerate(ref[f"{tag}{case}_infomap"]):
+        comm = us.merge_communities(edges, k + 1, markov_time=mt, seed=run + 1)
+        assert _same_partition(comm[c2], expected)
+        assert ((comm[c2] == 0) == (expected == 0)).all()              # unlinked clusters: label 0, as the reference
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("tag", ["a", "b"])
+def test_pipeline_default_label_maps_are_the_references(ref, tag, case):
+    """End to end from the features, at the defaults (Infomap seed 1): the foreground clusters and the merged label
+    maps are the reference's partitions, and so is the Hungarian mIoU."""
+    k, wt, mt = CASES[case]
+    res = us.unsupervised_segmentation(torch.from_numpy(ref[f"{tag}_feats"].astype(np.float32)),
+                                       torch.from_numpy(ref[f"{tag}_attn"].astype(np.float32)), k_fg=PARAMS["k_fg"],
+                                       k_community=k, pca_dim=PARAMS["pca_dim"], eval_size=PARAMS["eval_size"],
+                                       weight_threshold=wt, markov_time=mt, seed=PARAMS["seed"], gt=ref[f"{tag}_gt"])
+    assert _same_partition(res.fg_clusters, ref[f"{tag}{case}_c2"])
+    expected = ref[f"{tag}{case}_infomap"][0]
+    assert _same_partition(res.labels, expected)
+    assert res.metrics["communities"] == np.unique(expected[expected > 0]).size
+    if not case:
+        assert res.metrics["miou"] == pytest.approx(float(ref[f"{tag}_miou_infomap"]))
+
+
+@pytest.mark.parametrize("tag", ["a", "b"])
+def test_louvain_option_differs_at_resolution_1(ref, tag):
+    """``method="louvain"`` (densevit's option): at resolution 1 it merges clusters Infomap keeps apart; at
+    resolution 20 it keeps them apart too and gives the reference's label maps and mIoU."""
     c2 = ref[f"{tag}_c2"].astype(np.int64)
     C = PARAMS["k_community"] + 1
     edges = us.cooccurrence_edges(ref[f"{tag}_adj"], PARAMS["wt"])
     info = ref[f"{tag}_infomap"][0]
-    merged = us.merge_communities(edges, C, resolution=20.0, seed=0)[c2]
-    assert _agreement(info, merged) == 1.0
-    miou, _, _ = us.hungarian_miou(ref[f"{tag}_gt"], info, 2)
-    assert miou == pytest.approx(float(ref[f"{tag}_miou_infomap"]))
-    assert us.hungarian_miou(ref[f"{tag}_gt"], merged, 2)[0] == pytest.approx(miou)
-    default = us.merge_communities(edges, C, seed=0)
-    assert 1 <= default.max() < C                                                   # Louvain does merge
+    merged = us.merge_communities(edges, C, method="louvain", resolution=20.0, seed=0)[c2]
+    assert _same_partition(info, merged)
+    assert us.hungarian_miou(ref[f"{tag}_gt"], merged, 2)[0] == pytest.approx(float(ref[f"{tag}_miou_infomap"]))
+    louvain = us.merge_communities(edges, C, method="louvain", seed=0)
+    assert 1 <= louvain.max() < C and not _same_partition(info, louvain[c2])
+
+
+def test_merge_rejects_unknown_method_and_infomap_seed_0():
+    with pytest.raises(ValueError, match="louvain"):
+        us.merge_communities([(0, 1, 0.5)], 2, method="leiden")
+    with pytest.raises(ValueError):
+        us.merge_communities([(0, 1, 0.5)], 2, seed=0)
+    assert (us.merge_communities([], 3) == 0).all()
 
 
 def test_planted_cooccurring_clusters_are_merged():
@@ -96,8 +148,9 @@ def test_planted_cooccurring_clusters_are_merged():
     maps = np.stack(maps)
     adj = us.cooccurrence_matrix(maps, 4)
     assert adj[0, 1] == adj[1, 0] == 1.0 and adj[0, 2] == 0.0
-    comm = us.merge_communities(us.cooccurrence_edges(adj, 0.05), 4, seed=3)
-    assert comm[0] == comm[1] and comm[2] == comm[3] and comm[0] != comm[2] and comm.min() >= 1
+    for method in us.MERGE_METHODS:
+        comm = us.merge_communities(us.cooccurrence_edges(adj, 0.05), 4, method=method, seed=3)
+        assert comm[0] == comm[1] and comm[2] == comm[3] and comm[0] != comm[2] and comm.min() >= 1, method
 
 
 def test_hungarian_miou_is_label_permutation_invariant():
@@ -146,6 +199,7 @@ def test_segment_cli_from_model_and_store(tmp_path, shared, golden_path):
     assert entry(["--voc", str(voc), "-o", str(out), "--weights", str(golden_path), *SMALL]) == 0
     summary = json.loads((out / "segment.json").read_text())
     assert 0.0 <= summary["miou"] <= 1.0 and summary["communities"] >= 1
+    assert summary["settings"]["merge"] == "infomap" and summary["settings"]["merge_seed"] == 1
     lab = np.asarray(Image.open(out / "labels" / "dog_00000.png"))
     assert lab.shape == (68, 120) and lab.max() <= summary["communities"]
     assert (out / "overlays" / "libby_00030.png").is_file()
@@ -160,9 +214,10 @@ def test_segment_cli_from_model_and_store(tmp_path, shared, golden_path):
     small = [a for a in SMALL if a not in ("--device", "cpu")]
     i = small.index("--load-size")
     del small[i:i + 2]
-    assert entry([*map(str, imgs), "-o", str(out2), "--store", str(store), *small]) == 0
+    assert entry([*map(str, imgs), "-o", str(out2), "--store", str(store), "--merge", "louvain", "--resolution", "2",
+                  *small]) == 0
     s2 = json.loads((out2 / "segment.json").read_text())
-    assert s2["source"] == str(store) and "miou" not in s2
+    assert s2["source"] == str(store) and "miou" not in s2 and s2["settings"]["merge"] == "louvain"
     assert len(list((out2 / "labels").glob("*.png"))) == len(imgs)
 
 
@@ -177,8 +232,11 @@ def test_segment_cli_dinov3_and_errors(tmp_path, shared, capsys):
     assert json.loads((out / "segment.json").read_text())["settings"]["k_fg"] == 10
     assert entry(["-o", str(tmp_path / "x")]) == 2
     assert entry(["--voc", str(tmp_path), "-o", str(tmp_path / "x")]) == 2
+    assert entry(["--voc", str(voc), "-o", str(tmp_path / "y"), "--merge-seed", "0", *SMALL]) == 2
+    assert entry(["--voc", str(voc), "-o", str(tmp_path / "y"), "--markov-time", "0", *SMALL]) == 2
     err = capsys.readouterr().err
     assert "no input" in err and "PASCAL VOC layout" in err and "Traceback" not in err
+    assert "--merge-seed must be at least 1" in err and "--markov-time" in err
 
 
 def test_segment_is_a_densevit_command():

@@ -3,8 +3,9 @@
     densevit-segment IMAGES... | --voc VOC_ROOT [--split val]  -o OUT  [--store STORE] [--k-fg 200 --k-community 100]
 
 Over-clusters the patch features of every image together (k-means), keeps the clusters the CLS-attention masks vote
-foreground, clusters the foreground again and merges those clusters into objects by Louvain community detection on
-their co-occurrence graph (:mod:`densevit.eval.analysis.unsup_seg`). With ``--voc`` (PASCAL VOC layout:
+foreground, clusters the foreground again and merges those clusters into objects by Infomap community detection on
+their co-occurrence graph as the reference does (``--merge louvain``: networkx's Louvain instead;
+:mod:`densevit.eval.analysis.unsup_seg`). With ``--voc`` (PASCAL VOC layout:
 ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``, ``ImageSets/Segmentation/<split>.txt``) the ground truth
 is read, the foreground threshold searched on it as the reference does (unless ``--fg-threshold``), and the
 Hungarian-matched mIoU reported. Writes ``labels/<name>.png`` (label map at the original size: 0 background,
@@ -44,7 +45,7 @@ PROG = "densevit-segment"
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """What densevit-segment clusters and how (defaults: the reference's, Louvain for Infomap)."""
+    """What densevit-segment clusters and how (defaults: the reference's; ``merge="louvain"`` is densevit's option)."""
 
     images: Tuple[str, ...] = opt((), "image files and/or folders (or --voc)", positional=True, nargs="*")
     voc: Optional[str] = opt(None, "a PASCAL VOC layout folder: its split's images and ground truth (mIoU)")
@@ -59,8 +60,13 @@ class SegmentOptions:
                                               "truth as the reference, else the 65 %% background cut)",
                                         group="clustering")
     weight_threshold: float = opt(0.05, "co-occurrence edge weight kept in the graph", group="clustering")
-    resolution: float = opt(1.0, "Louvain resolution (higher: more, smaller objects)", group="clustering")
-    seed: int = opt(0, "seed of k-means and Louvain", group="clustering")
+    merge: str = opt("infomap", "community detection merging the clusters: infomap (the reference's) or louvain "
+                                "(networkx)", choices=("infomap", "louvain"), group="clustering")
+    markov_time: float = opt(1.0, "Infomap Markov time (higher: fewer, larger objects)", group="clustering")
+    merge_seed: int = opt(1, "seed of the community detection (Infomap: >= 1)", group="clustering")
+    resolution: float = opt(1.0, "Louvain resolution, with --merge louvain (higher: more, smaller objects)",
+                            group="clustering")
+    seed: int = opt(0, "seed of the k-means clusterings", group="clustering")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,8 +199,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag in ("k_fg", "k_community", "pca_dim", "eval_size"):
         if getattr(args, flag) < 1:
             raise DensevitError(f"--{flag.replace('_', '-')} must be at least 1")
-    if not 0 < args.attn_keep <= 1 or args.weight_threshold < 0 or args.resolution <= 0:
-        raise DensevitError("--attn-keep must be in (0, 1], --weight-threshold >= 0, --resolution > 0")
+    if not 0 < args.attn_keep <= 1 or args.weight_threshold < 0 or args.resolution <= 0 or args.markov_time <= 0:
+        raise DensevitError("--attn-keep must be in (0, 1], --weight-threshold >= 0, --resolution and "
+                            "--markov-time > 0")
+    if args.merge == "infomap" and args.merge_seed < 1:
+        raise DensevitError("--merge-seed must be at least 1 for Infomap")
     if args.fg_threshold is not None and not 0 <= args.fg_threshold <= 1:
         raise DensevitError("--fg-threshold must be in [0, 1]")
     names = [p.stem for p in images]
@@ -213,8 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gt = read_gt(gts, load, args.eval_size) if gts else None
     res = unsupervised_segmentation(feats, attn, k_fg=args.k_fg, k_community=args.k_community, pca_dim=args.pca_dim,
                                     eval_size=args.eval_size, fg_threshold=args.fg_threshold,
-                                    weight_threshold=args.weight_threshold, resolution=args.resolution,
-                                    seed=args.seed, gt=gt, keep=args.attn_keep,
+                                    weight_threshold=args.weight_threshold, merge=args.merge,
+                                    markov_time=args.markov_time, merge_seed=args.merge_seed,
+                                    resolution=args.resolution, seed=args.seed, gt=gt, keep=args.attn_keep,
                                     attn_is_mask=False)
     t2 = time.perf_counter()
     for p, n, lab in zip(images, names, res.labels):

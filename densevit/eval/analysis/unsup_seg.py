@@ -18,10 +18,12 @@ Steps, each as the reference computes it (``experiments/fully_unsup_seg`` of the
    ``graycomatrix`` offsets), diagonal zeroed, rows normalised; summed over images and divided by the number of
    images each cluster occurs in. :func:`cooccurrence_edges`: an undirected edge ``min(A[i, j], A[j, i])`` where both
    reach ``weight_threshold``.
-7. :func:`merge_communities`: community detection on that graph. **Difference from the reference:** it runs Infomap
-   (``markov_time``, 20 preferred modules); densevit runs networkx's Louvain (``resolution``, ``seed``), a well-kept
-   library with the same role. Clusters without an edge go to label 0; communities are numbered from 1 in the order
-   of their smallest cluster.
+7. :func:`merge_communities`: community detection on that graph, by default as the reference runs it: Infomap
+   (the ``infomap`` package; undirected, two-level, ``markov_time``, 20 preferred modules, ``seed``), each cluster
+   labelled with its Infomap module id (from 1), clusters without an edge 0. The reference runs seeds ``0..9`` and
+   reports the mean; Infomap >= 2.16 refuses seed 0, so densevit's default is seed 1 (the reference's second run).
+   ``method="louvain"`` (a densevit option): networkx's Louvain (``resolution``, ``seed``), communities numbered from
+   1 by their smallest cluster -- a different algorithm, which merges more at ``resolution=1``.
 8. :func:`hungarian_miou`: predictions matched one-to-one to ground-truth classes by the Hungarian algorithm on IoU,
    unmatched predictions counted as background (label 0), mIoU over the ground-truth classes; label 255 ignored.
 """
@@ -38,8 +40,8 @@ import torch.nn.functional as F
 from ...errors import DensevitError
 
 __all__ = ["normalize_and_pca", "kmeans_labels", "attention_masks", "cluster_precisions", "foreground_clusters",
-           "threshold_from_gt", "cooccurrence_matrix", "cooccurrence_edges", "merge_communities", "hungarian_miou",
-           "UnsupSegResult", "unsupervised_segmentation", "IGNORE"]
+           "threshold_from_gt", "cooccurrence_matrix", "cooccurrence_edges", "merge_communities", "MERGE_METHODS",
+           "hungarian_miou", "UnsupSegResult", "unsupervised_segmentation", "IGNORE"]
 
 IGNORE = 255
 ANGLES = (0, np.pi / 4, np.pi / 2, 3 * np.pi / 4, np.pi, 4 * np.pi / 3, 3 * np.pi / 2, 7 * np.pi / 4)
@@ -195,15 +197,35 @@ def cooccurrence_edges(adj: np.ndarray, weight_threshold: float) -> List[Tuple[i
     return [(int(i), int(j), float(min(a[i, j], a[j, i]))) for i, j in zip(ii, jj)]
 
 
-def merge_communities(edges: Sequence[Tuple[int, int, float]], num_clusters: int, *, resolution: float = 1.0,
-                      seed: int = 0) -> np.ndarray:
-    """``num_clusters`` community labels (Louvain, networkx): 0 for clusters without an edge, communities
-    numbered from 1 by their smallest cluster id."""
+MERGE_METHODS = ("infomap", "louvain")
+
+
+def merge_communities(edges: Sequence[Tuple[int, int, float]], num_clusters: int, *, method: str = "infomap",
+                      markov_time: float = 1.0, seed: int = 1, resolution: float = 1.0,
+                      preferred_modules: int = 20) -> np.ndarray:
+    """``num_clusters`` community labels (module doc, step 7): 0 for clusters without an edge, 1.. the communities.
+
+    ``method="infomap"`` (the reference's): Infomap module ids with ``markov_time``, ``seed`` (>= 1) and
+    ``preferred_modules``; ``method="louvain"``: networkx's Louvain with ``resolution`` and ``seed``, communities
+    numbered by their smallest cluster id."""
+    out = np.zeros(num_clusters, dtype=np.int64)
+    if method == "infomap":
+        import infomap
+
+        links = [(int(i), int(j), float(w)) for i, j, w in edges]
+        if not links:
+            return out
+        opts = infomap.Options(directed=False, two_level=True, seed=int(seed), markov_time=float(markov_time),
+                               silent=True, preferred_number_of_modules=int(preferred_modules))
+        for node, module in infomap.run(links, options=opts).modules().items():
+            out[int(node)] = int(module)
+        return out
+    if method != "louvain":
+        raise ValueError(f"merge method {method!r}: use one of {', '.join(MERGE_METHODS)}")
     import networkx as nx
 
     g = nx.Graph()
     g.add_weighted_edges_from((i, j, w) for i, j, w in edges if i != j)
-    out = np.zeros(num_clusters, dtype=np.int64)
     if g.number_of_nodes() == 0:
         return out
     comms = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=seed)
@@ -254,13 +276,15 @@ class UnsupSegResult:
 
 def unsupervised_segmentation(feats: torch.Tensor, attn: torch.Tensor, *, k_fg: int = 200, k_community: int = 100,
                               pca_dim: int = 50, eval_size: int = 100, fg_threshold: Optional[float] = None,
-                              weight_threshold: float = 0.05, resolution: float = 1.0, seed: int = 0,
+                              weight_threshold: float = 0.05, merge: str = "infomap", markov_time: float = 1.0,
+                              merge_seed: int = 1, resolution: float = 1.0, seed: int = 0,
                               gt: Optional[np.ndarray] = None, keep: float = 0.65,
                               attn_is_mask: bool = False) -> UnsupSegResult:
     """The whole pipeline (module doc) on ``N x h x w x D`` patch features and ``N x h x w`` CLS attention (or
     ready 0/1 masks with ``attn_is_mask``). ``gt``: ``N x S x S`` class maps at ``eval_size`` (255 ignored), used
     for the reference's threshold search when ``fg_threshold`` is None and for the mIoU; without ``gt`` and
-    threshold, the cut at 65 % background clusters (the middle of the reference's search range) is used."""
+    threshold, the cut at 65 % background clusters (the middle of the reference's search range) is used.
+    ``merge``/``markov_time``/``merge_seed``/``resolution``: :func:`merge_communities`; ``seed``: the k-means."""
     N, h, w, D = feats.shape
     S = int(eval_size)
     x = normalize_and_pca(feats.reshape(-1, D).float().numpy(), pca_dim)
@@ -286,10 +310,11 @@ def unsupervised_segmentation(feats: torch.Tensor, attn: torch.Tensor, *, k_fg: 
     c2 = c2.reshape(N, S, S)
     adj = cooccurrence_matrix(c2, k_community + 1)
     edges = cooccurrence_edges(adj, weight_threshold)
-    comm = merge_communities(edges, k_community + 1, resolution=resolution, seed=seed)
+    comm = merge_communities(edges, k_community + 1, method=merge, markov_time=markov_time, seed=merge_seed,
+                             resolution=resolution)
     labels = comm[c2]
     res = UnsupSegResult(labels, fg.astype(np.uint8), c2, comm, precs, float(fg_threshold), edges)
-    res.metrics["communities"] = int(comm.max())
+    res.metrics["communities"] = int(np.unique(comm[comm > 0]).size)
     if gt is not None:
         miou, per, mapping = hungarian_miou(gt, labels, int(max(gt[gt != IGNORE].max() + 1, 2)))
         res.metrics.update({"miou": miou, "iou_per_class": per.tolist(),
