@@ -8,6 +8,7 @@ from .flags import add_config_flags, config_from_args, make_parser
 COMMANDS: Dict[str, str] = {
     "extract": "densevit.cli.extract",
     "analyze": "densevit.cli.analyze",
+    "segment": "densevit.cli.segment",
     "coseg": "densevit.apps.cli.coseg",
     "partseg": "densevit.apps.cli.partseg",
     "match": "densevit.apps.cli.match",

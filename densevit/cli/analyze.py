@@ -1,10 +1,14 @@
-"""densevit-analyze: attention heads, layer similarity (CKA) and best layer per task, for one or more ViTs.
+"""densevit-analyze: attention heads, layer similarity (CKA), best layer per task, spatial information, occlusion
+robustness and neuron visualisation, for one or more ViTs.
 
 Writes PNG plots plus CSV/JSON numbers into the output folder:
   attention  <model>_attn_distance.png, <model>_attn_offset.png, <model>_attn_entropy.png,
              <model>_attn_cls_share.png, attn_distance_by_layer.png, <model>_attention.csv/.json
   cka        cka_<model>.png/.csv (all layers of one model), cka_<a>_vs_<b>.png/.csv (two models)
   sweep      sweep_<task>.png (score per layer, one line per model), sweep.csv, sweep.json
+  spatial    <model>_spatial_maps.png, spatial_by_layer.png, <model>_spatial.csv/.json
+  robustness <model>_robustness.png, <model>_robustness_layers.png, <model>_robustness.csv/.json
+  neurons    <model>_neurons_<kind>_L<layer>.png, <model>_neurons.csv/.json
   summary.json  settings, offset local heads, best layers, and the list of files written.
 Models: the one chosen by --backbone/--weights, plus any --compare BACKBONE[=WEIGHTS] (same images, same flags).
 """
@@ -22,15 +26,17 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DensevitError
-from ..io.files import atomic_write_text
+from ..eval.analysis.neurons import MAX_SIZE, MAX_STEPS, UNIT_KINDS
+from ..eval.analysis.robustness import DEFAULT_RATIOS, DROP_MODES, OCCLUSIONS
 from ..eval.analysis.sweep import SWEEP_FACETS
-from ..options import opt
-from .common import OutputOptions, add_backbone_args, run_cli
-from ..io.files import check_outputs
+from ..io.files import atomic_write_text, check_outputs
 from ..io.images import drop_unreadable, gather_images, report_unreadable
+from ..options import opt
+from .analyze_methods import _json, _slug, check_method_args, method_files, run_methods
+from .common import OutputOptions, add_backbone_args, run_cli
 from .flags import add_config_flags, make_parser
 
-ANALYSES = ("attention", "cka", "sweep")
+ANALYSES = ("attention", "cka", "sweep", "spatial", "robustness", "neurons")
 DAVIS_YEARS = ("2016", "2017")
 
 
@@ -60,7 +66,29 @@ class AnalyzeOptions:
     davis_year: str = opt("2016", "DAVIS release", choices=DAVIS_YEARS, group="sweep")
     davis_sequences: Optional[Tuple[str, ...]] = opt(None, "DAVIS sequences (default: the first)", group="sweep")
     davis_frames: int = opt(6, "frames per DAVIS sequence", group="sweep")
-    seed: int = opt(0, "seed of the sweep's sampling", group="sweep")
+    seed: int = opt(0, "seed of the sweep's sampling (and of robustness / neurons)", group="sweep")
+    spatial_queries: int = opt(3, "query tokens per side in the map grid (images run at LOAD_SIZE x LOAD_SIZE)",
+                               group="spatial")
+    drop_ratios: Tuple[float, ...] = opt(DEFAULT_RATIOS, "shares of patches dropped, each in [0, 1)",
+                                         group="robustness")
+    drop_modes: Tuple[str, ...] = opt(DROP_MODES, "which patches go first", choices=DROP_MODES, group="robustness")
+    occlusions: Tuple[str, ...] = opt(OCCLUSIONS, "mask the pixels and/or drop the tokens", choices=OCCLUSIONS,
+                                      group="robustness")
+    classifier_head: Optional[str] = opt(None, "linear head (weight/bias state dict) on the final-normed CLS: "
+                                               "top-1 accuracy, each image labelled by its folder's name (a class "
+                                               "index)", metavar="FILE", group="robustness")
+    neuron_layers: Optional[Tuple[int, ...]] = opt(None, "blocks whose units are visualised (default: first, middle, "
+                                                         "last)", group="neurons")
+    neuron_kind: str = opt("mlp", "feed-forward hidden units or a facet's channels", choices=UNIT_KINDS,
+                           group="neurons")
+    units: Optional[Tuple[int, ...]] = opt(None, "units to visualise (default: the first --neuron-count)",
+                                           group="neurons")
+    neuron_count: int = opt(8, "units per layer when --units is not given", group="neurons")
+    neuron_steps: int = opt(100, f"optimisation steps per unit (at most {MAX_STEPS})", group="neurons")
+    neuron_size: int = opt(128, f"image side in pixels (at most {MAX_SIZE})", group="neurons")
+    neuron_ensemble: int = opt(4, "augmented copies averaged per step", group="neurons")
+    neuron_jitter: int = opt(8, "largest random shift (pixels) per copy", group="neurons")
+    neuron_lr: float = opt(0.05, "Adam learning rate", group="neurons")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,16 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_args(p, stride="patch", load_size=224, layer=None, facet=None)
     add_config_flags(p, AnalyzeOptions, only=groups[None][2:], defaults={"compare": []})
     tasks_help = f"tasks to sweep (known: {', '.join(known_tasks()) or 'none'}; default: all available)"
-    for title in ("attention", "cka", "sweep"):
+    for title in ("attention", "cka", "sweep", "spatial", "robustness", "neurons"):
         add_config_flags(p, AnalyzeOptions, only=groups[title], title=title, tweak={"tasks": {"help": tasks_help}},
-                         defaults={"sweep_facets": ["key"]})
+                         defaults={"sweep_facets": ["key"], "drop_ratios": list(DEFAULT_RATIOS),
+                                   "drop_modes": list(DROP_MODES), "occlusions": list(OCCLUSIONS)})
     add_config_flags(p, OutputOptions, only=["overwrite", "quiet"],
                      tweak={"quiet": {"help": "no progress bars", "aliases": ("--no-progress",)}})
     return p
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "model"
 
 
 def _parse_models(args: argparse.Namespace) -> List[Tuple[str, str, Optional[str]]]:
@@ -122,21 +147,8 @@ def _planned_files(args, labels: List[str], tasks: List[str]) -> List[Path]:
                 files += [out / f"cka_{a}_vs_{b}.png", out / f"cka_{a}_vs_{b}.csv"]
     if "sweep" in args.analyses:
         files += [out / "sweep.csv", out / "sweep.json"] + [out / f"sweep_{t}.png" for t in tasks]
+    files += method_files(args, out, _parse_models(args))
     return files
-
-
-def _json(obj) -> str:
-    """Strict JSON (NaN and infinities written as null)."""
-    def clean(o):
-        if isinstance(o, float):
-            return o if math.isfinite(o) else None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    return json.dumps(clean(obj), indent=1, allow_nan=False)
 
 
 def _write_csv(path: Path, rows: Sequence[Dict[str, object]]) -> None:
@@ -197,6 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise DensevitError(f"task {t} is not available in this installation")
     for _, name, _ in models:                         # layer indices checked before any work
         att.resolve_layers(get_spec(name).depth, args.layers)
+    check_method_args(args, models, images)
     task_objs = []
     if tasks:                                         # tasks read their data now: bad paths fail early
         if args.warp_pairs is not None and args.warp_pairs < 1:
@@ -271,6 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary["sweep"] = {"best": best}
         for b in best:
             print(f"{b['model']} {b['task']} ({b['facet']}): best layer {b['layer']} score {b['score']:.4f}")
+
+    written += run_methods(args, built, images, out_dir, summary, progress)
 
     summary["files"] = sorted(p.name for p in written) + ["summary.json"]
     atomic_write_text(out_dir / "summary.json", _json(summary))
