@@ -17,7 +17,6 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features.options import FeatureOptions
 from densevit.features.source import FeatureSource, ImageFeatures, ImageInput, image_name
-from densevit.io.images import to_tensor
 from densevit.runtime.progress import track
 from densevit.matching.cluster import FAISS_KMEANS_SEED, FAISS_MAX_POINTS_PER_CENTROID
 from densevit.models.grid import TokenGrid

@@ -78,7 +78,10 @@ PUBLIC = {
     "densevit.eval.analysis": [
         "AttentionAccumulator", "AttentionStats", "attention_stats", "head_statistics", "iter_layer_attention",
         "layer_sums", "resolve_layers", "MinibatchCKA", "cka_matrix", "hsic_unbiased", "linear_cka", "model_cka",
-        "resample_tokens", "FunctionTask", "available_tasks", "best_layers", "build_task", "known_tasks", "run_sweep"
+        "resample_tokens", "FunctionTask", "available_tasks", "best_layers", "build_task", "known_tasks", "run_sweep",
+        "SpatialStats", "position_similarity", "own_position_share", "spatial_information", "RobustnessStats",
+        "occlusion_robustness", "NeuronImage", "unit_activation", "visualize_unit", "visualize_units",
+        "UnsupSegResult", "unsupervised_segmentation", "hungarian_miou"
     ],
     "densevit.apps.discovery": [
         "METHODS", "FITS", "REFINES", "SOLVERS", "DiscoverConfig", "DiscoveryFeatures", "TokenDiscovery", "Discovery",

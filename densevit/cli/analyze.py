@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
-import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -44,7 +44,7 @@ from ..models.grid import grid_shape
 from ..options import opt
 from ..runtime.dist import DistContext
 from ..runtime.threads import BackgroundWriter, prefetch_map
-from ..io.files import file_fingerprint, file_sha256, key_digest
+from ..io.files import file_fingerprint, key_digest
 from .store import FORMAT, STORE_DTYPES, StoreFullError, StoreWriter, tensor_name
 
 __all__ = ["ExtractionConfig", "ExtractionReport", "StorePlan", "gather_dataset", "store_settings", "read_headers",
