@@ -25,19 +25,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DensevitError
-from ..io.files import atomic_write
+from ..io.files import atomic_write, check_outputs
+from ..io.images import drop_unreadable, gather_images, report_unreadable
 from ..options import opt
-from .common import (
-    OutputOptions,
-    add_backbone_args,
-    add_store_arg,
-    build_source,
-    check_outputs,
-    drop_unreadable,
-    gather_images,
-    report_unreadable,
-    run_cli,
-)
+from .common import OutputOptions, add_backbone_args, add_store_arg, build_source, run_cli
 from .flags import add_config_flags, make_parser
 
 PROG = "densevit-segment"
