@@ -4,13 +4,16 @@
 runs one forward pass per image, :class:`~densevit.storage.store.FeatureStore` reads what ``densevit-extract
 --store`` wrote (its backbone, weights, stride and load size apply). Apps call :meth:`FeatureSource.image_features`
 and never ask which one they hold; :attr:`FeatureSource.runs_model` says whether extra passes of the model (the
-reference's low-resolution saliency) are possible.
+reference's low-resolution saliency) are possible. Apps with their own preprocessing (video propagation, object
+discovery) call :meth:`FeatureSource.frames_features` with an :class:`~densevit.features.frames.InputRule`: batches
+of frames, several layers / facets in one pass; a store serves the rule it was extracted with and refuses others in
+one line.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Tuple, Union, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 from PIL import Image
@@ -18,6 +21,9 @@ from PIL import Image
 from ..models.grid import TokenGrid
 
 __all__ = ["FeatureSource", "ImageFeatures", "ImageInput", "image_name"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .frames import FrameBatch, InputRule
 
 ImageInput = Union[str, Path, Image.Image]
 
@@ -71,4 +77,14 @@ class FeatureSource(Protocol):
                        name: Optional[str] = None) -> ImageFeatures:
         """One image's descriptors (and saliency / CLS descriptor) of block ``layer``, ``facet``; a store's own
         load size applies (``load_size`` is then ignored)."""
+        ...
+
+    def frames_features(self, frames: Sequence[ImageInput], rule: "InputRule", layers: Sequence[int],
+                        facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
+                        names: Optional[Sequence[str]] = None,
+                        check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator["FrameBatch"]:
+        """Images of one original size brought to the model input by ``rule``, in batches of up to ``batch_size``
+        (in order), each with every ``(layer, facet)`` asked for and, with ``guide``, the network input as RGB in
+        ``[0, 1]``; ``check_grid`` is called with each batch's token grid before it is computed. A store refuses,
+        in one line, a rule or an output it does not hold."""
         ...

@@ -38,13 +38,14 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..errors import DensevitError
 from ..features.binning import log_bin
+from ..features.frames import FrameBatch, InputRule
 from ..features.source import ImageFeatures, ImageInput, image_name
 from ..io.files import atomic_write, canonical_key, check_outputs, file_sha256, human_bytes, key_digest, verify_file
 from ..io.images import load_image, load_resized, resize_short_side
@@ -689,6 +690,34 @@ class FeatureStore:
         sal = self.saliency(image) if saliency else None
         cls = self.cls(image, layer, facet) if include_cls else None
         return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc, sal, cls)
+
+    def frames_features(self, frames: Sequence[ImageInput], rule: InputRule, layers: Sequence[int],
+                        facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
+                        names: Optional[Sequence[str]] = None,
+                        check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator[FrameBatch]:
+        """:class:`~densevit.features.source.FeatureSource`: the stored features of image files, one per batch, for
+        the rule the store was extracted with only (shorter side to its load size, no padding); another rule, or
+        the network input as a ``guide``, is refused in one line."""
+        own = InputRule("short_side", self.settings.get("load_size") or None)
+        if rule != own:
+            raise StoreError(f"store {self.root} holds images resized with {own.describe()}, not {rule.describe()}; "
+                             f"use the model (give the weights)")
+        if guide:
+            raise StoreError(f"store {self.root} does not keep the network input that guides the upsampling; "
+                             f"use the model (give the weights)")
+        first_hw = None
+        for j, frame in enumerate(frames):
+            f = self.image_features(frame, None, layers[0], facets[0], saliency=False,
+                                    name=names[j] if names is not None else None)
+            hw = tuple(f.grid.original_hw)
+            first_hw = first_hw or hw
+            if hw != first_hw:
+                raise StoreError(f"frame {j} is {hw[1]}x{hw[0]} but the first frame is {first_hw[1]}x{first_hw[0]}; "
+                                 f"all frames of a video must have one size")
+            if check_grid is not None:
+                check_grid(f.grid)
+            desc = {(l, fa): self.descriptors(frame, l, fa)[None] for l in layers for fa in facets}
+            yield FrameBatch([f.name], [hw], [f.resized], f.grid, desc)
 
     def descriptors(self, image: Union[str, Path], layer: Optional[int] = None, facet: Optional[str] = None,
                     bin: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
