@@ -279,14 +279,25 @@ def propagate_labels(query: torch.Tensor, keys: Sequence[torch.Tensor], labels: 
 
 
 # ---------------------------------------------------------------------------------------------------- videos
-def _feature_batches(source, frames: Sequence[FrameLike], input_hw: Tuple[int, int], cfg: VOSConfig,
-                     upsampled: bool = False) -> Iterator[Tuple[torch.Tensor, TokenGrid, TokenGrid]]:
+def check_frame_sizes(sizes: Sequence[Tuple[int, int]], start: int, image_hw: Tuple[int, int]) -> int:
+    """Refuse a frame (numbered from ``start``) whose ``(H, W)`` is not the first frame's; returns the next number."""
+    for j, hw in enumerate(sizes, start):
+        if tuple(hw) != tuple(image_hw):
+            raise DensevitError(f"frame {j} is {hw[1]}x{hw[0]} but the first frame is "
+                                f"{image_hw[1]}x{image_hw[0]}; all frames of a video must have one size")
+    return start + len(sizes)
+
+
+def _feature_batches(source, frames: Sequence[FrameLike], input_hw: Tuple[int, int], image_hw: Tuple[int, int],
+                     cfg: VOSConfig, upsampled: bool = False) -> Iterator[Tuple[torch.Tensor, TokenGrid, TokenGrid]]:
     """``(features TxD, grid, patch grid)`` of each frame from ``source``'s batched call (DINO's resize to ``input_hw``):
     L2-normalised float32 on the source's device; with ``upsampled``, upsampled with ``cfg.upsample`` onto
     :func:`dense_grid` guided by the frames (the grid is then the dense one)."""
     rule = InputRule("exact", tuple(input_hw))
+    start = 0
     for b in source.frames_features(frames, rule, (cfg.layer,), (cfg.facet,), batch_size=cfg.batch_size,
                                     guide=upsampled):
+        start = check_frame_sizes(b.images_hw, start, image_hw)
         d, grid = b.descriptors[(cfg.layer, cfg.facet)], b.grid
         if upsampled:
             grid = _dense_or_refuse(grid, cfg)
@@ -353,7 +364,7 @@ def propagate(extractor, frames: Sequence[FrameLike], first_mask: np.ndarray, co
         raise DensevitError("mask ids must lie in 0..255")
     ids = object_ids(first_mask)
     input_hw = input_size(image_hw, config.short_side, config.multiple)
-    feats = _feature_batches(extractor, frames, input_hw, config, upsampled=bool(config.upsample))
+    feats = _feature_batches(extractor, frames, input_hw, image_hw, config, upsampled=bool(config.upsample))
     first_feat, grid, patch_grid = next(feats)
     radius = config.neighborhood * (grid.shape[0] // patch_grid.shape[0])   # the same area in a denser grid
     device = first_feat.device

@@ -217,18 +217,19 @@ class ViTExtractor(nn.Module):
         """:class:`~densevit.features.source.FeatureSource`: images of one size through ``rule``
         (:mod:`densevit.features.frames`), ``batch_size`` per forward pass (the next ones decoded on worker threads
         meanwhile), every ``(layer, facet)`` in that one pass; ``check_grid`` sees each batch's grid before its
-        pass. Frames of another original size than the first are refused."""
+        pass. Frames that give another input size than the first are refused; the grid's ``image_hw`` is the first
+        frame's original size (the input size with ``pad``)."""
         mean, std = self.spec.mean, self.spec.std
         loaded = prefetch_map(lambda fr: load_input(fr, rule, mean, std, self.patch_size), frames,
                               ahead=2 * batch_size)
-        first_hw = None
+        first_hw = first_in = None
         for s in range(0, len(frames), batch_size):
             xs, resized, hws = [], [], []
             for j, (x, rs, hw) in zip(range(s, min(s + batch_size, len(frames))), loaded):
-                first_hw = first_hw or hw
-                if hw != tuple(first_hw):
-                    raise DensevitError(f"frame {j} is {hw[1]}x{hw[0]} but the first frame is "
-                                        f"{first_hw[1]}x{first_hw[0]}; all frames of a video must have one size")
+                first_hw, first_in = first_hw or hw, first_in or tuple(x.shape[-2:])
+                if tuple(x.shape[-2:]) != first_in:
+                    raise DensevitError(f"frame {j} gives a {x.shape[-1]}x{x.shape[-2]} input but the first frame "
+                                        f"{first_in[1]}x{first_in[0]}; all frames must have one size")
                 if rule.resize == "short_side" and min(hw) < self.patch_size:
                     name = frames[j] if isinstance(frames[j], (str, Path)) else "image"
                     raise DensevitError(f"{name} is {hw[1]}x{hw[0]} pixels, smaller than the "

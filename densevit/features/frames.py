@@ -6,6 +6,8 @@ whether it holds its result (a store holds ``short_side`` at its load size only)
 - ``short_side``: the shorter side resized to ``size`` with PIL's Lanczos filter (``None``: the original size),
   the longer side floored; the extractor's and the store's rule (:func:`densevit.io.images.preprocess`);
 - ``exact``: resized to ``size = (H, W)`` exactly, bilinearly with OpenCV on uint8 (DINO's ``read_frame``);
+- ``crw``: read with OpenCV (a file) as float32 ``/ 255`` and resized to ``size = (H, W)`` exactly, bilinearly
+  with OpenCV on the floats (CRW's ``test.py``, :func:`crw_frame`);
 - ``round``: resized with Lanczos to each side of the ``short_side`` size rounded to the nearest multiple of the
   patch (at least one patch).
 
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -28,9 +31,9 @@ from ..errors import DensevitError
 from ..io.images import LoadSize, as_pil, resize_short_side, resized_hw, to_tensor
 from .source import ImageInput
 
-__all__ = ["RESIZES", "InputRule", "FrameBatch", "load_input", "frame_size"]
+__all__ = ["RESIZES", "InputRule", "FrameBatch", "load_input", "frame_size", "crw_frame"]
 
-RESIZES = ("short_side", "exact", "round")
+RESIZES = ("short_side", "exact", "round", "crw")
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,15 @@ class InputRule:
     def __post_init__(self) -> None:
         if self.resize not in RESIZES:
             raise DensevitError(f"unknown input resize rule {self.resize!r}; choose from {', '.join(RESIZES)}")
-        if self.resize == "exact" and not isinstance(self.size, (tuple, list)):
+        if self.resize in ("exact", "crw") and not isinstance(self.size, (tuple, list)):
             raise DensevitError("the exact resize rule needs a size (H, W)")
 
     def describe(self) -> str:
         """The rule in words, for one-line refusals."""
         what = {"short_side": f"shorter side to {self.size} (Lanczos)" if self.size else "the original size",
                 "exact": f"exactly {self.size[1]}x{self.size[0]} (OpenCV bilinear)" if self.resize == "exact" else "",
+                "crw": f"exactly {self.size[1]}x{self.size[0]} (CRW's float OpenCV bilinear)" if self.resize == "crw"
+                       else "",
                 "round": f"sides rounded to the patch at load size {self.size}"}[self.resize]
         return what + (", zero-padded to the patch" if self.pad else "")
 
@@ -62,7 +67,7 @@ class FrameBatch:
     Attributes:
         names: the images' names.
         images_hw: the original ``(H, W)`` of each image.
-        resized: each network input before normalisation and padding (RGB).
+        resized: each network input before normalisation and padding (RGB; None with the ``crw`` rule).
         grid: the token grid of the network input (padded size with ``pad``); its ``image_hw`` is the first
             image's original size (the padded size with ``pad``).
         descriptors: ``(layer, facet) -> B x T x D`` (layers as the caller gave them), on the source's device.
@@ -79,8 +84,6 @@ class FrameBatch:
 
 def frame_size(image: ImageInput) -> Tuple[int, int]:
     """The ``(H, W)`` of an image (a file is read only up to its header)."""
-    from pathlib import Path
-
     from ..io.images import image_size
 
     if isinstance(image, (str, Path)):
@@ -93,6 +96,9 @@ def frame_size(image: ImageInput) -> Tuple[int, int]:
 def load_input(image: ImageInput, rule: InputRule, mean, std, patch_size: int
                ) -> Tuple[torch.Tensor, Image.Image, Tuple[int, int]]:
     """One image through ``rule``: ``(x 3xHxW normalised (padded with rule.pad), resized RGB, original (H0, W0))``."""
+    if rule.resize == "crw":
+        x, hw = crw_frame(image, rule.size, mean, std)
+        return x, None, hw
     img = as_pil(image)
     hw = (img.height, img.width)
     if rule.resize == "exact":
@@ -110,3 +116,32 @@ def load_input(image: ImageInput, rule: InputRule, mean, std, patch_size: int
         Hr, Wr = x.shape[-2:]
         x = F.pad(x, (0, math.ceil(Wr / patch_size) * patch_size - Wr, 0, math.ceil(Hr / patch_size) * patch_size - Hr))
     return x, resized, hw
+
+
+def _bgr(frame: ImageInput) -> np.ndarray:
+    """``HxWx3`` uint8 BGR of a file (``cv2.imread``) or of an RGB array."""
+    if isinstance(frame, (str, Path)):
+        img = cv2.imread(str(frame))
+        if img is None:
+            raise DensevitError(f"cannot read the frame {frame}")
+        return img
+    arr = np.asarray(frame)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3][..., ::-1])
+
+
+def crw_frame(frame: ImageInput, crop: Union[int, Tuple[int, int]], mean: Sequence[float] = (0.485, 0.456, 0.406),
+              std: Sequence[float] = (0.229, 0.224, 0.225)) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """A frame as CRW reads it: float32 ``/ 255``, RGB, bilinear ``cv2.resize`` to ``crop x crop`` (or ``(H, W)``),
+    normalised.
+
+    Returns ``(x 3 x H x W, original (H0, W0))``."""
+    H, W = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+    img = _bgr(frame).astype(np.float32) / 255.0
+    hw = img.shape[:2]
+    img = cv2.resize(np.ascontiguousarray(img[:, :, ::-1]), (W, H))
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (x - m) / s, (int(hw[0]), int(hw[1]))

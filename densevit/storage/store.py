@@ -705,15 +705,10 @@ class FeatureStore:
         if guide:
             raise StoreError(f"store {self.root} does not keep the network input that guides the upsampling; "
                              f"use the model (give the weights)")
-        first_hw = None
         for j, frame in enumerate(frames):
             f = self.image_features(frame, None, layers[0], facets[0], saliency=False,
                                     name=names[j] if names is not None else None)
             hw = tuple(f.grid.original_hw)
-            first_hw = first_hw or hw
-            if hw != first_hw:
-                raise StoreError(f"frame {j} is {hw[1]}x{hw[0]} but the first frame is {first_hw[1]}x{first_hw[0]}; "
-                                 f"all frames of a video must have one size")
             if check_grid is not None:
                 check_grid(f.grid)
             desc = {(l, fa): self.descriptors(frame, l, fa)[None] for l in layers for fa in facets}
