@@ -214,3 +214,9 @@ def test_a_store_feeds_discovery_and_refuses_what_it_does_not_hold(make_extracto
     first[20:50, 30:70] = 1
     with pytest.raises(StoreError, match="OpenCV bilinear"):
         next(propagate(store, frames, first, VOSConfig(short_side=64)))
+    # the patch index's query reads an in-store image through the same call, without its pixels (file gone)
+    key = store.key(frames[1])
+    frames[1].unlink()
+    f = store.image_features(key, None, -1, "key", saliency=False, pixels=False)
+    assert f.image is None and torch.equal(f.descriptors, store.descriptors(key, -1, "key"))
+    assert f.grid == store.grid(key)

@@ -199,9 +199,10 @@ class ViTExtractor(nn.Module):
 
     def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
                        bin: bool = False, saliency: bool = True, include_cls: bool = False,
-                       name: Optional[str] = None) -> ImageFeatures:
+                       name: Optional[str] = None, pixels: bool = True) -> ImageFeatures:
         """:class:`~densevit.features.source.FeatureSource`: ONE forward pass of ``image`` (a file, decoded once;
-        or an image in memory, by the same mode and EXIF rules) for block ``layer``, ``facet``."""
+        or an image in memory, by the same mode and EXIF rules) for block ``layer``, ``facet`` (the model reads
+        the pixels whatever ``pixels`` says)."""
         img = as_pil(image)
         x, grid, resized = self.preprocess_with_image(img, load_size)
         feats = self.extract(x, (layer,), (facet,), bin=bin, saliency=saliency, image_hw=grid.image_hw)

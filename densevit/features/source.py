@@ -34,8 +34,8 @@ class ImageFeatures:
 
     Attributes:
         name: the image's name (file stem, or ``image<i>``).
-        image: the original image (RGB, EXIF orientation applied).
-        resized: the network input before normalisation (RGB).
+        image: the original image (RGB, EXIF orientation applied; None from a store asked for no ``pixels``).
+        resized: the network input before normalisation (RGB; likewise).
         grid: the token grid (pixel <-> token maps).
         descriptors: ``T x D`` float32 (``T x 17D`` log-binned), row-major token order, on the CPU.
         saliency: ``T`` float32 CLS-attention saliency in [0, 1], or None.
@@ -43,8 +43,8 @@ class ImageFeatures:
     """
 
     name: str
-    image: Image.Image
-    resized: Image.Image
+    image: Optional[Image.Image]
+    resized: Optional[Image.Image]
     grid: TokenGrid
     descriptors: torch.Tensor
     saliency: Optional[torch.Tensor] = None
@@ -74,9 +74,10 @@ class FeatureSource(Protocol):
 
     def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
                        bin: bool = False, saliency: bool = True, include_cls: bool = False,
-                       name: Optional[str] = None) -> ImageFeatures:
+                       name: Optional[str] = None, pixels: bool = True) -> ImageFeatures:
         """One image's descriptors (and saliency / CLS descriptor) of block ``layer``, ``facet``; a store's own
-        load size applies (``load_size`` is then ignored)."""
+        load size applies (``load_size`` is then ignored). ``pixels=False``: only descriptors and grid are needed
+        (a store then reads no image file: ``image`` and ``resized`` are None, and ``image`` may be a store key)."""
         ...
 
     def frames_features(self, frames: Sequence[ImageInput], rule: "InputRule", layers: Sequence[int],

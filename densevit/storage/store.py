@@ -669,14 +669,20 @@ class FeatureStore:
 
     def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
                        bin: bool = False, saliency: bool = True, include_cls: bool = False,
-                       name: Optional[str] = None) -> ImageFeatures:
+                       name: Optional[str] = None, pixels: bool = True) -> ImageFeatures:
         """:class:`~densevit.features.source.FeatureSource`: the stored descriptors of image file ``image``
         (log-binned now when ``bin``), saliency and CLS descriptor; the image read and resized as the extraction
-        did (the store's load size and decoding: ``load_size`` is ignored)."""
+        did (the store's load size and decoding: ``load_size`` is ignored); with ``pixels=False`` no image file is
+        read (``image`` may be a store key; ``image`` and ``resized`` are then None)."""
         if not isinstance(image, (str, Path)):
             raise StoreError("a feature store holds features of image files only, not of images made in memory "
                              "(such as augmentations)")
         grid = self.grid(image)                       # a one-line StoreError when the image is not in the store
+        if not pixels:
+            desc = self.descriptors(image, layer, facet, bin=bin)
+            sal = self.saliency(image) if saliency else None
+            cls = self.cls(image, layer, facet) if include_cls else None
+            return ImageFeatures(name or image_name(image, 0), None, None, grid, desc, sal, cls)
         img = load_image(image)
         if (img.height, img.width) != tuple(grid.original_hw):
             raise StoreError(f"{image} is {img.width}x{img.height} pixels but was {grid.original_hw[1]}x"
