@@ -31,7 +31,7 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features import similarity as sim
 from densevit.features.binning import log_bin
-from densevit.features.upsampled import input_guide
+from densevit.features.frames import InputRule
 from densevit.io.images import as_pil, load_image
 from densevit.models.grid import TokenGrid
 from densevit.upsample import check_method, upsample_tokens
@@ -336,12 +336,15 @@ class Explorer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        ext, x, grid = self._network_input(index, s)
+        self.check_tokens(index, s)
+        ext, item = self.extractor(s.stride), self.images[index]
         layers = tuple(range(ext.depth))
-        feats = ext.extract(x, layers, (s.facet,), saliency=True, image_hw=grid.original_hw, stride=s.stride)
-        raw = torch.stack([feats.descriptors[(l, s.facet)][0] for l in layers]).float().cpu()
-        entry = {"raw": raw, "grid": grid, "saliency": feats.saliency[0].float().cpu(),
-                 "guide": input_guide(x, ext.spec).cpu()}        # for upsampling
+        b = next(iter(ext.frames_features([item.image], InputRule("short_side", s.load_size), layers, (s.facet,),
+                                          batch_size=1, guide=True, saliency=True, stride=s.stride)))
+        grid = dataclasses.replace(b.grid, image_hw=item.original_hw)
+        raw = torch.stack([b.descriptors[(l, s.facet)][0] for l in layers]).float().cpu()
+        entry = {"raw": raw, "grid": grid, "saliency": b.saliency[0].float().cpu(),
+                 "guide": b.guide.cpu()}                          # for upsampling
         return self._cache.put(key, entry)
 
     def _attn_inputs(self, index: int, s: Settings) -> Dict[str, Any]:

@@ -213,8 +213,8 @@ class ViTExtractor(nn.Module):
 
     def frames_features(self, frames: Sequence[ImageInput], rule: InputRule, layers: Sequence[int],
                         facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
-                        names: Optional[Sequence[str]] = None, check_grid: Optional[Callable[[TokenGrid], None]] = None
-                        ) -> Iterator[FrameBatch]:
+                        saliency: bool = False, stride: Optional[int] = None, names: Optional[Sequence[str]] = None,
+                        check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator[FrameBatch]:
         """:class:`~densevit.features.source.FeatureSource`: images of one size through ``rule``
         (:mod:`densevit.features.frames`), ``batch_size`` per forward pass (the next ones decoded on worker threads
         meanwhile), every ``(layer, facet)`` in that one pass; ``check_grid`` sees each batch's grid before its
@@ -240,13 +240,15 @@ class ViTExtractor(nn.Module):
                 hws.append(hw)
             batch = torch.stack(xs)
             image_hw = tuple(batch.shape[-2:]) if rule.pad else first_hw
-            grid = self.grid(tuple(batch.shape[-2:]), image_hw)
+            grid = self.grid(tuple(batch.shape[-2:]), image_hw, stride)
             if check_grid is not None:
                 check_grid(grid)
-            feats = self.extract(batch, layers=tuple(layers), facets=tuple(facets), image_hw=image_hw)
+            feats = self.extract(batch, layers=tuple(layers), facets=tuple(facets), image_hw=image_hw,
+                                 saliency=saliency, stride=stride)
             names_b = [names[j] if names is not None else image_name(frames[j], j) for j in range(s, s + len(xs))]
             yield FrameBatch(names_b, hws, resized, feats.grid, feats.descriptors,
-                             input_guide(batch.to(self.device), self.spec) if guide else None)
+                             input_guide(batch.to(self.device), self.spec) if guide else None,
+                             feats.saliency if saliency else None)
 
     # ------------------------------------------------------------------ internals
     def resolve_layer(self, layer: int) -> int:

@@ -72,6 +72,7 @@ class FrameBatch:
             image's original size (the padded size with ``pad``).
         descriptors: ``(layer, facet) -> B x T x D`` (layers as the caller gave them), on the source's device.
         guide: ``B x 3 x H x W`` network input as RGB in ``[0, 1]`` (the upsamplers' guide), when asked for.
+        saliency: ``B x T`` CLS-attention saliency in ``[0, 1]``, when asked for.
     """
 
     names: List[str]
@@ -80,6 +81,7 @@ class FrameBatch:
     grid: "object"
     descriptors: Dict[Tuple[int, str], torch.Tensor]
     guide: Optional[torch.Tensor] = None
+    saliency: Optional[torch.Tensor] = None
 
 
 def frame_size(image: ImageInput) -> Tuple[int, int]:

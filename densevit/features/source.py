@@ -82,10 +82,11 @@ class FeatureSource(Protocol):
 
     def frames_features(self, frames: Sequence[ImageInput], rule: "InputRule", layers: Sequence[int],
                         facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
-                        names: Optional[Sequence[str]] = None,
+                        saliency: bool = False, stride: Optional[int] = None, names: Optional[Sequence[str]] = None,
                         check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator["FrameBatch"]:
-        """Images of one original size brought to the model input by ``rule``, in batches of up to ``batch_size``
-        (in order), each with every ``(layer, facet)`` asked for and, with ``guide``, the network input as RGB in
-        ``[0, 1]``; ``check_grid`` is called with each batch's token grid before it is computed. A store refuses,
-        in one line, a rule or an output it does not hold."""
+        """Images brought to the model input by ``rule``, in batches of up to ``batch_size`` (in order, one input
+        size), each with every ``(layer, facet)`` asked for, with ``guide`` the network input as RGB in ``[0, 1]``,
+        with ``saliency`` the CLS-attention saliency, at patch ``stride`` (None: the source's); ``check_grid`` is
+        called with each batch's token grid before it is computed. A store refuses, in one line, a rule, stride or
+        output it does not hold."""
         ...

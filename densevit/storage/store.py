@@ -699,11 +699,11 @@ class FeatureStore:
 
     def frames_features(self, frames: Sequence[ImageInput], rule: InputRule, layers: Sequence[int],
                         facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
-                        names: Optional[Sequence[str]] = None,
+                        saliency: bool = False, stride: Optional[int] = None, names: Optional[Sequence[str]] = None,
                         check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator[FrameBatch]:
         """:class:`~densevit.features.source.FeatureSource`: the stored features of image files, one per batch, for
-        the rule the store was extracted with only (shorter side to its load size, no padding); another rule, or
-        the network input as a ``guide``, is refused in one line."""
+        the rule and stride the store was extracted with only (shorter side to its load size, no padding); another
+        rule or stride, the network input as a ``guide``, or saliency it does not hold, is refused in one line."""
         own = InputRule("short_side", self.settings.get("load_size") or None)
         if rule != own:
             raise StoreError(f"store {self.root} holds images resized with {own.describe()}, not {rule.describe()}; "
@@ -711,6 +711,9 @@ class FeatureStore:
         if guide:
             raise StoreError(f"store {self.root} does not keep the network input that guides the upsampling; "
                              f"use the model (give the weights)")
+        if stride is not None and int(stride) != int(self.settings["stride"]):
+            raise StoreError(f"store {self.root} holds stride {self.settings['stride']}, not {stride}; use the model "
+                             f"(give the weights)")
         for j, frame in enumerate(frames):
             f = self.image_features(frame, None, layers[0], facets[0], saliency=False,
                                     name=names[j] if names is not None else None)
@@ -718,7 +721,8 @@ class FeatureStore:
             if check_grid is not None:
                 check_grid(f.grid)
             desc = {(l, fa): self.descriptors(frame, l, fa)[None] for l in layers for fa in facets}
-            yield FrameBatch([f.name], [hw], [f.resized], f.grid, desc)
+            sal = self.saliency(frame)[None] if saliency else None
+            yield FrameBatch([f.name], [hw], [f.resized], f.grid, desc, None, sal)
 
     def descriptors(self, image: Union[str, Path], layer: Optional[int] = None, facet: Optional[str] = None,
                     bin: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
