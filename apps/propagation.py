@@ -42,7 +42,7 @@ from densevit.features.frames import InputRule, crw_frame
 from densevit.features.options import facet_opt, layer_opt
 from densevit.options import opt
 
-__all__ = ["PROTOCOLS", "CRWConfig", "crw_frame", "crw_features", "crw_propagate", "radius_bias", "label_grid",
+__all__ = ["PROTOCOLS", "CRWConfig", "crw_features", "crw_propagate", "radius_bias", "label_grid",
            "draw_gaussian", "pose_heatmaps", "pose_readout", "cells_to_pixels", "part_onehots", "part_readout",
            "propagate_soft", "read_label_image", "dino_propagate_soft", "Keypoints", "read_points",
            "track_points", "draw_points"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 from PIL import Image
@@ -21,9 +21,6 @@ from PIL import Image
 from ..models.grid import TokenGrid
 
 __all__ = ["FeatureSource", "ImageFeatures", "ImageInput", "image_name"]
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .frames import FrameBatch, InputRule
 
 ImageInput = Union[str, Path, Image.Image]
 
@@ -80,7 +77,7 @@ class FeatureSource(Protocol):
         (a store then reads no image file: ``image`` and ``resized`` are None, and ``image`` may be a store key)."""
         ...
 
-    def frames_features(self, frames: Sequence[ImageInput], rule: "InputRule", layers: Sequence[int],
+    def frames_features(self, frames: Sequence[ImageInput], rule: "InputRule", layers: Sequence[int],  # noqa: F821
                         facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
                         saliency: bool = False, stride: Optional[int] = None, names: Optional[Sequence[str]] = None,
                         check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator["FrameBatch"]:
