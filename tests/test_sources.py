@@ -214,6 +214,17 @@ def test_a_store_feeds_discovery_and_refuses_what_it_does_not_hold(make_extracto
     first[20:50, 30:70] = 1
     with pytest.raises(StoreError, match="OpenCV bilinear"):
         next(propagate(store, frames, first, VOSConfig(short_side=64)))
+    from densevit.features.frames import InputRule
+
+    own = InputRule("short_side", 64)
+    for kw, what in (({"attention": True}, "attention inputs"), ({"stride": 4}, "stride 8, not 4"),
+                     ({"saliency": True}, "no saliency maps")):
+        with pytest.raises(StoreError, match=what):
+            next(store.frames_features(frames, own, (-1,), ("key",), **kw))
+    b = next(store.frames_features(frames[:1], own, (-1,), ("key",)))
+    m = next(ext.frames_features(frames[:1], own, (-1,), ("key",), saliency=True, attention=True))
+    assert b.grid == m.grid and b.descriptors[(-1, "key")].shape == m.descriptors[(-1, "key")].shape
+    assert m.saliency.shape == (1, m.grid.num_tokens) and m.attention[-1][0].shape[1] == m.grid.num_tokens + 1
     # the patch index's query reads an in-store image through the same call, without its pixels (file gone)
     key = store.key(frames[1])
     frames[1].unlink()

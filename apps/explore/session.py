@@ -321,14 +321,6 @@ class Explorer:
     def _set_progress(self, busy: bool, message: str = "", done: int = 0, total: int = 0) -> None:
         self.progress = {"busy": busy, "message": message, "done": done, "total": total}
 
-    def _network_input(self, index: int, s: Settings):
-        """``(extractor, 1x3xHxW input, grid)`` of image ``index`` at ``s``'s stride and load size."""
-        self.check_tokens(index, s)
-        ext = self.extractor(s.stride)
-        item = self.images[index]
-        x, grid, _ = ext.preprocess_with_image(item.image, s.load_size, stride=s.stride)
-        return ext, x, dataclasses.replace(grid, image_hw=item.original_hw)
-
     def _stack(self, index: int, s: Settings) -> Dict[str, Any]:
         """All layers of ``s.facet`` for image ``index`` (one forward pass): ``{"raw": L x T x D, "grid",
         "saliency": T}`` (cached)."""
@@ -353,9 +345,12 @@ class Explorer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        ext, x, grid = self._network_input(index, s)
+        self.check_tokens(index, s)
+        ext, item = self.extractor(s.stride), self.images[index]
         layers = tuple(range(ext.depth))
-        qks = ext.attention_inputs(x, layers, stride=s.stride)
+        b = next(iter(ext.frames_features([item.image], InputRule("short_side", s.load_size), layers, (),
+                                          batch_size=1, attention=True, stride=s.stride)))
+        grid, qks = dataclasses.replace(b.grid, image_hw=item.original_hw), b.attention
         q = torch.stack([qks[l][0][0] for l in layers]).float().cpu()
         k = torch.stack([qks[l][1][0] for l in layers]).float().cpu()
         return self._cache.put(key, {"query": q, "key": k, "grid": grid, "scale": torch.tensor(qks[0][2]),

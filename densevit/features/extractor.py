@@ -213,12 +213,14 @@ class ViTExtractor(nn.Module):
 
     def frames_features(self, frames: Sequence[ImageInput], rule: InputRule, layers: Sequence[int],
                         facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
-                        saliency: bool = False, stride: Optional[int] = None, names: Optional[Sequence[str]] = None,
+                        saliency: bool = False, attention: bool = False, stride: Optional[int] = None,
+                        names: Optional[Sequence[str]] = None,
                         check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator[FrameBatch]:
         """:class:`~densevit.features.source.FeatureSource`: images of one size through ``rule``
         (:mod:`densevit.features.frames`), ``batch_size`` per forward pass (the next ones decoded on worker threads
         meanwhile), every ``(layer, facet)`` in that one pass; ``check_grid`` sees each batch's grid before its
-        pass. Frames that give another input size than the first are refused; the grid's ``image_hw`` is the first
+        pass (the attention inputs, asked for, in a pass of their own). Frames that give another input size than the
+        first are refused; the grid's ``image_hw`` is the first
         frame's original size (the input size with ``pad``)."""
         mean, std = self.spec.mean, self.spec.std
         loaded = prefetch_map(lambda fr: load_input(fr, rule, mean, std, self.patch_size), frames,
@@ -243,12 +245,16 @@ class ViTExtractor(nn.Module):
             grid = self.grid(tuple(batch.shape[-2:]), image_hw, stride)
             if check_grid is not None:
                 check_grid(grid)
-            feats = self.extract(batch, layers=tuple(layers), facets=tuple(facets), image_hw=image_hw,
-                                 saliency=saliency, stride=stride)
+            feats = None
+            if facets or saliency:
+                feats = self.extract(batch, layers=tuple(layers), facets=tuple(facets), image_hw=image_hw,
+                                     saliency=saliency, stride=stride)
+            att = self.attention_inputs(batch.to(self.device), layers, stride=stride) if attention else None
             names_b = [names[j] if names is not None else image_name(frames[j], j) for j in range(s, s + len(xs))]
-            yield FrameBatch(names_b, hws, resized, feats.grid, feats.descriptors,
+            yield FrameBatch(names_b, hws, resized, feats.grid if feats is not None else grid,
+                             feats.descriptors if feats is not None else {},
                              input_guide(batch.to(self.device), self.spec) if guide else None,
-                             feats.saliency if saliency else None)
+                             feats.saliency if saliency else None, att)
 
     # ------------------------------------------------------------------ internals
     def resolve_layer(self, layer: int) -> int:

@@ -73,6 +73,8 @@ class FrameBatch:
         descriptors: ``(layer, facet) -> B x T x D`` (layers as the caller gave them), on the source's device.
         guide: ``B x 3 x H x W`` network input as RGB in ``[0, 1]`` (the upsamplers' guide), when asked for.
         saliency: ``B x T`` CLS-attention saliency in ``[0, 1]``, when asked for.
+        attention: ``layer -> (query, key, scale)``, when asked for: ``B x N x D`` over all tokens, prefix tokens
+            first, exactly as the attention uses them (:meth:`ViTExtractor.attention_inputs`).
     """
 
     names: List[str]
@@ -82,6 +84,7 @@ class FrameBatch:
     descriptors: Dict[Tuple[int, str], torch.Tensor]
     guide: Optional[torch.Tensor] = None
     saliency: Optional[torch.Tensor] = None
+    attention: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, float]]] = None
 
 
 def frame_size(image: ImageInput) -> Tuple[int, int]:

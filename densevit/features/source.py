@@ -79,11 +79,13 @@ class FeatureSource(Protocol):
 
     def frames_features(self, frames: Sequence[ImageInput], rule: "InputRule", layers: Sequence[int],  # noqa: F821
                         facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
-                        saliency: bool = False, stride: Optional[int] = None, names: Optional[Sequence[str]] = None,
+                        saliency: bool = False, attention: bool = False, stride: Optional[int] = None,
+                        names: Optional[Sequence[str]] = None,
                         check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator["FrameBatch"]:
         """Images brought to the model input by ``rule``, in batches of up to ``batch_size`` (in order, one input
-        size), each with every ``(layer, facet)`` asked for, with ``guide`` the network input as RGB in ``[0, 1]``,
-        with ``saliency`` the CLS-attention saliency, at patch ``stride`` (None: the source's); ``check_grid`` is
+        size), each with every ``(layer, facet)`` asked for (``facets`` may be empty), with ``guide`` the network
+        input as RGB in ``[0, 1]``, with ``saliency`` the CLS-attention saliency, with ``attention`` each layer's
+        attention inputs, at patch ``stride`` (None: the source's); ``check_grid`` is
         called with each batch's token grid before it is computed. A store refuses, in one line, a rule, stride or
         output it does not hold."""
         ...

@@ -699,11 +699,13 @@ class FeatureStore:
 
     def frames_features(self, frames: Sequence[ImageInput], rule: InputRule, layers: Sequence[int],
                         facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
-                        saliency: bool = False, stride: Optional[int] = None, names: Optional[Sequence[str]] = None,
+                        saliency: bool = False, attention: bool = False, stride: Optional[int] = None,
+                        names: Optional[Sequence[str]] = None,
                         check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator[FrameBatch]:
         """:class:`~densevit.features.source.FeatureSource`: the stored features of image files, one per batch, for
         the rule and stride the store was extracted with only (shorter side to its load size, no padding); another
-        rule or stride, the network input as a ``guide``, or saliency it does not hold, is refused in one line."""
+        rule or stride, the network input as a ``guide``, attention inputs, or saliency it does not hold, is refused
+        in one line."""
         own = InputRule("short_side", self.settings.get("load_size") or None)
         if rule != own:
             raise StoreError(f"store {self.root} holds images resized with {own.describe()}, not {rule.describe()}; "
@@ -711,6 +713,9 @@ class FeatureStore:
         if guide:
             raise StoreError(f"store {self.root} does not keep the network input that guides the upsampling; "
                              f"use the model (give the weights)")
+        if attention:
+            raise StoreError(f"store {self.root} holds no attention inputs (queries and keys of every token); use "
+                             f"the model (give the weights)")
         if stride is not None and int(stride) != int(self.settings["stride"]):
             raise StoreError(f"store {self.root} holds stride {self.settings['stride']}, not {stride}; use the model "
                              f"(give the weights)")
