@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..errors import DensevitError
 from ..io.images import LoadSize, as_pil, resize_short_side, resized_hw, to_tensor
+from ..models.grid import TokenGrid
 from .source import ImageInput
 
 __all__ = ["RESIZES", "InputRule", "FrameBatch", "load_input", "frame_size", "crw_frame"]
@@ -48,15 +49,17 @@ class InputRule:
         if self.resize not in RESIZES:
             raise DensevitError(f"unknown input resize rule {self.resize!r}; choose from {', '.join(RESIZES)}")
         if self.resize in ("exact", "crw") and not isinstance(self.size, (tuple, list)):
-            raise DensevitError("the exact resize rule needs a size (H, W)")
+            raise DensevitError(f"the {self.resize} resize rule needs a size (H, W)")
 
     def describe(self) -> str:
         """The rule in words, for one-line refusals."""
-        what = {"short_side": f"shorter side to {self.size} (Lanczos)" if self.size else "the original size",
-                "exact": f"exactly {self.size[1]}x{self.size[0]} (OpenCV bilinear)" if self.resize == "exact" else "",
-                "crw": f"exactly {self.size[1]}x{self.size[0]} (CRW's float OpenCV bilinear)" if self.resize == "crw"
-                       else "",
-                "round": f"sides rounded to the patch at load size {self.size}"}[self.resize]
+        if self.resize == "short_side":
+            what = f"shorter side to {self.size} (Lanczos)" if self.size else "the original size"
+        elif self.resize == "round":
+            what = f"sides rounded to the patch at load size {self.size}"
+        else:
+            kind = "OpenCV bilinear" if self.resize == "exact" else "CRW's float OpenCV bilinear"
+            what = f"exactly {self.size[1]}x{self.size[0]} ({kind})"
         return what + (", zero-padded to the patch" if self.pad else "")
 
 
@@ -80,7 +83,7 @@ class FrameBatch:
     names: List[str]
     images_hw: List[Tuple[int, int]]
     resized: List[Image.Image]
-    grid: "object"
+    grid: TokenGrid
     descriptors: Dict[Tuple[int, str], torch.Tensor]
     guide: Optional[torch.Tensor] = None
     saliency: Optional[torch.Tensor] = None
