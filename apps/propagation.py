@@ -168,11 +168,20 @@ def crw_propagate(features: Iterable[torch.Tensor], first_labels: torch.Tensor, 
         yield pred
 
 
+def _crw_grid(source, cfg: CRWConfig):
+    """The token grid of a ``crop x crop`` frame of ``source`` (the model); a store, which does not hold CRW's
+    frames, is refused in one line."""
+    if not getattr(source, "runs_model", True):
+        raise DensevitError("the crw protocol reads frames with CRW's own resize, which a feature store does not "
+                            "hold; use the model (give the weights)")
+    return source.grid((cfg.crop_size, cfg.crop_size))
+
+
 def propagate_soft(extractor, frames: Sequence[FrameLike], first_labels: torch.Tensor, cfg: CRWConfig,
                    progress: bool = False) -> Iterator[torch.Tensor]:
     """:func:`crw_propagate` on the frames' :func:`crw_features` (``first_labels``: ``h x w x C`` or
     ``hw x C`` on the grid of :func:`label_grid`); yields ``h x w x C`` maps."""
-    grid = extractor.grid((cfg.crop_size, cfg.crop_size))
+    grid = _crw_grid(extractor, cfg)
     if grid.stride != grid.patch_size:
         raise DensevitError(f"the crw protocol propagates patch-stride features: leave out --stride (got stride "
                             f"{grid.stride} for patch {grid.patch_size})")
@@ -409,7 +418,7 @@ def track_points(extractor, frames: Sequence[FrameLike], points: Keypoints, prot
     protocol, read back with :func:`pose_readout`. Yields ``N x 2`` float pixels per frame (NaN: lost)."""
     if protocol == "crw":
         cfg = crw_cfg or CRWConfig()
-        patch = extractor.grid((cfg.crop_size, cfg.crop_size)).patch_size
+        patch = _crw_grid(extractor, cfg).patch_size
         cfg.validate(patch)
         hw = _frame_hw(frames[0])
         first = pose_heatmaps(points.xy, hw, cfg.crop_size, patch)

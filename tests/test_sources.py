@@ -192,6 +192,7 @@ def test_a_store_feeds_discovery_and_refuses_what_it_does_not_hold(make_extracto
     from densevit.apps.discovery.core import DiscoverConfig, discover_mask
     from densevit.apps.vos import VOSConfig, propagate
     from densevit.cli.extract import entry as extract_entry
+    from densevit.errors import DensevitError
     from densevit.storage.store import FeatureStore, StoreError
 
     frames = _small_frames(tmp_path, 2)
@@ -214,6 +215,10 @@ def test_a_store_feeds_discovery_and_refuses_what_it_does_not_hold(make_extracto
     first[20:50, 30:70] = 1
     with pytest.raises(StoreError, match="OpenCV bilinear"):
         next(propagate(store, frames, first, VOSConfig(short_side=64)))
+    from densevit.apps.propagation import CRWConfig, propagate_soft
+
+    with pytest.raises(DensevitError, match="crw protocol"):
+        next(propagate_soft(store, frames, torch.zeros(8, 8, 2), CRWConfig(crop_size=64)))
     from densevit.features.frames import InputRule
 
     own = InputRule("short_side", 64)
