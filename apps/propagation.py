@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
+from densevit.features.frames import InputRule
 from densevit.features.options import facet_opt, layer_opt
 from densevit.options import opt
 
-__all__ = ["PROTOCOLS", "CRWConfig", "crw_frame", "crw_features", "crw_propagate", "radius_bias", "label_grid",
+__all__ = ["PROTOCOLS", "CRWConfig", "crw_features", "crw_propagate", "radius_bias", "label_grid",
            "draw_gaussian", "pose_heatmaps", "pose_readout", "cells_to_pixels", "part_onehots", "part_readout",
            "propagate_soft", "read_label_image", "dino_propagate_soft", "Keypoints", "read_points",
            "track_points", "draw_points"]
@@ -91,33 +92,6 @@ class CRWConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- frames
-def _bgr(frame: FrameLike) -> np.ndarray:
-    """``HxWx3`` uint8 BGR of a file (``cv2.imread``) or of an RGB array."""
-    if isinstance(frame, (str, Path)):
-        img = cv2.imread(str(frame))
-        if img is None:
-            raise DensevitError(f"cannot read the frame {frame}")
-        return img
-    arr = np.asarray(frame)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    return np.ascontiguousarray(arr[..., :3][..., ::-1])
-
-
-def crw_frame(frame: FrameLike, crop: int, mean: Sequence[float] = (0.485, 0.456, 0.406),
-              std: Sequence[float] = (0.229, 0.224, 0.225)) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """A frame as CRW reads it: float32 ``/ 255``, RGB, bilinear ``cv2.resize`` to ``crop x crop``, normalised.
-
-    Returns ``(x 3 x crop x crop, original (H, W))``."""
-    img = _bgr(frame).astype(np.float32) / 255.0
-    hw = img.shape[:2]
-    img = cv2.resize(np.ascontiguousarray(img[:, :, ::-1]), (crop, crop))
-    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (x - m) / s, (int(hw[0]), int(hw[1]))
-
-
 def label_grid(crop: int, patch: int) -> Tuple[int, int]:
     """The feature (and label) grid of a ``crop x crop`` frame."""
     return crop // patch, crop // patch
@@ -126,16 +100,9 @@ def label_grid(crop: int, patch: int) -> Tuple[int, int]:
 def crw_features(extractor, frames: Sequence[FrameLike], cfg: CRWConfig) -> Iterator[torch.Tensor]:
     """L2-normalised features ``hw x D`` (float32, on the extractor's device) of each frame, ``cfg.batch_size``
     frames per forward pass (the next frames are decoded on worker threads meanwhile)."""
-    from densevit.runtime.threads import prefetch_map
-
-    mean, std = extractor.spec.mean, extractor.spec.std
-    loaded = prefetch_map(lambda f: crw_frame(f, cfg.crop_size, mean, std)[0], frames, ahead=2 * cfg.batch_size)
-    for s in range(0, len(frames), cfg.batch_size):
-        xs = [x for _, x in zip(range(s, min(s + cfg.batch_size, len(frames))), loaded)]
-        batch = torch.stack(xs).to(extractor.device)
-        with torch.no_grad():
-            feats = extractor.extract(batch, layers=(cfg.layer,), facets=(cfg.facet,))
-        for t in F.normalize(feats.descriptors[(cfg.layer, cfg.facet)].float(), dim=-1):
+    rule = InputRule("crw", (cfg.crop_size, cfg.crop_size))
+    for b in extractor.frames_features(frames, rule, (cfg.layer,), (cfg.facet,), batch_size=cfg.batch_size):
+        for t in F.normalize(b.descriptors[(cfg.layer, cfg.facet)].float(), dim=-1):
             yield t
 
 
@@ -201,11 +168,20 @@ def crw_propagate(features: Iterable[torch.Tensor], first_labels: torch.Tensor, 
         yield pred
 
 
+def _crw_grid(source, cfg: CRWConfig):
+    """The token grid of a ``crop x crop`` frame of ``source`` (the model); a store, which does not hold CRW's
+    frames, is refused in one line."""
+    if not getattr(source, "runs_model", True):
+        raise DensevitError("the crw protocol reads frames with CRW's own resize, which a feature store does not "
+                            "hold; use the model (give the weights)")
+    return source.grid((cfg.crop_size, cfg.crop_size))
+
+
 def propagate_soft(extractor, frames: Sequence[FrameLike], first_labels: torch.Tensor, cfg: CRWConfig,
                    progress: bool = False) -> Iterator[torch.Tensor]:
     """:func:`crw_propagate` on the frames' :func:`crw_features` (``first_labels``: ``h x w x C`` or
     ``hw x C`` on the grid of :func:`label_grid`); yields ``h x w x C`` maps."""
-    grid = extractor.grid((cfg.crop_size, cfg.crop_size))
+    grid = _crw_grid(extractor, cfg)
     if grid.stride != grid.patch_size:
         raise DensevitError(f"the crw protocol propagates patch-stride features: leave out --stride (got stride "
                             f"{grid.stride} for patch {grid.patch_size})")
@@ -343,38 +319,31 @@ def dino_propagate_soft(extractor, frames: Sequence[FrameLike], make_labels, cfg
 
     ``make_labels(image_hw, input_hw, grid_hw)`` builds the first frame's ``h x w x C`` labels once the grid is
     known; ``cfg`` is a :class:`densevit.apps.vos.VOSConfig` (``upsample`` is not used here)."""
-    from .vos import LocalTopK, input_size, load_frame, propagate_labels
+    from .vos import LocalTopK, check_frame_sizes, input_size, propagate_labels
 
     cfg.validate()
     if len(frames) == 0:
         raise DensevitError("no frames to propagate through")
-    mean, std = extractor.spec.mean, extractor.spec.std
-    first_x, image_hw = load_frame(frames[0], input_size(_frame_hw(frames[0]), cfg.short_side, cfg.multiple),
-                                   mean, std)
-    input_hw = tuple(first_x.shape[-2:])
-    grid = extractor.grid(input_hw, image_hw)
-    h, w = grid.shape
-    search = LocalTopK((h, w), cfg.neighborhood, cfg.tile, extractor.device)
-    first_labels = make_labels(image_hw, input_hw, (h, w)).reshape(h * w, -1).to(extractor.device)
+    input_hw = input_size(_frame_hw(frames[0]), cfg.short_side, cfg.multiple)
+    batches = extractor.frames_features(frames, InputRule("exact", tuple(input_hw)), (cfg.layer,), (cfg.facet,),
+                                        batch_size=cfg.batch_size)
+    first_feat = search = first_labels = None
     recent: deque = deque(maxlen=cfg.n_last_frames)
-    first_feat = None
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(frames), unit="frame", desc="propagating")
+    start = 0
     try:
-        for s in range(0, len(frames), cfg.batch_size):
-            xs = []
-            for j, fr in enumerate(frames[s:s + cfg.batch_size]):
-                x, hw = load_frame(fr, input_hw, mean, std)
-                if hw != image_hw:
-                    raise DensevitError(f"frame {s + j} is {hw[1]}x{hw[0]} but the first frame is "
-                                        f"{image_hw[1]}x{image_hw[0]}; all frames of a video must have one size")
-                xs.append(x)
-            with torch.no_grad():
-                d = extractor.extract(torch.stack(xs).to(extractor.device), layers=(cfg.layer,),
-                                      facets=(cfg.facet,), image_hw=image_hw).descriptors[(cfg.layer, cfg.facet)]
+        for b in batches:
+            image_hw = b.images_hw[0] if search is None else image_hw
+            start = check_frame_sizes(b.images_hw, start, image_hw)
+            d = b.descriptors[(cfg.layer, cfg.facet)]
+            if search is None:
+                h, w = b.grid.shape
+                search = LocalTopK((h, w), cfg.neighborhood, cfg.tile, d.device)
+                first_labels = make_labels(image_hw, input_hw, (h, w)).reshape(h * w, -1).to(d.device)
             for feat in F.normalize(d.float(), dim=-1):
                 if first_feat is None:
                     first_feat, soft = feat, first_labels
@@ -449,7 +418,7 @@ def track_points(extractor, frames: Sequence[FrameLike], points: Keypoints, prot
     protocol, read back with :func:`pose_readout`. Yields ``N x 2`` float pixels per frame (NaN: lost)."""
     if protocol == "crw":
         cfg = crw_cfg or CRWConfig()
-        patch = extractor.grid((cfg.crop_size, cfg.crop_size)).patch_size
+        patch = _crw_grid(extractor, cfg).patch_size
         cfg.validate(patch)
         hw = _frame_hw(frames[0])
         first = pose_heatmaps(points.xy, hw, cfg.crop_size, patch)

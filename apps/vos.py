@@ -31,20 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.features.upsampled import UpsampleOptions, input_guide
+from densevit.features.frames import InputRule, frame_size, load_input
+from densevit.features.upsampled import UpsampleOptions
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import as_pil, image_size, to_tensor
 from densevit.models.grid import TokenGrid
 from densevit.options import opt
 from densevit.upsample import check_method, upsample_tokens
-from densevit.runtime.threads import prefetch_map
 
 FrameLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -113,20 +111,14 @@ def input_size(image_hw: Tuple[int, int], short_side: int = 480, multiple: int =
     return short_side, max(int((long // multiple) * multiple), multiple)
 
 
-def _as_rgb(frame: FrameLike) -> Image.Image:
-    """A frame (file, PIL image or ``HxWx3`` uint8 array) as RGB: :func:`densevit.io.images.as_pil`."""
-    return as_pil(frame)
-
-
 def load_frame(frame: FrameLike, input_hw: Tuple[int, int], mean: Sequence[float], std: Sequence[float]
                ) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Read one frame, resize it bilinearly to ``input_hw`` (as DINO, with OpenCV) and normalise it.
 
     Returns ``(x 3xHxW, original (H0, W0))``.
     """
-    img = _as_rgb(frame)
-    resized = cv2.resize(np.asarray(img), (input_hw[1], input_hw[0]), interpolation=cv2.INTER_LINEAR)
-    return to_tensor(Image.fromarray(resized), mean, std), (img.height, img.width)
+    x, _, hw = load_input(frame, InputRule("exact", tuple(input_hw)), mean, std, 1)
+    return x, hw
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -288,28 +280,38 @@ def propagate_labels(query: torch.Tensor, keys: Sequence[torch.Tensor], labels: 
 
 
 # ---------------------------------------------------------------------------------------------------- videos
-def _feature_batches(extractor, frames: Sequence[FrameLike], input_hw: Tuple[int, int],
-                     image_hw: Tuple[int, int], cfg: VOSConfig, dense: Optional[TokenGrid] = None
-                     ) -> Iterator[torch.Tensor]:
-    """L2-normalised features ``TxD`` (float32, on the extractor's device) of each frame, computed in batches
-    (upsampled onto ``dense`` with ``cfg.upsample``); the next frames are decoded on worker threads while the
-    current batch runs."""
-    mean, std = extractor.spec.mean, extractor.spec.std
-    loaded = prefetch_map(lambda fr: load_frame(fr, input_hw, mean, std), frames, ahead=2 * cfg.batch_size)
-    for s in range(0, len(frames), cfg.batch_size):
-        xs = []
-        for j, (x, hw) in zip(range(s, min(s + cfg.batch_size, len(frames))), loaded):
-            if hw != tuple(image_hw):
-                raise DensevitError(f"frame {j} is {hw[1]}x{hw[0]} but the first frame is "
-                                    f"{image_hw[1]}x{image_hw[0]}; all frames of a video must have one size")
-            xs.append(x)
-        batch = torch.stack(xs)
-        feats = extractor.extract(batch, layers=(cfg.layer,), facets=(cfg.facet,), image_hw=image_hw)
-        d = feats.descriptors[(cfg.layer, cfg.facet)]
-        if dense is not None:
-            d = _upsampled(d, feats.grid, batch, extractor.spec, dense, cfg)
+def check_frame_sizes(sizes: Sequence[Tuple[int, int]], start: int, image_hw: Tuple[int, int]) -> int:
+    """Refuse a frame (numbered from ``start``) whose ``(H, W)`` is not the first frame's; returns the next number."""
+    for j, hw in enumerate(sizes, start):
+        if tuple(hw) != tuple(image_hw):
+            raise DensevitError(f"frame {j} is {hw[1]}x{hw[0]} but the first frame is "
+                                f"{image_hw[1]}x{image_hw[0]}; all frames of a video must have one size")
+    return start + len(sizes)
+
+
+def _feature_batches(source, frames: Sequence[FrameLike], input_hw: Tuple[int, int], image_hw: Tuple[int, int],
+                     cfg: VOSConfig, upsampled: bool = False) -> Iterator[Tuple[torch.Tensor, TokenGrid, TokenGrid]]:
+    """``(features TxD, grid, patch grid)`` of each frame from ``source``'s batched call (DINO's resize to ``input_hw``):
+    L2-normalised float32 on the source's device; with ``upsampled``, upsampled with ``cfg.upsample`` onto
+    :func:`dense_grid` guided by the frames (the grid is then the dense one)."""
+    rule = InputRule("exact", tuple(input_hw))
+    start = 0
+    for b in source.frames_features(frames, rule, (cfg.layer,), (cfg.facet,), batch_size=cfg.batch_size,
+                                    guide=upsampled):
+        start = check_frame_sizes(b.images_hw, start, image_hw)
+        d, grid = b.descriptors[(cfg.layer, cfg.facet)], b.grid
+        if upsampled:
+            grid = _dense_or_refuse(grid, cfg)
+            d = upsample_tokens(d.float(), b.grid, b.guide, cfg.upsample, out_size=grid.shape, **cfg.options())[0]
         for t in F.normalize(d.float(), dim=-1):
-            yield t
+            yield t, grid, b.grid
+
+
+def _dense_or_refuse(grid: TokenGrid, cfg: VOSConfig) -> TokenGrid:
+    if grid.stride != grid.patch_size:
+        raise DensevitError(f"--upsample propagates upsampled patch-stride features: leave out --stride "
+                            f"(got stride {grid.stride} for patch {grid.patch_size})")
+    return dense_grid(grid, cfg.upsample_factor)
 
 
 def dense_grid(grid: TokenGrid, factor: int) -> TokenGrid:
@@ -324,20 +326,8 @@ def dense_grid(grid: TokenGrid, factor: int) -> TokenGrid:
     return grid
 
 
-def _upsampled(d: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, dense: TokenGrid, cfg: VOSConfig
-               ) -> torch.Tensor:
-    """Patch-stride features ``BxTxD`` -> ``BxT'xD`` on ``dense``, upsampled with ``cfg.upsample`` guided by the
-    frames ``x`` (normalised input)."""
-    return upsample_tokens(d.float(), grid, input_guide(x, spec), cfg.upsample,
-                           out_size=dense.shape, **cfg.options())[0]
-
-
 def _frame_size(frame: FrameLike) -> Tuple[int, int]:
-    if isinstance(frame, (str, Path)):
-        return image_size(frame)
-    if isinstance(frame, Image.Image):
-        return frame.height, frame.width
-    return tuple(np.asarray(frame).shape[:2])
+    return frame_size(frame)
 
 
 def object_ids(mask: np.ndarray) -> List[int]:
@@ -351,8 +341,9 @@ def propagate(extractor, frames: Sequence[FrameLike], first_mask: np.ndarray, co
     """Propagate a first-frame mask through a video.
 
     Args:
-        extractor: a :class:`densevit.ViTExtractor` (its stride sets the token grid; DINO's protocol uses the
-            patch size).
+        extractor: a :class:`~densevit.features.source.FeatureSource` (a :class:`densevit.ViTExtractor`, whose
+            stride sets the token grid, DINO's protocol using the patch size; or anything that runs its
+            ``frames_features``; a store refuses DINO's exact resize in one line).
         frames: the frames in order (paths, PIL images or HxWx3 uint8 arrays), all of one size.
         first_mask: ``H0xW0`` object ids of the first frame (0 = background; any ids in 0..255).
         config: protocol parameters (:class:`VOSConfig`).
@@ -374,23 +365,13 @@ def propagate(extractor, frames: Sequence[FrameLike], first_mask: np.ndarray, co
         raise DensevitError("mask ids must lie in 0..255")
     ids = object_ids(first_mask)
     input_hw = input_size(image_hw, config.short_side, config.multiple)
-    grid = extractor.grid(input_hw, image_hw)
-    dense = None
-    radius = config.neighborhood
-    if config.upsample:
-        if grid.stride != grid.patch_size:
-            raise DensevitError(f"--upsample propagates upsampled patch-stride features: leave out --stride "
-                                f"(got stride {grid.stride} for patch {grid.patch_size})")
-        dense = dense_grid(grid, config.upsample_factor)
-        radius *= dense.shape[0] // grid.shape[0]          # the same area in the denser grid's tokens
-        grid = dense
-    device = extractor.device
+    feats = _feature_batches(extractor, frames, input_hw, image_hw, config, upsampled=bool(config.upsample))
+    first_feat, grid, patch_grid = next(feats)
+    radius = config.neighborhood * (grid.shape[0] // patch_grid.shape[0])   # the same area in a denser grid
+    device = first_feat.device
     search = LocalTopK(grid.shape, radius, config.tile, device)
     sample_grid = upsample_grid(grid, device)
     ids_lut = torch.tensor(ids, dtype=torch.long, device=device)
-
-    feats = _feature_batches(extractor, frames, input_hw, image_hw, config, dense)
-    first_feat = next(feats)
     first_labels = mask_to_labels(first_mask, grid, ids).to(device)
     yield first_mask.astype(np.uint8)
     recent: deque = deque(maxlen=config.n_last_frames)
@@ -400,7 +381,7 @@ def propagate(extractor, frames: Sequence[FrameLike], first_mask: np.ndarray, co
 
         bar = tqdm(total=len(frames), initial=1, unit="frame", desc="propagating")
     try:
-        for feat in feats:
+        for feat, _, _ in feats:
             keys = [first_feat] + [f for f, _ in recent]
             labels = [first_labels] + [l for _, l in recent]
             soft = propagate_labels(feat, keys, labels, search, config.topk, config.temperature)

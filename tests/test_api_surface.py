@@ -41,7 +41,8 @@ PUBLIC = {
         "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup", "ANYUP_CHECKPOINTS"
     ],
     "densevit.features": [
-        "FACETS", "Features", "ViTExtractor", "FeatureSource", "ImageFeatures", "image_name", "UpsampleOptions",
+        "FACETS", "Features", "ViTExtractor", "FeatureSource", "ImageFeatures", "image_name", "InputRule", "FrameBatch",
+        "UpsampleOptions",
         "UpsampledSource", "input_guide", "image_guide", "FeatureOptions", "log_bin", "num_bins", "similarity_map",
         "similarity_maps", "topk_tokens", "best_buddy", "best_buddies_of", "query_attention", "token_at"
     ],

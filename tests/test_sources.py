@@ -44,6 +44,11 @@ class _Counting:
     def extract_saliency_maps(self, x, stride=None):       # the reference's low-resolution saliency pass
         return self.inner.extract_saliency_maps(x, stride=stride)
 
+    def frames_features(self, frames, rule, layers, facets, **kw):
+        for batch in self.inner.frames_features(frames, rule, layers, facets, **kw):
+            self.calls += len(batch.names)
+            yield batch
+
 
 def test_an_app_runs_on_any_feature_source(make_extractor, images):
     ext = make_extractor(8)
@@ -141,3 +146,93 @@ def test_token_grid_maps_pixels_to_the_nearest_token_and_samples_between_centres
     assert torch.allclose(up[inside], (2 * xs + 3 * ys).float()[inside], atol=1e-3)
     two = grid.upsample(torch.stack([cx, cy]).float(), out_hw=(27, 33))
     assert two.shape == (2, 27, 33)
+
+
+def _small_frames(tmp_path, n=3):
+    from densevit.io.paths import shared_dir
+
+    seq = shared_dir() / "data" / "davis2016" / "JPEGImages" / "480p" / "blackswan"
+    out = []
+    for i in range(n):
+        out.append(tmp_path / "frames" / f"{i:05d}.png")
+        out[-1].parent.mkdir(exist_ok=True)
+        load_image(seq / f"{i:05d}.jpg").resize((96, 72)).save(out[-1])
+    return out
+
+
+def test_vos_and_discovery_run_on_any_feature_source(make_extractor, tmp_path):
+    """Video propagation, the crw and dino point protocols and object discovery read features through
+    FeatureSource.frames_features: a user's own source gives the extractor's masks, frame for frame."""
+    from densevit.apps.discovery.core import DiscoverConfig, discover_mask
+    from densevit.apps.propagation import CRWConfig, crw_features
+    from densevit.apps.vos import VOSConfig, propagate
+
+    ext = make_extractor(8)
+    frames = _small_frames(tmp_path)
+    first = np.zeros((72, 96), np.uint8)
+    first[20:50, 30:70] = 1
+    cfg = VOSConfig(short_side=64, batch_size=2)
+    ref = list(propagate(ext, frames, first, cfg))
+    src = _Counting(ext)
+    got = list(propagate(src, frames, first, cfg))
+    assert src.calls == len(frames) and len(got) == len(ref) == len(frames)
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+    ccfg = CRWConfig(crop_size=64, batch_size=2)
+    for a, b in zip(crw_features(ext, frames, ccfg), crw_features(src, frames, ccfg)):
+        assert torch.equal(a, b)
+    for fit in ("pad", "round", "crop"):
+        dcfg = DiscoverConfig(load_size=64, fit=fit)
+        np.testing.assert_array_equal(discover_mask(ext, frames[0], dcfg), discover_mask(src, frames[0], dcfg))
+
+
+def test_a_store_feeds_discovery_and_refuses_what_it_does_not_hold(make_extractor, golden_path, tmp_path):
+    """A store serves discovery at its own load size (fit="crop": the same mask as the model) and refuses, in one
+    line, DINO's video resize, zero padding and the upsamplers' guide (the network input it does not keep)."""
+    from densevit.apps.discovery.core import DiscoverConfig, discover_mask
+    from densevit.apps.vos import VOSConfig, propagate
+    from densevit.cli.extract import entry as extract_entry
+    from densevit.errors import DensevitError
+    from densevit.storage.store import FeatureStore, StoreError
+
+    frames = _small_frames(tmp_path, 2)
+    st = tmp_path / "store"
+    assert extract_entry([str(frames[0].parent), "--store", str(st), "--weights", str(golden_path), "--stride", "8",
+                          "--load-size", "64", "--layer", "-1", "--quiet", "--workers", "0", "--store-dtype",
+                          "float32", "--device", "cpu"]) == 0
+    store, ext = FeatureStore(st), make_extractor(8)
+    assert isinstance(store, FeatureSource)
+    cfg = DiscoverConfig(load_size=64, fit="crop")
+    for frame in frames:
+        np.testing.assert_array_equal(discover_mask(store, frame, cfg), discover_mask(ext, frame, cfg))
+    for bad, what in ((DiscoverConfig(load_size=64), "zero-padded"), (DiscoverConfig(load_size=32, fit="crop"),
+                                                                      "shorter side to 32"),
+                      (DiscoverConfig(load_size=64, fit="crop", upsample="bilinear"), "network input")):
+        with pytest.raises(StoreError, match=what) as err:
+            discover_mask(store, frames[0], bad)
+        assert "\n" not in str(err.value)
+    first = np.zeros((72, 96), np.uint8)
+    first[20:50, 30:70] = 1
+    with pytest.raises(StoreError, match="OpenCV bilinear"):
+        next(propagate(store, frames, first, VOSConfig(short_side=64)))
+    from densevit.apps.propagation import CRWConfig, propagate_soft
+
+    with pytest.raises(DensevitError, match="crw protocol"):
+        next(propagate_soft(store, frames, torch.zeros(8, 8, 2), CRWConfig(crop_size=64)))
+    from densevit.features.frames import InputRule
+
+    own = InputRule("short_side", 64)
+    for kw, what in (({"attention": True}, "attention inputs"), ({"stride": 4}, "stride 8, not 4"),
+                     ({"saliency": True}, "no saliency maps")):
+        with pytest.raises(StoreError, match=what):
+            next(store.frames_features(frames, own, (-1,), ("key",), **kw))
+    b = next(store.frames_features(frames[:1], own, (-1,), ("key",)))
+    m = next(ext.frames_features(frames[:1], own, (-1,), ("key",), saliency=True, attention=True))
+    assert b.grid == m.grid and b.descriptors[(-1, "key")].shape == m.descriptors[(-1, "key")].shape
+    assert m.saliency.shape == (1, m.grid.num_tokens) and m.attention[-1][0].shape[1] == m.grid.num_tokens + 1
+    # the patch index's query reads an in-store image through the same call, without its pixels (file gone)
+    key = store.key(frames[1])
+    frames[1].unlink()
+    f = store.image_features(key, None, -1, "key", saliency=False, pixels=False)
+    assert f.image is None and torch.equal(f.descriptors, store.descriptors(key, -1, "key"))
+    assert f.grid == store.grid(key)

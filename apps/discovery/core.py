@@ -59,22 +59,22 @@ multiple of the patch size) or ``"crop"`` (densevit's usual grid: the last parti
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import scipy.linalg
 import scipy.ndimage
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from densevit.errors import DensevitError
-from densevit.features.upsampled import UpsampleOptions, input_guide
+from densevit.features.frames import InputRule
+from densevit.features.upsampled import UpsampleOptions
 from densevit.features.options import facet_opt, layer_opt
-from densevit.io.images import as_pil, check_min_side, resized_hw, to_tensor
+from densevit.io.images import as_pil, check_min_side
 from densevit.matching.knn import similarity_matrix
 from densevit.models.grid import TokenGrid
 from densevit.options import opt, zero_is_none
@@ -342,45 +342,44 @@ class DiscoveryFeatures:
 def extract_discovery_features(extractor, image: ImageInput, cfg: DiscoverConfig = DiscoverConfig(),
                                name: Optional[str] = None) -> DiscoveryFeatures:
     """Read one image, bring it to a token grid as ``cfg.fit`` says and extract ``cfg.layer``/``cfg.facet``
-    descriptors in one forward pass."""
+    descriptors in one forward pass of ``extractor``, any :class:`~densevit.features.source.FeatureSource` (a store
+    serves ``fit="crop"`` at its own load size and refuses the other fits and ``upsample`` in one line)."""
     cfg.validate()
     img = as_pil(image)
-    p = extractor.patch_size
     H0, W0 = img.height, img.width
+    p = getattr(extractor, "patch_size", None)      # a store checked its images when it extracted them
     if cfg.fit != "round":                  # "round" brings any image to whole patches; the others need one
         check_min_side(image if isinstance(image, (str, Path)) else (name or "image"), (H0, W0), p,
-                       extractor.spec.name)
-    if cfg.fit == "round":
-        Hr, Wr = resized_hw((H0, W0), cfg.load_size)
-        Ht, Wt = max(p, int(round(Hr / p)) * p), max(p, int(round(Wr / p)) * p)
-        resized = img if (Ht, Wt) == (H0, W0) else img.resize((Wt, Ht), Image.LANCZOS)
-        x = to_tensor(resized, extractor.spec.mean, extractor.spec.std).unsqueeze(0).to(extractor.device)
-        image_grid = extractor.grid((Ht, Wt), (H0, W0))
-    else:
-        x, image_grid, resized = extractor.preprocess_with_image(img, cfg.load_size)
-    if cfg.fit == "pad":
-        Hr, Wr = x.shape[-2:]
-        x = F.pad(x, (0, math.ceil(Wr / p) * p - Wr, 0, math.ceil(Hr / p) * p - Hr))
-    grid = extractor.grid(tuple(x.shape[-2:]))
-    if grid.num_tokens > cfg.max_tokens:
-        what = f"{W0}x{H0} image" if cfg.load_size is None else f"image at load size {cfg.load_size}"
-        s = grid.stride
-        fits = int(s * math.sqrt(cfg.max_tokens * min(grid.input_hw) / max(grid.input_hw)))
-        hint = (f"set a smaller load size (about --load-size {fits // s * s} fits) or " if fits >= p and
-                (cfg.load_size is None or fits < cfg.load_size) else "")
-        raise DensevitError(f"the {what} gives {grid.shape[0]}x{grid.shape[1]} = {grid.num_tokens} tokens, more "
-                            f"than the {cfg.max_tokens} allowed for a dense graph; {hint}raise --max-tokens")
-    feats = extractor.extract(x, (cfg.layer,), (cfg.facet,), image_hw=grid.input_hw)
-    desc = feats.descriptors[(cfg.layer, cfg.facet)][0].float().cpu()
+                       getattr(getattr(extractor, "spec", None), "name", ""))
+    rule = InputRule("round" if cfg.fit == "round" else "short_side", cfg.load_size, pad=cfg.fit == "pad")
+
+    def check(grid: TokenGrid) -> None:
+        if grid.num_tokens > cfg.max_tokens:
+            what = f"{W0}x{H0} image" if cfg.load_size is None else f"image at load size {cfg.load_size}"
+            s = grid.stride
+            fits = int(s * math.sqrt(cfg.max_tokens * min(grid.input_hw) / max(grid.input_hw)))
+            hint = (f"set a smaller load size (about --load-size {fits // s * s} fits) or " if fits >= grid.patch_size and
+                    (cfg.load_size is None or fits < cfg.load_size) else "")
+            raise DensevitError(f"the {what} gives {grid.shape[0]}x{grid.shape[1]} = {grid.num_tokens} tokens, "
+                                f"more than the {cfg.max_tokens} allowed for a dense graph; {hint}raise --max-tokens")
+
+    source_image = image if isinstance(image, (str, Path)) and not getattr(extractor, "runs_model", True) else img
+    b = next(iter(extractor.frames_features([source_image], rule, (cfg.layer,), (cfg.facet,), batch_size=1,
+                                            guide=bool(cfg.upsample), names=[name or image_name(image, 0)],
+                                            check_grid=check)))
+    resized = b.resized[0]
+    grid = TokenGrid(b.grid.patch_size, b.grid.stride, tuple(b.grid.input_hw))
+    image_grid = TokenGrid(grid.patch_size, grid.stride, (resized.height, resized.width), (H0, W0))
+    desc = b.descriptors[(cfg.layer, cfg.facet)][0].float().cpu()
     if cfg.upsample:
-        desc, grid = _upsampled(desc, grid, x, extractor.spec, cfg)
+        desc, grid = _upsampled(desc, grid, b.guide, cfg)
     return DiscoveryFeatures(name or image_name(image, 0), img, resized, grid, image_grid, desc)
 
 
-def _upsampled(desc: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, cfg: DiscoverConfig
+def _upsampled(desc: torch.Tensor, grid: TokenGrid, guide: torch.Tensor, cfg: DiscoverConfig
                ) -> Tuple[torch.Tensor, TokenGrid]:
     """Patch-stride descriptors ``TxD`` on ``grid`` -> the densest grid of ``patch / f``-pixel cells within
-    ``cfg.max_tokens`` (``f`` divides the patch), upsampled with ``cfg.upsample`` guided by the input ``x``."""
+    ``cfg.max_tokens`` (``f`` divides the patch), upsampled with ``cfg.upsample`` guided by the network input ``guide`` (RGB in ``[0, 1]``)."""
     p, (h, w) = grid.patch_size, grid.shape
     if grid.stride != p:
         raise DensevitError(f"--upsample discovers on upsampled patch-stride features: leave out --stride "
@@ -388,7 +387,7 @@ def _upsampled(desc: torch.Tensor, grid: TokenGrid, x: torch.Tensor, spec, cfg: 
     f = max(d for d in range(1, p + 1) if p % d == 0 and h * w * d * d <= cfg.max_tokens)
     cell = p // f
     H, W = h * p, w * p                                   # the part of the input the tokens cover
-    guide = input_guide(x[..., :H, :W], spec)
+    guide = guide[..., :H, :W]
     covered = TokenGrid(p, p, (H, W))
     up, _ = upsample_tokens(desc[None].to(guide.device), covered, guide, cfg.upsample, out_size=(h * f, w * f),
                             **cfg.options())

@@ -31,7 +31,7 @@ from PIL import Image
 from densevit.errors import DensevitError
 from densevit.features import similarity as sim
 from densevit.features.binning import log_bin
-from densevit.features.upsampled import input_guide
+from densevit.features.frames import InputRule
 from densevit.io.images import as_pil, image_size, load_image
 from densevit.models.grid import TokenGrid
 from densevit.upsample import check_method, upsample_tokens
@@ -355,14 +355,6 @@ class Explorer:
     def _set_progress(self, busy: bool, message: str = "", done: int = 0, total: int = 0) -> None:
         self.progress = {"busy": busy, "message": message, "done": done, "total": total}
 
-    def _network_input(self, index: int, s: Settings):
-        """``(extractor, 1x3xHxW input, grid)`` of image ``index`` at ``s``'s stride and load size."""
-        self.check_tokens(index, s)
-        ext = self.extractor(s.stride)
-        item = self.images[index]
-        x, grid, _ = ext.preprocess_with_image(item.image, s.load_size, stride=s.stride)
-        return ext, x, dataclasses.replace(grid, image_hw=item.original_hw)
-
     def _stack(self, index: int, s: Settings) -> Dict[str, Any]:
         """All layers of ``s.facet`` for image ``index`` (one forward pass): ``{"raw": L x T x D, "grid",
         "saliency": T}`` (cached)."""
@@ -370,12 +362,15 @@ class Explorer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        ext, x, grid = self._network_input(index, s)
+        self.check_tokens(index, s)
+        ext, item = self.extractor(s.stride), self.images[index]
         layers = tuple(range(ext.depth))
-        feats = ext.extract(x, layers, (s.facet,), saliency=True, image_hw=grid.original_hw, stride=s.stride)
-        raw = torch.stack([feats.descriptors[(l, s.facet)][0] for l in layers]).float().cpu()
-        entry = {"raw": raw, "grid": grid, "saliency": feats.saliency[0].float().cpu(),
-                 "guide": input_guide(x, ext.spec).cpu()}        # for upsampling
+        b = next(iter(ext.frames_features([item.image], InputRule("short_side", s.load_size), layers, (s.facet,),
+                                          batch_size=1, guide=True, saliency=True, stride=s.stride)))
+        grid = dataclasses.replace(b.grid, image_hw=item.original_hw)
+        raw = torch.stack([b.descriptors[(l, s.facet)][0] for l in layers]).float().cpu()
+        entry = {"raw": raw, "grid": grid, "saliency": b.saliency[0].float().cpu(),
+                 "guide": b.guide.cpu()}                          # for upsampling
         return self._cache.put(key, entry)
 
     def _attn_inputs(self, index: int, s: Settings) -> Dict[str, Any]:
@@ -384,9 +379,12 @@ class Explorer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        ext, x, grid = self._network_input(index, s)
+        self.check_tokens(index, s)
+        ext, item = self.extractor(s.stride), self.images[index]
         layers = tuple(range(ext.depth))
-        qks = ext.attention_inputs(x, layers, stride=s.stride)
+        b = next(iter(ext.frames_features([item.image], InputRule("short_side", s.load_size), layers, (),
+                                          batch_size=1, attention=True, stride=s.stride)))
+        grid, qks = dataclasses.replace(b.grid, image_hw=item.original_hw), b.attention
         q = torch.stack([qks[l][0][0] for l in layers]).float().cpu()
         k = torch.stack([qks[l][1][0] for l in layers]).float().cpu()
         return self._cache.put(key, {"query": q, "key": k, "grid": grid, "scale": torch.tensor(qks[0][2]),

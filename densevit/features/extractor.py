@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,9 +40,11 @@ from ..models.posenc import DINO, resample_pos_embed
 from ..models.registry import BackboneSpec
 from ..models.weights import load_backbone
 from ..runtime.device import DeviceLike, parse_dtype, select_device
+from ..runtime.threads import prefetch_map
 from ..upsample import upsample_token_maps
 from .upsampled import input_guide
 from .binning import log_bin
+from .frames import FrameBatch, InputRule, load_input
 from .source import ImageFeatures, ImageInput, image_name
 
 FACETS = ("key", "query", "value", "token", "token_norm", "attn", "key_rope", "query_rope")
@@ -207,9 +209,10 @@ class ViTExtractor(nn.Module):
 
     def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
                        bin: bool = False, saliency: bool = True, include_cls: bool = False,
-                       name: Optional[str] = None) -> ImageFeatures:
+                       name: Optional[str] = None, pixels: bool = True) -> ImageFeatures:
         """:class:`~densevit.features.source.FeatureSource`: ONE forward pass of ``image`` (a file, decoded once;
-        or an image in memory, by the same mode and EXIF rules) for block ``layer``, ``facet``."""
+        or an image in memory, by the same mode and EXIF rules) for block ``layer``, ``facet`` (the model reads
+        the pixels whatever ``pixels`` says)."""
         img = as_pil(image)
         x, grid, resized = self.preprocess_with_image(img, load_size)
         feats = self.extract(x, (layer,), (facet,), bin=bin, saliency=saliency, image_hw=grid.image_hw)
@@ -217,6 +220,51 @@ class ViTExtractor(nn.Module):
         cls = feats.cls[(layer, facet)][0].float().cpu() if include_cls else None
         sal = feats.saliency[0].float().cpu() if saliency and feats.saliency is not None else None
         return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc, sal, cls)
+
+    def frames_features(self, frames: Sequence[ImageInput], rule: InputRule, layers: Sequence[int],
+                        facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
+                        saliency: bool = False, attention: bool = False, stride: Optional[int] = None,
+                        names: Optional[Sequence[str]] = None,
+                        check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator[FrameBatch]:
+        """:class:`~densevit.features.source.FeatureSource`: images of one size through ``rule``
+        (:mod:`densevit.features.frames`), ``batch_size`` per forward pass (the next ones decoded on worker threads
+        meanwhile), every ``(layer, facet)`` in that one pass; ``check_grid`` sees each batch's grid before its
+        pass (the attention inputs, asked for, in a pass of their own). Frames that give another input size than the
+        first are refused; the grid's ``image_hw`` is the first
+        frame's original size (the input size with ``pad``)."""
+        mean, std = self.spec.mean, self.spec.std
+        loaded = prefetch_map(lambda fr: load_input(fr, rule, mean, std, self.patch_size), frames,
+                              ahead=2 * batch_size)
+        first_hw = first_in = None
+        for s in range(0, len(frames), batch_size):
+            xs, resized, hws = [], [], []
+            for j, (x, rs, hw) in zip(range(s, min(s + batch_size, len(frames))), loaded):
+                first_hw, first_in = first_hw or hw, first_in or tuple(x.shape[-2:])
+                if tuple(x.shape[-2:]) != first_in:
+                    raise DensevitError(f"frame {j} gives a {x.shape[-1]}x{x.shape[-2]} input but the first frame "
+                                        f"{first_in[1]}x{first_in[0]}; all frames must have one size")
+                if rule.resize == "short_side" and min(hw) < self.patch_size:
+                    name = frames[j] if isinstance(frames[j], (str, Path)) else "image"
+                    raise DensevitError(f"{name} is {hw[1]}x{hw[0]} pixels, smaller than the "
+                                        f"{self.patch_size}-pixel patch of {self.spec.name}")
+                xs.append(x)
+                resized.append(rs)
+                hws.append(hw)
+            batch = torch.stack(xs)
+            image_hw = tuple(batch.shape[-2:]) if rule.pad else first_hw
+            grid = self.grid(tuple(batch.shape[-2:]), image_hw, stride)
+            if check_grid is not None:
+                check_grid(grid)
+            feats = None
+            if facets or saliency:
+                feats = self.extract(batch, layers=tuple(layers), facets=tuple(facets), image_hw=image_hw,
+                                     saliency=saliency, stride=stride)
+            att = self.attention_inputs(batch.to(self.device), layers, stride=stride) if attention else None
+            names_b = [names[j] if names is not None else image_name(frames[j], j) for j in range(s, s + len(xs))]
+            yield FrameBatch(names_b, hws, resized, feats.grid if feats is not None else grid,
+                             feats.descriptors if feats is not None else {},
+                             input_guide(batch.to(self.device), self.spec) if guide else None,
+                             feats.saliency if saliency else None, att)
 
     # ------------------------------------------------------------------ internals
     def resolve_layer(self, layer: int) -> int:

@@ -4,13 +4,16 @@
 runs one forward pass per image, :class:`~densevit.storage.store.FeatureStore` reads what ``densevit-extract
 --store`` wrote (its backbone, weights, stride and load size apply). Apps call :meth:`FeatureSource.image_features`
 and never ask which one they hold; :attr:`FeatureSource.runs_model` says whether extra passes of the model (the
-reference's low-resolution saliency) are possible.
+reference's low-resolution saliency) are possible. Apps with their own preprocessing (video propagation, object
+discovery) call :meth:`FeatureSource.frames_features` with an :class:`~densevit.features.frames.InputRule`: batches
+of frames, several layers / facets in one pass; a store serves the rule it was extracted with and refuses others in
+one line.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Tuple, Union, runtime_checkable
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 from PIL import Image
@@ -28,8 +31,8 @@ class ImageFeatures:
 
     Attributes:
         name: the image's name (file stem, or ``image<i>``).
-        image: the original image (RGB, EXIF orientation applied).
-        resized: the network input before normalisation (RGB).
+        image: the original image (RGB, EXIF orientation applied; None from a store asked for no ``pixels``).
+        resized: the network input before normalisation (RGB; likewise).
         grid: the token grid (pixel <-> token maps).
         descriptors: ``T x D`` float32 (``T x 17D`` log-binned), row-major token order, on the CPU.
         saliency: ``T`` float32 CLS-attention saliency in [0, 1], or None.
@@ -37,8 +40,8 @@ class ImageFeatures:
     """
 
     name: str
-    image: Image.Image
-    resized: Image.Image
+    image: Optional[Image.Image]
+    resized: Optional[Image.Image]
     grid: TokenGrid
     descriptors: torch.Tensor
     saliency: Optional[torch.Tensor] = None
@@ -68,7 +71,21 @@ class FeatureSource(Protocol):
 
     def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
                        bin: bool = False, saliency: bool = True, include_cls: bool = False,
-                       name: Optional[str] = None) -> ImageFeatures:
+                       name: Optional[str] = None, pixels: bool = True) -> ImageFeatures:
         """One image's descriptors (and saliency / CLS descriptor) of block ``layer``, ``facet``; a store's own
-        load size applies (``load_size`` is then ignored)."""
+        load size applies (``load_size`` is then ignored). ``pixels=False``: only descriptors and grid are needed
+        (a store then reads no image file: ``image`` and ``resized`` are None, and ``image`` may be a store key)."""
+        ...
+
+    def frames_features(self, frames: Sequence[ImageInput], rule: "InputRule", layers: Sequence[int],  # noqa: F821
+                        facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
+                        saliency: bool = False, attention: bool = False, stride: Optional[int] = None,
+                        names: Optional[Sequence[str]] = None,
+                        check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator["FrameBatch"]:
+        """Images brought to the model input by ``rule``, in batches of up to ``batch_size`` (in order, one input
+        size), each with every ``(layer, facet)`` asked for (``facets`` may be empty), with ``guide`` the network
+        input as RGB in ``[0, 1]``, with ``saliency`` the CLS-attention saliency, with ``attention`` each layer's
+        attention inputs, at patch ``stride`` (None: the source's); ``check_grid`` is
+        called with each batch's token grid before it is computed. A store refuses, in one line, a rule, stride or
+        output it does not hold."""
         ...

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 from PIL import Image
 
-from ..errors import InvalidArgumentError
+from ..errors import DensevitError, InvalidArgumentError
 from ..io.images import denormalize, to_uint8_tensor
 from ..options import opt
 from ..upsample import UPSAMPLERS, check_method, upsample_token_maps
@@ -84,6 +84,12 @@ class UpsampledSource:
         up, grid = upsample_token_maps(maps, f.grid, guide, self.method, **self.options)
         sal = up[1][0, :, 0] if f.saliency is not None else None
         return ImageFeatures(f.name, f.image, f.resized, grid, up[0][0], sal, f.cls)
+
+    def frames_features(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: the apps that read batches of frames upsample with their own guide (give them ``inner`` and
+        their ``upsample`` option)."""
+        raise DensevitError("an upsampled feature source serves single images; give video propagation and object "
+                            "discovery the plain source and their own upsample option")
 
 
 def upsampled(source: FeatureSource, opts: UpsampleOptions) -> FeatureSource:

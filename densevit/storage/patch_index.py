@@ -482,8 +482,9 @@ def query_descriptors(index: PatchIndex, image: Union[str, Path], points: Option
         raise DensevitError("give query points or a box (not both)")
     layer, facet = index.meta["layer"], index.meta["facet"]
     st = index.store
-    if image in st:
-        desc, grid = st.descriptors(image, layer, facet), st.grid(image)
+    if image in st:                                  # the store, as a FeatureSource (no pixels read)
+        f = st.image_features(image, None, layer, facet, saliency=False, pixels=False)
+        desc, grid = f.descriptors, f.grid
     elif extractor is not None:                      # any FeatureSource with the store's settings (the model)
         f = extractor.image_features(image, st.settings.get("load_size"), layer, facet, saliency=False)
         desc, grid = f.descriptors, f.grid

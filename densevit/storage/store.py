@@ -38,13 +38,14 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..errors import DensevitError
 from ..features.binning import log_bin
+from ..features.frames import FrameBatch, InputRule
 from ..features.source import ImageFeatures, ImageInput, image_name
 from ..io.files import atomic_write, canonical_key, check_outputs, file_sha256, human_bytes, key_digest, verify_file
 from ..io.images import load_image, load_resized, resize_short_side
@@ -668,14 +669,20 @@ class FeatureStore:
 
     def image_features(self, image: ImageInput, load_size: Optional[int], layer: int, facet: str, *,
                        bin: bool = False, saliency: bool = True, include_cls: bool = False,
-                       name: Optional[str] = None) -> ImageFeatures:
+                       name: Optional[str] = None, pixels: bool = True) -> ImageFeatures:
         """:class:`~densevit.features.source.FeatureSource`: the stored descriptors of image file ``image``
         (log-binned now when ``bin``), saliency and CLS descriptor; the image read and resized as the extraction
-        did (the store's load size and decoding: ``load_size`` is ignored)."""
+        did (the store's load size and decoding: ``load_size`` is ignored); with ``pixels=False`` no image file is
+        read (``image`` may be a store key; ``image`` and ``resized`` are then None)."""
         if not isinstance(image, (str, Path)):
             raise StoreError("a feature store holds features of image files only, not of images made in memory "
                              "(such as augmentations)")
         grid = self.grid(image)                       # a one-line StoreError when the image is not in the store
+        if not pixels:
+            desc = self.descriptors(image, layer, facet, bin=bin)
+            sal = self.saliency(image) if saliency else None
+            cls = self.cls(image, layer, facet) if include_cls else None
+            return ImageFeatures(name or image_name(image, 0), None, None, grid, desc, sal, cls)
         img = load_image(image)
         if (img.height, img.width) != tuple(grid.original_hw):
             raise StoreError(f"{image} is {img.width}x{img.height} pixels but was {grid.original_hw[1]}x"
@@ -689,6 +696,38 @@ class FeatureStore:
         sal = self.saliency(image) if saliency else None
         cls = self.cls(image, layer, facet) if include_cls else None
         return ImageFeatures(name or image_name(image, 0), img, resized, grid, desc, sal, cls)
+
+    def frames_features(self, frames: Sequence[ImageInput], rule: InputRule, layers: Sequence[int],
+                        facets: Sequence[str], *, batch_size: int = 8, guide: bool = False,
+                        saliency: bool = False, attention: bool = False, stride: Optional[int] = None,
+                        names: Optional[Sequence[str]] = None,
+                        check_grid: Optional[Callable[[TokenGrid], None]] = None) -> Iterator[FrameBatch]:
+        """:class:`~densevit.features.source.FeatureSource`: the stored features of image files, one per batch, for
+        the rule and stride the store was extracted with only (shorter side to its load size, no padding); another
+        rule or stride, the network input as a ``guide``, attention inputs, or saliency it does not hold, is refused
+        in one line."""
+        own = InputRule("short_side", self.settings.get("load_size") or None)
+        if rule != own:
+            raise StoreError(f"store {self.root} holds images resized with {own.describe()}, not {rule.describe()}; "
+                             f"use the model (give the weights)")
+        if guide:
+            raise StoreError(f"store {self.root} does not keep the network input that guides the upsampling; "
+                             f"use the model (give the weights)")
+        if attention:
+            raise StoreError(f"store {self.root} holds no attention inputs (queries and keys of every token); use "
+                             f"the model (give the weights)")
+        if stride is not None and int(stride) != int(self.settings["stride"]):
+            raise StoreError(f"store {self.root} holds stride {self.settings['stride']}, not {stride}; use the model "
+                             f"(give the weights)")
+        for j, frame in enumerate(frames):
+            f = self.image_features(frame, None, layers[0], facets[0], saliency=False,
+                                    name=names[j] if names is not None else None)
+            hw = tuple(f.grid.original_hw)
+            if check_grid is not None:
+                check_grid(f.grid)
+            desc = {(l, fa): self.descriptors(frame, l, fa)[None] for l in layers for fa in facets}
+            sal = self.saliency(frame)[None] if saliency else None
+            yield FrameBatch([f.name], [hw], [f.resized], f.grid, desc, None, sal)
 
     def descriptors(self, image: Union[str, Path], layer: Optional[int] = None, facet: Optional[str] = None,
                     bin: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
