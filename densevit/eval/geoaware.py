@@ -24,11 +24,9 @@ import torch
 from PIL import Image
 
 from ..errors import DensevitError
-from ..io.letterbox import Letterbox, letterbox, letterbox_geometry
-from ..io.images import to_tensor
-from ..matching.geoaware import (POSE_ALIGN, REFINE, choose_orientation, compact_table, flip_permutation,
-                                 flip_points, mask_distance, mutual_nn_distance, normalize_descriptors,
-                                 transfer_canvas_points)
+from ..features.canvas import canvas_descriptors, read_mask
+from ..io.letterbox import Letterbox, letterbox_geometry
+from ..matching.geoaware import POSE_ALIGN, REFINE, align_and_transfer, compact_table
 from ..matching.spair_tables import FLIP, GEO_AWARE
 from ..runtime.device import synchronize
 from ..storage.cache import DescriptorCache
@@ -49,6 +47,7 @@ class GeoAwareSettings:
     load_size: int = 840
     layer: int = 11
     facet: str = "token"
+    bin: bool = False
     masks: str = "file"                 # "file" (masks_dir) or "saliency" (densevit's CLS-attention saliency)
     masks_dir: Optional[str] = None
 
@@ -73,12 +72,6 @@ class GeoAwareSettings:
         if self.pose_align != "flip-mask":
             return "none"
         return f"files in {self.masks_dir}" if self.masks == "file" else "densevit saliency (CLS attention)"
-
-
-def binary_mask(path: Union[str, Path]) -> torch.Tensor:
-    """A mask image -> float32 0/1 (grey value > 127), as the reference reads its SAM masks."""
-    with Image.open(path) as im:
-        return torch.from_numpy((np.asarray(im.convert("L")) > 127).astype(np.float32))
 
 
 class CanvasDescriber:
@@ -120,20 +113,9 @@ class CanvasDescriber:
     def _compute(self, image: Callable[[], Image.Image], flipped: bool
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         t0 = time.perf_counter()
-        img = image()
-        if flipped:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        canvas, _ = letterbox(img, self.settings.load_size)
-        spec = self.extractor.spec
-        x = to_tensor(canvas, spec.mean, spec.std)[None].to(self.extractor.device)
-        want_sal = self._want_saliency()
-        feats = self.extractor.extract(x, (self.settings.layer,), (self.settings.facet,), saliency=want_sal)
-        desc = normalize_descriptors(feats.descriptors[(self.settings.layer, self.settings.facet)][0])
-        mask = None
-        if want_sal:
-            n = int(round(desc.shape[0] ** 0.5))
-            sal = feats.saliency[0].float().reshape(n, n)
-            mask = (sal >= sal.mean()).float()
+        st = self.settings
+        desc, mask = canvas_descriptors(self.extractor, image(), st.load_size, st.layer, st.facet, bin=st.bin,
+                                        flipped=flipped, saliency=self._want_saliency())
         synchronize(desc.device)
         self.seconds += time.perf_counter() - t0
         self.computed += 1
@@ -200,9 +182,9 @@ def _masks(settings: GeoAwareSettings, img: GeoAwareImage, saliency: Optional[to
     base = Path(settings.masks_dir) / img.category / img.stem
     path = Path(f"{base}_mask_flip.png") if flipped else Path(f"{base}_mask.png")
     if path.is_file():
-        return binary_mask(path)
+        return read_mask(path)
     if flipped and Path(f"{base}_mask.png").is_file():
-        return binary_mask(f"{base}_mask.png").flip(-1)
+        return read_mask(f"{base}_mask.png").flip(-1)
     raise DensevitError(f"missing object mask {path} (--pose-align flip-mask reads <DIR>/<category>/<image>_mask.png)")
 
 
@@ -217,21 +199,15 @@ def evaluate_geoaware(describe: CanvasDescriber, src: GeoAwareImage, trg: GeoAwa
     vis = vis_s & vis_t
     desc_s, sal_s = describe(src.key, src.load)
     desc_t, sal_t = describe(trg.key, trg.load)
-    tr = dict(anno=anno, refine=settings.refine, window=settings.window, beta=settings.beta)
-    pred = transfer_canvas_points(desc_s, desc_t, src_c, **tr)
-    flipped, d0, d1 = False, None, None
+    desc_f = masks = None
+    table = compact_table(FLIP.get(src.category, []), used)
     if settings.pose_align != "none":
-        table = compact_table(FLIP.get(src.category, []), used)
-        src_flip = flip_points(src_c, anno, flip_permutation(table, len(used), vis))
         desc_f, sal_f = describe(src.key, src.load, flipped=True)
-        pred_flip = transfer_canvas_points(desc_f, desc_t, src_flip, **tr)
-        if settings.pose_align == "flip-mutual-nn":
-            d0, d1 = mutual_nn_distance(desc_s, desc_t), mutual_nn_distance(desc_f, desc_t)
-        else:
-            m_t = _masks(settings, trg, sal_t, False)
-            d0 = mask_distance(desc_s, desc_t, _masks(settings, src, sal_s, False), m_t)
-            d1 = mask_distance(desc_f, desc_t, _masks(settings, src, sal_f, True), m_t)
-        pred, flipped = choose_orientation(pred, pred_flip, vis, flip_permutation(table, len(used)), d1, d0)
+        if settings.pose_align == "flip-mask":
+            masks = (_masks(settings, src, sal_s, False), _masks(settings, src, sal_f, True),
+                     _masks(settings, trg, sal_t, False))
+    pred, flipped, d0, d1 = align_and_transfer(desc_s, desc_f, desc_t, src_c, vis, table, anno, settings.pose_align,
+                                               settings.refine, settings.window, settings.beta, masks)
     # scores, in canvas pixels, as compute_pck (per image) and get_img_result (geo-aware subset) compute them
     x1, y1, x2, y2 = (float(v) for v in trg_bbox)
     thr = max(y2 - y1, x2 - x1) * geo_t.scale

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from ..features.canvas import normalize_descriptors
 from ..options import opt
 
 Group = Union[int, Sequence[int]]
 
 __all__ = ["normalize_descriptors", "points_to_tokens", "window_soft_argmax", "transfer_canvas_points",
            "flip_permutation", "flip_points", "compact_table", "mask_distance", "mutual_nn_distance",
-           "choose_orientation", "GeoAwareOptions", "POSE_ALIGN", "REFINE"]
+           "choose_orientation", "align_and_transfer", "GeoAwareOptions", "POSE_ALIGN", "REFINE"]
 
 POSE_ALIGN = ("none", "flip-mask", "flip-mutual-nn")
 REFINE = ("none", "window-softargmax")
@@ -37,12 +38,6 @@ REFINE = ("none", "window-softargmax")
 
 def _groups(table: Sequence[Group]) -> List[List[int]]:
     return [[int(g)] if isinstance(g, int) else [int(i) for i in g] for g in table]
-
-
-def normalize_descriptors(desc: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """``desc / (||desc|| + eps)`` per row, float32 (the reference's ``normalize_feats``)."""
-    desc = desc.float()
-    return desc / (torch.linalg.norm(desc, dim=-1, keepdim=True) + eps)
 
 
 def _grid_side(num_tokens: int) -> int:
@@ -198,6 +193,40 @@ def choose_orientation(pred: torch.Tensor, pred_flip: torch.Tensor, visible: tor
     out = pred.clone()
     out[use] = pred_flip[use]
     return out, True
+
+
+def align_and_transfer(desc_src: torch.Tensor, desc_flip: Optional[torch.Tensor], desc_trg: torch.Tensor,
+                       points: torch.Tensor, visible: torch.Tensor, table: Sequence[Group], anno: int,
+                       pose_align: str = "flip-mutual-nn", refine: str = "window-softargmax", window: int = 5,
+                       beta: float = 0.02, masks: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+                       ) -> Tuple[torch.Tensor, bool, Optional[float], Optional[float]]:
+    """Source canvas points ``Kx2`` (one row per keypoint id of ``table``; ``visible``: ``K`` bool, visible in both
+    images) -> target canvas points, with GeoAware-SC's pose alignment: the mirrored source (``desc_flip``, from the
+    mirrored image) is matched with the ids permuted by ``table``, and its predictions are kept (for the ids whose
+    twin is visible too) when its distance to the target is smaller: ``flip-mask`` (``masks`` = source, mirrored
+    source and target masks) or ``flip-mutual-nn``. Returns ``(points Kx2, flipped, original distance, flipped
+    distance)`` (distances None without pose alignment)."""
+    if pose_align not in POSE_ALIGN:
+        raise InvalidArgumentError(f"unknown pose alignment {pose_align!r}; choose from {', '.join(POSE_ALIGN)}")
+    tr = dict(anno=anno, refine=refine, window=window, beta=beta)
+    pred = transfer_canvas_points(desc_src, desc_trg, points, **tr)
+    if pose_align == "none":
+        return pred, False, None, None
+    if desc_flip is None:
+        raise InvalidArgumentError("pose alignment needs the descriptors of the mirrored source")
+    k = points.shape[0]
+    vis = torch.as_tensor(visible, dtype=torch.bool)
+    pred_flip = transfer_canvas_points(desc_flip, desc_trg, flip_points(points, anno, flip_permutation(table, k, vis)),
+                                       **tr)
+    if pose_align == "flip-mutual-nn":
+        d0, d1 = mutual_nn_distance(desc_src, desc_trg), mutual_nn_distance(desc_flip, desc_trg)
+    else:
+        if masks is None:
+            raise InvalidArgumentError("flip-mask pose alignment needs object masks")
+        m_s, m_f, m_t = masks
+        d0, d1 = mask_distance(desc_src, desc_trg, m_s, m_t), mask_distance(desc_flip, desc_trg, m_f, m_t)
+    out, flipped = choose_orientation(pred, pred_flip, vis, flip_permutation(table, k), d1, d0)
+    return out, flipped, d0, d1
 
 
 @dataclass(frozen=True)
