@@ -176,7 +176,7 @@ def _loop_window_soft_argmax(sims, n, window, beta=0.02):
             for dc in range(-window, window + 1):
                 mask[min(max(r0 + dr, 0), n - 1), min(max(c0 + dc, 0), n - 1)] = 1
         s = row.view(n, n) * mask if window else row.view(n, n)
-        p = torch.softmax((s - s.max()) / beta, dim=None if False else -1) if False else torch.exp((s - s.max()) / beta)
+        p = torch.exp((s - s.max()) / beta)
         p = p / p.sum()
         lin = torch.linspace(-1, 1, n)
         x, y = float((p.sum(0) * lin).sum()), float((p.sum(1) * lin).sum())
