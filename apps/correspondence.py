@@ -39,6 +39,7 @@ from densevit.errors import DensevitError
 from densevit.runtime.progress import stage, track
 from densevit.features.options import FeatureOptions, bin_opt, layer_opt
 from densevit.matching.cluster import kmeans
+from densevit.matching.geoaware import GeoAwareOptions
 from densevit.matching.knn import nearest_both_ways
 from densevit.matching.transfer import transfer_points
 from densevit.options import opt
@@ -51,7 +52,8 @@ FG_TESTS = ("reference", "both")
 
 __all__ = ["CLUSTERINGS", "FG_TESTS", "CorrespondenceConfig", "Correspondences", "find_correspondences",
            "find_correspondences_features", "salient_buddies", "cluster_pairs",
-           "transfer_keypoints", "transfer_keypoints_features", "pair_features"]
+           "transfer_keypoints", "transfer_keypoints_features", "pair_features", "AlignedTransfer",
+           "transfer_keypoints_geoaware"]
 
 
 @dataclass(frozen=True)
@@ -221,3 +223,66 @@ def transfer_keypoints(extractor, image_a: ImageInput, image_b: ImageInput, poin
     :func:`densevit.matching.transfer.transfer_points`."""
     fa, fb = pair_features(extractor, image_a, image_b, load_size, layer, facet, bin, False)
     return transfer_keypoints_features(fa, fb, points, refine, window, temperature, backend)
+
+
+@dataclass
+class AlignedTransfer:
+    """:func:`transfer_keypoints_geoaware`'s result: points in B's original pixels, whether the mirrored A was
+    kept, and the two distances (None without pose alignment)."""
+
+    points_b: np.ndarray
+    flipped: bool
+    original_dist: Optional[float]
+    flip_dist: Optional[float]
+
+
+def transfer_keypoints_geoaware(extractor, image_a: ImageInput, image_b: ImageInput, points: np.ndarray,
+                                options: GeoAwareOptions, layer: int = 11, facet: str = "token", bin: bool = False,
+                                refine: str = "window-softargmax", window: int = 5,
+                                flip_table: Optional[str] = None) -> AlignedTransfer:
+    """Keypoint transfer with GeoAware-SC's steps (:func:`densevit.matching.geoaware.align_and_transfer`): both
+    images letterboxed to ``options.anno_size`` pixels, descriptors of ``(layer, facet)``, window soft-argmax,
+    pose alignment by the mirrored A. Point ``i`` is keypoint id ``i`` of the SPair category ``flip_table`` (its
+    left/right twins swap under the mirror; without a table no id swaps). ``options.masks`` (flip-mask): a folder
+    with ``<stem>_mask.png`` per image (over the square canvas) or ``"saliency"``."""
+    from pathlib import Path
+
+    from densevit.features.canvas import canvas_descriptors, read_mask
+    from densevit.io.images import as_pil
+    from densevit.io.letterbox import letterbox_geometry
+    from densevit.matching.geoaware import align_and_transfer
+    from densevit.matching.spair_tables import FLIP
+
+    if flip_table is not None and flip_table not in FLIP:
+        raise DensevitError(f"no flip table for {flip_table!r}; choose an SPair category: {', '.join(sorted(FLIP))}")
+    a, b = as_pil(image_a), as_pil(image_b)
+    size = options.anno_size
+    sal = options.pose_align == "flip-mask" and options.masks == "saliency"
+    if options.pose_align == "flip-mask" and not options.masks:
+        raise DensevitError("--pose-align flip-mask needs --masks (a folder of <image>_mask.png, or saliency)")
+    run = lambda img, flipped=False: canvas_descriptors(extractor, img, size, layer, facet, bin, flipped, sal)
+    (da, sa), (db, sb) = run(a), run(b)
+    df = sf = masks = None
+    if options.pose_align != "none":
+        df, sf = run(a, True)
+        if options.pose_align == "flip-mask":
+            if sal:
+                masks = (sa, sf, sb)
+            else:
+                def mask(image: ImageInput, flipped: bool = False) -> torch.Tensor:
+                    stem = Path(str(image)).stem if isinstance(image, (str, Path)) else "image"
+                    base = Path(options.masks) / stem
+                    f = Path(f"{base}_mask_flip.png") if flipped else Path(f"{base}_mask.png")
+                    if f.is_file():
+                        return read_mask(f)
+                    if flipped and Path(f"{base}_mask.png").is_file():
+                        return read_mask(f"{base}_mask.png").flip(-1)
+                    raise DensevitError(f"missing object mask {f}")
+                masks = (mask(image_a), mask(image_a, True), mask(image_b))
+    geo_a, geo_b = letterbox_geometry(a.size, size), letterbox_geometry(b.size, size)
+    pts = geo_a.to_canvas(torch.from_numpy(np.asarray(points, dtype=np.float64).reshape(-1, 2)))
+    table = FLIP.get(flip_table, []) if flip_table else []
+    vis = torch.ones(pts.shape[0], dtype=torch.bool)
+    out, flipped, d0, d1 = align_and_transfer(da, df, db, pts, vis, table, size, options.pose_align, refine, window,
+                                              masks=masks)
+    return AlignedTransfer(geo_b.to_image(out).numpy(), flipped, d0, d1)

@@ -283,6 +283,13 @@ def pca_panel(image: ImageLike, token_map: np.ndarray, caption: str, gap: int = 
     return with_legend(row, [], caption)
 
 
+def caption(picture: np.ndarray, text: str, height: int = 28) -> np.ndarray:
+    """``picture`` with a white band on top holding ``text`` (black)."""
+    band = np.full((height, picture.shape[1], 3), 255, np.uint8)
+    cv2.putText(band, text, (6, height - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, picture], axis=0)
+
+
 def pca_rgb(components: np.ndarray, grid: TokenGrid, rgb: Sequence[int] = (-3, -2, -1),
             max_side: Optional[int] = 1024) -> np.ndarray:
     """Three PCA components (``h x w x n``; ``rgb`` picks them, default the last three as the reference) each

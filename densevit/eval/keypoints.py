@@ -40,8 +40,16 @@ def add_scoring_args(parser) -> None:
     from .metrics.pck import THRESHOLDS
 
     e = parser.add_argument_group("transfer and scoring")
-    e.add_argument("--refine", choices=REFINE, default="none")
-    e.add_argument("--window", type=int, default=5, help="soft-argmax window (tokens, odd)")
+    from ..matching.geoaware import REFINE as GEOAWARE_REFINE
+
+    e.add_argument("--refine", choices=tuple(dict.fromkeys(REFINE + GEOAWARE_REFINE)), default="none",
+                   help="softargmax: soft-argmax over a window of tokens around the match (weights "
+                        "softmax(cos / temperature), cells outside the grid left out); window-softargmax: "
+                        "GeoAware-SC's (the similarity masked to a (2N+1)-square around the arg-max, softmax over "
+                        "the whole grid at beta 0.02; on letterboxed square canvases, docs/geoaware.md)")
+    e.add_argument("--window", type=int, default=5,
+                   help="softargmax: window side in tokens (odd); window-softargmax: the reference's "
+                        "SOFT_EVAL_WINDOW N (side 2N + 1; 0 = plain soft-argmax over the grid)")
     e.add_argument("--temperature", type=float, default=0.02, help="soft-argmax temperature (cosine units)")
     e.add_argument("--threshold", choices=THRESHOLDS, default="bbox",
                    help="PCK reference size: max side of the target object box (SPair standard) or of the image")
@@ -277,7 +285,12 @@ class ResultsLog:
         self._log.close()
         recs = [self.records[n] for n in names if n in self.records]
         rows = summarize(recs, alphas, threshold, breakdown)
-        write_csv(rows, self.dir / "pck.csv", alphas)
+        geo_cols = None
+        if any("pck_img" in r.extra for r in recs):      # the GeoAware-SC protocol's per-image scores
+            from .geoaware import format_geoaware, summarize_geoaware
+
+            geo_cols = summarize_geoaware([{"category": r.category, **r.extra} for r in recs])
+        write_csv(rows, self.dir / "pck.csv", alphas, geo_cols)
         secs = [r.seconds for r in recs if r.seconds is not None]
         summary = {"pairs": len(recs), "threshold": threshold, "alphas": list(alphas),
                    "seconds_per_pair": (sum(secs) / len(secs)) if secs else None, **dict(extra or {})}
@@ -288,5 +301,9 @@ class ResultsLog:
                                   "per_image": {f"{a:g}": r.per_image[a] for a in alphas}}
         self._write_settings(summary)
         table = format_table(rows, alphas, title)
+        if geo_cols:
+            table += "\n" + format_geoaware(geo_cols)
+            summary["geoaware"] = geo_cols
+            self._write_settings(summary)
         atomic_write_text(self.dir / "pck.txt", table + "\n")
         return table

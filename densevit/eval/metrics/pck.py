@@ -93,6 +93,7 @@ class PairRecord:
     size_image: float
     flags: Dict[str, Union[int, str]] = field(default_factory=dict)
     seconds: Optional[float] = None
+    extra: Dict[str, object] = field(default_factory=dict)   # protocol outputs kept per pair (JSON values)
 
     @classmethod
     def from_prediction(cls, name: str, category: str, pred: torch.Tensor, gt: torch.Tensor,
@@ -117,12 +118,13 @@ class PairRecord:
 
     def to_json(self) -> dict:
         return {"name": self.name, "category": self.category, "dist": self.dist, "size_bbox": self.size_bbox,
-                "size_image": self.size_image, "flags": self.flags, "seconds": self.seconds}
+                "size_image": self.size_image, "flags": self.flags, "seconds": self.seconds, **self.extra}
 
     @classmethod
     def from_json(cls, d: Mapping) -> "PairRecord":
+        known = {"name", "category", "dist", "size_bbox", "size_image", "flags", "seconds"}
         return cls(d["name"], d["category"], list(d["dist"]), d.get("size_bbox"), d["size_image"],
-                   dict(d.get("flags") or {}), d.get("seconds"))
+                   dict(d.get("flags") or {}), d.get("seconds"), {k: v for k, v in d.items() if k not in known})
 
 
 @dataclass
@@ -204,12 +206,18 @@ def format_table(rows: Sequence[PCKRow], alphas: Sequence[float] = ALPHAS, title
     return "\n".join(out) + "\n(PCK in %: pt = per point, img = per image)"
 
 
-def write_csv(rows: Sequence[PCKRow], path: Union[str, Path], alphas: Sequence[float] = ALPHAS) -> None:
-    """Write the rows as CSV: ``group, n_pairs, n_points, pck_point@a..., pck_image@a...`` (fractions in [0, 1])."""
+def write_csv(rows: Sequence[PCKRow], path: Union[str, Path], alphas: Sequence[float] = ALPHAS,
+              extra: Optional[Mapping[str, Mapping[str, float]]] = None) -> None:
+    """Write the rows as CSV: ``group, n_pairs, n_points, pck_point@a..., pck_image@a...`` (fractions in [0, 1]),
+    then the columns of ``extra`` (group -> column -> value; empty for groups it lacks)."""
+    extra = dict(extra or {})
+    cols = list(dict.fromkeys(c for v in extra.values() for c in v))
     f = io.StringIO(newline="")
     w = csv.writer(f)
-    w.writerow(["group", "n_pairs", "n_points"] + _columns(alphas))
+    w.writerow(["group", "n_pairs", "n_points"] + _columns(alphas) + cols)
     for r in rows:
+        more = extra.get(r.group, {})
         w.writerow([r.group, r.n_pairs, r.n_points] + [f"{r.per_point[a]:.6f}" for a in alphas]
-                   + [f"{r.per_image[a]:.6f}" for a in alphas])
+                   + [f"{r.per_image[a]:.6f}" for a in alphas]
+                   + [f"{more[c]:.6f}" if c in more else "" for c in cols])
     atomic_write_text(path, f.getvalue())
