@@ -44,7 +44,7 @@ from ..vos import VOSConfig
 from densevit.cli.common import patch_size_of
 from .discover import add_discover_args
 from .discover import config_from_args as discover_config_from_args
-from .vos_tracks import add_track_flags, propagate_masks, run_points
+from .vos_tracks import add_track_flags, check_crw_flags, propagate_masks, run_points
 
 PROG = "densevit-vos"
 
@@ -225,6 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DensevitError(f"--gif must name a .gif file: {args.gif}")
     if not 0 <= args.alpha <= 1 or args.fps <= 0:
         raise DensevitError("--alpha must lie in [0, 1] and --fps must be positive")
+    check_crw_flags(args)
     extractor = build_extractor(args)
     if dcfg is not None:
         first_mask = discover_mask(extractor, frames[0], dcfg)

@@ -20,6 +20,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from densevit.cli.common import patch_size_of
 from densevit.cli.flags import add_config_flags, config_from_args
 from densevit.errors import DensevitError
 from densevit.io.files import atomic_write, check_outputs
@@ -57,6 +58,18 @@ def crw_config(args: argparse.Namespace) -> CRWConfig:
     cfg = config_from_args(CRWConfig, args, **over)
     cfg.validate()
     return cfg
+
+
+def check_crw_flags(args: argparse.Namespace) -> None:
+    """Flags the crw protocol cannot take, refused in one line before the model loads."""
+    if getattr(args, "protocol", None) != "crw":
+        return
+    if getattr(args, "upsample", None):
+        raise DensevitError("--upsample is not part of the crw protocol (patch-stride features)")
+    patch = patch_size_of(args)
+    if args.stride is not None and patch and args.stride != patch:
+        raise DensevitError(f"the crw protocol propagates patch-stride features: leave out --stride (got stride "
+                            f"{args.stride} for patch {patch})")
 
 
 def propagate_masks(args: argparse.Namespace, extractor, frames: Sequence[Path], first_mask: np.ndarray,
@@ -120,6 +133,7 @@ def run_points(args: argparse.Namespace, prog: str, build_extractor, drop_unread
     points = read_points(args.first_points, image_size(frames[0]))
     vos_cfg = config_from_args(VOSConfig, args)
     crw_cfg = crw_config(args) if args.protocol == "crw" else None
+    check_crw_flags(args)
     extractor = build_extractor(args)
     records, gif_frames = [], []
     for frame, xy in zip(frames, track_points(extractor, frames, points, args.protocol, vos_cfg, crw_cfg,
