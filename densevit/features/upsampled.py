@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 from ..io.images import to_uint8_tensor
 from ..options import opt
 from ..upsample import UPSAMPLERS, upsample_token_maps
+from ..upsample.memory import parse_bytes
 from .source import FeatureSource, ImageFeatures, ImageInput
 
 __all__ = ["UpsampleOptions", "UpsampledSource", "upsampled"]
@@ -26,10 +27,17 @@ class UpsampleOptions:
     upsample_weights: Optional[str] = opt(None, "AnyUp checkpoint (anyup_paper.pth, anyup_multi_backbone.pth or "
                                                 "'random'); default: searched in $DENSEVIT_WEIGHTS and torch.hub's "
                                                 "checkpoint folder")
+    upsample_max_bytes: Optional[int] = opt(None, "bound on the memory one upsampling call allocates (its output "
+                                                  "and working chunks), e.g. 2G, 512M; the chunks are sized from it "
+                                                  "and an output that cannot fit is an error (default: no bound)",
+                                            type=str, metavar="SIZE", parse=parse_bytes)
 
     def options(self) -> Dict[str, Any]:
         """Keyword arguments of the method."""
-        return {"weights": self.upsample_weights} if self.upsample == "anyup" and self.upsample_weights else {}
+        opts: Dict[str, Any] = {"max_bytes": self.upsample_max_bytes} if self.upsample_max_bytes else {}
+        if self.upsample == "anyup" and self.upsample_weights:
+            opts["weights"] = self.upsample_weights
+        return opts
 
 
 class UpsampledSource:
