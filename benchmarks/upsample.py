@@ -255,6 +255,8 @@ def highres(args: argparse.Namespace) -> int:
     """The high-resolution table: every upsampler (and the stride trick) at each size, one subprocess each."""
     args.out.mkdir(parents=True, exist_ok=True)
     rows: List[dict] = []
+    if args.append and (args.out / "results.json").exists():
+        rows = json.loads((args.out / "results.json").read_text())["rows"]
     common = ["--backbones", args.backbones[0], "--image", str(args.image)]
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -266,13 +268,16 @@ def highres(args: argparse.Namespace) -> int:
                 continue
             s = args.trick_stride
             n = r["tokens"] * (r["patch"] // s) ** 2
-            if n <= args.max_tokens:
+            if args.skip_trick:
+                t = None
+            elif n <= args.max_tokens:
                 t = _run_child(["--child", "extract", "--size", str(size), "--stride", str(s), *common])
             else:
                 t = dict(note=f"not run: {n} tokens over --max-tokens {args.max_tokens} (time grows with their "
                               f"square)")
-            rows.append(dict(size=size, method=f"stride trick {s} (extraction)", **t))
-            print(rows[-1], flush=True)
+            if t is not None:
+                rows.append(dict(size=size, method=f"stride trick {s} (extraction)", **t))
+                print(rows[-1], flush=True)
             for m in args.methods:
                 argv = ["--child", "upsample", "--load", str(feats), "--method", m, "--ua-steps", str(args.ua_steps),
                         "--anyup-weights", args.anyup_weights, *common]
@@ -356,6 +361,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "the time is extrapolated to 51 from one step)")
     ap.add_argument("--trick-stride", type=int, default=4, help="--highres: the stride trick's stride")
     ap.add_argument("--max-bytes", default=None, help="--highres: the memory bound of each upsampling call")
+    ap.add_argument("--append", action="store_true", help="--highres: add the rows to those of --out's "
+                    "results.json (points run one at a time, across several calls)")
+    ap.add_argument("--skip-trick", action="store_true", help="--highres: do not run the stride trick")
     ap.add_argument("--child", choices=["extract", "upsample"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--stride", type=int, help=argparse.SUPPRESS)

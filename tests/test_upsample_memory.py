@@ -164,3 +164,19 @@ def test_highres_benchmark_writes_table_csv_json_and_fits(tmp_path):
         assert a > 0 and set(res["fits"][m]["max_mpx"]) == {"24 GB", "80 GB"}
     assert "| jbu |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "table.csv").read_text().startswith("size,method,input,mpx,seconds")
+
+
+def test_commands_take_the_bound(tmp_path, images, golden_path, capsys):
+    from densevit.cli import extract
+    from densevit.io.images import load_image
+
+    src = tmp_path / "im.png"
+    load_image(images[0]).resize((80, 64)).save(src)
+    model = ["--weights", str(golden_path), "--load-size", "64", "--device", "cpu", "--upsample", "jbu", "--quiet"]
+    assert extract.entry([str(src), "-o", str(tmp_path / "ok"), *model, "--upsample-max-bytes", "64M"]) == 0
+    capsys.readouterr()
+    assert extract.entry([str(src), "-o", str(tmp_path / "small"), *model, "--upsample-max-bytes", "1M"]) == 1
+    err = capsys.readouterr().err
+    assert "jbu cannot upsample within max_bytes=1.0 MiB: the output alone takes" in err and "Traceback" not in err
+    assert extract.entry([str(src), "-o", str(tmp_path / "bad"), *model, "--upsample-max-bytes", "lots"]) == 2
+    assert "not a memory size: 'lots'" in capsys.readouterr().err

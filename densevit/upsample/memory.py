@@ -1,9 +1,11 @@
 """The memory bound of one upsampling call (``max_bytes``): what the call allocates (its output, the buffers it
 must hold whole, and the working set of its chunks), not its inputs or a model's weights.
 
-Every upsampler takes ``max_bytes`` (``None``: no bound; chunks then use :data:`DEFAULT_WORKING_BYTES`). The
-output and the buffers a method must hold whole are fixed; what is left of ``max_bytes`` is the working budget
-from which the chunk sizes are derived. When the fixed part plus :data:`MIN_WORKING_BYTES` does not fit, the
+Every upsampler takes ``max_bytes``. ``None``: no bound, each method's own default chunks (AnyUp and bilinear
+:data:`DEFAULT_WORKING_BYTES`; JBU and Upsample Anything's application gathers of at most 64 M elements, about
+0.5 GB; Upsample Anything's fit chunks of at most 4 M (pixel, window cell) pairs, about 3 GB with its autograd
+graph). The output and the buffers a method must hold whole are fixed; what is left of ``max_bytes`` is the
+working budget from which the chunk sizes are derived (per-element costs calibrated on measured peaks). When the fixed part plus :data:`MIN_WORKING_BYTES` does not fit, the
 call fails at once with a one-line :class:`~densevit.errors.InvalidArgumentError` (nothing is computed).
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ INIT_SIGMA, INIT_SIGMA_R = 16.0, 0.12
 RADIUS, ALPHA = 8, 2.0
 #: Bytes held per (output pixel, window cell) by a chunk of the fit (forward tensors kept for the backward pass
 #: and the backward's temporaries) and of the application (no graph).
-FIT_PAIR_BYTES, APPLY_PAIR_BYTES = 640, 160
+FIT_PAIR_BYTES, APPLY_PAIR_BYTES = 768, 192
 
 
 @dataclass
