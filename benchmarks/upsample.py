@@ -180,18 +180,24 @@ def child_extract(args: argparse.Namespace) -> dict:
     x, _ = ext.preprocess(args.image, args.size)
     stride = args.stride or ext.patch_size
     ext.extract(x[..., :32, :32], (LAYER,), (FACET,), stride=stride)            # warm-up (threads, kernels)
-    reset_peak(torch.device("cpu"))
-    base = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    feats = ext.extract(x, (LAYER,), (FACET,), stride=stride)
-    seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    if args.random_features:     # the upsamplers' cost depends on the shapes only: skip the extraction
+        grid = ext.grid(tuple(x.shape[-2:]), stride=stride)
+        tokens = torch.randn(1, grid.num_tokens, ext.spec.embed_dim if hasattr(ext.spec, "embed_dim") else 384,
+                             generator=torch.Generator().manual_seed(0))
+        row = dict(note="random features of the extractor's shape (extraction not run)")
+    else:
+        reset_peak(torch.device("cpu"))
+        base = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        feats = ext.extract(x, (LAYER,), (FACET,), stride=stride)
+        seconds = time.perf_counter() - t0
+        peak = _status_kib("VmHWM")
+        grid, tokens = feats.grid, feats.descriptors[(LAYER, FACET)].float()
+        row = dict(seconds=seconds, extra_gib=(peak - base) / 2 ** 20, process_gib=_status_kib("VmHWM") / 2 ** 20)
     if args.save:
-        torch.save(dict(tokens=feats.descriptors[(LAYER, FACET)].float(), patch=feats.grid.patch_size,
-                        stride=feats.grid.stride, input_hw=tuple(feats.grid.input_hw),
+        torch.save(dict(tokens=tokens, patch=grid.patch_size, stride=grid.stride, input_hw=tuple(grid.input_hw),
                         guide=denormalize(x, ext.spec.mean, ext.spec.std).float()), args.save)
-    return dict(seconds=seconds, extra_gib=(peak - base) / 2 ** 20, process_gib=_status_kib("VmHWM") / 2 ** 20,
-                input="x".join(map(str, x.shape[-2:])), tokens=feats.grid.num_tokens, patch=ext.patch_size)
+    return dict(row, input="x".join(map(str, x.shape[-2:])), tokens=grid.num_tokens, patch=ext.patch_size)
 
 
 def child_upsample(args: argparse.Namespace) -> dict:
@@ -261,7 +267,8 @@ def highres(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             feats = Path(tmp) / f"f{size}.pt"
-            r = _run_child(["--child", "extract", "--size", str(size), "--save", str(feats), *common])
+            r = _run_child(["--child", "extract", "--size", str(size), "--save", str(feats), *common] +
+                           (["--random-features"] if args.random_features else []))
             rows.append(dict(size=size, method=f"patch stride (extraction)", **r))
             print(rows[-1], flush=True)
             if "error" in r:
@@ -298,10 +305,12 @@ def write_highres(args: argparse.Namespace, rows: List[dict], show: bool = False
         fits[m] = dict(memory=power_law(px, [r["extra_gib"] for r in pts]),
                        time=power_law(px, [r["seconds"] for r in pts]),
                        base_gib=min([r["process_gib"] - r["extra_gib"] for r in pts], default=None))
-        mem = fits[m]["memory"]
-        if mem and fits[m]["base_gib"] is not None:
-            a, b = mem
-            fits[m]["max_mpx"] = {f"{g} GB": ((g * 1e9 / 2 ** 30 - fits[m]["base_gib"]) / a) ** (1 / b)
+        if len({r["mpx"] for r in pts}) >= 2 and fits[m]["base_gib"] is not None:
+            # Capacity model: extra = c0 + c1 * Mpx (every method's memory is linear in the pixels by design;
+            # the power-law exponent above is the check), plus the process's base, against G decimal GB.
+            c1, c0 = np.polyfit(px, [r["extra_gib"] for r in pts], 1)
+            fits[m]["linear_gib"] = dict(per_mpx=float(c1), intercept=float(c0))
+            fits[m]["max_mpx"] = {f"{g} GB": float((g * 1e9 / 2 ** 30 - fits[m]["base_gib"] - c0) / c1)
                                   for g in MODEL_MEMORIES_GB}
     meta = dict(device="cpu", torch=torch.__version__, machine=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), backbone=args.backbones[0], layer=LAYER, facet=FACET,
@@ -329,13 +338,14 @@ def highres_markdown(rows: List[dict], fits: Dict[str, dict]) -> str:
         lines.append(f"| {r['size']} | {r['method']} | {r.get('input', '-')} | {num(r.get('mpx'), '.2f')} "
                      f"| {num(r.get('seconds'), '.1f')} | {num(r.get('extra_gib'), '.2f')} "
                      f"| {num(r.get('process_gib'), '.2f')} | {r.get('note') or r.get('error') or ''} |")
-    lines += ["", "| method | memory ~ Mpx^b (b) | time ~ Mpx^b (b) | " +
+    lines += ["", "| method | memory ~ Mpx^b: b | time ~ Mpx^b: b | memory model GiB | " +
               " | ".join(f"max Mpx in {g} GB (model)" for g in MODEL_MEMORIES_GB) + " |",
-              "|---|---:|---:|" + "---:|" * len(MODEL_MEMORIES_GB)]
+              "|---|---:|---:|---|" + "---:|" * len(MODEL_MEMORIES_GB)]
     for m, f in fits.items():
-        mem, tim = f["memory"], f["time"]
+        mem, tim, lin = f["memory"], f["time"], f.get("linear_gib")
         cap = f.get("max_mpx") or {}
-        lines.append(f"| {m} | {num(mem and mem[1], '.2f')} | {num(tim and tim[1], '.2f')} | " +
+        model = "-" if not lin else f"{f['base_gib']:.2f} + {lin['intercept']:.2f} + {lin['per_mpx']:.2f} x Mpx"
+        lines.append(f"| {m} | {num(mem and mem[1], '.2f')} | {num(tim and tim[1], '.2f')} | {model} | " +
                      " | ".join(num(cap.get(f'{g} GB'), '.1f') for g in MODEL_MEMORIES_GB) + " |")
     return "\n".join(lines) + "\n"
 
@@ -363,6 +373,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--max-bytes", default=None, help="--highres: the memory bound of each upsampling call")
     ap.add_argument("--append", action="store_true", help="--highres: add the rows to those of --out's "
                     "results.json (points run one at a time, across several calls)")
+    ap.add_argument("--random-features", action="store_true", help="--highres: upsample random features of the "
+                    "extractor's shape instead of extracting them (the same cost; saves the extraction's time)")
+    ap.add_argument("--refit", action="store_true", help="--highres: only refit and rewrite the tables of --out's "
+                    "results.json")
     ap.add_argument("--skip-trick", action="store_true", help="--highres: do not run the stride trick")
     ap.add_argument("--child", choices=["extract", "upsample"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -376,6 +390,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.out is None:
         ap.error("--out is required")
+    if args.refit:
+        return write_highres(args, json.loads((args.out / "results.json").read_text())["rows"], show=True)
     if args.highres:
         args.sizes = args.sizes or list(HIGHRES_SIZES)
         args.max_tokens = min(args.max_tokens, 20000)
