@@ -18,11 +18,15 @@ one PCA basis fitted on the patch-stride map) under ``--out``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -158,12 +162,202 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- high resolution: memory and time growth
+HIGHRES_SIZES = (448, 896, 1344)
+MODEL_MEMORIES_GB = (24, 80)
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def child_extract(args: argparse.Namespace) -> dict:
+    """One subprocess: features at the patch stride (saved for the upsamplers) or the stride trick (timed)."""
+    ext = ViTExtractor(args.backbones[0], weights=str(shared_dir() / "golden" / BACKBONES[args.backbones[0]]),
+                       device="cpu")
+    x, _ = ext.preprocess(args.image, args.size)
+    stride = args.stride or ext.patch_size
+    ext.extract(x[..., :32, :32], (LAYER,), (FACET,), stride=stride)            # warm-up (threads, kernels)
+    if args.random_features:     # the upsamplers' cost depends on the shapes only: skip the extraction
+        grid = ext.grid(tuple(x.shape[-2:]), stride=stride)
+        tokens = torch.randn(1, grid.num_tokens, ext.spec.embed_dim if hasattr(ext.spec, "embed_dim") else 384,
+                             generator=torch.Generator().manual_seed(0))
+        row = dict(note="random features of the extractor's shape (extraction not run)")
+    else:
+        reset_peak(torch.device("cpu"))
+        base = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        feats = ext.extract(x, (LAYER,), (FACET,), stride=stride)
+        seconds = time.perf_counter() - t0
+        peak = _status_kib("VmHWM")
+        grid, tokens = feats.grid, feats.descriptors[(LAYER, FACET)].float()
+        row = dict(seconds=seconds, extra_gib=(peak - base) / 2 ** 20, process_gib=_status_kib("VmHWM") / 2 ** 20)
+    if args.save:
+        torch.save(dict(tokens=tokens, patch=grid.patch_size, stride=grid.stride, input_hw=tuple(grid.input_hw),
+                        guide=denormalize(x, ext.spec.mean, ext.spec.std).float()), args.save)
+    return dict(row, input="x".join(map(str, x.shape[-2:])), tokens=grid.num_tokens, patch=ext.patch_size)
+
+
+def child_upsample(args: argparse.Namespace) -> dict:
+    """One subprocess: ``upsample_tokens`` of the saved patch-stride map onto every input pixel."""
+    from densevit.models.grid import TokenGrid
+    from densevit.upsample import upsample_tokens
+    from densevit.upsample.upsample_anything import fit_kernels
+
+    d = torch.load(args.load, weights_only=False)
+    grid = TokenGrid(d["patch"], d["stride"], d["input_hw"])
+    opts = {"weights": args.anyup_weights} if args.method == "anyup" else {}
+    if args.method == "upsample_anything":
+        opts["steps"] = args.ua_steps
+    if args.max_bytes:
+        opts["max_bytes"] = args.max_bytes
+    small = TokenGrid(d["patch"], d["stride"], (32, 32))
+    upsample_tokens(d["tokens"][:, :small.num_tokens], small, d["guide"][..., :32, :32], args.method,
+                    **dict(opts, steps=1) if args.method == "upsample_anything" else opts)      # warm-up
+    reset_peak(torch.device("cpu"))
+    base = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    up, out_grid = upsample_tokens(d["tokens"], grid, d["guide"], args.method, **opts)
+    seconds = time.perf_counter() - t0
+    peak = _status_kib("VmHWM")
+    row = dict(seconds=seconds, extra_gib=(peak - base) / 2 ** 20, process_gib=peak / 2 ** 20,
+               output_gib=up.numel() * up.element_size() / 2 ** 30, input="x".join(map(str, d["input_hw"])),
+               mpx=out_grid.num_tokens / 1e6, finite=bool(torch.isfinite(up).all()))
+    if args.method == "upsample_anything" and args.ua_steps < 51:
+        del up
+        H, W = d["guide"].shape[-2:]
+        h, w = grid.shape
+        t0 = time.perf_counter()
+        s = max(1, round(H / h))
+        g = F.interpolate(d["guide"], size=(s * h, s * w), mode="bilinear", align_corners=False).clamp(0, 1)[0]
+        fit_kernels(g, (h, w), s, steps=1)
+        step = time.perf_counter() - t0
+        row.update(measured_seconds=seconds, steps=args.ua_steps, seconds=seconds + (51 - args.ua_steps) * step,
+                   note=f"{args.ua_steps} fit steps run; time extrapolated to 51 with one step's "
+                        f"{step:.0f} s (memory does not depend on the steps)")
+    return row
+
+
+def _run_child(argv: List[str]) -> dict:
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["failed"])[-1]
+        return dict(error=tail[-300:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def power_law(px: List[float], ys: List[float]) -> Optional[Tuple[float, float]]:
+    """Least-squares ``y = a * px ** b`` over the points (``(a, b)``; ``None`` with fewer than two)."""
+    pts = [(p, y) for p, y in zip(px, ys) if y is not None and y > 0]
+    if len(pts) < 2:
+        return None
+    b, log_a = np.polyfit(np.log([p for p, _ in pts]), np.log([y for _, y in pts]), 1)
+    return float(np.exp(log_a)), float(b)
+
+
+def highres(args: argparse.Namespace) -> int:
+    """The high-resolution table: every upsampler (and the stride trick) at each size, one subprocess each."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: List[dict] = []
+    if args.append and (args.out / "results.json").exists():
+        rows = json.loads((args.out / "results.json").read_text())["rows"]
+    common = ["--backbones", args.backbones[0], "--image", str(args.image)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            feats = Path(tmp) / f"f{size}.pt"
+            r = _run_child(["--child", "extract", "--size", str(size), "--save", str(feats), *common] +
+                           (["--random-features"] if args.random_features else []))
+            rows.append(dict(size=size, method=f"patch stride (extraction)", **r))
+            print(rows[-1], flush=True)
+            if "error" in r:
+                continue
+            s = args.trick_stride
+            n = r["tokens"] * (r["patch"] // s) ** 2
+            if args.skip_trick:
+                t = None
+            elif n <= args.max_tokens:
+                t = _run_child(["--child", "extract", "--size", str(size), "--stride", str(s), *common])
+            else:
+                t = dict(note=f"not run: {n} tokens over --max-tokens {args.max_tokens} (time grows with their "
+                              f"square)")
+            if t is not None:
+                rows.append(dict(size=size, method=f"stride trick {s} (extraction)", **t))
+                print(rows[-1], flush=True)
+            for m in args.methods:
+                argv = ["--child", "upsample", "--load", str(feats), "--method", m, "--ua-steps", str(args.ua_steps),
+                        "--anyup-weights", args.anyup_weights, *common]
+                if args.max_bytes:
+                    argv += ["--max-bytes", args.max_bytes]
+                rows.append(dict(size=size, method=m, **_run_child(argv)))
+                print(rows[-1], flush=True)
+                write_highres(args, rows)          # after every point: a long run that is stopped keeps its rows
+    return write_highres(args, rows, show=True)
+
+
+def write_highres(args: argparse.Namespace, rows: List[dict], show: bool = False) -> int:
+    """Fit the growth and write ``results.json``, ``table.csv`` and ``table.md`` under ``args.out``."""
+    fits = {}
+    for m in args.methods:
+        pts = [r for r in rows if r["method"] == m and "error" not in r and r.get("mpx")]
+        px = [r["mpx"] for r in pts]
+        fits[m] = dict(memory=power_law(px, [r["extra_gib"] for r in pts]),
+                       time=power_law(px, [r["seconds"] for r in pts]),
+                       base_gib=min([r["process_gib"] - r["extra_gib"] for r in pts], default=None))
+        if len({r["mpx"] for r in pts}) >= 2 and fits[m]["base_gib"] is not None:
+            # Capacity model: extra = c0 + c1 * Mpx (every method's memory is linear in the pixels by design;
+            # the power-law exponent above is the check), plus the process's base, against G decimal GB.
+            c1, c0 = np.polyfit(px, [r["extra_gib"] for r in pts], 1)
+            fits[m]["linear_gib"] = dict(per_mpx=float(c1), intercept=float(c0))
+            fits[m]["max_mpx"] = {f"{g} GB": float((g * 1e9 / 2 ** 30 - fits[m]["base_gib"] - c0) / c1)
+                                  for g in MODEL_MEMORIES_GB}
+    meta = dict(device="cpu", torch=torch.__version__, machine=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(), backbone=args.backbones[0], layer=LAYER, facet=FACET,
+                image=str(args.image), max_bytes=args.max_bytes, anyup_weights=args.anyup_weights,
+                measure="per subprocess: VmHWM reset before the call (extra = peak - RSS before the call; process "
+                        "= the process's peak), time of the one call")
+    (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, fits=fits), indent=1))
+    keys = ["size", "method", "input", "mpx", "seconds", "extra_gib", "process_gib", "output_gib", "note", "error"]
+    with open(args.out / "table.csv", "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+    (args.out / "table.md").write_text(highres_markdown(rows, fits))
+    if show:
+        print(highres_markdown(rows, fits))
+    return 0
+
+
+def highres_markdown(rows: List[dict], fits: Dict[str, dict]) -> str:
+    def num(v, f):
+        return "-" if v is None else format(v, f)
+    lines = ["| load size | method | input | output Mpx | time s | extra peak GiB | process peak GiB | note |",
+             "|---:|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['method']} | {r.get('input', '-')} | {num(r.get('mpx'), '.2f')} "
+                     f"| {num(r.get('seconds'), '.1f')} | {num(r.get('extra_gib'), '.2f')} "
+                     f"| {num(r.get('process_gib'), '.2f')} | {r.get('note') or r.get('error') or ''} |")
+    lines += ["", "| method | memory ~ Mpx^b: b | time ~ Mpx^b: b | memory model GiB | " +
+              " | ".join(f"max Mpx in {g} GB (model)" for g in MODEL_MEMORIES_GB) + " |",
+              "|---|---:|---:|---|" + "---:|" * len(MODEL_MEMORIES_GB)]
+    for m, f in fits.items():
+        mem, tim, lin = f["memory"], f["time"], f.get("linear_gib")
+        cap = f.get("max_mpx") or {}
+        model = "-" if not lin else f"{f['base_gib']:.2f} + {lin['intercept']:.2f} + {lin['per_mpx']:.2f} x Mpx"
+        lines.append(f"| {m} | {num(mem and mem[1], '.2f')} | {num(tim and tim[1], '.2f')} | {model} | " +
+                     " | ".join(num(cap.get(f'{g} GB'), '.1f') for g in MODEL_MEMORIES_GB) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="folder for table.md, results.json, pca.png")
+    ap.add_argument("--out", type=Path, help="folder for table.md, results.json, pca.png (table.csv with --highres)")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
-    ap.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
+    ap.add_argument("--sizes", nargs="+", type=int, default=None, help="load sizes (default: 224 448; with "
+                    "--highres 448 896 1344)")
     ap.add_argument("--methods", nargs="+", default=list(UPSAMPLERS), choices=list(UPSAMPLERS))
     ap.add_argument("--repeats", type=int, default=3, help="timed runs (median) after one warm-up")
     ap.add_argument("--ua-max", type=int, default=10 ** 6,
@@ -172,7 +366,38 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="skip the stride trick above this many tokens (its attention grows with the square)")
     ap.add_argument("--anyup-weights", default="random", help="AnyUp checkpoint (default: random weights)")
     ap.add_argument("--image", type=Path, default=shared_dir() / "data" / "images" / "ibex.jpg")
+    ap.add_argument("--highres", action="store_true", help="the high-resolution table: each upsampler onto every "
+                    "input pixel, one subprocess per point (peak memory and time), growth fitted")
+    ap.add_argument("--ua-steps", type=int, default=51, help="--highres: Upsample Anything's fit steps (fewer: "
+                    "the time is extrapolated to 51 from one step)")
+    ap.add_argument("--trick-stride", type=int, default=4, help="--highres: the stride trick's stride")
+    ap.add_argument("--max-bytes", default=None, help="--highres: the memory bound of each upsampling call")
+    ap.add_argument("--append", action="store_true", help="--highres: add the rows to those of --out's "
+                    "results.json (points run one at a time, across several calls)")
+    ap.add_argument("--random-features", action="store_true", help="--highres: upsample random features of the "
+                    "extractor's shape instead of extracting them (the same cost; saves the extraction's time)")
+    ap.add_argument("--refit", action="store_true", help="--highres: only refit and rewrite the tables of --out's "
+                    "results.json")
+    ap.add_argument("--skip-trick", action="store_true", help="--highres: do not run the stride trick")
+    ap.add_argument("--child", choices=["extract", "upsample"], help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--stride", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
+    ap.add_argument("--load", help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child_extract(args) if args.child == "extract" else child_upsample(args)))
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
+    if args.refit:
+        return write_highres(args, json.loads((args.out / "results.json").read_text())["rows"], show=True)
+    if args.highres:
+        args.sizes = args.sizes or list(HIGHRES_SIZES)
+        args.max_tokens = min(args.max_tokens, 20000)
+        return highres(args)
+    args.sizes = args.sizes or [224, 448]
     device = select_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: List[dict] = []

@@ -14,6 +14,7 @@ from ..errors import DensevitError, InvalidArgumentError
 from ..io.images import denormalize, to_uint8_tensor
 from ..options import opt
 from ..upsample import UPSAMPLERS, check_method, upsample_token_maps
+from ..upsample.memory import parse_bytes
 from .source import FeatureSource, ImageFeatures, ImageInput
 
 __all__ = ["UpsampleOptions", "UpsampledSource", "upsampled", "input_guide", "image_guide"]
@@ -41,20 +42,24 @@ class UpsampleOptions:
     upsample_weights: Optional[str] = opt(None, "AnyUp checkpoint (anyup_paper.pth, anyup_multi_backbone.pth or "
                                                 "'random'); default: searched in $DENSEVIT_WEIGHTS and torch.hub's "
                                                 "checkpoint folder")
+    upsample_max_bytes: Optional[int] = opt(None, "bound on the memory one upsampling call allocates (its output "
+                                                  "and working chunks), e.g. 2G, 512M; the chunks are sized from it "
+                                                  "and an output that cannot fit is an error (default: no bound)",
+                                            type=str, metavar="SIZE", parse=parse_bytes)
 
     def options(self) -> Dict[str, Any]:
         """Keyword arguments of the method, checked before any work: ``--upsample-weights`` only with
         ``--upsample anyup`` (never ignored), and AnyUp's weights found and read once, up front (a missing or bad
-        file is one line naming it)."""
+        file is one line naming it); ``--upsample-max-bytes`` as ``max_bytes``."""
         if self.upsample_weights is not None and self.upsample != "anyup":
             raise InvalidArgumentError(f"--upsample-weights applies to --upsample anyup only (got --upsample "
                                        f"{self.upsample}); leave it out")
-        if self.upsample != "anyup":
-            return {}
-        from ..upsample.anyup import resolve_weights
+        opts: Dict[str, Any] = {"max_bytes": self.upsample_max_bytes} if self.upsample_max_bytes else {}
+        if self.upsample == "anyup":
+            from ..upsample.anyup import resolve_weights
 
-        weights = resolve_weights(self.upsample_weights)
-        return {"weights": weights}
+            opts["weights"] = resolve_weights(self.upsample_weights)
+        return opts
 
 
 class UpsampledSource:

@@ -18,6 +18,7 @@ from ..models.grid import TokenGrid
 from .anyup import CHECKPOINTS as ANYUP_CHECKPOINTS
 from .anyup import AnyUp, anyup, load_anyup
 from .jbu import bilinear, jbu
+from .memory import FLOAT, parse_bytes, working_budget
 from .upsample_anything import upsample_anything
 from .window import output_size
 
@@ -28,8 +29,8 @@ UPSAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "anyup": anyup,
 }
 
-__all__ = ["UPSAMPLERS", "CHANNELWISE", "check_method", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear", "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup",
-           "ANYUP_CHECKPOINTS"]
+__all__ = ["UPSAMPLERS", "CHANNELWISE", "check_method", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear",
+           "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup", "ANYUP_CHECKPOINTS", "parse_bytes"]
 
 
 CHANNELWISE = frozenset({"bilinear", "jbu", "upsample_anything"})
@@ -47,7 +48,11 @@ def check_method(method: Optional[str], allow_none: bool = False) -> None:
 def upsample(features: torch.Tensor, image: torch.Tensor, method: str, out_size: Optional[Tuple[int, int]] = None,
              **options) -> torch.Tensor:
     """Upsample ``features`` guided by ``image`` (``[0, 1]`` RGB) to ``out_size`` (default: the image's size)
-    with ``method`` (a key of :data:`UPSAMPLERS`); ``options`` go to the method."""
+    with ``method`` (a key of :data:`UPSAMPLERS`); ``options`` go to the method. Every method takes
+    ``max_bytes`` (a bound on what the call allocates, :mod:`densevit.upsample.memory`; ``"4G"`` strings are
+    accepted here) and ``out`` (a ``B x C x H x W`` tensor, possibly a view, that receives the result)."""
+    if isinstance(options.get("max_bytes"), str):
+        options["max_bytes"] = parse_bytes(options["max_bytes"])
     check_method(method)
     if out_size is not None:
         output_size(out_size, image)
@@ -79,12 +84,27 @@ def upsample_tokens(tokens: torch.Tensor, grid: TokenGrid, guide: torch.Tensor, 
     if (Ho, Wo) != tuple(guide.shape[-2:]):
         guide = F.interpolate(guide, size=(Ho, Wo), mode="bilinear", align_corners=False).clamp(0, 1)
     guide = guide[..., top:bottom, left:right]
-    pad = (left, Wo - right, top, Ho - bottom)
     B, _, D = tokens.shape
     maps = tokens.transpose(1, 2).reshape(B, D, h, w)
-    up = upsample(maps, guide, method, out_size=(bottom - top, right - left), **options)
-    up = F.pad(up, pad, mode="replicate") if any(pad) else up
-    return up.reshape(B, D, Ho * Wo).transpose(1, 2), TokenGrid.pixels((Ho, Wo), grid.original_hw)
+    max_bytes = parse_bytes(options.pop("max_bytes", None))
+    if max_bytes is not None:   # the whole output is allocated here; the method gets what is left
+        whole = tokens.element_size() * B * D * Ho * Wo
+        working_budget(method, whole, max_bytes, FLOAT * B * 3 * Ho * Wo)
+        options["max_bytes"] = int(max_bytes) - whole
+    # The output is allocated once (channels-last, so the B x T x D result is a view) and the method writes the
+    # covered region into it; the border then repeats the nearest covered value in place (no padded copy).
+    full = torch.empty(B, D, Ho, Wo, dtype=tokens.dtype, device=tokens.device, memory_format=torch.channels_last)
+    upsample(maps, guide, method, out_size=(bottom - top, right - left), out=full[..., top:bottom, left:right],
+             **options)
+    if top:
+        full[..., :top, left:right] = full[..., top:top + 1, left:right]
+    if bottom < Ho:
+        full[..., bottom:, left:right] = full[..., bottom - 1:bottom, left:right]
+    if left:
+        full[..., :left] = full[..., left:left + 1]
+    if right < Wo:
+        full[..., right:] = full[..., right - 1:right]
+    return full.reshape(B, D, Ho * Wo).transpose(1, 2), TokenGrid.pixels((Ho, Wo), grid.original_hw)
 
 
 def upsample_token_maps(maps: Sequence[torch.Tensor], grid: TokenGrid, guide: torch.Tensor, method: str,

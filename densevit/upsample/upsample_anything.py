@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from .memory import FLOAT, working_budget
 from .window import Window, check_inputs, output_size, rows_for, weighted_sum, windows
 
 STEPS = 51            # optimiser steps the official loop makes (it breaks at step == 50)
@@ -35,6 +36,9 @@ SCHEDULE_STEPS = 5100  # the official schedule length: lr * gamma ** step, gamma
 LR, FINAL_LR = 1e-1, 1e-9
 INIT_SIGMA, INIT_SIGMA_R = 16.0, 0.12
 RADIUS, ALPHA = 8, 2.0
+#: Bytes held per (output pixel, window cell) by a chunk of the fit (forward tensors kept for the backward pass
+#: and the backward's temporaries) and of the application (no graph).
+FIT_PAIR_BYTES, APPLY_PAIR_BYTES = 768, 192
 
 
 @dataclass
@@ -96,34 +100,44 @@ def _radius_map(kernels: Kernels, out_hw: Tuple[int, int], radius: int, alpha: f
 
 
 def apply_kernels(features: torch.Tensor, guide: torch.Tensor, kernels: Kernels, scale: int,
-                  radius: int = RADIUS, alpha: float = ALPHA, rows_per_chunk: Optional[int] = None
-                  ) -> torch.Tensor:
+                  radius: int = RADIUS, alpha: float = ALPHA, rows_per_chunk: Optional[int] = None,
+                  budget: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The anisotropic joint-bilateral upsampling of ``C x h x w`` features guided by ``3 x H x W`` (``H = scale
-    * h``) with fitted kernels: ``C x H x W``. Differentiable in the kernels."""
+    * h``) with fitted kernels: ``C x H x W``. Differentiable in the kernels (unless ``out`` is given: the chunks
+    are then written into it). ``budget``: working bytes of one chunk (default: the gather budget)."""
     C, h, w = features.shape
     H, W = guide.shape[-2:]
     guide = guide.float()
     guide_low = F.interpolate(guide[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     radius_map = _radius_map(kernels, (H, W), radius, alpha)
     K = (2 * radius + 1) ** 2
-    rows = rows_per_chunk or rows_for(K, W, C)
+    if budget is None:
+        rows, gather = rows_per_chunk or rows_for(K, W, C), {}
+    else:
+        rows = rows_per_chunk or max(1, budget // 2 // max(1, W * (K * APPLY_PAIR_BYTES + 3 * FLOAT * C)))
+        gather = {"budget": max(1, budget // 2 // (2 * FLOAT))}
     chunks = []
     for win in windows((h, w), (H, W), radius, rows, features.device, scale=(scale, scale)):
         log_w, rr, cc = _log_weights(win, kernels, radius_map, guide, guide_low, scale, (h, w))
-        chunks.append(weighted_sum(features, rr, cc, log_w).view(C, win.y1 - win.y0, W))
-    return torch.cat(chunks, dim=1)
+        sums = weighted_sum(features, rr, cc, log_w, **gather).view(C, win.y1 - win.y0, W)
+        if out is None:
+            chunks.append(sums)
+        else:
+            out[:, win.y0:win.y1] = sums
+    return torch.cat(chunks, dim=1) if out is None else out
 
 
 def fit_kernels(guide: torch.Tensor, low_hw: Tuple[int, int], scale: int, steps: int = STEPS,
                 lr: float = LR, final_lr: float = FINAL_LR, schedule_steps: int = SCHEDULE_STEPS,
                 radius: int = RADIUS, alpha: float = ALPHA, init_sigma: float = INIT_SIGMA,
                 init_sigma_r: float = INIT_SIGMA_R, amp: Optional[bool] = None,
-                rows_per_chunk: Optional[int] = None) -> Kernels:
+                rows_per_chunk: Optional[int] = None, budget: Optional[int] = None) -> Kernels:
     """Fit the kernels on one ``3 x H x W`` guide in ``[0, 1]`` (``H = scale * h``): reconstruct it from its
     bicubic ``1/scale`` copy, L1 loss, Adam with the exponential schedule. The loss is evaluated over chunks of
     ``rows_per_chunk`` output rows (default: as many as keep ``K x rows x W`` within a sixteenth of
     :data:`~densevit.upsample.window.GATHER_BUDGET`), each back-propagated in turn: the same gradient as the
-    official single pass (the loss is a sum over pixels) in bounded memory. ``amp`` (default: on CUDA) is the
+    official single pass (the loss is a sum over pixels) in bounded memory; ``budget`` (working bytes) sizes the
+    chunks instead (:data:`FIT_PAIR_BYTES` per pixel and window cell). ``amp`` (default: on CUDA) is the
     official float16 autocast + GradScaler path."""
     h, w = low_hw
     H, W = guide.shape[-2:]
@@ -141,6 +155,8 @@ def fit_kernels(guide: torch.Tensor, low_hw: Tuple[int, int], scale: int, steps:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else nullcontext
     guide_low = F.interpolate(guide[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     K = (2 * radius + 1) ** 2
+    if budget is not None and rows_per_chunk is None:
+        rows_per_chunk = max(1, budget // max(1, W * K * FIT_PAIR_BYTES))
     rows = rows_per_chunk or rows_for(K, W, 16)
     n = 3 * H * W
     for _ in range(steps):
@@ -163,27 +179,49 @@ def fit_kernels(guide: torch.Tensor, low_hw: Tuple[int, int], scale: int, steps:
 
 def upsample_anything(features: torch.Tensor, image: torch.Tensor, out_size: Optional[Tuple[int, int]] = None,
                       steps: int = STEPS, rows_per_chunk: Optional[int] = None, amp: Optional[bool] = None,
+                      max_bytes: Optional[int] = None, out: Optional[torch.Tensor] = None,
                       **fit_options) -> torch.Tensor:
     """Upsample ``B x C x h x w`` features to ``out_size`` (default: the image's size) with kernels fitted on
     each image of the ``B x 3 x H x W`` guide in ``[0, 1]``. ``fit_options``: ``lr``, ``final_lr``,
-    ``schedule_steps``, ``radius``, ``alpha``, ``init_sigma``, ``init_sigma_r`` (see :func:`fit_kernels`)."""
+    ``schedule_steps``, ``radius``, ``alpha``, ``init_sigma``, ``init_sigma_r`` (see :func:`fit_kernels`).
+
+    ``max_bytes`` bounds what the call allocates (:mod:`densevit.upsample.memory`): the output, the guide and
+    the per-pixel window radii at the fit size, and the chunks of the fit and of the application (sized from
+    what is left); ``out`` (``B x C x H x W``, may be a view) receives the result."""
     check_inputs(features, image)
     B, C, h, w = features.shape
     H, W = output_size(out_size, image)
     scale = max(1, int(round(H / h)))
     fit_hw = (scale * h, scale * w)
+    n_fit = fit_hw[0] * fit_hw[1]
+    resized = fit_hw != (H, W)
+    fixed = B * n_fit * 3 * FLOAT * (2 if tuple(image.shape[-2:]) != fit_hw else 1) + n_fit * 8
+    budget = working_budget("upsample_anything", FLOAT * B * C * H * W if out is None else 0, max_bytes, fixed)
+    bounded = max_bytes is not None
     guide = image.float()
     if tuple(guide.shape[-2:]) != fit_hw:
         guide = F.interpolate(guide, size=fit_hw, mode="bilinear", align_corners=False).clamp(0, 1)
     apply_keys = {k: fit_options[k] for k in ("radius", "alpha") if k in fit_options}
-    outs = []
+    if out is None:
+        out = features.new_empty(B, C, H, W)
+    # Off the fit size, the channels go through the fit-size map in chunks (each then resized into the output).
+    step = C if not resized else max(1, min(C, budget // 2 // (FLOAT * (n_fit + H * W))))
     for b in range(B):
         with torch.inference_mode(False), torch.enable_grad():  # callers may be in inference mode
             kernels = fit_kernels(guide[b].clone(), (h, w), scale, steps=steps, amp=amp,
-                                  rows_per_chunk=rows_per_chunk, **fit_options)
+                                  rows_per_chunk=rows_per_chunk, budget=budget if bounded else None,
+                                  **fit_options)
         with torch.no_grad():
-            outs.append(apply_kernels(features[b].float(), guide[b], kernels, scale, **apply_keys).to(features.dtype))
-    out = torch.stack(outs)
-    if fit_hw != (H, W):
-        out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+            for c0 in range(0, C, step):
+                c1 = min(C, c0 + step)
+                work = budget - (FLOAT * (c1 - c0) * (n_fit + H * W) if resized else 0)
+                dest = features.new_empty(c1 - c0, *fit_hw) if resized else out[b, c0:c1]
+                if dest.dtype != torch.float32:
+                    dest = torch.empty(dest.shape, device=dest.device)
+                res = apply_kernels(features[b, c0:c1].float(), guide[b], kernels, scale, out=dest,
+                                    budget=max(work, 2 ** 20) if bounded else None, **apply_keys)
+                if resized:
+                    res = F.interpolate(res[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+                if res.data_ptr() != out[b, c0:c1].data_ptr():
+                    out[b, c0:c1] = res
     return out
