@@ -247,7 +247,7 @@ def transfer_keypoints_geoaware(extractor, image_a: ImageInput, image_b: ImageIn
     with ``<stem>_mask.png`` per image (over the square canvas) or ``"saliency"``."""
     from pathlib import Path
 
-    from densevit.features.canvas import canvas_descriptors, read_mask
+    from densevit.features.canvas import canvas_descriptors, read_object_mask
     from densevit.io.images import as_pil
     from densevit.io.letterbox import letterbox_geometry
     from densevit.matching.geoaware import align_and_transfer
@@ -271,13 +271,7 @@ def transfer_keypoints_geoaware(extractor, image_a: ImageInput, image_b: ImageIn
             else:
                 def mask(image: ImageInput, flipped: bool = False) -> torch.Tensor:
                     stem = Path(str(image)).stem if isinstance(image, (str, Path)) else "image"
-                    base = Path(options.masks) / stem
-                    f = Path(f"{base}_mask_flip.png") if flipped else Path(f"{base}_mask.png")
-                    if f.is_file():
-                        return read_mask(f)
-                    if flipped and Path(f"{base}_mask.png").is_file():
-                        return read_mask(f"{base}_mask.png").flip(-1)
-                    raise DensevitError(f"missing object mask {f}")
+                    return read_object_mask(Path(options.masks) / stem, flipped)
                 masks = (mask(image_a), mask(image_a, True), mask(image_b))
     geo_a, geo_b = letterbox_geometry(a.size, size), letterbox_geometry(b.size, size)
     pts = geo_a.to_canvas(torch.from_numpy(np.asarray(points, dtype=np.float64).reshape(-1, 2)))

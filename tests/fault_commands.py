@@ -104,6 +104,9 @@ COMMANDS: List[Command] = [
     Command("densevit-index:build", lambda w, o: ["build", str(w.store), "-o", str(o), "--quiet"], lambda w: w.store),
     Command("densevit-index:search", lambda w, o: ["search", str(w.index), "--image", "a.jpg", "--point", "10,10",
                                                    "-k", "3", "--out", str(o)], lambda w: w.imgs),
+    Command("densevit-segment", lambda w, o: [str(w.imgs), "-o", str(o), *w.model(), "--load-size", LOAD, "--stride",
+                                              "8", "--k-fg", "4", "--k-community", "2", "--pca-dim", "4",
+                                              "--quiet"], lambda w: w.imgs),
     Command("densevit-analyze", lambda w, o: [str(w.imgs), "-o", str(o), *w.model(), "--load-size", LOAD, "--stride",
                                               "8", "--layers", "11", "--analyses", "attention", "--no-progress"], lambda w: w.imgs),
 ]

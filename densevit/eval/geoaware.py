@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..errors import DensevitError
-from ..features.canvas import canvas_descriptors, read_mask
+from ..features.canvas import canvas_descriptors, read_object_mask
 from ..io.letterbox import Letterbox, letterbox_geometry
 from ..matching.geoaware import POSE_ALIGN, REFINE, align_and_transfer, compact_table
 from ..matching.spair_tables import FLIP, GEO_AWARE
@@ -180,12 +180,7 @@ def _masks(settings: GeoAwareSettings, img: GeoAwareImage, saliency: Optional[to
             raise DensevitError("no saliency mask computed")
         return saliency
     base = Path(settings.masks_dir) / img.category / img.stem
-    path = Path(f"{base}_mask_flip.png") if flipped else Path(f"{base}_mask.png")
-    if path.is_file():
-        return read_mask(path)
-    if flipped and Path(f"{base}_mask.png").is_file():
-        return read_mask(f"{base}_mask.png").flip(-1)
-    raise DensevitError(f"missing object mask {path} (--pose-align flip-mask reads <DIR>/<category>/<image>_mask.png)")
+    return read_object_mask(base, flipped, "--pose-align flip-mask reads <DIR>/<category>/<image>_mask.png")
 
 
 def evaluate_geoaware(describe: CanvasDescriber, src: GeoAwareImage, trg: GeoAwareImage, used: Sequence[int],

@@ -11,7 +11,7 @@ from PIL import Image
 from ..io.images import to_tensor
 from ..io.letterbox import letterbox
 
-__all__ = ["canvas_descriptors", "normalize_descriptors", "read_mask"]
+__all__ = ["canvas_descriptors", "normalize_descriptors", "read_mask", "read_object_mask"]
 
 
 def read_mask(path) -> torch.Tensor:
@@ -20,6 +20,21 @@ def read_mask(path) -> torch.Tensor:
 
     with Image.open(path) as im:
         return torch.from_numpy((np.asarray(im.convert("L")) > 127).astype(np.float32))
+
+
+def read_object_mask(base, flipped: bool = False, hint: str = "") -> torch.Tensor:
+    """The object mask of an image in GeoAware-SC's layout: ``<base>_mask.png``, and for the mirrored image
+    ``<base>_mask_flip.png`` or else the mask itself mirrored; a missing file is one line (``hint`` appended)."""
+    from pathlib import Path
+
+    from ..errors import DensevitError
+
+    path = Path(f"{base}_mask_flip.png") if flipped else Path(f"{base}_mask.png")
+    if path.is_file():
+        return read_mask(path)
+    if flipped and Path(f"{base}_mask.png").is_file():
+        return read_mask(f"{base}_mask.png").flip(-1)
+    raise DensevitError(f"missing object mask {path}" + (f" ({hint})" if hint else ""))
 
 
 def normalize_descriptors(desc: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Iterable, Optional, Tuple
 
 from ..errors import DensevitError
+from .files import human_bytes
 
-__all__ = ["DEFAULT_MAX_OUTPUT_MIB", "MIB", "check_output_bytes", "human_bytes", "check_count"]
+__all__ = ["DEFAULT_MAX_OUTPUT_MIB", "MIB", "check_output_bytes", "check_count"]
 
 MIB = 2 ** 20
 DEFAULT_MAX_OUTPUT_MIB = 256
@@ -17,15 +18,6 @@ load size writes about 2 MiB (ViT-S/8, stride 4); ``--upsample`` at load size 51
 
 class ResourceLimitError(DensevitError):
     """A run whose estimated need is past a bound (the message names the flag that raises it)."""
-
-
-def human_bytes(n: float) -> str:
-    """``"511.5 MiB"``, ``"31.6 GiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def check_output_bytes(estimates: Iterable[Tuple[str, int]], limit_mib: Optional[int], flag: str) -> int:

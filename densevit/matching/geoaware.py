@@ -28,7 +28,7 @@ from ..options import opt
 
 Group = Union[int, Sequence[int]]
 
-__all__ = ["normalize_descriptors", "points_to_tokens", "window_soft_argmax", "transfer_canvas_points",
+__all__ = ["points_to_tokens", "window_soft_argmax", "transfer_canvas_points",
            "flip_permutation", "flip_points", "compact_table", "mask_distance", "mutual_nn_distance",
            "choose_orientation", "align_and_transfer", "GeoAwareOptions", "POSE_ALIGN", "REFINE"]
 

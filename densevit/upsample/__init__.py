@@ -30,7 +30,7 @@ UPSAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
 }
 
 __all__ = ["UPSAMPLERS", "CHANNELWISE", "check_method", "upsample", "upsample_tokens", "upsample_token_maps", "bilinear",
-           "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup", "ANYUP_CHECKPOINTS", "parse_bytes"]
+           "jbu", "upsample_anything", "anyup", "AnyUp", "load_anyup", "ANYUP_CHECKPOINTS"]
 
 
 CHANNELWISE = frozenset({"bilinear", "jbu", "upsample_anything"})
