@@ -374,3 +374,79 @@ def test_vos_crw_refuses_a_finer_stride(static_clip, tmp_path, capsys):
                   "random", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "leave out --stride" in err[0]
+
+
+# ------------------------------------------------------------------------------------------- torchrun
+def _torchrun(name, argv):
+    """``torchrun --nproc_per_node 2 benchmarks/<name>.py ARGV`` (gloo on the CPU): the completed process."""
+    import os
+    import subprocess
+
+    from densevit.io.paths import repo_root
+
+    # --standalone: a local rendezvous on a free port, so parallel CI jobs never collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo_root() / "benchmarks" / f"{name}.py"), *argv]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _stamps(files):
+    return {p: p.stat().st_mtime_ns for p in files}
+
+
+def test_jhmdb_benchmark_under_torchrun_equals_one_process(jhmdb, load_benchmark, tmp_path, golden_path,
+                                                           one_thread):
+    """Two gloo processes split the videos and rank 0 scores them all: joints bit-identical to one process's,
+    the same pck.csv; a rerun keeps every result and redoes only a deleted one."""
+    argv = ["--filelist", str(jhmdb), "--protocol", "crw", "--crop-size", "64", "--context", "3", "--topk", "5",
+            "--radius", "5", "--temperature", "0.07", "--weights", str(golden_path), "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert load_benchmark("jhmdb").entry(argv + ["--out", str(one), "--quiet"]) == 0
+    run = _torchrun("jhmdb", argv + ["--out", str(two), "--quiet"])
+    assert run.stdout.count("pck@0.1") == 1                        # only rank 0 scores and prints
+    videos = read_filelist(jhmdb)
+    npys = sorted((two / "joints").glob("*.npy"))
+    assert [p.name for p in npys] == [f"{i}.npy" for i in range(len(videos))]
+    for p in npys:
+        a, b = np.load(one / "joints" / p.name), np.load(p)
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape and a.tobytes() == b.tobytes()
+    assert (two / "pck.csv").read_text() == (one / "pck.csv").read_text()
+    assert json.loads((two / "settings.json").read_text()) == json.loads((one / "settings.json").read_text())
+
+    before = _stamps(npys)
+    (two / "joints" / "1.npy").unlink()
+    (two / "pck.csv").unlink()
+    again = _torchrun("jhmdb", argv + ["--out", str(two)])          # with progress: it names what it computes
+    names = [v[0].parent.name + "/" + v[0].name for v in videos]
+    assert names[1] in again.stderr and names[0] not in again.stderr
+    assert (two / "joints" / "0.npy").stat().st_mtime_ns == before[two / "joints" / "0.npy"]
+    assert np.load(two / "joints" / "1.npy").tobytes() == np.load(one / "joints" / "1.npy").tobytes()
+    assert (two / "pck.csv").read_text() == (one / "pck.csv").read_text()
+
+
+def test_vip_benchmark_under_torchrun_equals_one_process(vip, load_benchmark, tmp_path, golden_path, one_thread):
+    """Two gloo processes split the videos and rank 0 scores them all: the same part PNGs and miou.csv as one
+    process; a rerun recomputes nothing."""
+    argv = ["--filelist", str(vip), "--protocol", "crw", "--crop-size", "64", "--context", "3", "--topk", "5",
+            "--radius", "3", "--temperature", "0.07", "--weights", str(golden_path), "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert load_benchmark("vip").entry(argv + ["--out", str(one), "--quiet"]) == 0
+    run = _torchrun("vip", argv + ["--out", str(two), "--quiet"])
+    assert run.stdout.count("miou") == 1                           # only rank 0 scores and prints
+    pngs = sorted(two.glob("*/*.png"))
+    assert [p.relative_to(two) for p in pngs] == [p.relative_to(one) for p in sorted(one.glob("*/*.png"))]
+    names = [f.name for f, _ in read_filelist(vip)]
+    assert {p.parent.name for p in pngs} == set(names) and len(pngs) == 10
+    for p in pngs:
+        np.testing.assert_array_equal(np.array(Image.open(p)), np.array(Image.open(one / p.relative_to(two))))
+    assert (two / "miou.csv").read_text() == (one / "miou.csv").read_text()
+
+    before = _stamps(pngs)
+    (two / "miou.csv").unlink()
+    again = _torchrun("vip", argv + ["--out", str(two)])           # with progress: it would name what it computes
+    assert not any(f"] {n}" in again.stderr for n in names)
+    assert _stamps(pngs) == before and sorted(two.glob("*/*.png")) == pngs
+    assert (two / "miou.csv").read_text() == (one / "miou.csv").read_text()
