@@ -33,6 +33,7 @@ import propagation_data as pdata  # noqa: E402
 from densevit.apps.propagation import (CRWConfig, crw_propagate, draw_gaussian,  # noqa: E402
                                        part_onehots, part_readout, pose_heatmaps, pose_readout,
                                        propagate_soft, radius_bias)
+from densevit.errors import DensevitError  # noqa: E402
 from densevit.eval.datasets.jhmdb import jhmdb_frames, jhmdb_joints, read_filelist  # noqa: E402
 from densevit.eval.metrics.propagation import (jhmdb_distances, jhmdb_pck, vip_confusion,  # noqa: E402
                                                vip_frame_hist, vip_iou)
@@ -170,6 +171,21 @@ def test_jhmdb_benchmark_outputs_and_resume(ref, jhmdb, load_benchmark, tmp_path
     assert bench.entry(argv + ["--eval-only", "--weights", "missing.pth"]) == 0       # no model needed
     assert [r.split(",") for r in (out / "pck.csv").read_text().splitlines()] == rows
 
+
+
+def test_jhmdb_unreadable_joints_file_is_one_line(jhmdb, load_benchmark, tmp_path, golden_path, capsys, one_thread):
+    """A joint_positions.mat that is not a MAT file: one line naming it, exit 2 (it was a scipy traceback)."""
+    frames, _ = read_filelist(jhmdb)[0]
+    bad = tmp_path / "joint_positions.mat"
+    bad.write_text("garbage\n")
+    (tmp_path / "list.txt").write_text(f"{frames} {bad}\n")
+    with pytest.raises(DensevitError, match="cannot read pos_img"):
+        jhmdb_joints(bad)
+    argv = ["--filelist", str(tmp_path / "list.txt"), "--out", str(tmp_path / "out"), "--crop-size", "64",
+            "--context", "3", "--weights", str(golden_path), "--device", "cpu", "--quiet"]
+    assert load_benchmark("jhmdb").entry(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("benchmarks/jhmdb.py: error:") and str(bad) in err[0]
 
 # ------------------------------------------------------------------------------------------- edges
 def _brute_crw(feats, labels0, n, topk, temperature, radius, hw):
