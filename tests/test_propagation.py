@@ -187,6 +187,22 @@ def test_jhmdb_unreadable_joints_file_is_one_line(jhmdb, load_benchmark, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("benchmarks/jhmdb.py: error:") and str(bad) in err[0]
 
+
+def test_vip_unreadable_ground_truth_is_one_line(vip, load_benchmark, tmp_path, golden_path, capsys, one_thread):
+    """A later frame's ground-truth PNG that is not an image: one line naming it, exit 2 (it was PIL's error)."""
+    import shutil
+
+    root = tmp_path / "VIP"
+    shutil.copytree(vip.parent, root)
+    (root / "VIP_list.txt").write_text(vip.read_text().replace(str(vip.parent), str(root)))
+    bad = root / "Annotations" / "Category_ids" / "dance" / "000003.png"
+    bad.write_text("junk\n")
+    argv = ["--filelist", str(root / "VIP_list.txt"), "--out", str(tmp_path / "out"), "--crop-size", "64",
+            "--context", "3", "--weights", str(golden_path), "--device", "cpu", "--quiet"]
+    assert load_benchmark("vip").entry(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("benchmarks/vip.py: error:") and str(bad) in err[0]
+
 # ------------------------------------------------------------------------------------------- edges
 def _brute_crw(feats, labels0, n, topk, temperature, radius, hw):
     """CRW's propagation written from test.py's index bank: the padded sequence (n copies of frame 0, then every
