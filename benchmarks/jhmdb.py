@@ -40,10 +40,15 @@ from densevit.io.images import image_size
 from densevit.runtime import dist
 
 PROG = "benchmarks/jhmdb.py"
+EPILOG = """\
+--filelist line: a Rename_Images/<class>/<video> frames folder and its joint_positions.mat, space-separated.
+writes: OUT/joints/<i>.npy (T x 15 x 2 pixels of line i; frame 0 included) and OUT/pck.csv (per video, mean).
+several processes: torchrun --standalone --nproc_per_node N benchmarks/jhmdb.py ... (videos dealt to the ranks,
+rank 0 scores them all); an interrupted run resumes with the same command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(PROG, "JHMDB pose tracking (PCK) of ViT label propagation, CRW's protocol.")
+    p = make_parser(PROG, "JHMDB pose tracking (PCK) of ViT label propagation, CRW's protocol.", epilog=EPILOG)
     add_propagation_flags(p)
     return p
 

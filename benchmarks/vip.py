@@ -42,10 +42,15 @@ from densevit.runtime import dist
 
 PROG = "benchmarks/vip.py"
 DONE = ".done.json"
+EPILOG = """\
+--filelist line: an Images/<video> frames folder and its Annotations/Category_ids/<video> folder, space-separated.
+writes: OUT/<video>/<frame>.png (class ids at the frame's size, every frame) and OUT/miou.csv (20 IoUs, miou).
+several processes: torchrun --standalone --nproc_per_node N benchmarks/vip.py ... (videos dealt to the ranks,
+rank 0 scores them all); an interrupted run resumes with the same command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(PROG, "VIP part tracking (mIoU) of ViT label propagation, CRW's protocol.")
+    p = make_parser(PROG, "VIP part tracking (mIoU) of ViT label propagation, CRW's protocol.", epilog=EPILOG)
     add_propagation_flags(p)
     return p
 

@@ -33,6 +33,7 @@ import propagation_data as pdata  # noqa: E402
 from densevit.apps.propagation import (CRWConfig, crw_propagate, draw_gaussian,  # noqa: E402
                                        part_onehots, part_readout, pose_heatmaps, pose_readout,
                                        propagate_soft, radius_bias)
+from densevit.errors import DensevitError  # noqa: E402
 from densevit.eval.datasets.jhmdb import jhmdb_frames, jhmdb_joints, read_filelist  # noqa: E402
 from densevit.eval.metrics.propagation import (jhmdb_distances, jhmdb_pck, vip_confusion,  # noqa: E402
                                                vip_frame_hist, vip_iou)
@@ -170,6 +171,37 @@ def test_jhmdb_benchmark_outputs_and_resume(ref, jhmdb, load_benchmark, tmp_path
     assert bench.entry(argv + ["--eval-only", "--weights", "missing.pth"]) == 0       # no model needed
     assert [r.split(",") for r in (out / "pck.csv").read_text().splitlines()] == rows
 
+
+
+def test_jhmdb_unreadable_joints_file_is_one_line(jhmdb, load_benchmark, tmp_path, golden_path, capsys, one_thread):
+    """A joint_positions.mat that is not a MAT file: one line naming it, exit 2 (it was a scipy traceback)."""
+    frames, _ = read_filelist(jhmdb)[0]
+    bad = tmp_path / "joint_positions.mat"
+    bad.write_text("garbage\n")
+    (tmp_path / "list.txt").write_text(f"{frames} {bad}\n")
+    with pytest.raises(DensevitError, match="cannot read pos_img"):
+        jhmdb_joints(bad)
+    argv = ["--filelist", str(tmp_path / "list.txt"), "--out", str(tmp_path / "out"), "--crop-size", "64",
+            "--context", "3", "--weights", str(golden_path), "--device", "cpu", "--quiet"]
+    assert load_benchmark("jhmdb").entry(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("benchmarks/jhmdb.py: error:") and str(bad) in err[0]
+
+
+def test_vip_unreadable_ground_truth_is_one_line(vip, load_benchmark, tmp_path, golden_path, capsys, one_thread):
+    """A later frame's ground-truth PNG that is not an image: one line naming it, exit 2 (it was PIL's error)."""
+    import shutil
+
+    root = tmp_path / "VIP"
+    shutil.copytree(vip.parent, root)
+    (root / "VIP_list.txt").write_text(vip.read_text().replace(str(vip.parent), str(root)))
+    bad = root / "Annotations" / "Category_ids" / "dance" / "000003.png"
+    bad.write_text("junk\n")
+    argv = ["--filelist", str(root / "VIP_list.txt"), "--out", str(tmp_path / "out"), "--crop-size", "64",
+            "--context", "3", "--weights", str(golden_path), "--device", "cpu", "--quiet"]
+    assert load_benchmark("vip").entry(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("benchmarks/vip.py: error:") and str(bad) in err[0]
 
 # ------------------------------------------------------------------------------------------- edges
 def _brute_crw(feats, labels0, n, topk, temperature, radius, hw):
@@ -374,3 +406,79 @@ def test_vos_crw_refuses_a_finer_stride(static_clip, tmp_path, capsys):
                   "random", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "leave out --stride" in err[0]
+
+
+# ------------------------------------------------------------------------------------------- torchrun
+def _torchrun(name, argv):
+    """``torchrun --nproc_per_node 2 benchmarks/<name>.py ARGV`` (gloo on the CPU): the completed process."""
+    import os
+    import subprocess
+
+    from densevit.io.paths import repo_root
+
+    # --standalone: a local rendezvous on a free port, so parallel CI jobs never collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo_root() / "benchmarks" / f"{name}.py"), *argv]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _stamps(files):
+    return {p: p.stat().st_mtime_ns for p in files}
+
+
+def test_jhmdb_benchmark_under_torchrun_equals_one_process(jhmdb, load_benchmark, tmp_path, golden_path,
+                                                           one_thread):
+    """Two gloo processes split the videos and rank 0 scores them all: joints bit-identical to one process's,
+    the same pck.csv; a rerun keeps every result and redoes only a deleted one."""
+    argv = ["--filelist", str(jhmdb), "--protocol", "crw", "--crop-size", "64", "--context", "3", "--topk", "5",
+            "--radius", "5", "--temperature", "0.07", "--weights", str(golden_path), "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert load_benchmark("jhmdb").entry(argv + ["--out", str(one), "--quiet"]) == 0
+    run = _torchrun("jhmdb", argv + ["--out", str(two), "--quiet"])
+    assert run.stdout.count("pck@0.1") == 1                        # only rank 0 scores and prints
+    videos = read_filelist(jhmdb)
+    npys = sorted((two / "joints").glob("*.npy"))
+    assert [p.name for p in npys] == [f"{i}.npy" for i in range(len(videos))]
+    for p in npys:
+        a, b = np.load(one / "joints" / p.name), np.load(p)
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape and a.tobytes() == b.tobytes()
+    assert (two / "pck.csv").read_text() == (one / "pck.csv").read_text()
+    assert json.loads((two / "settings.json").read_text()) == json.loads((one / "settings.json").read_text())
+
+    before = _stamps(npys)
+    (two / "joints" / "1.npy").unlink()
+    (two / "pck.csv").unlink()
+    again = _torchrun("jhmdb", argv + ["--out", str(two)])          # with progress: it names what it computes
+    names = [v[0].parent.name + "/" + v[0].name for v in videos]
+    assert names[1] in again.stderr and names[0] not in again.stderr
+    assert (two / "joints" / "0.npy").stat().st_mtime_ns == before[two / "joints" / "0.npy"]
+    assert np.load(two / "joints" / "1.npy").tobytes() == np.load(one / "joints" / "1.npy").tobytes()
+    assert (two / "pck.csv").read_text() == (one / "pck.csv").read_text()
+
+
+def test_vip_benchmark_under_torchrun_equals_one_process(vip, load_benchmark, tmp_path, golden_path, one_thread):
+    """Two gloo processes split the videos and rank 0 scores them all: the same part PNGs and miou.csv as one
+    process; a rerun recomputes nothing."""
+    argv = ["--filelist", str(vip), "--protocol", "crw", "--crop-size", "64", "--context", "3", "--topk", "5",
+            "--radius", "3", "--temperature", "0.07", "--weights", str(golden_path), "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert load_benchmark("vip").entry(argv + ["--out", str(one), "--quiet"]) == 0
+    run = _torchrun("vip", argv + ["--out", str(two), "--quiet"])
+    assert run.stdout.count("miou") == 1                           # only rank 0 scores and prints
+    pngs = sorted(two.glob("*/*.png"))
+    assert [p.relative_to(two) for p in pngs] == [p.relative_to(one) for p in sorted(one.glob("*/*.png"))]
+    names = [f.name for f, _ in read_filelist(vip)]
+    assert {p.parent.name for p in pngs} == set(names) and len(pngs) == 10
+    for p in pngs:
+        np.testing.assert_array_equal(np.array(Image.open(p)), np.array(Image.open(one / p.relative_to(two))))
+    assert (two / "miou.csv").read_text() == (one / "miou.csv").read_text()
+
+    before = _stamps(pngs)
+    (two / "miou.csv").unlink()
+    again = _torchrun("vip", argv + ["--out", str(two)])           # with progress: it would name what it computes
+    assert not any(f"] {n}" in again.stderr for n in names)
+    assert _stamps(pngs) == before and sorted(two.glob("*/*.png")) == pngs
+    assert (two / "miou.csv").read_text() == (one / "miou.csv").read_text()

@@ -60,10 +60,11 @@ def jhmdb_frames(folder: Union[str, Path]) -> List[Path]:
 def jhmdb_joints(mat: Union[str, Path]) -> np.ndarray:
     """Ground-truth joints ``2 x J x T`` in 0-based pixels (``pos_img - 1``)."""
     import scipy.io
+    from scipy.io.matlab import MatReadError
 
     try:
         pos = scipy.io.loadmat(str(mat))["pos_img"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, MatReadError) as exc:      # MatReadError: not a MAT file
         raise DensevitError(f"cannot read pos_img from {mat}: {exc}") from None
     pos = np.asarray(pos, dtype=np.float64)
     if pos.ndim != 3 or pos.shape[0] != 2:

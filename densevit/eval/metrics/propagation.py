@@ -83,8 +83,17 @@ def jhmdb_pck(distances: Sequence[Sequence[np.ndarray]], alphas: Sequence[float]
     return out
 
 
+def _open_png(path: Union[str, Path]) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except OSError as exc:                                   # PIL's UnidentifiedImageError is an OSError
+        raise DensevitError(f"cannot read the label image {path}: {exc}") from None
+    return img
+
+
 def _read_ids(path: Path) -> np.ndarray:
-    return np.array(Image.open(path), dtype=np.int32)
+    return np.array(_open_png(path), dtype=np.int32)
 
 
 def vip_frame_hist(pred_png: Union[str, Path], gt_png: Union[str, Path], n_classes: int = 20) -> np.ndarray:
@@ -92,7 +101,7 @@ def vip_frame_hist(pred_png: Union[str, Path], gt_png: Union[str, Path], n_class
     prediction read as ``cv2.imread`` reads it, resized to the ground truth's size with PIL nearest; ground-truth
     ids outside ``0..n-1`` ignored)."""
     label = _read_ids(Path(gt_png))
-    img = Image.open(pred_png)
+    img = _open_png(pred_png)
     if img.mode != "L":                                      # the reference reads it with cv2.imread: colour
         img = img.convert("RGB").getchannel("R")
     if img.size != (label.shape[1], label.shape[0]):
