@@ -27,21 +27,18 @@ import numpy as np
 from PIL import Image
 
 from densevit.cli import flags
-from densevit.cli.common import OutputOptions, add_model_flags, build_extractor, run_cli
+from densevit.cli.common import OutputOptions, add_model_flags, build_extractor, patch_size_of, run_cli
 from densevit.cli.flags import add_config_flags, make_parser
 from densevit.errors import DensevitError
-from densevit.io.files import OutputWriteError, atomic_path, atomic_write, check_outputs
-from densevit.io.images import gather_images
 from densevit.eval.datasets.davis import DAVIS_PALETTE, read_mask, write_mask
-from densevit.io.images import load_image
+from densevit.io.files import OutputWriteError, atomic_path, atomic_write, check_outputs
+from densevit.io.images import drop_unreadable, gather_images, load_image, report_unreadable
 from densevit.options import opt
 from densevit.runtime.progress import Progress
 from densevit.runtime.threads import BackgroundWriter
-from densevit.io.images import drop_unreadable, report_unreadable
 
 from ..discovery.core import discover_mask
 from ..vos import VOSConfig
-from densevit.cli.common import patch_size_of
 from .discover import add_discover_args
 from .discover import config_from_args as discover_config_from_args
 from .vos_tracks import add_track_flags, check_crw_flags, propagate_masks, run_points
