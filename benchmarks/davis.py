@@ -49,6 +49,7 @@ from densevit.eval.metrics.davis import (
     DavisScores,
     evaluate_semisupervised,
 )
+from densevit.eval.propagation_runs import check_settings
 from densevit.io.paths import shared_dir
 from densevit.runtime import dist
 from densevit.runtime.threads import BackgroundWriter
@@ -93,22 +94,6 @@ def settings_of(args: argparse.Namespace) -> Dict[str, object]:
         s["weights"] = str(Path(s["weights"]).resolve())
     s["provenance"] = weights_provenance(args.weights, args.backbone)     # backbone, file name, SHA-256
     return s
-
-
-def check_settings(out: Path, settings: Dict[str, object], recompute: bool) -> None:
-    """Refuse to mix results of different settings in one folder (``recompute`` invalidates the old ones)."""
-    path = out / "settings.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff and not recompute:
-            raise DensevitError(f"{out} holds results made with other settings ({', '.join(diff)}); "
-                                f"use another --out or --recompute")
-        if diff:
-            for marker in out.glob(f"*/{DONE}"):
-                marker.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(settings, indent=1))
 
 
 def run_sequence(extractor, ds: DavisDataset, seq: str, out: Path, cfg, max_frames: Optional[int],
@@ -185,7 +170,7 @@ def _main(argv: Optional[Sequence[str]], ctx: dist.DistContext) -> int:
     timing: Dict[str, dict] = {}
     if not args.eval_only:
         def plan() -> List[List[str]]:
-            check_settings(out, settings_of(args), args.recompute)
+            check_settings(out, settings_of(args), args.recompute, lambda: list(out.glob(f"*/{DONE}")))
             todo = [s for s in ds.sequences if args.recompute or not (out / s / DONE).is_file()]
             n_frames = {s: len(ds.frames(s)[:args.max_frames]) for s in todo}
             return dist.deal(todo, [n_frames[s] for s in todo], ctx.world_size)
