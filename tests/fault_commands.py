@@ -102,6 +102,8 @@ COMMANDS: List[Command] = [
                                                 *w.model(), "--short-side", LOAD, "--quiet"],
             lambda w: w.frames / "00000.jpg", out_is_file=True),
     Command("densevit-index:build", lambda w, o: ["build", str(w.store), "-o", str(o), "--quiet"], lambda w: w.store),
+    Command("densevit-index:build-on-disk", lambda w, o: ["build", str(w.store), "-o", str(o), "--on-disk",
+                                                          "--quiet"], lambda w: w.store),
     Command("densevit-index:search", lambda w, o: ["search", str(w.index), "--image", "a.jpg", "--point", "10,10",
                                                    "-k", "3", "--out", str(o)], lambda w: w.imgs),
     Command("densevit-segment", lambda w, o: [str(w.imgs), "-o", str(o), *w.model(), "--load-size", LOAD, "--stride",

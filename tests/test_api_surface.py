@@ -55,7 +55,8 @@ PUBLIC = {
         "FeatureStore", "StoreWriter", "StoreLock", "StoreError", "StoreFullError", "ExtractionConfig",
         "ExtractionReport", "extract_to_store", "gather_dataset", "patch_index", "IndexConfig", "PatchIndex",
         "PatchIndexError",
-        "build_index", "load_index", "DescriptorCache", "CacheError", "CacheWarning",
+        "build_index", "load_index", "build_on_disk", "update_index", "IndexSpaceError", "DescriptorCache",
+        "CacheError", "CacheWarning",
     ],
     "densevit.apps": [
         "CosegConfig", "CosegResult", "cosegment", "cosegment_features", "PartsegConfig", "PartsegResult",

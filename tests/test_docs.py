@@ -27,7 +27,7 @@ def _commands():
                 continue
             for line in body.replace("\\\n", " ").splitlines():
                 line = line.strip()
-                if re.match(r"(densevit-\w+|python -m densevit |torchrun .*-m densevit\.cli\.extract)", line):
+                if re.match(r"(densevit-\w+|python -m densevit |torchrun .*-m densevit\.cli\.(extract|index))", line):
                     found.append((page.name, line))
     return found
 
@@ -37,7 +37,8 @@ def _argv(line: str):
     line = re.sub(r"\s\[[^\]]*\](?=\s|$)", " ", line)                   # [--kind flat|...] in a synopsis
     words = shlex.split(line, comments=True)
     if words[0] == "torchrun":
-        return "extract", words[words.index("densevit.cli.extract") + 1:]
+        module = next(w for w in words if w.startswith("densevit.cli."))
+        return module.removeprefix("densevit.cli."), words[words.index(module) + 1:]
     if words[0] == "python":
         return words[3], words[4:]
     return words[0].removeprefix("densevit-"), words[1:]

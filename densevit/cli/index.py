@@ -1,9 +1,14 @@
 """densevit-index: search every location of a whole image collection (a patch index over a feature store).
 
     densevit-index build STORE -o INDEX [--kind flat|ivf-flat|ivf-pq|hnsw] [--salient-only] [--sample-stride K]
+    torchrun --nproc_per_node N -m densevit.cli.index build STORE -o INDEX --on-disk
+    densevit-index update INDEX [--prune]
     densevit-index search INDEX --image IMG --point X,Y [--point X,Y ...] | --box X0,Y0,X1,Y1 [-k 20] --out DIR
 
-``build`` indexes every selected token of the store (see :mod:`densevit.storage.patch_index`). ``search`` writes
+``build`` indexes every selected token of the store (see :mod:`densevit.storage.patch_index`); with ``--on-disk``
+(implied under torchrun) the inverted lists live on disk, encoded in parts by every rank and merged
+(:mod:`densevit.storage.index_ondisk`); rerunning a killed build resumes it. ``update`` adds to an on-disk index
+the images its store gained, and with ``--prune`` removes those the store pruned. ``search`` writes
 ``DIR/<stem>_matches.json`` (per query: image, x, y in original-image pixels, token row / column, similarity)
 and a contact sheet per query, ``DIR/<stem>_q<i>.png``: a crop around the query location, then one around
 each of the best :data:`SHEET_MATCHES` matches, the location marked. ``-k`` lies in ``1..MAX_K``
@@ -23,6 +28,9 @@ from densevit.errors import DensevitError
 from densevit.io.files import atomic_write_text, check_outputs
 from densevit.io.images import UnreadableImageError, load_image, report_unreadable, skip_unreadable
 from densevit.options import opt
+from densevit.runtime import dist
+from densevit.runtime.progress import Progress, reporting
+from densevit.storage import index_ondisk
 from densevit.storage import patch_index as pi
 
 from .common import OutputOptions, run_cli
@@ -64,6 +72,15 @@ class SearchOptions:
     crop: Optional[float] = opt(None, "contact-sheet crop side in original pixels (default: 12 tokens)")
 
 
+@dataclass(frozen=True)
+class UpdateOptions:
+    """One update of an on-disk index: the index, its store, whether to remove what the store pruned."""
+
+    index: Optional[str] = opt(None, "index folder (densevit-index build --on-disk)", positional=True)
+    store: Optional[str] = opt(None, "the feature store (default: the one the index was built from)")
+    prune: bool = opt(False, "remove the images the store no longer holds", negatable=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(PROG, "A patch index over a feature store: build it, search it.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(b, OutputOptions, only=["out"], tweak={"out": {"help": "index folder to write"}})
     add_config_flags(b, pi.IndexConfig)
     add_config_flags(b, OutputOptions, only=["overwrite", "quiet"])
+    u = sub.add_parser("update", help="add the images the store gained to an --on-disk index (--prune: remove "
+                                      "those it pruned)", formatter_class=HelpFormatter)
+    add_config_flags(u, UpdateOptions)
+    add_config_flags(u, OutputOptions, only=["quiet"])
     s = sub.add_parser("search", help="the best-matching locations of a point or box across the collection",
                        formatter_class=HelpFormatter)
     add_config_flags(s, SearchOptions, only=["index", "image", "point", "box", "k"])
@@ -81,18 +102,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build(args: argparse.Namespace) -> int:
+def _build(args: argparse.Namespace, ctx: dist.DistContext) -> int:
     out = Path(args.out)
     check_outputs([args.store], folders=[out])
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise DensevitError(f"{out} exists and is not empty; pass --overwrite to replace the index")
     cfg = config_from_args(pi.IndexConfig, args)
+    if ctx.world_size > 1 and not cfg.on_disk:        # a sharded build merges parts into on-disk lists
+        cfg.on_disk = True
+    cfg.check()
+    unfinished = cfg.on_disk and (out / index_ondisk.PARTS / index_ondisk.PLAN).is_file()
+    if (out.exists() and any(out.iterdir()) and not args.overwrite
+            and ((out / pi.META).exists() or not unfinished)):
+        raise DensevitError(f"{out} exists and is not empty; pass --overwrite to replace the index")
     t = time.perf_counter()
-    index = pi.build_index(args.store, out, cfg, progress=not args.quiet)
+    with reporting(Progress(PROG, quiet=args.quiet or not ctx.is_main)):
+        if cfg.on_disk:
+            index = index_ondisk.build_on_disk(args.store, out, cfg, progress=not args.quiet, ctx=ctx,
+                                               overwrite=args.overwrite)
+        else:
+            index = pi.build_index(args.store, out, cfg, progress=not args.quiet)
+    if not ctx.is_main:
+        return 0
     size = sum((out / n).stat().st_size for n in index.meta["files"])
     print(f"index {out}: {len(index)} vectors of {index.meta['dim']} dims from {len(index.images)} image(s), "
           f"{args.kind}{''.join(f', {k} {v}' for k, v in index.meta['params'].items())}, {size / 2**20:.1f} MiB "
-          f"on disk, {time.perf_counter() - t:.1f} s")
+          f"on disk{' (lists memory-mapped)' if cfg.on_disk else ''}, {time.perf_counter() - t:.1f} s"
+          + (f" over {ctx.world_size} processes" if ctx.world_size > 1 else ""))
+    return 0
+
+
+def _update(args: argparse.Namespace, ctx: dist.DistContext) -> int:
+    root = Path(args.index)
+    try:                                              # the store it reads: never where the index is written
+        recorded = json.loads((root / pi.META).read_text()).get("store")
+    except (OSError, ValueError, AttributeError):
+        recorded = None                               # (update_index names what is wrong with the index)
+    check_outputs([s for s in (args.store or recorded,) if s], folders=[root])
+    t = time.perf_counter()
+    with reporting(Progress(PROG, quiet=args.quiet or not ctx.is_main)):
+        done = index_ondisk.update_index(root, args.store, prune=args.prune, progress=not args.quiet, ctx=ctx)
+    if ctx.is_main:
+        added, removed = done
+        if not added and not removed:
+            print(f"index {root} is up to date with its store")
+        else:
+            index = pi.load_index(root, args.store)
+            print(f"index {root}: {added} image(s) added, {removed} removed; {len(index)} vectors of "
+                  f"{len(index.store.images)} stored image(s), {time.perf_counter() - t:.1f} s")
     return 0
 
 
@@ -173,9 +228,10 @@ def _search(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "build":
-        return _build(args)
-    return _search(args)
+    if args.command == "search":
+        return _search(args)
+    with dist.session() as ctx:                       # alone, or one rank of torchrun
+        return (_build if args.command == "build" else _update)(args, ctx)
 
 
 entry = run_cli(main, PROG)

@@ -38,10 +38,11 @@ from ..runtime.device import select_device
 from ..io.files import atomic_write, file_sha256
 from .store import FeatureStore
 
-__all__ = ["KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",
+__all__ = ["IVF_KINDS", "KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",
            "query_descriptors", "rebuild_command", "search", "PatchIndexError"]
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
+IVF_KINDS = ("ivf-flat", "ivf-pq")
 MAX_K = 2048            # matches per query at most (FAISS's limit on GPUs; the same bound on every device)
 FORMAT = "densevit-patch-index-v1"
 META, IDS, FAISS_FILE, VECTORS = "index.json", "ids.npy", "index.faiss", "vectors.npy"
@@ -72,6 +73,9 @@ class IndexConfig:
         rerank: ivf-pq candidates re-scored exactly from the store (0: none; 1000 gives recall@10 0.955 on 1M
             DAVIS descriptors).
         chunk_images: images added to the index at a time.
+        on_disk: encode in parts (sharded over torchrun ranks) and merge them into inverted lists on disk
+            (:mod:`densevit.storage.index_ondisk`); IVF kinds only.
+        part_vectors: vectors per part with ``on_disk``: a rank holds one part's codes at a time.
     """
 
     kind: str = opt("ivf-pq", "flat: exact; ivf-pq: compact", choices=KINDS)
@@ -89,12 +93,18 @@ class IndexConfig:
     rerank: int = opt(1000, "ivf-pq candidates re-scored exactly from the store")
     chunk_images: int = opt(64, "images added to the index at a time", cli=False)
     seed: int = opt(0, "training sample seed", cli=False)
+    on_disk: bool = opt(False, "inverted lists on disk, memory-mapped at search (ivf-flat, ivf-pq; implied under "
+                               "torchrun); densevit-index update grows it", negatable=False)
+    part_vectors: int = opt(1_000_000, "vectors encoded per part with --on-disk (bounds each rank's memory)")
 
     def check(self) -> None:
         if self.kind not in KINDS:
             raise DensevitError(f"unknown index kind {self.kind!r}; choose from {', '.join(KINDS)}")
-        if self.sample_stride < 1 or self.chunk_images < 1 or self.train_size < 1:
-            raise DensevitError("--sample-stride, chunk size and training size must be >= 1")
+        if self.sample_stride < 1 or self.chunk_images < 1 or self.train_size < 1 or self.part_vectors < 1:
+            raise DensevitError("--sample-stride, --part-vectors, chunk size and training size must be >= 1")
+        if self.on_disk and self.kind not in IVF_KINDS:
+            raise DensevitError(f"--on-disk keeps inverted lists on disk: use --kind {' or '.join(IVF_KINDS)} "
+                                f"(got {self.kind})")
         if self.nprobe < 1 or self.ef_search < 1 or self.rerank < 0:
             raise DensevitError(f"--nprobe must be >= 1 (got {self.nprobe}), ef_search >= 1 and --rerank >= 0 "
                                 f"(got {self.rerank})")
@@ -221,13 +231,14 @@ class PatchIndex:
         return IndexConfig(**self.meta["config"])
 
     def __len__(self) -> int:
-        return int(self.ids.shape[0])
+        return int(self.meta.get("count", self.ids.shape[0]))
 
     def memory_bytes(self) -> int:
         """Bytes the searchable index holds in memory: its serialised size (codes or vectors, inverted lists,
-        graph, quantisers), which is what FAISS loads; the id map (12 bytes a vector) is not included."""
+        graph, quantisers), which is what FAISS loads; the id map (12 bytes a vector) is not included. With the
+        lists on disk: the quantiser, the PQ tables and the list directory (the codes are memory-mapped)."""
         if self.faiss_index is not None:
-            return int(self.meta["files"][FAISS_FILE]["size"])
+            return int(self.meta["files"][self.meta.get("faiss_file", FAISS_FILE)]["size"])
         return int(self.vectors.numel() * self.vectors.element_size())
 
     def grid(self, image_no: int) -> TokenGrid:
@@ -262,8 +273,11 @@ class PatchIndex:
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """Exact cosine of each query with its candidates, read from the store's memory-mapped shards."""
         if self._where is None:                     # per image: shard number, offset, token columns
-            names, shard_no, offsets = self.store.locations(self.images)
-            widths = np.array([self.grid(i).shape[1] for i in range(len(self.images))], np.int64)
+            live = [i for i, key in enumerate(self.images) if key is not None]    # (None: pruned)
+            names, sno, offs = self.store.locations([self.images[i] for i in live])
+            shard_no, offsets, widths = (np.zeros(len(self.images), np.int64) for _ in range(3))
+            shard_no[live], offsets[live] = sno, offs
+            widths[live] = [self.grid(i).shape[1] for i in live]
             self._where = (names, shard_no, offsets, widths)
         names, shard_no, offsets, widths = self._where
         flat = cand.reshape(-1)
@@ -294,8 +308,13 @@ class PatchIndex:
 # ------------------------------------------------------------------------------------------------ build
 def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cfg: IndexConfig = IndexConfig(),
                 progress: bool = True) -> PatchIndex:
-    """Index every selected token of ``store`` into the folder ``out`` (see the module docstring)."""
+    """Index every selected token of ``store`` into the folder ``out`` (see the module docstring). With
+    ``cfg.on_disk``: :func:`densevit.storage.index_ondisk.build_on_disk` (one process here)."""
     cfg.check()
+    if cfg.on_disk:
+        from .index_ondisk import build_on_disk
+
+        return build_on_disk(store, out, cfg, progress=progress)
     st = store if isinstance(store, FeatureStore) else FeatureStore(store)
     layer, facet = st.select(cfg.layer, cfg.facet)
     if facet == "attn":
@@ -319,7 +338,7 @@ def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cf
     if use_faiss:
         index, params = _make_faiss(cfg, d, n)
         if not index.is_trained:
-            index.train(_training_sample(st, images, selected, layer, facet, cfg, n, progress))
+            index.train(training_sample(st, images, selected.__getitem__, layer, facet, cfg, n, progress))
     else:
         vectors = np.empty((n, d), np.float16)
 
@@ -362,13 +381,15 @@ def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cf
     return load_index(out, st)
 
 
-def _training_sample(st: FeatureStore, images: Sequence[str], selected: Sequence[torch.Tensor], layer: int,
-                     facet: str, cfg: IndexConfig, n: int, progress: bool) -> np.ndarray:
-    """A random sample of about ``cfg.train_size`` selected vectors (each image contributes in proportion)."""
+def training_sample(st: FeatureStore, images: Sequence[str], select, layer: int, facet: str, cfg: IndexConfig,
+                    n: int, progress: bool) -> np.ndarray:
+    """A random sample of about ``cfg.train_size`` of the ``n`` selected vectors, drawn across every image (each
+    contributes in proportion; ``select(i)``: image ``i``'s selected tokens)."""
     g = torch.Generator().manual_seed(cfg.seed)
     rate = min(1.0, cfg.train_size / n)
     parts = []
-    for key, sel in tqdm(list(zip(images, selected)), desc="training sample", disable=not progress or rate >= 1):
+    for i in tqdm(range(len(images)), desc="training sample", disable=not progress or rate >= 1):
+        key, sel = images[i], select(i)
         if sel.numel() == 0:
             continue
         take = sel if rate >= 1 else sel[torch.rand(sel.numel(), generator=g) < rate]
@@ -394,10 +415,18 @@ def _content_digest(st: FeatureStore, images: Sequence[str]) -> str:
     shards, entries = st.manifest["shards"], st.manifest["images"]
     h = hashlib.sha256()
     for key in images:
+        if key is None:                                  # pruned from an on-disk index
+            continue
         e = entries[key]
         h.update(json.dumps([key, shards[e["shard"]]["sha256"], e["offset"], list(e["image_hw"])]).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def image_record(st: FeatureStore, key: str) -> List[Any]:
+    """What identifies one stored image's descriptors: its shard's SHA-256, its row there, its original size."""
+    e = st.manifest["images"][key]
+    return [st.manifest["shards"][e["shard"]]["sha256"], e["offset"], list(e["image_hw"])]
 
 
 def rebuild_command(root: Union[str, Path], store: Union[str, Path], cfg: IndexConfig) -> str:
@@ -410,6 +439,8 @@ def rebuild_command(root: Union[str, Path], store: Union[str, Path], cfg: IndexC
             flags.append(f"--{name.replace('_', '-')} {value}")
     if cfg.salient_only:
         flags.append("--salient-only")
+    if cfg.on_disk:
+        flags.append("--on-disk" + (f" --part-vectors {cfg.part_vectors}" if cfg.part_vectors != d.part_vectors else ""))
     return " ".join(["densevit-index build", str(store), "-o", str(root), *flags, "--overwrite"])
 
 
@@ -421,16 +452,31 @@ def _check_content(root: Path, meta: Dict[str, Any], st: FeatureStore) -> None:
         raise PatchIndexError(f"index {root} does not record the content of its store (an older densevit made it); "
                           f"{rebuild}")
     stored = st.manifest["images"]
-    missing = next((k for k in meta["images"] if k not in stored), None)
+    missing = next((k for k in meta["images"] if k is not None and k not in stored), None)
     if missing is not None:
+        fix = (f"remove what the store pruned: densevit-index update {root} --prune" if meta.get("on_disk")
+               else rebuild)
         raise PatchIndexError(f"index {root} was built from image {missing}, which store {st.root} does not hold; "
-                          f"{rebuild}")
+                          f"{fix}")
     if _content_digest(st, meta["images"]) != content:
         raise PatchIndexError(f"store {st.root} does not hold the descriptors index {root} was built from (an image "
                           f"was replaced or re-extracted, or it is another store); {rebuild}")
 
 
 # ------------------------------------------------------------------------------------------------ load
+def verify_index_files(root: Path, meta: Dict[str, Any]) -> None:
+    """Every file of an index against its record (size; SHA-256, or for large files the SHA-256 of blocks spread
+    over it), one line naming the first that differs."""
+    from .ondisk import sample_sha256
+
+    fix = "rebuild it with densevit-index build"
+    for name, rec in meta["files"].items():
+        verify_file(root / name, rec["size"], rec.get("sha256"), "index file", "the index", fix, PatchIndexError)
+        if "sample_sha256" in rec and sample_sha256(root / name) != rec["sample_sha256"]:
+            raise PatchIndexError(f"index file {root / name} is modified or was left half-written (its content "
+                                  f"differs from the index's record); {fix}")
+
+
 def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, None] = None,
                device: Optional[str] = None) -> PatchIndex:
     """Open an index folder, checking every file against its record and the store against the index's.
@@ -447,15 +493,18 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
         raise PatchIndexError(f"index file {meta_path} is corrupt (not JSON)") from None
     if meta.get("format") != FORMAT:
         raise PatchIndexError(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
-    for name, rec in meta["files"].items():
-        verify_file(root / name, rec["size"], rec["sha256"], "index file", "the index",
-                    "rebuild it with densevit-index build", PatchIndexError)
+    verify_index_files(root, meta)
     st = store if isinstance(store, FeatureStore) else FeatureStore(store or meta["store"])
     if _store_digest(st) != meta["store_digest"]:
         raise PatchIndexError(f"index {root} was built from a store with other settings than {st.root}; "
                           f"rebuild it from this store")
     _check_content(root, meta, st)
     dev = str(select_device(device))
+    if meta.get("on_disk"):                          # lists and id map memory-mapped, read-only
+        from .ondisk import open_index
+
+        ids = np.load(root / meta["ids_file"], mmap_mode="r")
+        return PatchIndex(root, meta, ids, st, faiss_index=open_index(root / meta["faiss_file"]), device=dev)
     ids = np.load(root / IDS)
     if FAISS_FILE in meta["files"]:
         faiss = _faiss()
