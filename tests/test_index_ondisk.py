@@ -81,7 +81,7 @@ def test_on_disk_search_equals_in_memory_search(store, tmp_path):
     mem = pi.build_index(store, tmp_path / "mem", pi.IndexConfig(**CFG), progress=False)
     disk = pi.build_index(store, tmp_path / "disk", pi.IndexConfig(**CFG, on_disk=True), progress=False)
     assert disk.meta["on_disk"] and sorted(disk.meta["files"]) == ["ids-0.npy", "ivf-0.faiss", "lists-0.ivfdata",
-                                                                    "trained.faiss"]
+                                                                    "trained-0.faiss"]
     assert not (tmp_path / "disk" / "parts").exists()
     q = torch.cat([store.descriptors("im005.png")[:10], store.descriptors("im031.png")[20:30]])
     s1, i1 = mem.search_vectors(q, 10)
@@ -267,6 +267,7 @@ def test_cli_update_and_search_an_on_disk_index(tmp_path, capsys):
     assert index_main(["build", str(root), "-o", str(tmp_path / "index"), "--on-disk", "--quiet", "--overwrite"]) == 0
     after = json.loads((tmp_path / "index" / "index.json").read_text())
     assert after["generation"] == before["generation"] + 1 and after["count"] == 768
+    assert after["trained_file"] != before["trained_file"]          # retrained: its own tables
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(["index.json", *after["files"]])
     assert len(pi.load_index(tmp_path / "index")) == 768
     code = index_main(["build", str(root), "-o", str(tmp_path / "flat"), "--kind", "flat", "--on-disk"])

@@ -18,7 +18,7 @@ An index folder on disk::
 
     index.json          as for every index, plus the per-image records (shard SHA-256, row, size), the
                         generation and the id counter
-    trained.faiss       the trained, empty index (quantiser + PQ tables): what updates encode with
+    trained-<b>.faiss   the trained, empty index (quantiser + PQ tables) of build ``b``: what updates encode with
     ivf-<g>.faiss       the searchable index: trained tables + the directory of the lists in lists-<g>.ivfdata
     lists-<g>.ivfdata   the inverted lists (codes + ids), memory-mapped read-only at search
     ids-<g>.npy         ``N x 3`` int32 (image number, token row, token column) per vector id, memory-mapped
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -59,7 +58,7 @@ __all__ = ["IndexSpaceError", "build_on_disk", "estimate_bytes", "plan_parts", "
 PARTS, PLAN, TRAINED = "parts", "plan.json", "trained.faiss"
 PLAN_FORMAT = "densevit-index-parts-v1"
 SAMPLED = 256 << 20          # files larger than this are checked at load by sampled blocks (whole SHA-256 below)
-_OWN = re.compile(r"^(ivf-\d+\.faiss|lists-\d+\.ivfdata|ids-\d+\.npy|index\.faiss|ids\.npy|vectors\.npy)$")
+_OWN = re.compile(r"^((ivf|trained)-\d+\.faiss|lists-\d+\.ivfdata|ids-\d+\.npy|index\.faiss|ids\.npy|vectors\.npy)$")
 _OWN_PART = re.compile(r"^(part|kept)-\d{5}(\.faiss|\.ids\.npy|\.json)$")
 SEARCH_ONLY = ("nprobe", "ef_search", "rerank")       # settings that do not change what is built
 
@@ -354,19 +353,20 @@ def _commit(out: Path, meta: Dict[str, Any], record: Dict[str, Any], trained: np
             at += len(part_ids)
         ids.flush()
         del ids
-    if not (out / TRAINED).is_file():
-        shutil.copyfile(parts.dir / TRAINED, out / TRAINED) if (parts.dir / TRAINED).is_file() else \
-            ondisk.write_index(ondisk.index_from_bytes(trained), out / TRAINED)
+    trained_file = meta.get("trained_file") if base_ids is not None else f"trained-{gen}.faiss"
+    if base_ids is None:                                # the tables every later update encodes with
+        ondisk.write_index(ondisk.index_from_bytes(trained), out / trained_file)
     dead_set = set(dead)
     new_keys = [None if i in dead_set else k for i, k in enumerate(meta["images"])] + list(keys)
     records = {k: image_record(st, k) for k in new_keys if k is not None}
     files = {}
-    for name in (TRAINED, faiss_file, lists_file, ids_file):
+    for name in (trained_file, faiss_file, lists_file, ids_file):
         size = (out / name).stat().st_size
         files[name] = ({"size": size, "sample_sha256": ondisk.sample_sha256(out / name)} if size > SAMPLED
                        else {"size": size, "sha256": file_sha256(out / name)})
     old_files = set(meta.get("files", {}))
     meta = dict(meta, generation=gen, faiss_file=faiss_file, ids_file=ids_file, lists_file=lists_file,
+                trained_file=trained_file,
                 next_id=rows, count=merged, images=new_keys, records=records, files=files,
                 store_content=_content_digest(st, new_keys))
     atomic_write_text(out / META, json.dumps(meta, indent=1) + "\n")
@@ -424,7 +424,7 @@ def update_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, N
     keys = [None] * first + new                           # part image numbers index this list
     plist = plan_parts(counts, cfg.part_vectors, first_image=first, first_id=meta["next_id"])
     record = _plan_record(cfg, st, meta["layer"], meta["facet"], keys, plist, meta)
-    trained_np = np.fromfile(root / TRAINED, np.uint8)
+    trained_np = np.fromfile(root / meta["trained_file"], np.uint8)
     code_size = _code_size(cfg, meta["params"], meta["dim"])
     added = int(counts.sum())
     need = estimate_bytes(meta["count"] + added, added + (meta["count"] if gone else 0), code_size,
