@@ -49,8 +49,8 @@ from ..runtime.dist import DistContext
 from ..runtime.progress import stage
 from . import ondisk
 from .patch_index import (FORMAT, META, IndexConfig, PatchIndex, PatchIndexError, _content_digest, _make_faiss,
-                          _normalize, _store_digest, image_record, load_index, rebuild_command, select_tokens,
-                          training_sample, verify_index_files)
+                          _normalize, _store_digest, check_selected, image_record, index_inputs, load_index,
+                          rebuild_command, select_tokens, training_sample, verify_index_files)
 from .store import FeatureStore
 
 __all__ = ["IndexSpaceError", "build_on_disk", "estimate_bytes", "plan_parts", "update_index"]
@@ -259,19 +259,10 @@ def build_on_disk(store: Union[str, Path, FeatureStore], out: Union[str, Path], 
         cfg = IndexConfig(**{**asdict(cfg), "on_disk": True})
     out = Path(out)
     st = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    layer, facet = st.select(cfg.layer, cfg.facet)
-    if facet == "attn":
-        raise DensevitError("facet attn holds attention maps, not descriptors; index key, query, value or token")
-    if cfg.salient_only and not st.settings.get("saliency"):
-        raise DensevitError("--salient-only needs a store extracted with --saliency")
-    keys = st.images
-    if not keys:
-        raise DensevitError(f"store {st.root} holds no images")
+    layer, facet, keys = index_inputs(st, cfg)
     src = _Source(st, cfg, layer, facet)
     counts = src.counts(keys)
-    n = int(counts.sum())
-    if n == 0:
-        raise DensevitError("no token selected (lower --saliency-threshold or --sample-stride)")
+    n = check_selected(int(counts.sum()))
     d = int(st.descriptors(keys[0], layer, facet).shape[1])
     cfg.check_sizes(n, d)
     index0, params = _make_faiss(cfg, d, n)

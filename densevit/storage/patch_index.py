@@ -15,6 +15,9 @@ opens only with the store content it was built from (:func:`load_index`); ``k`` 
 random sample of the selected tokens; vectors are added a chunk of images at a time, so memory stays bounded
 by the index itself. Search runs FAISS on a GPU when faiss-gpu is installed, and exact search through torch on
 a GPU without FAISS (``flat``). Every pixel <-> token conversion goes through :class:`densevit.models.grid.TokenGrid`.
+
+With ``on_disk`` (IVF kinds) the inverted lists live in a memory-mapped file instead, built in parts over torchrun
+ranks and grown in place: :mod:`densevit.storage.index_ondisk` (the files it writes are listed there).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from ..io.files import atomic_write, file_sha256
 from .store import FeatureStore
 
 __all__ = ["IVF_KINDS", "KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",
+           "check_selected", "image_record", "index_inputs", "training_sample", "verify_index_files",
            "query_descriptors", "rebuild_command", "search", "PatchIndexError"]
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
@@ -306,6 +310,25 @@ class PatchIndex:
 
 
 # ------------------------------------------------------------------------------------------------ build
+def index_inputs(st: FeatureStore, cfg: IndexConfig) -> Tuple[int, str, List[str]]:
+    """The stored layer, facet and image keys an index with ``cfg`` reads, checked (one line each)."""
+    layer, facet = st.select(cfg.layer, cfg.facet)
+    if facet == "attn":
+        raise DensevitError("facet attn holds attention maps, not descriptors; index key, query, value or token")
+    if cfg.salient_only and not st.settings.get("saliency"):
+        raise DensevitError("--salient-only needs a store extracted with --saliency")
+    if not st.images:
+        raise DensevitError(f"store {st.root} holds no images")
+    return layer, facet, st.images
+
+
+def check_selected(n: int) -> int:
+    """``n``, the number of tokens selected for an index, when there is any."""
+    if n == 0:
+        raise DensevitError("no token selected (lower --saliency-threshold or --sample-stride)")
+    return n
+
+
 def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cfg: IndexConfig = IndexConfig(),
                 progress: bool = True) -> PatchIndex:
     """Index every selected token of ``store`` into the folder ``out`` (see the module docstring). With
@@ -316,18 +339,9 @@ def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cf
 
         return build_on_disk(store, out, cfg, progress=progress)
     st = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    layer, facet = st.select(cfg.layer, cfg.facet)
-    if facet == "attn":
-        raise DensevitError("facet attn holds attention maps, not descriptors; index key, query, value or token")
-    if cfg.salient_only and not st.settings.get("saliency"):
-        raise DensevitError("--salient-only needs a store extracted with --saliency")
-    images = st.images
-    if not images:
-        raise DensevitError(f"store {st.root} holds no images")
+    layer, facet, images = index_inputs(st, cfg)
     selected = [select_tokens(st.grid(k), cfg, st.saliency(k) if cfg.salient_only else None) for k in images]
-    n = int(sum(int(s.numel()) for s in selected))
-    if n == 0:
-        raise DensevitError("no token selected (lower --saliency-threshold or --sample-stride)")
+    n = check_selected(int(sum(int(s.numel()) for s in selected)))
     d = int(st.descriptors(images[0], layer, facet).shape[1])
     cfg.check_sizes(n, d)
     out = Path(out)
