@@ -232,6 +232,7 @@ def _prepare(out: Path, record: Dict[str, Any], train: Callable[[], Any], need: 
         if not overwrite_parts:
             raise DensevitError(f"{out} holds an unfinished index build or update of other settings or another "
                                 f"store content; pass --overwrite to discard it")
+        stage(f"discarding the unfinished work in {parts.dir} (other settings or store content)")
         parts.clear()
         old = None
     done = sum(parts.done(i, p) for i, p in enumerate(record["parts"])) if old is not None else 0
@@ -420,8 +421,9 @@ def update_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, N
     added = int(counts.sum())
     need = estimate_bytes(meta["count"] + added, added + (meta["count"] if gone else 0), code_size,
                           meta["next_id"] + added)
+    # an unfinished update of another store content restarts (its parts were never committed)
     trained = ctx.on_main(lambda: _prepare(root, record, lambda: ondisk.index_from_bytes(trained_np), need, progress,
-                                           overwrite_parts=False))
+                                           overwrite_parts=True))
     _encode(root, src, keys, record, trained, ctx, progress)
     ctx.barrier()
 
