@@ -272,3 +272,25 @@ def test_cli_update_and_search_an_on_disk_index(tmp_path, capsys):
     assert len(pi.load_index(tmp_path / "index")) == 768
     code = index_main(["build", str(root), "-o", str(tmp_path / "flat"), "--kind", "flat", "--on-disk"])
     assert code != 0 and "--on-disk keeps inverted lists on disk" in capsys.readouterr().err
+
+
+def test_an_interrupted_update_restarts_when_the_store_changed_since(tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    _write(root, [("64x64-00000", 0, 8)])
+    pi.build_index(FeatureStore(root), tmp_path / "index", pi.IndexConfig(kind="ivf-flat", on_disk=True),
+                   progress=False)
+    _write(root, [("64x64-00000", 0, 8), ("64x64-00001", 8, 4)])
+    real = index_ondisk._Parts.write
+
+    def dies(self, i, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_ondisk._Parts, "write", dies)
+    with pytest.raises(KeyboardInterrupt):
+        index_ondisk.update_index(tmp_path / "index", progress=False)
+    assert len(pi.load_index(tmp_path / "index")) == 8 * SIDE * SIDE        # the old generation still serves
+    monkeypatch.setattr(index_ondisk._Parts, "write", real)
+    _write(root, [("64x64-00000", 0, 8), ("64x64-00001", 8, 4), ("64x64-00002", 12, 4)])   # it grew again
+    assert index_ondisk.update_index(tmp_path / "index", progress=False) == (8, 0)
+    assert len(pi.load_index(tmp_path / "index")) == 16 * SIDE * SIDE
+    assert not (tmp_path / "index" / "parts").exists()
