@@ -79,7 +79,7 @@ def store(tmp_path_factory) -> FeatureStore:
 def test_on_disk_search_equals_in_memory_search(store, tmp_path):
     """One part, the same training sample: the same codes, so the same results; the lists stay on disk."""
     mem = pi.build_index(store, tmp_path / "mem", pi.IndexConfig(**CFG), progress=False)
-    disk = pi.build_index(store, tmp_path / "disk", pi.IndexConfig(**CFG, on_disk=True), progress=False)
+    disk = index_ondisk.build_on_disk(store, tmp_path / "disk", pi.IndexConfig(**CFG, on_disk=True), progress=False)
     assert disk.meta["on_disk"] and sorted(disk.meta["files"]) == ["ids-0.npy", "ivf-0.faiss", "lists-0.ivfdata",
                                                                     "trained-0.faiss"]
     assert not (tmp_path / "disk" / "parts").exists()
@@ -88,6 +88,8 @@ def test_on_disk_search_equals_in_memory_search(store, tmp_path):
     s2, i2 = disk.search_vectors(q, 10)
     assert np.array_equal(i1, i2) and np.array_equal(s1, s2)
     assert isinstance(disk.ids, np.memmap)
+    with pytest.raises(pi.DensevitError, match="build_on_disk"):
+        pi.build_index(store, tmp_path / "other", pi.IndexConfig(**CFG, on_disk=True), progress=False)
     # what stays in memory is the quantiser, the PQ tables and the list directory, not the codes
     assert disk.memory_bytes() < (tmp_path / "disk" / "lists-0.ivfdata").stat().st_size
 
@@ -118,13 +120,13 @@ def test_update_after_the_store_grows_equals_a_rebuild_and_prune_equals_a_build_
     root = tmp_path / "store"
     st = _write(root, [("64x64-00000", 0, 24)])
     exhaustive = dict(kind="ivf-pq", on_disk=True, nlist=16, nprobe=16, rerank=4000, part_vectors=700)
-    pi.build_index(st, tmp_path / "index", pi.IndexConfig(**exhaustive), progress=False)
+    index_ondisk.build_on_disk(st, tmp_path / "index", pi.IndexConfig(**exhaustive), progress=False)
     grown = _write(root, [("64x64-00000", 0, 24), ("64x64-00001", 24, 16)])
     assert index_ondisk.update_index(tmp_path / "index", progress=False) == (16, 0)
     updated = pi.load_index(tmp_path / "index")
     assert updated.meta["generation"] == 1 and len(updated) == 40 * SIDE * SIDE
     assert not (tmp_path / "index" / "lists-0.ivfdata").exists()          # the old generation is gone
-    rebuilt = pi.build_index(grown, tmp_path / "rebuilt", pi.IndexConfig(**exhaustive), progress=False)
+    rebuilt = index_ondisk.build_on_disk(grown, tmp_path / "rebuilt", pi.IndexConfig(**exhaustive), progress=False)
     q = torch.cat([grown.descriptors("im003.png")[:8], grown.descriptors("im030.png")[8:16]])
     assert _results(updated, q) == _results(rebuilt, q)
     assert {r[0] for row in _results(updated, q, 50) for r in row} & {f"im{i:03d}.png" for i in range(24, 40)}
@@ -139,7 +141,7 @@ def test_update_after_the_store_grows_equals_a_rebuild_and_prune_equals_a_build_
     assert index_ondisk.update_index(tmp_path / "index", prune=True, progress=False) == (0, 24)
     after = pi.load_index(tmp_path / "index")
     assert len(after) == 16 * SIDE * SIDE and after.meta["images"][:24] == [None] * 24
-    fresh = pi.build_index(pruned, tmp_path / "fresh", pi.IndexConfig(**exhaustive), progress=False)
+    fresh = index_ondisk.build_on_disk(pruned, tmp_path / "fresh", pi.IndexConfig(**exhaustive), progress=False)
     q = pruned.descriptors("im030.png")[:16]
     assert _results(after, q) == _results(fresh, q)
     assert all(r[0] >= "im024.png" for row in _results(after, q) for r in row)
@@ -148,7 +150,7 @@ def test_update_after_the_store_grows_equals_a_rebuild_and_prune_equals_a_build_
 def test_update_refuses_a_re_extracted_image_and_an_in_memory_index(store, tmp_path):
     root = tmp_path / "store"
     st = _write(root, [("64x64-00000", 0, 8)])
-    pi.build_index(st, tmp_path / "disk", pi.IndexConfig(kind="ivf-flat", on_disk=True), progress=False)
+    index_ondisk.build_on_disk(st, tmp_path / "disk", pi.IndexConfig(kind="ivf-flat", on_disk=True), progress=False)
     pi.build_index(st, tmp_path / "mem", pi.IndexConfig(kind="ivf-flat"), progress=False)
     with pytest.raises(pi.DensevitError, match="only an --on-disk index is updated in place.*--on-disk"):
         index_ondisk.update_index(tmp_path / "mem", progress=False)
@@ -166,7 +168,7 @@ def test_update_refuses_a_re_extracted_image_and_an_in_memory_index(store, tmp_p
 @pytest.mark.parametrize("damage", ["truncated", "half-written"])
 def test_a_truncated_or_half_written_list_file_is_named_in_one_line(store, tmp_path, damage, capsys):
     out = tmp_path / "index"
-    pi.build_index(store, out, pi.IndexConfig(**CFG, on_disk=True), progress=False)
+    index_ondisk.build_on_disk(store, out, pi.IndexConfig(**CFG, on_disk=True), progress=False)
     lists = out / "lists-0.ivfdata"
     data = bytearray(lists.read_bytes())
     if damage == "truncated":
@@ -195,7 +197,7 @@ def test_sample_hash_sees_a_zeroed_block_in_a_large_file(tmp_path):
 def test_a_killed_build_leaves_nothing_that_loads_and_the_rerun_resumes(store, tmp_path, monkeypatch, capsys):
     out = tmp_path / "index"
     cfg = dict(**CFG, on_disk=True, part_vectors=500)
-    clean = pi.build_index(store, tmp_path / "clean", pi.IndexConfig(**cfg), progress=False)
+    clean = index_ondisk.build_on_disk(store, tmp_path / "clean", pi.IndexConfig(**cfg), progress=False)
     real = index_ondisk._Parts.write
     written = []
 
@@ -277,8 +279,8 @@ def test_cli_update_and_search_an_on_disk_index(tmp_path, capsys):
 def test_an_interrupted_update_restarts_when_the_store_changed_since(tmp_path, monkeypatch):
     root = tmp_path / "store"
     _write(root, [("64x64-00000", 0, 8)])
-    pi.build_index(FeatureStore(root), tmp_path / "index", pi.IndexConfig(kind="ivf-flat", on_disk=True),
-                   progress=False)
+    index_ondisk.build_on_disk(FeatureStore(root), tmp_path / "index", pi.IndexConfig(kind="ivf-flat", on_disk=True),
+                               progress=False)
     _write(root, [("64x64-00000", 0, 8), ("64x64-00001", 8, 4)])
     real = index_ondisk._Parts.write
 

@@ -331,13 +331,12 @@ def check_selected(n: int) -> int:
 
 def build_index(store: Union[str, Path, FeatureStore], out: Union[str, Path], cfg: IndexConfig = IndexConfig(),
                 progress: bool = True) -> PatchIndex:
-    """Index every selected token of ``store`` into the folder ``out`` (see the module docstring). With
-    ``cfg.on_disk``: :func:`densevit.storage.index_ondisk.build_on_disk` (one process here)."""
+    """Index every selected token of ``store`` into the folder ``out`` (see the module docstring); an index with
+    its lists on disk (``cfg.on_disk``) is built by :func:`densevit.storage.index_ondisk.build_on_disk`."""
     cfg.check()
     if cfg.on_disk:
-        from .index_ondisk import build_on_disk
-
-        return build_on_disk(store, out, cfg, progress=progress)
+        raise DensevitError("build_index keeps the lists in memory; build an on_disk index with "
+                            "densevit.storage.index_ondisk.build_on_disk")
     st = store if isinstance(store, FeatureStore) else FeatureStore(store)
     layer, facet, images = index_inputs(st, cfg)
     selected = [select_tokens(st.grid(k), cfg, st.saliency(k) if cfg.salient_only else None) for k in images]
