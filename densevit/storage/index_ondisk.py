@@ -49,7 +49,7 @@ from ..runtime.dist import DistContext
 from ..runtime.progress import stage
 from . import ondisk
 from .patch_index import (FORMAT, META, IndexConfig, PatchIndex, PatchIndexError, _content_digest, _make_faiss,
-                          _normalize, _store_digest, check_selected, image_record, index_inputs, load_index,
+                          _normalize, _store_digest, check_selected, image_record, index_inputs, load_index, read_meta,
                           rebuild_command, select_tokens, training_sample, verify_index_files)
 from .store import FeatureStore
 
@@ -378,15 +378,7 @@ def update_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, N
     unchanged); with ``prune``, remove those the store no longer holds. Refuses a store whose indexed images
     changed. Returns ``(images added, images removed)`` on rank 0."""
     root = Path(root)
-    meta_path = root / META
-    if not meta_path.is_file():
-        raise PatchIndexError(f"no patch index at {root} (missing {META})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        raise PatchIndexError(f"index file {meta_path} is corrupt (not JSON)") from None
-    if meta.get("format") != FORMAT:
-        raise PatchIndexError(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
+    meta = read_meta(root)
     cfg = IndexConfig(**meta["config"])
     st = store if isinstance(store, FeatureStore) else FeatureStore(store or meta["store"])
     if not meta.get("on_disk"):

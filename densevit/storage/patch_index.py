@@ -42,7 +42,7 @@ from ..io.files import atomic_write, file_sha256
 from .store import FeatureStore
 
 __all__ = ["IVF_KINDS", "KINDS", "MAX_K", "IndexConfig", "Match", "PatchIndex", "build_index", "check_k", "load_index",
-           "check_selected", "image_record", "index_inputs", "training_sample", "verify_index_files",
+           "check_selected", "image_record", "index_inputs", "read_meta", "training_sample", "verify_index_files",
            "query_descriptors", "rebuild_command", "search", "PatchIndexError"]
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
@@ -490,6 +490,20 @@ def verify_index_files(root: Path, meta: Dict[str, Any]) -> None:
                                   f"differs from the index's record); {fix}")
 
 
+def read_meta(root: Path) -> Dict[str, Any]:
+    """An index folder's ``index.json``, or one line saying why it is not an index."""
+    meta_path = root / META
+    if not meta_path.is_file():
+        raise PatchIndexError(f"no patch index at {root} (missing {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        raise PatchIndexError(f"index file {meta_path} is corrupt (not JSON)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PatchIndexError(f"{meta_path} is not a densevit patch index")
+    return meta
+
+
 def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, None] = None,
                device: Optional[str] = None) -> PatchIndex:
     """Open an index folder, checking every file against its record and the store against the index's.
@@ -497,15 +511,7 @@ def load_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, Non
     ``store``: the feature store (default: the path recorded at build time). ``device``: where exact ``flat``
     search runs without FAISS (and where FAISS-GPU runs when installed); default CUDA when available."""
     root = Path(root)
-    meta_path = root / META
-    if not meta_path.is_file():
-        raise PatchIndexError(f"no patch index at {root} (missing {META})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise PatchIndexError(f"index file {meta_path} is corrupt (not JSON)") from None
-    if meta.get("format") != FORMAT:
-        raise PatchIndexError(f"{meta_path} is not a densevit patch index ({meta.get('format')!r})")
+    meta = read_meta(root)
     verify_index_files(root, meta)
     st = store if isinstance(store, FeatureStore) else FeatureStore(store or meta["store"])
     if _store_digest(st) != meta["store_digest"]:
