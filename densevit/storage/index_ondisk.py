@@ -222,7 +222,7 @@ def _encode(out: Path, src: _Source, keys: Sequence[str], plan: Dict[str, Any], 
             bar.update(plist[i]["count"])
 
 
-def _prepare(out: Path, record: Dict[str, Any], train: Callable[[], Any], need: int, progress: bool,
+def _prepare(out: Path, record: Dict[str, Any], train: Callable[[], Any], need: int,
              overwrite_parts: bool) -> np.ndarray:
     """Rank 0: resume the parts folder when it holds this plan, else start it afresh (refusing another plan's
     unfinished work unless ``overwrite_parts``); check the disk; the trained index, serialised."""
@@ -278,7 +278,7 @@ def build_on_disk(store: Union[str, Path, FeatureStore], out: Union[str, Path], 
             index0.train(sample)
         return index0
 
-    trained = ctx.on_main(lambda: _prepare(out, record, train, need, progress, overwrite))
+    trained = ctx.on_main(lambda: _prepare(out, record, train, need, overwrite))
     _encode(out, src, keys, record, trained, ctx, progress)
     ctx.barrier()
 
@@ -414,7 +414,7 @@ def update_index(root: Union[str, Path], store: Union[str, Path, FeatureStore, N
     need = estimate_bytes(meta["count"] + added, added + (meta["count"] if gone else 0), code_size,
                           meta["next_id"] + added)
     # an unfinished update of another store content restarts (its parts were never committed)
-    trained = ctx.on_main(lambda: _prepare(root, record, lambda: ondisk.index_from_bytes(trained_np), need, progress,
+    trained = ctx.on_main(lambda: _prepare(root, record, lambda: ondisk.index_from_bytes(trained_np), need,
                                            overwrite_parts=True))
     _encode(root, src, keys, record, trained, ctx, progress)
     ctx.barrier()
