@@ -337,9 +337,28 @@ def _nlist(n: int) -> int:
     return min(4096, 2 ** round(math.log2(4 * math.sqrt(n))))
 
 
+class _Top10:
+    """The running exact top-10 (inner product) of each query over the vectors seen so far."""
+
+    def __init__(self, nq: int):
+        self.s = np.full((nq, 10), -np.inf, np.float32)
+        self.i = np.zeros((nq, 10), np.int64)
+
+    def update(self, s: np.ndarray, ids: np.ndarray) -> None:
+        """``s`` QxN scores of the vectors ``ids`` (N)."""
+        top = np.argpartition(-s, 10, axis=1)[:, :10] if s.shape[1] > 10 else np.tile(np.arange(s.shape[1]),
+                                                                                       (len(s), 1))
+        cs = np.concatenate([self.s, np.take_along_axis(s, top, 1)], 1)
+        ci = np.concatenate([self.i, ids[top]], 1)
+        o = np.argsort(-cs, 1, kind="stable")[:, :10]
+        self.s, self.i = np.take_along_axis(cs, o, 1), np.take_along_axis(ci, o, 1)
+
+
 def run_ondisk_one(args: argparse.Namespace) -> int:
     """One build of ``--one`` vectors in ``--work`` by this rank (alone or under torchrun), then (rank 0) the search
-    sweep; prints a JSON line (rank 0)."""
+    sweep; prints a JSON line (rank 0). Resumable: the trained tables, every encoded part (with its encode time and
+    the exact top-10 of the queries over its vectors, computed from the same generated chunks) and the merged index
+    are kept in ``--work``, and a rerun does only what is missing."""
     import faiss
 
     from densevit.runtime import dist
@@ -349,50 +368,75 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
     work = Path(args.work)
     anon = _PeakAnon()
     cb = _centers_basis()
+    q = synthetic_vectors(np.arange(args.queries), cb, salt=1)
+    parts = [(i, s, min(s + PART, n)) for i, s in enumerate(range(0, n, PART))]
+    merged = (work / "merge.json").is_file()
     with dist.session(timeout_minutes=600) as ctx:
+        work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         nlist = _nlist(n)
 
         def train():
+            if (work / "train.json").is_file():
+                return ondisk.index_to_bytes(faiss.read_index(str(work / "trained.faiss")))
             ids = np.sort(np.random.default_rng(0).choice(n, min(n, TRAIN), replace=False))
             index = faiss.IndexIVFPQ(faiss.IndexFlatIP(DIM), DIM, nlist, DIM // 4, 8, faiss.METRIC_INNER_PRODUCT)
             with ondisk.all_threads():
                 index.train(synthetic_vectors(ids, cb))
+            ondisk.write_index(index, work / "trained.faiss")
+            atomic_write_text(work / "train.json", json.dumps({"train_s": time.perf_counter() - t0}))
             return ondisk.index_to_bytes(index)
 
         trained = ctx.on_main(train)
-        train_s = time.perf_counter() - t0
-        parts = [(i, s, min(s + PART, n)) for i, s in enumerate(range(0, n, PART))]
+        train_s = json.loads((work / "train.json").read_text())["train_s"] if ctx.is_main else 0.0
         mine = ctx.shard(parts, [e - s for _, s, e in parts])
-        work.mkdir(parents=True, exist_ok=True)
         chunk = 100_000
         from tqdm import tqdm
 
-        with tqdm(total=sum(e - s for _, s, e in mine), desc=f"encoding (rank {ctx.rank})", unit="vec",
+        resumed, seconds = False, 0.0
+        todo = [] if merged else [(i, s, e) for i, s, e in mine if not (work / f"part-{i:05d}.json").is_file()]
+        resumed = merged or len(todo) < len(mine)
+        with tqdm(total=sum(e - s for _, s, e in todo), desc=f"encoding (rank {ctx.rank})", unit="vec",
                   unit_scale=True, disable=not ctx.is_main or args.quiet) as bar:
-            for i, s, e in mine:
-                def chunks(s=s, e=e):
+            for i, s, e in todo:
+                t = time.perf_counter()
+                top = _Top10(len(q))
+
+                def chunks(s=s, e=e, top=top):
                     for a in range(s, e, chunk):
                         b = min(a + chunk, e)
-                        yield synthetic_vectors(np.arange(a, b), cb), np.arange(a, b, dtype=np.int64)
+                        x, ids = synthetic_vectors(np.arange(a, b), cb), np.arange(a, b, dtype=np.int64)
+                        top.update(q @ x.T, ids)
+                        yield x, ids
                         bar.update(b - a)
                 ondisk.encode_part(trained, chunks(), work / f"part-{i:05d}.faiss")
-        encode_s = time.perf_counter() - t0 - train_s
+                np.savez(work / f"part-{i:05d}.top.npz", s=top.s, i=top.i)
+                atomic_write_text(work / f"part-{i:05d}.json", json.dumps({"encode_s": time.perf_counter() - t}))
+        for i, _, _ in mine:                         # this rank's encode time, summed over runs when resumed
+            seconds += json.loads((work / f"part-{i:05d}.json").read_text())["encode_s"]
         ctx.barrier()
-        t1 = time.perf_counter()
-        if ctx.is_main:
+        if ctx.is_main and not merged:
+            t1 = time.perf_counter()
             sources = [ondisk.open_part(work / f"part-{i:05d}.faiss") for i, _, _ in parts]
             ondisk.merge_lists(trained, sources, work / "lists.ivfdata", work / "ivf.faiss")
             del sources
+            top = _Top10(len(q))
+            for i, _, _ in parts:
+                z = np.load(work / f"part-{i:05d}.top.npz")
+                _merge_top(top, z["s"], z["i"])
+            np.save(_exact_cache(work, n, len(q)), top.i)
+            atomic_write_text(work / "merge.json", json.dumps({"merge_s": time.perf_counter() - t1}))
             for i, _, _ in parts:
                 (work / f"part-{i:05d}.faiss").unlink()
-        merge_s = time.perf_counter() - t1
-        build_s = time.perf_counter() - t0
-        mem = ctx.gather({"peak_rss": _PeakAnon.status("VmHWM"), "peak_anon": anon.stop()})
+        merge_s = json.loads((work / "merge.json").read_text())["merge_s"] if ctx.is_main else 0.0
+        mem = ctx.gather({"peak_rss": _PeakAnon.status("VmHWM"), "peak_anon": anon.stop(), "encode_s": seconds,
+                          "resumed": resumed})
     if not ctx.is_main:
         return 0
+    encode_s = max(m["encode_s"] for m in mem)
     row = {"vectors": n, "ranks": ctx.world_size, "nlist": nlist, "pq_m": DIM // 4, "train_s": train_s,
-           "encode_s": encode_s, "merge_s": merge_s, "build_s": build_s,
+           "encode_s": encode_s, "merge_s": merge_s, "build_s": train_s + encode_s + merge_s,
+           "resumed": any(m["resumed"] for m in mem),
            "peak_rss_mib": [m["peak_rss"] / 2**20 for m in mem], "peak_anon_mib": [m["peak_anon"] / 2**20 for m in mem],
            "lists_bytes": (work / "lists.ivfdata").stat().st_size, "index_bytes": (work / "ivf.faiss").stat().st_size,
            "files_sha256": [file_sha256(work / "lists.ivfdata"), file_sha256(work / "ivf.faiss")]}
@@ -402,22 +446,28 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_top(top: _Top10, s: np.ndarray, i: np.ndarray) -> None:
+    """Fold another top-10 (``s``, ``i`` Qx10) into ``top``."""
+    cs, ci = np.concatenate([top.s, s], 1), np.concatenate([top.i, i], 1)
+    o = np.argsort(-cs, 1, kind="stable")[:, :10]
+    top.s, top.i = np.take_along_axis(cs, o, 1), np.take_along_axis(ci, o, 1)
+
+
+def _exact_cache(work: Path, n: int, nq: int) -> Path:
+    return work.parent / f"exact_{n}_{nq}.npy"
+
+
 def _exact_top10(n: int, q: np.ndarray, cb, cache: Path) -> np.ndarray:
-    """Exact top-10 ids of every query over all ``n`` vectors (regenerated chunk by chunk); cached per size."""
+    """Exact top-10 ids of every query over all ``n`` vectors (regenerated chunk by chunk); cached per size (the
+    build leaves it there when it computed it while encoding)."""
     if cache.is_file():
         return np.load(cache)
-    best_s = np.full((len(q), 10), -np.inf, np.float32)
-    best_i = np.zeros((len(q), 10), np.int64)
+    top = _Top10(len(q))
     for a in range(0, n, CHUNK):
         b = min(a + CHUNK, n)
-        s = q @ synthetic_vectors(np.arange(a, b), cb).T
-        top = np.argpartition(-s, 10, axis=1)[:, :10]
-        cs = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
-        ci = np.concatenate([best_i, top + a], 1)
-        o = np.argsort(-cs, 1)[:, :10]
-        best_s, best_i = np.take_along_axis(cs, o, 1), np.take_along_axis(ci, o, 1)
-    np.save(cache, best_i)
-    return best_i
+        top.update(q @ synthetic_vectors(np.arange(a, b), cb).T, np.arange(a, b, dtype=np.int64))
+    np.save(cache, top.i)
+    return top.i
 
 
 def _ondisk_search(work: Path, n: int, args: argparse.Namespace, cb):
@@ -427,7 +477,7 @@ def _ondisk_search(work: Path, n: int, args: argparse.Namespace, cb):
 
     index = ondisk.open_index(work / "ivf.faiss")
     q = synthetic_vectors(np.arange(args.queries), cb, salt=1)
-    exact = _exact_top10(n, q, cb, Path(args.work).parent / f"exact_{n}_{args.queries}.npy")
+    exact = _exact_top10(n, q, cb, _exact_cache(Path(args.work), n, args.queries))
     rows = []
     for nprobe in args.nprobes:
         for rerank in args.reranks:
@@ -547,8 +597,8 @@ def model_1b(rows, cores=(2, 64), disk_gbps: float = 1.0, iops: float = 100_000,
         t_wide = nprobe * target / wide * per_code
         out.append((f"query, nlist {wide}, nprobe {nprobe}, no re-ranking", "-",
                     f"{1000 * t_wide:.0f} ms cached / {1000 * (t_wide + nprobe * target / wide * entry / (disk_gbps * 1e9)):.0f}"
-                    f" ms from disk", f"FAISS's billion-scale list count (an HNSW coarse quantiser to encode); recall "
-                    f"at a given nprobe is not modelled: it falls as each probed list covers less of the space"))
+                    f" ms from disk", "FAISS's billion-scale list count (an HNSW coarse quantiser to encode); recall "
+                    "at a given nprobe is not modelled: it falls as each probed list covers less of the space"))
         out.append(("re-ranking 1000 candidates", "-", f"{1000 * 1000 / iops:.0f} ms from disk",
                     f"1000 random reads of a float16 descriptor from the store at {iops:,.0f} IOPS (page cache: "
                     f"well under 1 ms)"))
