@@ -272,3 +272,20 @@ def test_cli_k_is_one_line_and_the_contact_sheet_is_bounded(shifted_store, tmp_p
     one_row = Image.open(tmp_path / "o5" / "a_q0.png").size                        # the query + 5: one row of 6
     rows = -(-(SHEET_MATCHES + 1) // 6)                                             # the query + the best 50
     assert sheet == (one_row[0], rows * one_row[1])
+
+
+def test_default_nprobe_is_a_quarter_of_the_lists_at_least_16_and_a_given_one_wins(planted, tmp_path):
+    """Issue 37: nprobe 16 gave recall@10 0.30-0.35 on the 1-100 M synthetic benchmark; the default now probes a
+    ``PROBE_SHARE``-th of the lists (at least 16, or all). A given --nprobe is used as it is."""
+    assert pi.IndexConfig().probes(4096) == 4096 // pi.PROBE_SHARE
+    assert pi.IndexConfig().probes(32) == 16 and pi.IndexConfig().probes(8) == 8
+    assert pi.IndexConfig(nprobe=16).probes(4096) == 16 and pi.IndexConfig(nprobe=64).probes(32) == 32
+    assert pi._default_nlist(10**8) == pi.MAX_DEFAULT_NLIST == 4096 and pi._default_nlist(10**5) == 1024
+    index = pi.build_index(planted, tmp_path / "i", pi.IndexConfig(kind="ivf-pq", nlist=128), progress=False)
+    assert index.config.nprobe is None
+    im, r, c = PLANTED[0]
+    pi.search(index, f"im{im:02d}.png", points=[(c * 8 + 4, r * 8 + 4)], k=3)
+    assert index.faiss_index.nprobe == 128 // pi.PROBE_SHARE                     # what FAISS searched with
+    index.meta["config"]["nprobe"] = 16                                            # an index built with --nprobe 16
+    pi.search(index, f"im{im:02d}.png", points=[(c * 8 + 4, r * 8 + 4)], k=3)
+    assert index.faiss_index.nprobe == 16
