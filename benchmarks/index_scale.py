@@ -348,8 +348,11 @@ class _Top10:
         """``s`` QxN scores of the vectors ``ids`` (N)."""
         top = np.argpartition(-s, 10, axis=1)[:, :10] if s.shape[1] > 10 else np.tile(np.arange(s.shape[1]),
                                                                                        (len(s), 1))
-        cs = np.concatenate([self.s, np.take_along_axis(s, top, 1)], 1)
-        ci = np.concatenate([self.i, ids[top]], 1)
+        self.fold(np.take_along_axis(s, top, 1), ids[top])
+
+    def fold(self, s: np.ndarray, i: np.ndarray) -> None:
+        """Fold another top-k (``s`` scores, ``i`` ids, QxK) into this one."""
+        cs, ci = np.concatenate([self.s, s], 1), np.concatenate([self.i, i], 1)
         o = np.argsort(-cs, 1, kind="stable")[:, :10]
         self.s, self.i = np.take_along_axis(cs, o, 1), np.take_along_axis(ci, o, 1)
 
@@ -393,7 +396,7 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
         chunk = 100_000
         from tqdm import tqdm
 
-        resumed, seconds = False, 0.0
+        seconds = 0.0
         todo = [] if merged else [(i, s, e) for i, s, e in mine if not (work / f"part-{i:05d}.json").is_file()]
         resumed = merged or len(todo) < len(mine)
         with tqdm(total=sum(e - s for _, s, e in todo), desc=f"encoding (rank {ctx.rank})", unit="vec",
@@ -423,7 +426,7 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
             top = _Top10(len(q))
             for i, _, _ in parts:
                 z = np.load(work / f"part-{i:05d}.top.npz")
-                _merge_top(top, z["s"], z["i"])
+                top.fold(z["s"], z["i"])
             np.save(_exact_cache(work, n, len(q)), top.i)
             atomic_write_text(work / "merge.json", json.dumps({"merge_s": time.perf_counter() - t1}))
             for i, _, _ in parts:
@@ -444,13 +447,6 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
         row["search"] = _ondisk_search(work, n, args, cb)
     print(json.dumps(row))
     return 0
-
-
-def _merge_top(top: _Top10, s: np.ndarray, i: np.ndarray) -> None:
-    """Fold another top-10 (``s``, ``i`` Qx10) into ``top``."""
-    cs, ci = np.concatenate([top.s, s], 1), np.concatenate([top.i, i], 1)
-    o = np.argsort(-cs, 1, kind="stable")[:, :10]
-    top.s, top.i = np.take_along_axis(cs, o, 1), np.take_along_axis(ci, o, 1)
 
 
 def _exact_cache(work: Path, n: int, nq: int) -> Path:
