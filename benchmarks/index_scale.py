@@ -3,6 +3,7 @@
     python benchmarks/index_scale.py real STORE [--kinds flat ivf-flat ivf-pq hnsw] [--queries 1000] [--out DIR]
     python benchmarks/index_scale.py synthetic [--sizes 1e6 3e6 1e7] [--queries 200] [--out DIR]
     python benchmarks/index_scale.py ondisk [--sizes 1e6 1e7 1e8] [--ranks 1 2] [--queries 200] [--work DIR] [--out DIR]
+    python benchmarks/index_scale.py merge [--vectors 1e8] [--work DIR] [--out DIR] [--keep-indexes]
 
 ``real``: every token of a feature store (``densevit-extract --store``), each kind built in a fresh process
 (peak RSS is that process's); queries are ``--queries`` stored tokens drawn at random (seed 0), searched one at
@@ -16,7 +17,12 @@ each size, over a synthetic store of the same distribution whose vector ``i`` is
 writing 100 M x 384 float16 = 77 GB); per rank: build time, peak RSS (``VmHWM``, which counts the page cache of
 mapped files it touched) and peak anonymous memory (sampled every 0.1 s); bytes on disk; query median / p95 and
 recall@10 per (nprobe, rerank) against exact top-10 over all vectors for ``--queries`` queries; whether the ranks'
-lists are byte-identical; and a model of each figure at 1 B. Tables are printed and saved (CSV, Markdown, JSON).
+lists are byte-identical; and a model of each figure at 1 B. ``merge``: the merge stage alone at ``--vectors``, on
+parts laid out as ``ondisk`` writes them (``PART`` vectors each, ids ascending, the same ``nlist`` and code size)
+holding random codes in pseudo-random lists (the merge copies bytes, whatever they encode): merge time and the
+merging process's anonymous memory before and at peak; ``--keep-indexes`` keeps every opened part's index (coarse
+quantizer, PQ tables) alive during the merge, as the build did before it took only their lists.
+Tables are printed and saved (CSV, Markdown, JSON).
 """
 from __future__ import annotations
 
@@ -420,9 +426,8 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
         ctx.barrier()
         if ctx.is_main and not merged:
             t1 = time.perf_counter()
-            sources = [ondisk.open_part(work / f"part-{i:05d}.faiss") for i, _, _ in parts]
-            ondisk.merge_lists(trained, sources, work / "lists.ivfdata", work / "ivf.faiss")
-            del sources
+            with ondisk.lists_of(ondisk.open_part(work / f"part-{i:05d}.faiss") for i, _, _ in parts) as sources:
+                ondisk.merge_lists(trained, sources, work / "lists.ivfdata", work / "ivf.faiss")
             top = _Top10(len(q))
             for i, _, _ in parts:
                 z = np.load(work / f"part-{i:05d}.top.npz")
@@ -550,11 +555,12 @@ def _table_ondisk(rows) -> str:
     return "\n".join(lines)
 
 
-def model_1b(rows, cores=(2, 64), disk_gbps: float = 1.0, iops: float = 100_000, target: float = 1e9):
+def model_1b(rows, merges=(), cores=(2, 64), disk_gbps: float = 1.0, iops: float = 100_000, target: float = 1e9):
     """Each figure of the ``ondisk`` rows modelled at ``target`` vectors, from the largest measured size, with the
     assumptions stated in the table: encoding per core constant per vector (same nlist), lists and id map linear
     in N, merge bound by ``disk_gbps`` (read + write once), probed lists read from disk at ``disk_gbps`` when the
-    lists exceed the page cache, re-ranking 1000 random store reads at ``iops``."""
+    lists exceed the page cache, re-ranking 1000 random store reads at ``iops``; ``merges`` (rows of the ``merge``
+    mode) give rank 0's merge memory, scaled with the number of parts."""
     big = max(rows, key=lambda r: (r["vectors"], r["ranks"]))
     n, ranks = big["vectors"], big["ranks"]
     per_core = n / (big["encode_s"] * ranks)                      # vectors a second a core (OMP_NUM_THREADS=1)
@@ -573,10 +579,24 @@ def model_1b(rows, cores=(2, 64), disk_gbps: float = 1.0, iops: float = 100_000,
                 f"the same {TRAIN:,}-vector sample and nlist {big['nlist']}"))
     out.append(("merge", f"{big['merge_s']:.1f} s", f"{2 * lists / (disk_gbps * 1e9) / 60:.0f} min",
                 f"read + write the lists once at {disk_gbps:g} GB/s"))
-    anon = [m for m in big["peak_anon_mib"]]
-    out.append(("peak anonymous memory a rank", " / ".join(f"{m:.0f} MiB" for m in anon),
-                " / ".join(f"{m:.0f} MiB" for m in anon),
-                "independent of N: trained index + one part (+ the training sample on rank 0)"))
+    anon = big["peak_anon_mib"]
+    if len(anon) > 1:
+        out.append(("peak anonymous memory, encoding ranks", " / ".join(f"{m:.0f} MiB" for m in anon[1:]),
+                    " / ".join(f"{m:.0f} MiB" for m in anon[1:]), "independent of N: trained index + one part + one chunk"))
+    merge = max(merges, key=lambda m: m["vectors"]) if merges else None
+    if merge is None:
+        out.append(("peak anonymous memory, rank 0", f"{anon[0]:.0f} MiB", f"{anon[0]:.0f} MiB",
+                    "independent of N: the training sample, trained index, one part"))
+    else:                                                        # training bounds rank 0 unless the merge does
+        train_peak = max(r["peak_anon_mib"][0] for r in rows if r["vectors"] < n) if any(
+            r["vectors"] < n for r in rows) else anon[0]
+        per_part = (merge["peak_anon_mib"] - merge["anon_before_mib"]) / merge["parts"]
+        at = merge["anon_before_mib"] + per_part * merge["parts"] * target / merge["vectors"]
+        out.append(("peak anonymous memory, rank 0", f"{anon[0]:.0f} MiB in the build (a quantiser per part held while "
+                    f"merging); training {train_peak:.0f} MiB; the merge alone {merge['anon_before_mib']:.0f} -> "
+                    f"{merge['peak_anon_mib']:.0f} MiB over {merge['parts']} parts",
+                    f"{max(train_peak, at):.0f} MiB", f"training's peak (independent of N), or the merge's: "
+                    f"{1024 * per_part:.0f} KiB a part (its list directory), {target / merge['vectors'] * merge['parts']:,.0f} parts"))
     search = {(s["nprobe"], s["rerank"]): s for s in big.get("search", [])}
     if search:
         nprobe = max(k[0] for k in search if k[1] == 0)
@@ -603,9 +623,76 @@ def model_1b(rows, cores=(2, 64), disk_gbps: float = 1.0, iops: float = 100_000,
     return "\n".join(lines)
 
 
+def run_merge(args: argparse.Namespace) -> int:
+    """The merge stage alone (see the module's docstring); prints and saves one row."""
+    import faiss
+
+    from densevit.storage import ondisk
+
+    n, work = int(float(args.vectors)), Path(args.work) / f"merge_{int(float(args.vectors))}"
+    work.mkdir(parents=True, exist_ok=True)
+    nlist = _nlist(n)
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(DIM), DIM, nlist, DIM // 4, 8, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = index.pq.cp.niter = 2            # any trained tables do: the merge never reads them
+    index.train(np.random.default_rng(0).standard_normal((nlist * 40, DIM)).astype(np.float32))
+    trained, cs = ondisk.index_to_bytes(index), index.code_size
+    del index
+    parts = [(i, s, min(s + PART, n)) for i, s in enumerate(range(0, n, PART))]
+    from tqdm import tqdm
+
+    for i, s, e in tqdm(parts, desc="writing parts", disable=args.quiet):
+        path = work / f"part-{i:05d}.faiss"
+        if path.is_file():
+            continue
+        part = ondisk.index_from_bytes(trained)
+        ivf = faiss.extract_index_ivf(part)
+        ids = np.arange(s, e, dtype=np.int64)
+        lists = (ids * 2654435761) % nlist
+        order = np.argsort(lists, kind="stable")
+        ids, bounds = ids[order], np.searchsorted(lists[order], np.arange(nlist + 1))
+        codes = np.random.default_rng(i).integers(0, 256, (len(ids), cs), dtype=np.uint8)
+        for li in np.flatnonzero(np.diff(bounds)):    # a loop over lists (nlist), numpy inside
+            a, b = bounds[li], bounds[li + 1]
+            lid, lcode = np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(codes[a:b])
+            ivf.invlists.add_entries(int(li), int(b - a), faiss.swig_ptr(lid), faiss.swig_ptr(lcode))
+        ivf.ntotal = part.ntotal = e - s
+        ondisk.write_index(part, path)
+    before = _PeakAnon.status("RssAnon")
+    anon, t = _PeakAnon(), time.perf_counter()
+    kept = []
+
+    def opened():
+        for i, _, _ in parts:
+            part = ondisk.open_part(work / f"part-{i:05d}.faiss")
+            if args.keep_indexes:
+                kept.append(part)
+            yield part
+    with ondisk.lists_of(opened()) as sources:
+        merged = ondisk.merge_lists(trained, sources, work / "lists.ivfdata", work / "ivf.faiss")
+    merge_s, peak = time.perf_counter() - t, anon.stop()
+    kept.clear()
+    row = {"vectors": n, "parts": len(parts), "nlist": nlist, "code_size": cs, "keep_indexes": bool(args.keep_indexes),
+           "merged": merged, "merge_s": merge_s, "anon_before_mib": before / 2**20, "peak_anon_mib": peak / 2**20,
+           "lists_bytes": (work / "lists.ivfdata").stat().st_size}
+    for f in ("lists.ivfdata", "ivf.faiss"):
+        (work / f).unlink()
+    if not args.keep_parts:
+        shutil.rmtree(work)
+    line = (f"merge {n:,} vectors ({len(parts)} parts, nlist {nlist}{', indexes kept' if args.keep_indexes else ''}): "
+            f"{merge_s:.0f} s, anonymous memory {row['anon_before_mib']:.0f} MiB before, "
+            f"{row['peak_anon_mib']:.0f} MiB at peak")
+    print(line)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"index_scale_merge_{n}{'_kept' if args.keep_indexes else ''}.json"
+    atomic_write_text(out / name, json.dumps(row, indent=1) + "\n")
+    return 0
+
+
 def run_model(args: argparse.Namespace) -> int:
     rows = [r for f in args.inputs for r in json.loads(Path(f).read_text())]
-    table = model_1b(rows, disk_gbps=args.disk_gbps, iops=args.iops)
+    merges = [json.loads(Path(f).read_text()) for f in args.merge]
+    table = model_1b(rows, [m for m in merges if not m["keep_indexes"]], disk_gbps=args.disk_gbps, iops=args.iops)
     print(table)
     atomic_write_text(Path(args.out) / "index_scale_model_1b.md", table + "\n")
     return 0
@@ -642,8 +729,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true")
     o.add_argument("--search", action="store_true", help=argparse.SUPPRESS)
     o.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    g = sub.add_parser("merge", help="the ondisk merge stage alone, on parts of random codes")
+    g.add_argument("--vectors", default="1e8")
+    g.add_argument("--work", default="results/index_scale/ondisk_work", help="where the parts are written")
+    g.add_argument("--out", default="results/index_scale")
+    g.add_argument("--keep-indexes", action="store_true", help="keep each opened part's index during the merge")
+    g.add_argument("--keep-parts", action="store_true", help="keep the parts for another run")
+    g.add_argument("--quiet", action="store_true")
     m = sub.add_parser("model", help="the ondisk figures modelled at 1 B vectors")
     m.add_argument("inputs", nargs="+", help="index_scale_ondisk.json files")
+    m.add_argument("--merge", nargs="*", default=[], help="index_scale_merge_*.json files (rank 0's merge memory)")
     m.add_argument("--disk-gbps", type=float, default=1.0)
     m.add_argument("--iops", type=float, default=100_000)
     m.add_argument("--out", default="results/index_scale")
@@ -657,6 +752,8 @@ def main(argv=None) -> int:
         return run_one(args) if args.one else run_sweep(args) if args.sweep else run_real(args)
     if args.mode == "model":
         return run_model(args)
+    if args.mode == "merge":
+        return run_merge(args)
     if args.mode == "ondisk":
         return run_ondisk_one(args) if args.one else run_ondisk(args)
     return run_synthetic_one(args) if args.one else run_synthetic(args)

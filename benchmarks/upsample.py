@@ -270,7 +270,7 @@ def highres(args: argparse.Namespace) -> int:
             feats = Path(tmp) / f"f{size}.pt"
             r = _run_child(["--child", "extract", "--size", str(size), "--save", str(feats), *common] +
                            (["--random-features"] if args.random_features else []))
-            rows.append(dict(size=size, method=f"patch stride (extraction)", **r))
+            rows.append(dict(size=size, method="patch stride (extraction)", **r))
             print(rows[-1], flush=True)
             if "error" in r:
                 continue

@@ -296,3 +296,41 @@ def test_an_interrupted_update_restarts_when_the_store_changed_since(tmp_path, m
     assert index_ondisk.update_index(tmp_path / "index", progress=False) == (8, 0)
     assert len(pi.load_index(tmp_path / "index")) == 16 * SIDE * SIDE
     assert not (tmp_path / "index" / "parts").exists()
+
+
+def _anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc/self/status")
+def test_the_merge_holds_lists_not_a_quantizer_per_part_and_unmaps_them(tmp_path):
+    """Issue 37 at 100 M: rank 0's anonymous memory grew by one coarse quantizer (nlist x d float32) per part while
+    the parts were open for the merge, 2.5 GiB over 400 parts. The merge must hold each part's lists, not its
+    quantizer and tables, and unmap them after."""
+    faiss = ondisk.faiss_module()
+    d, nlist, nparts = 256, 1024, 24                   # a 1 MiB quantizer per part: 24 MiB if they were kept
+    rng = np.random.default_rng(0)
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, nlist, 16, 4)
+    ivf.train(rng.standard_normal((nlist * 8, d)).astype(np.float32))
+    trained = ondisk.index_to_bytes(ivf)
+    paths = []
+    for p in range(nparts):
+        x = rng.standard_normal((200, d)).astype(np.float32)
+        paths.append(tmp_path / f"part-{p:03d}.faiss")
+        ondisk.encode_part(trained, [(x, np.arange(p * 200, p * 200 + 200))], paths[-1])
+    mapped = lambda: sum("part-" in line for line in Path("/proc/self/maps").read_text().splitlines())  # noqa: E731
+    before = _anon_kib()
+    with ondisk.lists_of(ondisk.open_part(p) for p in paths) as lists:
+        held = _anon_kib() - before
+        assert mapped() == nparts
+        merged = ondisk.merge_lists(trained, lists, tmp_path / "lists.ivfdata", tmp_path / "ivf.faiss")
+    assert merged == nparts * 200
+    assert held < 8 * 1024, f"{held} KiB held for {nparts} open parts"
+    assert mapped() == 0 and lists == []
+    index = ondisk.open_index(tmp_path / "ivf.faiss")
+    got = np.sort(np.concatenate([faiss.rev_swig_ptr(index.invlists.get_ids(i), index.invlists.list_size(i)).copy()
+                                  for i in range(nlist) if index.invlists.list_size(i)]))
+    assert np.array_equal(got, np.arange(nparts * 200))

@@ -33,6 +33,7 @@ a vector of id map) and one chunk of ``chunk_images`` images' float32 descriptor
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import asdict
@@ -315,20 +316,22 @@ def _commit(out: Path, meta: Dict[str, Any], record: Dict[str, Any], trained: np
                               f"rerun the same command to resume")
     gen = meta["generation"] + 1
     faiss_file, lists_file, ids_file = f"ivf-{gen}.faiss", f"lists-{gen}.ivfdata", f"ids-{gen}.npy"
-    sources: List[Any] = []
+    base: Optional[Any] = None
+    paths: List[Path] = []
     if base_ids is not None:                           # an update: the current lists are the base
         base = ondisk.open_index(out / meta["faiss_file"])
         if len(dead):
             dead_arr = np.array(sorted(dead), np.int64)
             keep = lambda ids: ~np.isin(base_ids[ids, 0], dead_arr)      # noqa: E731  (per list: bounded)
-            filtered = ondisk.filter_parts(base, keep, trained, parts.dir, "kept-", meta["config"]["part_vectors"])
-            sources += [ondisk.open_part(p) for p in filtered]
-        else:
-            sources.append(base)
-    sources += [ondisk.open_part(parts.path(i, ".faiss")) for i in range(len(plist))]
-    stage(f"merging {len(sources)} part(s) into {out / lists_file}")
-    merged = ondisk.merge_lists(trained, sources, out / lists_file, out / faiss_file)
-    del sources
+            paths += ondisk.filter_parts(base, keep, trained, parts.dir, "kept-", meta["config"]["part_vectors"])
+            base = None
+    paths += [parts.path(i, ".faiss") for i in range(len(plist))]
+    first = [] if base is None else [base]
+    stage(f"merging {len(first) + len(paths)} part(s) into {out / lists_file}")
+    opened = itertools.chain(first, (ondisk.open_part(p) for p in paths))     # opened one by one, see lists_of
+    del base, first
+    with ondisk.lists_of(opened) as sources:
+        merged = ondisk.merge_lists(trained, sources, out / lists_file, out / faiss_file)
     added = sum(p["count"] for p in plist)
     rows = (0 if base_ids is None else len(base_ids)) + added
     with atomic_path(out / ids_file) as tmp:          # the id map, streamed: old rows, then each part's

@@ -9,7 +9,8 @@ bytes.
 
 Memory: a worker holds the trained index (coarse quantizer, PQ tables), one part's codes and ids
 (``part_vectors x (code_size + 8)`` bytes) and one chunk of float32 vectors; the merge reads the parts through
-``mmap`` (page cache, not process memory) and holds nothing per vector. Search holds the trained index and the
+``mmap`` (page cache, not process memory) and holds, per part, only its list directory (``nlist`` entries, see
+:func:`lists_of`), nothing per vector. Search holds the trained index and the
 list directory (``nlist`` entries); the codes are read from the mapped file.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..io.files import atomic_path, atomic_write
 from ..matching import knn as knn_index
 
 __all__ = ["LIST_ENTRY_OVERHEAD", "all_threads", "encode_part", "filter_parts", "faiss_module", "index_from_bytes", "index_to_bytes",
-           "free_bytes", "list_sizes", "merge_lists", "open_index", "open_part", "quiet_stdout", "sample_sha256", "write_index"]
+           "free_bytes", "list_sizes", "lists_of", "merge_lists", "open_index", "open_part", "quiet_stdout", "sample_sha256", "write_index"]
 
 LIST_ENTRY_OVERHEAD = 8          # bytes per vector in an inverted list besides its code: the int64 id
 SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 1 << 16
@@ -116,12 +117,36 @@ def _ivf(index: Any) -> Any:
     return faiss_module().extract_index_ivf(index)
 
 
+@contextlib.contextmanager
+def lists_of(indexes: Iterable[Any]) -> Iterator[List[Any]]:
+    """The inverted lists of ``indexes`` (opened with :func:`open_part` or :func:`open_index`: FAISS's
+    ``OnDiskInvertedLists``, memory-mapped), each index dropped as soon as its lists are taken. A merge of P parts
+    then holds P list directories (``nlist`` entries each), not P coarse quantizers (``nlist x d`` float32 each:
+    6 MiB at 4096 lists of 384 dimensions) and PQ tables. The lists are unmapped on exit."""
+    faiss = faiss_module()
+    held: List[Any] = []
+    try:
+        for index in indexes:
+            ivf = _ivf(index)
+            lists = faiss.downcast_InvertedLists(ivf.invlists)
+            if not isinstance(lists, faiss.OnDiskInvertedLists):
+                raise DensevitError(f"expected inverted lists on disk or memory-mapped, got {type(lists).__name__}")
+            ivf.own_invlists = False                 # the lists outlive their index; freed below
+            held.append(lists)
+            del index, ivf
+        yield held
+    finally:
+        for lists in held:                           # SWIG's proxy of a downcast pointer owns nothing: free here
+            faiss.OnDiskInvertedLists.__swig_destroy__(lists)
+        held.clear()
+
+
 def merge_lists(trained: np.ndarray, sources: Sequence[Any], lists_path: Union[str, Path],
                 index_path: Union[str, Path]) -> int:
-    """Merge the inverted lists of the ``sources`` (indexes with the ``trained`` tables, e.g. opened with
-    :func:`open_part` or :func:`open_index`), in order, into the on-disk file ``lists_path``, and write the
-    searchable index (trained tables + the list directory, naming ``lists_path``'s file) to ``index_path``.
-    Both files appear only complete. Returns the vectors merged."""
+    """Merge the inverted lists ``sources`` (from :func:`lists_of`, with the ``trained`` index's ``nlist`` and code
+    size), in order, into the on-disk file ``lists_path``, and write the searchable index (trained tables + the
+    list directory, naming ``lists_path``'s file) to ``index_path``. Both files appear only complete. Returns the
+    vectors merged."""
     faiss = faiss_module()
     lists_path, index_path = Path(lists_path), Path(index_path)
     index = index_from_bytes(trained)
@@ -132,7 +157,7 @@ def merge_lists(trained: np.ndarray, sources: Sequence[Any], lists_path: Union[s
         invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(tmp))
         vec = faiss.InvertedListsPtrVector()
         for src in sources:
-            vec.push_back(_ivf(src).invlists)
+            vec.push_back(src)
         total = int(invlists.merge_from_multiple(vec.data(), vec.size(), False, False))
         invlists.filename = lists_path.name          # the name the index records (looked for beside it)
         index.ntotal = ivf.ntotal = total
