@@ -111,7 +111,8 @@ def run_one(args: argparse.Namespace) -> int:
     print(json.dumps({"kind": args.one, "vectors": len(index), "dim": index.meta["dim"], "params": index.meta["params"],
                       "build_s": build_s, "disk_bytes": _dir_bytes(out, index.meta["files"]),
                       "memory_bytes": index.memory_bytes(), "peak_rss_mib": max(build_peak, _peak_mib()), **lat,
-                      "rerank": cfg.rerank, "nprobe": cfg.nprobe, "device": str(index.device)}))
+                      "rerank": cfg.rerank, "nprobe": cfg.probes(index.meta["params"]["nlist"]) if "nlist" in index.meta["params"]
+                      else None, "device": str(index.device)}))
     return 0
 
 
@@ -149,7 +150,7 @@ def run_real(args: argparse.Namespace) -> int:
     rows = []
     for kind in kinds:
         cmd = [sys.executable, __file__, "real", args.store, "--one", kind, "--queries", str(args.queries),
-               "--out", str(out), "--nprobe", str(args.nprobe), "--rerank", str(args.rerank)]
+               "--out", str(out), "--rerank", str(args.rerank)] + ([] if args.nprobe is None else ["--nprobe", str(args.nprobe)])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise DensevitError(f"{kind} failed:\n{r.stderr[-2000:]}")
@@ -705,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("store")
     r.add_argument("--kinds", nargs="+", default=["flat", "ivf-flat", "ivf-pq", "hnsw"])
     r.add_argument("--queries", type=int, default=1000)
-    r.add_argument("--nprobe", type=int, default=16)
+    r.add_argument("--nprobe", type=int, default=None, help="default: the index's (a quarter of the lists, at least 16)")
     r.add_argument("--rerank", type=int, default=1000)
     r.add_argument("--out", default="results/index_scale")
     r.add_argument("--one", default=None, help=argparse.SUPPRESS)
