@@ -137,10 +137,16 @@ print(json.dumps({"extra": (kib("VmHWM:") - base) * 1024, "out": out.numel() * 4
 def test_every_upsampler_stays_within_its_bound(method):
     """Peak RSS added by one call (a fresh subprocess, one thread) against ``max_bytes``: 64 x 192 x 192 output
     (9 MiB) under a 48 MiB bound, where the unbounded chunks would take several times more (JBU's default
-    chunk alone gathers 85 MB here, Upsample Anything's fit chunk about 2.7 GB, AnyUp's encoder 4 x 19 MB)."""
+    chunk alone gathers 85 MB here, Upsample Anything's fit chunk about 2.7 GB, AnyUp's encoder 4 x 19 MB).
+
+    glibc's mmap threshold is fixed at 64 KiB so that a freed buffer leaves the process at once and the peak RSS
+    is what the call holds: with glibc's adaptive threshold, freed chunks kept on the heap for reuse added 0 to
+    15 MiB from run to run (JBU 43 or 57 MiB, AnyUp 37 or 58 MiB), which made this test fail by chance. With it
+    fixed: JBU 25, AnyUp 36, Upsample Anything 30 MiB, every run; unbounded, JBU 519 and AnyUp 127 MiB."""
     bound = 48 * 2 ** 20
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     res = subprocess.run([sys.executable, "-c", _PEAK, method, str(bound)], capture_output=True, text=True,
-                         timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["out"] == 64 * 192 * 192 * 4
