@@ -15,7 +15,8 @@ search over the same vectors, regenerated chunk by chunk. ``ondisk``: the sharde
 each size, over a synthetic store of the same distribution whose vector ``i`` is a function of ``i`` alone
 (:func:`synthetic_vectors`: any id regenerated at random access, so candidates are re-ranked exactly from it without
 writing 100 M x 384 float16 = 77 GB); per rank: build time, peak RSS (``VmHWM``, which counts the page cache of
-mapped files it touched) and peak anonymous memory (sampled every 0.1 s); bytes on disk; query median / p95 and
+mapped files it touched) and peak anonymous memory (sampled every 0.1 s; a resumed build takes the largest over
+its runs, each recorded with the stage it finished); bytes on disk; query median / p95 and
 recall@10 per (nprobe, rerank) against exact top-10 over all vectors for ``--queries`` queries; whether the ranks'
 lists are byte-identical; and a model of each figure at 1 B. ``merge``: the merge stage alone at ``--vectors``, on
 parts laid out as ``ondisk`` writes them (``PART`` vectors each, ids ascending, the same ``nlist`` and code size)
@@ -334,6 +335,10 @@ class _PeakAnon:
         while not self._stop.wait(0.1):
             self.peak = max(self.peak, self.status("RssAnon"))
 
+    def now(self) -> dict:
+        """This process's peaks so far (bytes), for a record a resumed run reads back."""
+        return {"peak_anon": max(self.peak, self.status("RssAnon")), "peak_rss": self.status("VmHWM")}
+
     def stop(self) -> int:
         self._stop.set()
         self._t.join()
@@ -394,7 +399,7 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
             with ondisk.all_threads():
                 index.train(synthetic_vectors(ids, cb))
             ondisk.write_index(index, work / "trained.faiss")
-            atomic_write_text(work / "train.json", json.dumps({"train_s": time.perf_counter() - t0}))
+            atomic_write_text(work / "train.json", json.dumps({"train_s": time.perf_counter() - t0, **anon.now()}))
             return ondisk.index_to_bytes(index)
 
         trained = ctx.on_main(train)
@@ -421,7 +426,10 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
                         bar.update(b - a)
                 ondisk.encode_part(trained, chunks(), work / f"part-{i:05d}.faiss")
                 np.savez(work / f"part-{i:05d}.top.npz", s=top.s, i=top.i)
-                atomic_write_text(work / f"part-{i:05d}.json", json.dumps({"encode_s": time.perf_counter() - t}))
+                atomic_write_text(work / f"part-{i:05d}.json", json.dumps({"encode_s": time.perf_counter() - t,
+                                                                              **anon.now()}))
+        records = [work / f"part-{i:05d}.json" for i, _, _ in mine] + (
+            [work / "train.json", work / "merge.json"] if ctx.is_main else [])
         for i, _, _ in mine:                         # this rank's encode time, summed over runs when resumed
             seconds += json.loads((work / f"part-{i:05d}.json").read_text())["encode_s"]
         ctx.barrier()
@@ -434,12 +442,14 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
                 z = np.load(work / f"part-{i:05d}.top.npz")
                 top.fold(z["s"], z["i"])
             np.save(_exact_cache(work, n, len(q)), top.i)
-            atomic_write_text(work / "merge.json", json.dumps({"merge_s": time.perf_counter() - t1}))
+            atomic_write_text(work / "merge.json", json.dumps({"merge_s": time.perf_counter() - t1, **anon.now()}))
             for i, _, _ in parts:
                 (work / f"part-{i:05d}.faiss").unlink()
         merge_s = json.loads((work / "merge.json").read_text())["merge_s"] if ctx.is_main else 0.0
-        mem = ctx.gather({"peak_rss": _PeakAnon.status("VmHWM"), "peak_anon": anon.stop(), "encode_s": seconds,
-                          "resumed": resumed})
+        earlier = [json.loads(f.read_text()) for f in records if f.is_file()]   # peaks of earlier runs, if resumed
+        mem = ctx.gather({"peak_rss": max([_PeakAnon.status("VmHWM")] + [r.get("peak_rss", 0) for r in earlier]),
+                          "peak_anon": max([anon.stop()] + [r.get("peak_anon", 0) for r in earlier]),
+                          "encode_s": seconds, "resumed": resumed})
     if not ctx.is_main:
         return 0
     encode_s = max(m["encode_s"] for m in mem)
