@@ -206,7 +206,7 @@ def _noise(n: int, g: torch.Generator) -> torch.Tensor:
 def run_synthetic_one(args: argparse.Namespace) -> int:
     import faiss
 
-    n = int(float(args.one))
+    n = args.one
     centers = torch.nn.functional.normalize(torch.randn(CENTERS, DIM, generator=torch.Generator().manual_seed(0)), dim=1)
     chunks = [(i, min(CHUNK, n - i * CHUNK)) for i in range(math.ceil(n / CHUNK))]
     nlist = min(4096, 2 ** round(math.log2(4 * math.sqrt(n))))
@@ -345,6 +345,17 @@ class _PeakAnon:
         return max(self.peak, self.status("RssAnon"))
 
 
+def _count(text: str) -> int:
+    """A vector count flag (``1e8``, ``250000``): a whole number >= 1, else a one-line usage error."""
+    try:
+        n = float(text)
+    except ValueError:
+        n = 0.0
+    if not (n >= 1 and n == int(n)):
+        raise argparse.ArgumentTypeError(f"not a vector count >= 1: {text!r} (e.g. 1e6)")
+    return int(n)
+
+
 def _nlist(n: int) -> int:
     return min(4096, 2 ** round(math.log2(4 * math.sqrt(n))))
 
@@ -379,7 +390,7 @@ def run_ondisk_one(args: argparse.Namespace) -> int:
     from densevit.runtime import dist
     from densevit.storage import ondisk
 
-    n = int(float(args.one))
+    n = args.one
     work = Path(args.work)
     anon = _PeakAnon()
     cb = _centers_basis()
@@ -520,7 +531,7 @@ def run_ondisk(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in args.sizes:
-        n = int(float(size))
+        n = size
         for ranks in args.ranks:
             wd = work / f"{n}_{ranks}"
             last = ranks == args.ranks[-1]
@@ -640,13 +651,18 @@ def run_merge(args: argparse.Namespace) -> int:
 
     from densevit.storage import ondisk
 
-    n, work = int(float(args.vectors)), Path(args.work) / f"merge_{int(float(args.vectors))}"
+    n, cs = args.vectors, DIM // 4
+    work = Path(args.work) / f"merge_{n}"
+    need, free = 2 * n * (cs + ondisk.LIST_ENTRY_OVERHEAD), ondisk.free_bytes(args.work)   # the parts + the lists
+    if free is not None and free < need:
+        raise DensevitError(f"{args.work} has {free / 2**30:.1f} GiB free; the merge of {n:,} vectors needs "
+                            f"{need / 2**30:.1f} GiB (parts + lists)")
     work.mkdir(parents=True, exist_ok=True)
     nlist = _nlist(n)
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(DIM), DIM, nlist, DIM // 4, 8, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = index.pq.cp.niter = 2            # any trained tables do: the merge never reads them
     index.train(np.random.default_rng(0).standard_normal((nlist * 40, DIM)).astype(np.float32))
-    trained, cs = ondisk.index_to_bytes(index), index.code_size
+    trained = ondisk.index_to_bytes(index)
     del index
     parts = [(i, s, min(s + PART, n)) for i, s in enumerate(range(0, n, PART))]
     from tqdm import tqdm
@@ -685,10 +701,11 @@ def run_merge(args: argparse.Namespace) -> int:
     row = {"vectors": n, "parts": len(parts), "nlist": nlist, "code_size": cs, "keep_indexes": bool(args.keep_indexes),
            "merged": merged, "merge_s": merge_s, "anon_before_mib": before / 2**20, "peak_anon_mib": peak / 2**20,
            "lists_bytes": (work / "lists.ivfdata").stat().st_size}
-    for f in ("lists.ivfdata", "ivf.faiss"):
+    written = ["lists.ivfdata", "ivf.faiss"] + ([] if args.keep_parts else [f"part-{i:05d}.faiss" for i, _, _ in parts])
+    for f in written:                                # only what this mode wrote: the folder may hold more
         (work / f).unlink()
-    if not args.keep_parts:
-        shutil.rmtree(work)
+    if not any(work.iterdir()):
+        work.rmdir()
     line = (f"merge {n:,} vectors ({len(parts)} parts, nlist {nlist}{', indexes kept' if args.keep_indexes else ''}): "
             f"{merge_s:.0f} s, anonymous memory {row['anon_before_mib']:.0f} MiB before, "
             f"{row['peak_anon_mib']:.0f} MiB at peak")
@@ -724,13 +741,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64])
     r.add_argument("--reranks", type=int, nargs="+", default=[100, 200, 400])
     s = sub.add_parser("synthetic", help="synthetic growth (IVF-PQ)")
-    s.add_argument("--sizes", nargs="+", default=["1e6", "3e6", "1e7"])
+    s.add_argument("--sizes", nargs="+", type=_count, default=[10 ** 6, 3 * 10 ** 6, 10 ** 7])
     s.add_argument("--queries", type=int, default=200)
     s.add_argument("--nprobe", type=int, default=16)
     s.add_argument("--out", default="results/index_scale")
-    s.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--one", type=_count, default=None, help=argparse.SUPPRESS)
     o = sub.add_parser("ondisk", help="the sharded on-disk build (torchrun), synthetic store")
-    o.add_argument("--sizes", nargs="+", default=["1e6", "1e7", "1e8"])
+    o.add_argument("--sizes", nargs="+", type=_count, default=[10 ** 6, 10 ** 7, 10 ** 8])
     o.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     o.add_argument("--queries", type=int, default=200)
     o.add_argument("--nprobes", type=int, nargs="+", default=[16, 64, 256, 1024])
@@ -739,9 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="results/index_scale")
     o.add_argument("--quiet", action="store_true")
     o.add_argument("--search", action="store_true", help=argparse.SUPPRESS)
-    o.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    o.add_argument("--one", type=_count, default=None, help=argparse.SUPPRESS)
     g = sub.add_parser("merge", help="the ondisk merge stage alone, on parts of random codes")
-    g.add_argument("--vectors", default="1e8")
+    g.add_argument("--vectors", type=_count, default=10 ** 8)
     g.add_argument("--work", default="results/index_scale/ondisk_work", help="where the parts are written")
     g.add_argument("--out", default="results/index_scale")
     g.add_argument("--keep-indexes", action="store_true", help="keep each opened part's index during the merge")
