@@ -270,10 +270,8 @@ def _write(stem: Path, rows, table: str) -> None:
     atomic_write_text(stem.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     atomic_write_text(stem.with_suffix(".md"), table + "\n")
     keys = list(rows[0])
-    with open(stem.with_suffix(".csv"), "w") as f:
-        f.write(",".join(keys) + "\n")
-        for r in rows:
-            f.write(",".join(json.dumps(r[k]).replace(",", ";") for k in keys) + "\n")
+    atomic_write_text(stem.with_suffix(".csv"), "".join(
+        ",".join(line) + "\n" for line in [keys] + [[json.dumps(r[k]).replace(",", ";") for k in keys] for r in rows]))
     print("\n" + table + f"\n\nwrote {stem}.md / .csv / .json")
 
 
@@ -614,8 +612,8 @@ def model_1b(rows, merges=(), cores=(2, 64), disk_gbps: float = 1.0, iops: float
             r["vectors"] < n for r in rows) else anon[0]
         per_part = (merge["peak_anon_mib"] - merge["anon_before_mib"]) / merge["parts"]
         at = merge["anon_before_mib"] + per_part * merge["parts"] * target / merge["vectors"]
-        out.append(("peak anonymous memory, rank 0", f"{anon[0]:.0f} MiB in the build (a quantiser per part held while "
-                    f"merging); training {train_peak:.0f} MiB; the merge alone {merge['anon_before_mib']:.0f} -> "
+        out.append(("peak anonymous memory, rank 0", f"{anon[0]:.0f} MiB in the build; training {train_peak:.0f} MiB; "
+                    f"the merge alone {merge['anon_before_mib']:.0f} -> "
                     f"{merge['peak_anon_mib']:.0f} MiB over {merge['parts']} parts",
                     f"{max(train_peak, at):.0f} MiB", f"training's peak (independent of N), or the merge's: "
                     f"{1024 * per_part:.0f} KiB a part (its list directory), {target / merge['vectors'] * merge['parts']:,.0f} parts"))

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from ..features.canvas import normalize_descriptors
 from ..options import opt
 
 Group = Union[int, Sequence[int]]
