@@ -104,15 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _build(args: argparse.Namespace, ctx: dist.DistContext) -> int:
     out = Path(args.out)
-    check_outputs([args.store], folders=[out])
     cfg = config_from_args(pi.IndexConfig, args)
     if ctx.world_size > 1 and not cfg.on_disk:        # a sharded build merges parts into on-disk lists
         cfg.on_disk = True
     cfg.check()
-    unfinished = cfg.on_disk and (out / index_ondisk.PARTS / index_ondisk.PLAN).is_file()
-    if (out.exists() and any(out.iterdir()) and not args.overwrite
-            and ((out / pi.META).exists() or not unfinished)):
-        raise DensevitError(f"{out} exists and is not empty; pass --overwrite to replace the index")
+
+    def check_out() -> None:
+        check_outputs([args.store], folders=[out])
+        unfinished = cfg.on_disk and (out / index_ondisk.PARTS / index_ondisk.PLAN).is_file()
+        if (out.exists() and any(out.iterdir()) and not args.overwrite
+                and ((out / pi.META).exists() or not unfinished)):
+            raise DensevitError(f"{out} exists and is not empty; pass --overwrite to replace the index")
+
+    # rank 0 alone judges the output folder, before it writes there; the other ranks take its verdict (looking
+    # for themselves, a rank could find the folder rank 0 has just started and refuse it)
+    ctx.on_main(check_out)
     t = time.perf_counter()
     with reporting(Progress(PROG, quiet=args.quiet or not ctx.is_main)):
         if cfg.on_disk:
