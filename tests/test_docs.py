@@ -105,7 +105,7 @@ def _benchmark_lines():
             if lang not in ("", "bash", "sh", "console"):
                 continue
             for line in body.replace("\\\n", " ").splitlines():
-                m = re.match(r"\s*(?:python|torchrun .*?) (benchmarks/\w+\.py)(.*)$", line)
+                m = re.match(r"\s*(?:\w+=\S+\s+)*(?:python|torchrun .*?) (benchmarks/\w+\.py)(.*)$", line)
                 if m:
                     argv = shlex.split(re.sub(r"\s\[[^\]]*\](?=\s|$)", " ", m.group(2)), comments=True)
                     found.append((page.name, m.group(1), [a for a in argv if a != "..."]))
