@@ -270,8 +270,8 @@ def _write(stem: Path, rows, table: str) -> None:
     atomic_write_text(stem.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     atomic_write_text(stem.with_suffix(".md"), table + "\n")
     keys = list(rows[0])
-    atomic_write_text(stem.with_suffix(".csv"), "".join(
-        ",".join(line) + "\n" for line in [keys] + [[json.dumps(r[k]).replace(",", ";") for k in keys] for r in rows]))
+    lines = [",".join(keys)] + [",".join(json.dumps(r[k]).replace(",", ";") for k in keys) for r in rows]
+    atomic_write_text(stem.with_suffix(".csv"), "\n".join(lines) + "\n")
     print("\n" + table + f"\n\nwrote {stem}.md / .csv / .json")
 
 
